@@ -1,0 +1,96 @@
+"""Loading and saving DiT weights.
+
+Sources a user can name (``load_dit``):
+- ``testbed``: the teacher shipped with ditgraft (EMA weights, ditgraft/assets/testbed/teacher.safetensors);
+- a ditgraft ``.safetensors`` file: weights plus JSON metadata (model config, and for grafted models the recipe),
+  so nothing else is needed to rebuild the architecture;
+- an official DiT ``.pt`` file (``DiT-XL-2-256x256.pt``: a plain state dict; training checkpoints: the ``ema`` entry),
+  loaded strictly with ``torch.load(weights_only=True)``; the size comes from ``model`` (default DiT-XL/2) and
+  ``image_size`` (latent = image / 8);
+- ``hf://owner/repo/path/in/repo.safetensors`` (or .pt): fetched with huggingface_hub when a network exists;
+  with HF_HUB_OFFLINE=1 it resolves from the local cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ditgraft.models.dit import DIT_CONFIGS, DiT, build_dit
+from ditgraft.utils import atomic_path
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+TESTBED_TEACHER = os.path.join(ASSETS, "testbed", "teacher.safetensors")
+METADATA_KEY = "ditgraft"
+
+
+def save_safetensors(path: str, model: nn.Module, metadata: dict) -> None:
+    """Weights + JSON metadata (``{"model_config": ..., "recipe": ...}``), written atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
+
+
+def read_metadata(path: str) -> dict:
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{path} has no ditgraft metadata; is it a ditgraft checkpoint? "
+                         "(official DiT .pt files load with model=<size> instead)")
+    return json.loads(meta[METADATA_KEY])
+
+
+def resolve_hub(source: str) -> str:
+    """``hf://owner/repo/file`` -> local path via huggingface_hub (cache first when HF_HUB_OFFLINE=1)."""
+    rest = source[len("hf://"):]
+    parts = rest.split("/")
+    if len(parts) < 3:
+        raise ValueError(f"source={source!r}: hub sources look like hf://owner/repo/path/to/file.safetensors")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+
+
+def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """An official DiT .pt: a plain state dict, or a training checkpoint {model, ema, opt, args} (ema is used)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} is not a DiT state dict (expected a dict of tensors, or a dict with an 'ema' entry)")
+    return obj
+
+
+def load_dit(source: str, model: str | None = None, image_size: int | None = None,
+             map_location: str | torch.device = "cpu") -> tuple[DiT, dict]:
+    """Load a plain (ungrafted) DiT and its metadata from any supported source (see module doc)."""
+    if source == "testbed":
+        if not os.path.exists(TESTBED_TEACHER):
+            raise FileNotFoundError(f"the shipped testbed teacher is missing at {TESTBED_TEACHER}")
+        source = TESTBED_TEACHER
+    if source.startswith("hf://"):
+        source = resolve_hub(source)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"teacher={source!r}: no such file (use 'testbed', a .safetensors/.pt path or hf://...)")
+    if source.endswith(".safetensors"):
+        meta = read_metadata(source)
+        if meta.get("recipe"):
+            raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.load_grafted")
+        net = DiT(**meta["model_config"])
+        net.load_state_dict(load_file(source, device=str(map_location)), strict=True)
+        return net.eval(), meta
+    name = model or "DiT-XL/2"
+    if name not in DIT_CONFIGS:
+        raise KeyError(f"model={name!r} is unknown; allowed: {', '.join(DIT_CONFIGS)}")
+    overrides = {}
+    if image_size is not None:
+        if image_size % 8:
+            raise ValueError(f"image_size={image_size} must be divisible by 8 (the SD VAE downsamples by 8)")
+        overrides["input_size"] = image_size // 8
+    net = build_dit(name, **overrides)
+    net.load_state_dict(load_official_state_dict(source), strict=True)
+    return net.eval(), {"model_config": net.config, "source": source}

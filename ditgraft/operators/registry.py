@@ -1,0 +1,74 @@
+"""Name -> builder registry for token-mixing and channel-mixing operators.
+
+Every operator shares one contract: ``op(x: [B, N, D], grid=(H, W)) -> [B, N, D]``. It is built by name from
+``(dim, heads, grid, **options)``; the grid given at build time is the default for ``forward``.
+Each registered class also provides ``flops(dim, heads, grid, **options) -> int``: forward FLOPs for one sample
+(a multiply-add counts as 2), so tables and benchmarks can print FLOP ratios.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OperatorSpec:
+    name: str
+    cls: type
+    slot: str  # "attn" (token mixer) or "mlp" (channel mixer)
+    description: str
+
+
+_REGISTRY: dict[str, OperatorSpec] = {}
+
+
+def register(name: str, slot: str, description: str) -> Callable[[type], type]:
+    if slot not in ("attn", "mlp"):
+        raise ValueError(f"slot={slot!r} is not allowed: use 'attn' or 'mlp'")
+
+    def wrap(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"operator {name!r} is registered twice")
+        _REGISTRY[name] = OperatorSpec(name, cls, slot, description)
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    # Importing the modules fills the registry.
+    from ditgraft.operators import attention, mlp  # noqa: F401
+    import importlib
+
+    for mod in ("hyena", "mamba2", "linear_attention", "local_attention"):
+        try:
+            importlib.import_module(f"ditgraft.operators.{mod}")
+        except ModuleNotFoundError as err:  # a family not written yet must not hide the others
+            if err.name != f"ditgraft.operators.{mod}":
+                raise
+
+
+def operator_names(slot: str | None = None) -> list[str]:
+    _load_all()
+    return sorted(n for n, s in _REGISTRY.items() if slot is None or s.slot == slot)
+
+
+def get_spec(name: str) -> OperatorSpec:
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"operator={name!r} is unknown; allowed: {', '.join(operator_names())}")
+    return _REGISTRY[name]
+
+
+def build_operator(name: str, dim: int, heads: int, grid: tuple[int, int], **options) -> nn.Module:
+    spec = get_spec(name)
+    try:
+        return spec.cls(dim=dim, heads=heads, grid=tuple(grid), **options)
+    except TypeError as err:
+        raise ValueError(f"operator {name!r}: bad options {options!r} ({err})") from err
+
+
+def operator_flops(name: str, dim: int, heads: int, grid: tuple[int, int], **options) -> int:
+    return int(get_spec(name).cls.flops(dim=dim, heads=heads, grid=tuple(grid), **options))

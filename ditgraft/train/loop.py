@@ -1,0 +1,247 @@
+"""The one training loop: pretraining, stage 2 finetuning and per-operator stage 1 all run through ``train``.
+
+AdamW, linear warmup then constant (or cosine) learning rate, gradient clipping, EMA, checkpoints every N steps,
+exact resume, a progress bar and a JSONL metrics log. Optional DDP (torchrun; gloo on CPU).
+
+Exact resume without saving RNG state: every step seeds the global RNG and picks its batch from a function of
+(seed, step) alone, so steps 0..k-1 then a restart from the checkpoint at k gives the same weights as one run.
+Checkpoints are written to a temporary folder and renamed into place, so a crash never leaves a half-written one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from ditgraft.utils import atomic_write_text
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "constant"  # or "cosine" (decays to 0 at the last step, after warmup)
+    ema_decay: float | None = 0.9999
+    grad_clip: float | None = None
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r} is not allowed; use 'constant' or 'cosine'")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) or null")
+        self.betas = tuple(self.betas)
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            span = max(1, self.steps - self.warmup_steps)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
+        return self.lr
+
+
+@dataclass
+class LoopResult:
+    model: nn.Module
+    ema: nn.Module | None
+    steps_run: int  # steps executed by this call (0 when the run was already complete)
+    resumed_from: int
+    history: list[dict] = field(default_factory=list)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2**62)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Rows of step ``step``: epoch-wise permutations of range(n), drop-last, a pure function of (seed, step)."""
+    if n < batch_size:
+        g = torch.Generator().manual_seed(step_seed(seed, step))
+        return torch.randint(0, n, (batch_size,), generator=g)
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(step_seed(seed, -1 - epoch))
+    return torch.randperm(n, generator=g)[k * batch_size:(k + 1) * batch_size]
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _ckpt_dirs(run_dir: str) -> list[tuple[int, str]]:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("step_") and os.path.exists(os.path.join(path, "state.json")):
+            out.append((int(name[5:]), path))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
+    dirs = _ckpt_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, keep: int) -> str:
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(_trainable_state(model), os.path.join(tmp, "model.safetensors"))
+    if ema is not None:
+        save_file(_trainable_state(ema), os.path.join(tmp, "ema.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "config": asdict(cfg)}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for _, old in _ckpt_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, model, ema, opt) -> int:
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    if ema is not None:
+        ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    if opt is not None:
+        opt.load_state_dict(torch.load(os.path.join(path, "optim.pt"), weights_only=True))
+    with open(os.path.join(path, "state.json")) as f:
+        return int(json.load(f)["step"])
+
+
+def _read_history(path: str, upto: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+StepFn = Callable[[nn.Module, tuple], dict]
+
+
+def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg: LoopConfig, run_dir: str,
+          params: Iterable[nn.Parameter] | None = None, desc: str = "train") -> LoopResult:
+    """Train ``model`` for ``cfg.steps`` steps, resuming from the newest checkpoint in ``run_dir`` if any.
+
+    ``step_fn(model, batch)`` returns a dict of scalar tensors with key "loss" (the rest is logged).
+    ``data`` is a tuple of tensors with equal first dimension; each step gets the rows of ``batch_indices``
+    (under DDP each rank takes its share of the global batch). ``params``: what to optimise (default: all
+    parameters that require grad). The model is trained in place; the EMA copy is returned beside it.
+    """
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}")
+    n = len(data[0])
+    if any(len(d) != n for d in data):
+        raise ValueError("all data tensors must have the same length")
+    os.makedirs(run_dir, exist_ok=True)
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = copy.deepcopy(model).eval()
+        ema.requires_grad_(False)
+    start = 0
+    found = latest_checkpoint(run_dir)
+    if found is not None:
+        start = load_checkpoint(found[1], model, ema, opt)
+    log_path = os.path.join(run_dir, "metrics.jsonl")
+    history = _read_history(log_path, start)
+    if rank == 0:
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+    if start >= cfg.steps:
+        return LoopResult(model, ema, 0, start, history)
+
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    model.train()
+    device = next(model.parameters()).device
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True, leave=False)
+    t0, samples_since = time.time(), 0
+    log = open(log_path, "a") if rank == 0 else None
+    try:
+        for step in range(start, cfg.steps):
+            torch.manual_seed(step_seed(cfg.seed, step) + rank)
+            rows = batch_indices(n, cfg.batch_size, cfg.seed, step)
+            rows = rows[rank::world]
+            batch = tuple(d[rows].to(device) for d in data)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            out = step_fn(net, batch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if cfg.grad_clip is not None:
+                out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                update_ema(ema, model, cfg.ema_decay)
+            samples_since += cfg.batch_size
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                row = {"step": done, "lr": cfg.lr_at(step)}
+                row.update({k: float(v.detach().mean()) for k, v in out.items()})
+                row["samples_per_s"] = samples_since / max(time.time() - t0, 1e-9)
+                t0, samples_since = time.time(), 0
+                history.append(row)
+                if log is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            bar.update(1)
+            if (done % cfg.ckpt_every == 0 or done == cfg.steps) and rank == 0:
+                save_checkpoint(run_dir, done, model, ema, opt, cfg, cfg.keep_checkpoints)
+            if world > 1 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+                dist.barrier()
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    model.eval()
+    return LoopResult(model, ema, cfg.steps - start, start, history)
