@@ -28,7 +28,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int] | int) -
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])
-            for stride in range(1, num_timesteps):
+            for stride in range(1, num_timesteps + 1):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"steps={section_counts!r}: no integer stride gives {desired} of {num_timesteps} steps")

@@ -165,13 +165,18 @@ StepFn = Callable[[nn.Module, tuple], dict]
 
 
 def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg: LoopConfig, run_dir: str,
-          params: Iterable[nn.Parameter] | None = None, desc: str = "train") -> LoopResult:
+          params: Iterable[nn.Parameter] | None = None, desc: str = "train",
+          clip_groups: list[list[nn.Parameter]] | None = None,
+          evaluate: Callable[[nn.Module, int], dict] | None = None, eval_every: int | None = None) -> LoopResult:
     """Train ``model`` for ``cfg.steps`` steps, resuming from the newest checkpoint in ``run_dir`` if any.
 
     ``step_fn(model, batch)`` returns a dict of scalar tensors with key "loss" (the rest is logged).
     ``data`` is a tuple of tensors with equal first dimension; each step gets the rows of ``batch_indices``
     (under DDP each rank takes its share of the global batch). ``params``: what to optimise (default: all
     parameters that require grad). The model is trained in place; the EMA copy is returned beside it.
+    ``clip_groups``: clip the gradient norm of each group separately (default: all params as one group), so
+    modules trained side by side stay independent. ``evaluate(model, step) -> dict`` runs every ``eval_every``
+    steps and at the end, on rank 0, in eval mode; its numbers are logged with an ``eval/`` prefix.
     """
     rank, world = dist_info()
     if cfg.batch_size % world:
@@ -218,13 +223,20 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             if cfg.grad_clip is not None:
-                out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norms = [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in (clip_groups or [params])]
+                out["grad_norm"] = torch.stack(norms).max()
             opt.step()
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay)
             samples_since += cfg.batch_size
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if evaluate is not None and rank == 0 and (done % (eval_every or cfg.ckpt_every) == 0
+                                                       or done == cfg.steps):
+                model.eval()
+                with torch.no_grad():
+                    out.update({f"eval/{k}": torch.tensor(v) for k, v in evaluate(model, done).items()})
+                model.train()
+            if done % cfg.log_every == 0 or done == cfg.steps or any(k.startswith("eval/") for k in out):
                 row = {"step": done, "lr": cfg.lr_at(step)}
                 row.update({k: float(v.detach().mean()) for k, v in out.items()})
                 row["samples_per_s"] = samples_since / max(time.time() - t0, 1e-9)

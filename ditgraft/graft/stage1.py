@@ -1,0 +1,289 @@
+"""Stage 1, activation distillation: each new operator learns to reproduce the teacher operator it replaces.
+
+Done right (REFERENCE section 2, unlike the released extraction script):
+- inputs are noised latents x_t = q_sample(x_0, t, eps) with t ~ U{0..999}, and the teacher is called model(x_t, t, y);
+- forward hooks capture each grafted slot's input (the normalised, modulated stream) and its output before the gate;
+- one teacher forward per batch feeds every grafted slot;
+- every operator regresses its own target from the original teacher (never a partly grafted model). The operators are
+  batched side by side in one loop, but their parameters, losses, gradient clipping and best checkpoints are
+  separate, so each is trained exactly as if alone (AdamW is per parameter);
+- a held-out validation set (different images, their own t and noise) gives the MSE used to keep the best weights.
+
+Activations are cached (in memory, or as .npy shards on disk when the plan exceeds the RAM budget) or streamed from
+the teacher each step (``cache: stream``: no memory beyond one batch, a teacher forward per step).
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.graft.surgery import ResolvedGraft, build_graft_operator, init_from_teacher
+from ditgraft.models.adapters import get_slot, model_dims
+from ditgraft.train.loop import LoopConfig, train
+from ditgraft.utils import atomic_path, atomic_write_json
+
+
+def regression_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    if kind == "huber":
+        return F.huber_loss(pred, target, delta=delta)
+    raise ValueError(f"loss={kind!r} is not allowed; use l1, l2 or huber")
+
+
+@contextmanager
+def capture_slots(model: nn.Module, grafts: list[ResolvedGraft]):
+    """Forward hooks on each grafted slot of ``model``; yields {key: (input, output)} filled by each forward."""
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for g in grafts:
+        def hook(_module, args, output, key=g.key):
+            store[key] = (args[0].detach(), output.detach())
+
+        handles.append(get_slot(model, g.layer, g.slot).register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Stage1Inputs:
+    """Noised teacher inputs: x_t, model timestep t, labels y (a fixed set for caching and validation)."""
+    x_t: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+
+
+def noised_inputs(x0: torch.Tensor, y: torch.Tensor, seed: int) -> Stage1Inputs:
+    """Each sample gets its own t ~ U{0..999} and noise from a generator seeded by ``seed``."""
+    diffusion = GaussianDiffusion.dit_default()
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    return Stage1Inputs(diffusion.q_sample(x0, t, noise), t, y)
+
+
+def memory_plan(grafts: list[ResolvedGraft], dims, samples: int, val_samples: int, dtype: str,
+                budget_gb: float, mode: str) -> dict:
+    """Bytes needed to cache every slot's input and output; picks memory or disk when mode is 'auto'."""
+    el = 2 if dtype == "float16" else 4
+    per_slot = (samples + val_samples) * dims.grid[0] * dims.grid[1] * dims.dim * 2 * el
+    total = per_slot * len(grafts)
+    chosen = mode
+    if mode == "auto":
+        chosen = "memory" if total <= budget_gb * 2**30 else "disk"
+    return {"mode": chosen, "bytes_per_slot": per_slot, "bytes_total": total, "budget_bytes": int(budget_gb * 2**30),
+            "slots": len(grafts), "samples": samples, "val_samples": val_samples, "dtype": dtype}
+
+
+def format_plan(plan: dict) -> str:
+    gb = 2**30
+    return (f"stage 1 plan: {plan['slots']} slots x {plan['samples']}+{plan['val_samples']} samples, "
+            f"{plan['bytes_per_slot'] / gb:.2f} GiB per slot ({plan['dtype']}), {plan['bytes_total'] / gb:.2f} GiB "
+            f"in all vs budget {plan['budget_bytes'] / gb:.2f} GiB -> {plan['mode']}")
+
+
+@torch.no_grad()
+def extract(teacher: nn.Module, grafts: list[ResolvedGraft], inputs: Stage1Inputs, batch_size: int,
+            out_dir: str | None, dtype: torch.dtype, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the teacher once over ``inputs`` and keep every grafted slot's (input, output).
+
+    With ``out_dir`` the arrays are .npy files (memory-mapped, written batch by batch, marked complete at the end,
+    reused when complete); otherwise tensors in memory.
+    """
+    dims = model_dims(teacher)
+    n, shape = len(inputs.t), (len(inputs.t), dims.grid[0] * dims.grid[1], dims.dim)
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    done_marker = os.path.join(out_dir, "complete.json") if out_dir else None
+    if done_marker and os.path.exists(done_marker):
+        return _open_cache(out_dir, grafts)
+    store = {}
+    for g in grafts:
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            store[g.key] = tuple(np.lib.format.open_memmap(os.path.join(out_dir, f"{g.key}_{io}.npy"), mode="w+",
+                                                           dtype=np_dtype, shape=shape) for io in ("in", "out"))
+        else:
+            store[g.key] = (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+    teacher.eval()
+    with capture_slots(teacher, grafts) as captured:
+        for s in range(0, n, batch_size):
+            sl = slice(s, min(s + batch_size, n))
+            teacher(inputs.x_t[sl].to(device), inputs.t[sl].to(device), inputs.y[sl].to(device))
+            for key, (a, b) in captured.items():
+                for dst, src in zip(store[key], (a, b)):
+                    if out_dir:
+                        dst[sl] = src.cpu().numpy().astype(np_dtype)
+                    else:
+                        dst[sl] = src.cpu().to(dtype)
+    if out_dir:
+        for arrays in store.values():
+            for arr in arrays:
+                arr.flush()
+        atomic_write_json(done_marker, {"samples": n, "slots": [g.key for g in grafts]})
+        return _open_cache(out_dir, grafts)
+    return store
+
+
+def _open_cache(out_dir: str, grafts: list[ResolvedGraft]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    for g in grafts:
+        arrs = [np.load(os.path.join(out_dir, f"{g.key}_{io}.npy"), mmap_mode="r") for io in ("in", "out")]
+        out[g.key] = tuple(torch.from_numpy(a) for a in arrs)  # read-only views; rows are copied when indexed
+    return out
+
+
+class OperatorBank(nn.Module):
+    """The new operators side by side (``ops[key]``), trained on their own slot's activations."""
+
+    def __init__(self, ops: dict[str, nn.Module]):
+        super().__init__()
+        self.ops = nn.ModuleDict(ops)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: self.ops[key](x) for key, x in inputs.items()}
+
+
+def build_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -> OperatorBank:
+    """Fresh operators, initialised as graft_model initialises them (same seeds), so stage 1 starts there."""
+    ops = {}
+    state = torch.random.get_rng_state()
+    try:
+        for i, g in enumerate(grafts):
+            torch.manual_seed(seed * 1000 + i)
+            op = build_graft_operator(teacher, g)
+            if g.init == "teacher":
+                init_from_teacher(op, get_slot(teacher, g.layer, g.slot))
+            ops[g.key] = op
+    finally:
+        torch.random.set_rng_state(state)
+    return OperatorBank(ops)
+
+
+class BestKeeper:
+    """Per-operator best validation MSE and weights, persisted as best/{key}.safetensors + best/{key}.json."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.best: dict[str, dict] = {}
+        for name in os.listdir(folder):
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name)) as f:
+                    self.best[name[:-5]] = json.load(f)
+
+    def offer(self, key: str, module: nn.Module, step: int, val_mse: float, rel: float) -> None:
+        if key in self.best and val_mse >= self.best[key]["val_mse"]:
+            return
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        with atomic_path(os.path.join(self.folder, f"{key}.safetensors")) as tmp:
+            save_file(state, tmp)
+        self.best[key] = {"step": step, "val_mse": val_mse, "val_rel_mse": rel}
+        atomic_write_json(os.path.join(self.folder, f"{key}.json"), self.best[key])
+
+    def load_into(self, key: str, module: nn.Module) -> None:
+        module.load_state_dict(load_file(os.path.join(self.folder, f"{key}.safetensors")))
+
+
+def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.Tensor, y: torch.Tensor,
+               x0_val: torch.Tensor, y_val: torch.Tensor, run_dir: str, seed: int, device,
+               progress: bool = True, log=print) -> dict:
+    """Distil every grafted operator; returns {key: best stats} and leaves the best weights in run_dir/best."""
+    teacher = teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    dims = model_dims(teacher)
+    plan = memory_plan(grafts, dims, len(x0), len(x0_val), cfg.cache_dtype, cfg.ram_budget_gb, cfg.cache)
+    log(format_plan(plan))
+    dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
+    val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2)
+    val = extract(teacher, grafts, val_inputs, cfg.extract_batch_size, None, torch.float32, device)
+    val_var = {k: float(out.var()) for k, (_, out) in val.items()}
+    bank = build_operators(teacher, grafts, seed).to(device)
+    losses = {g.key: (g.loss, g.huber_delta) for g in grafts}
+    keeper = BestKeeper(os.path.join(run_dir, "best"))
+
+    def evaluate(model: OperatorBank, step: int) -> dict:
+        out = {}
+        for key, op in model.ops.items():
+            xin, target = val[key]
+            se, count = 0.0, 0
+            for s in range(0, len(xin), cfg.extract_batch_size):
+                pred = op(xin[s:s + cfg.extract_batch_size].to(device))
+                se += float((pred - target[s:s + cfg.extract_batch_size].to(device)).square().sum())
+                count += pred.numel()
+            mse = se / count
+            keeper.offer(key, op, step, mse, mse / max(val_var[key], 1e-12))
+            out[f"{key}_mse"] = mse
+        return out
+
+    keys = [g.key for g in grafts]
+    if plan["mode"] == "stream":
+        diffusion = GaussianDiffusion.dit_default()
+        data = (x0, y)
+
+        def step_fn(model, batch):
+            xb, yb = batch
+            t = torch.randint(0, diffusion.num_timesteps, (len(xb),), device=xb.device)
+            x_t = diffusion.q_sample(xb, t, torch.randn_like(xb))
+            with torch.no_grad(), capture_slots(teacher, grafts) as captured:
+                teacher(x_t, t, yb)
+            return _bank_losses(model, {k: captured[k] for k in keys}, losses)
+    else:
+        train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1)
+        cache_dir = os.path.join(run_dir, "cache") if plan["mode"] == "disk" else None
+        acts = extract(teacher, grafts, train_inputs, cfg.extract_batch_size, cache_dir, dtype, device)
+        data = tuple(t for k in keys for t in acts[k])
+
+        def step_fn(model, batch):
+            pairs = {k: (batch[2 * i].float(), batch[2 * i + 1].float()) for i, k in enumerate(keys)}
+            return _bank_losses(model, pairs, losses)
+
+    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, ema_decay=None, grad_clip=cfg.grad_clip,
+                      ckpt_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 5), seed=seed, progress=progress)
+    clip_groups = [list(op.parameters()) for op in bank.ops.values()]
+    result = train(bank, step_fn, data, loop, os.path.join(run_dir, "loop"), desc="stage1",
+                   clip_groups=clip_groups, evaluate=evaluate, eval_every=cfg.eval_every)
+    summary = {}
+    for g in grafts:
+        final = [r for r in result.history if "loss/" + g.key in r]
+        summary[g.key] = dict(keeper.best[g.key], slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss,
+                              final_train_loss=final[-1]["loss/" + g.key] if final else None,
+                              target_var=val_var[g.key])
+    atomic_write_json(os.path.join(run_dir, "summary.json"), {"plan": plan, "operators": summary})
+    return {"plan": plan, "operators": summary, "history": result.history}
+
+
+def _bank_losses(model, pairs: dict, losses: dict) -> dict:
+    """Each operator's own regression loss; their sum is what backward sees (parameters are disjoint)."""
+    preds = model({key: xin for key, (xin, _) in pairs.items()})
+    out, total = {}, 0.0
+    for key, (_, target) in pairs.items():
+        kind, delta = losses[key]
+        loss = regression_loss(kind, preds[key], target, delta)
+        out["loss/" + key] = loss.detach()
+        total = total + loss
+    out["loss"] = total
+    return out
+
+
+def load_best_operators(student: nn.Module, grafts: list[ResolvedGraft], run_dir: str) -> None:
+    """Put stage 1's best operator weights into the student's grafted slots."""
+    keeper = BestKeeper(os.path.join(run_dir, "best"))
+    for g in grafts:
+        if g.key not in keeper.best:
+            raise FileNotFoundError(f"stage 1 has no best weights for {g.key} in {run_dir}/best; run stage 1 first")
+        keeper.load_into(g.key, get_slot(student, g.layer, g.slot))

@@ -1,0 +1,129 @@
+"""Model surgery: build the student from the teacher and the resolved grafts.
+
+The student is a deep copy of the teacher with new operators in place of the chosen ``attn`` / ``mlp`` slots;
+everything else keeps the teacher's values. A grafted checkpoint is a safetensors file whose metadata holds the
+teacher's model config and the resolved grafts (plus the recipe), so ``load_grafted`` rebuilds it alone.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ditgraft.models.adapters import get_slot, model_dims, set_slot
+from ditgraft.models.checkpoints import read_metadata, save_safetensors
+from ditgraft.models.dit import DiT
+from ditgraft.operators import build_operator
+
+
+@dataclass(frozen=True)
+class ResolvedGraft:
+    slot: str
+    layer: int
+    operator: str
+    options: dict = field(default_factory=dict)
+    loss: str = "l1"
+    huber_delta: float = 1.0
+    init: str = "random"
+
+    @property
+    def key(self) -> str:
+        return f"{self.slot}{self.layer}"
+
+
+def resolve_grafts(recipe, depth: int, analysis=None, probe_losses=None) -> list[ResolvedGraft]:
+    """Expand every graft's layer selector; a slot may be grafted once."""
+    from ditgraft.recipe import resolve_layers
+
+    out, seen = [], {}
+    for gi, g in enumerate(recipe.grafts):
+        probe = probe_losses.get(gi) if probe_losses else None
+        for layer in resolve_layers(g.layers, depth, analysis=analysis, probe_losses=probe):
+            key = (g.slot, layer)
+            if key in seen:
+                raise ValueError(f"grafts.{gi}: {g.slot} of block {layer} is already grafted by grafts.{seen[key]}")
+            seen[key] = gi
+            out.append(ResolvedGraft(g.slot, layer, g.operator, dict(g.options), g.loss, g.huber_delta, g.init))
+    return sorted(out, key=lambda r: (r.layer, r.slot))
+
+
+# Parameter-name maps for operators that share a teacher operator's weights under other names.
+_RENAMES = {"qkv.weight": "Wqkv.weight", "qkv.bias": "Wqkv.bias", "proj.weight": "out_proj.weight",
+            "proj.bias": "out_proj.bias"}
+
+
+def init_from_teacher(new: nn.Module, old: nn.Module) -> list[str]:
+    """Copy the teacher operator's tensors into ``new`` where names (or known renames) and shapes match."""
+    target = new.state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, value in old.state_dict().items():
+            for cand in (name, _RENAMES.get(name)):
+                if cand in target and target[cand].shape == value.shape:
+                    target[cand].copy_(value)
+                    copied.append(cand)
+                    break
+    if not copied:
+        raise ValueError(f"init='teacher' is not possible: {type(new).__name__} shares no parameter "
+                         f"(by name and shape) with {type(old).__name__}; use init: random")
+    new.load_state_dict(target)
+    return copied
+
+
+def build_graft_operator(model: nn.Module, g: ResolvedGraft) -> nn.Module:
+    dims = model_dims(model)
+    return build_operator(g.operator, dims.dim, dims.heads, dims.grid, **g.options)
+
+
+def graft_model(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int = 0) -> nn.Module:
+    """A new student; the teacher is untouched. New operators are initialised from ``seed`` (or the teacher)."""
+    student = copy.deepcopy(teacher)
+    gen_state = torch.random.get_rng_state()
+    try:
+        for i, g in enumerate(grafts):
+            torch.manual_seed(seed * 1000 + i)
+            op = build_graft_operator(student, g)
+            if g.init == "teacher":
+                init_from_teacher(op, get_slot(teacher, g.layer, g.slot))
+            set_slot(student, g.layer, g.slot, op.to(next(teacher.parameters()).device))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return student
+
+
+def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recipe: dict | None,
+                 teacher_meta: dict | None = None, extra: dict | None = None) -> None:
+    meta = {"model_config": model.config, "grafts": [asdict(g) for g in grafts], "recipe": recipe or {},
+            "teacher": {k: v for k, v in (teacher_meta or {}).items() if k != "model_config"}}
+    meta.update(extra or {})
+    save_safetensors(path, model, meta)
+
+
+def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a grafted (or plain) ditgraft checkpoint from its file alone."""
+    meta = read_metadata(path)
+    model = DiT(**meta["model_config"])
+    grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
+    for g in grafts:
+        set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
+    model.load_state_dict(load_file(path, device=str(map_location)), strict=True)
+    return model.eval(), meta
+
+
+def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
+    """A teacher name/path or a grafted checkpoint or a run directory -> (model, metadata)."""
+    import os
+
+    from ditgraft.models.checkpoints import load_dit
+
+    if os.path.isdir(source):
+        for name in ("student.safetensors", "model.safetensors"):
+            if os.path.exists(os.path.join(source, name)):
+                return load_any(os.path.join(source, name), map_location)
+        raise FileNotFoundError(f"{source} holds no student.safetensors or model.safetensors")
+    if source.endswith(".safetensors") and os.path.exists(source) and read_metadata(source).get("grafts"):
+        return load_grafted(source, map_location)
+    return load_dit(source, map_location=map_location)
