@@ -32,10 +32,15 @@ class SamplingConfig:
 
 
 def guided_model(model, cfg_scale: float, cfg_channels: int):
-    """Model fn for [cond; uncond] batches: guides the first ``cfg_channels`` output channels of both halves."""
+    """Model fn for [cond; uncond] batches: guides the first ``cfg_channels`` output channels of both halves.
+
+    As upstream's forward_with_cfg, only the first half of ``x`` is used (duplicated), so the halves cannot drift
+    apart when a stochastic sampler adds independent noise to each.
+    """
 
     def fn(x, t, y):
-        out = model(x, t, y)
+        half = x[: len(x) // 2]
+        out = model(torch.cat([half, half], dim=0), t, y)
         eps, rest = out[:, :cfg_channels], out[:, cfg_channels:]
         cond, uncond = eps.chunk(2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)

@@ -37,8 +37,9 @@ def load_teacher(recipe: Recipe, device) -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
-def load_split(spec: str, n_train: int, n_val: int) -> tuple[torch.Tensor, ...]:
-    """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows."""
+def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows.
+    Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class)."""
     from ditgraft.data.images import load_dataset
 
     if spec == "mnist5k":
@@ -51,7 +52,10 @@ def load_split(spec: str, n_train: int, n_val: int) -> tuple[torch.Tensor, ...]:
         if len(x_all) <= n_val:
             raise ValueError(f"data={spec!r} has {len(x_all)} samples; need more than val_samples={n_val}")
         x, y, xv, yv = x_all[:-n_val], y_all[:-n_val], x_all[-n_val:], y_all[-n_val:]
-    return x[:n_train], y[:n_train], xv[:n_val], yv[:n_val]
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(x), generator=g)[:n_train].sort().values
+    keep_val = torch.randperm(len(xv), generator=g)[:n_val].sort().values
+    return x[keep], y[keep], xv[keep_val], yv[keep_val]
 
 
 def _needs(recipe: Recipe, *selects: str) -> bool:
@@ -81,7 +85,7 @@ def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[in
                  for i in range(depth)]
         cfg = recipe.stage1.model_copy(update={"steps": g.layers.probe_steps,
                                                "eval_every": g.layers.probe_steps})
-        x, y, xv, yv = load_split(cfg.data, cfg.samples, cfg.val_samples)
+        x, y, xv, yv = load_split(cfg.data, cfg.samples, cfg.val_samples, recipe.seed)
         log(f"auto selector: probing {g.operator} in all {depth} {g.slot} slots for {cfg.steps} steps")
         res = run_stage1(teacher, probe, cfg, x, y, xv, yv, os.path.join(run_dir, f"probe{gi}"), recipe.seed,
                          device, log=log)
@@ -176,7 +180,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     s1_dir = os.path.join(run_dir, "stage1")
     if "stage1" in stages and recipe.stage1.enabled and not os.path.exists(os.path.join(s1_dir, "summary.json")):
         c = recipe.stage1
-        x, y, xv, yv = load_split(c.data, c.samples, c.val_samples)
+        x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, recipe.seed)
         timed("stage1", lambda: run_stage1(teacher, grafts, c, x, y, xv, yv, s1_dir, recipe.seed, dev,
                                            progress=progress, log=log))
     if "stage2" in stages and not os.path.exists(student_path):
@@ -224,7 +228,7 @@ def _train_student(recipe, teacher, grafts, out_dir: str, dev, progress, stage1_
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2
-    x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples)
+    x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
     student, _ = timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
                                                       recipe.seed, progress))
     return student

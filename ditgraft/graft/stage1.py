@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
-from ditgraft.graft.surgery import ResolvedGraft, build_graft_operator, init_from_teacher
+from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.train.loop import LoopConfig, train
 from ditgraft.utils import atomic_path, atomic_write_json
@@ -142,7 +143,9 @@ def _open_cache(out_dir: str, grafts: list[ResolvedGraft]) -> dict[str, tuple[to
     out = {}
     for g in grafts:
         arrs = [np.load(os.path.join(out_dir, f"{g.key}_{io}.npy"), mmap_mode="r") for io in ("in", "out")]
-        out[g.key] = tuple(torch.from_numpy(a) for a in arrs)  # read-only views; rows are copied when indexed
+        with warnings.catch_warnings():  # read-only views are intended: rows are copied when indexed
+            warnings.simplefilter("ignore", UserWarning)
+            out[g.key] = tuple(torch.from_numpy(a) for a in arrs)
     return out
 
 
@@ -155,22 +158,6 @@ class OperatorBank(nn.Module):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: self.ops[key](x) for key, x in inputs.items()}
-
-
-def build_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -> OperatorBank:
-    """Fresh operators, initialised as graft_model initialises them (same seeds), so stage 1 starts there."""
-    ops = {}
-    state = torch.random.get_rng_state()
-    try:
-        for i, g in enumerate(grafts):
-            torch.manual_seed(seed * 1000 + i)
-            op = build_graft_operator(teacher, g)
-            if g.init == "teacher":
-                init_from_teacher(op, get_slot(teacher, g.layer, g.slot))
-            ops[g.key] = op
-    finally:
-        torch.random.set_rng_state(state)
-    return OperatorBank(ops)
 
 
 class BestKeeper:
@@ -211,7 +198,7 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
     val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2)
     val = extract(teacher, grafts, val_inputs, cfg.extract_batch_size, None, torch.float32, device)
     val_var = {k: float(out.var()) for k, (_, out) in val.items()}
-    bank = build_operators(teacher, grafts, seed).to(device)
+    bank = OperatorBank(make_operators(teacher, grafts, seed)).to(device)
     losses = {g.key: (g.loss, g.huber_delta) for g in grafts}
     keeper = BestKeeper(os.path.join(run_dir, "best"))
 

@@ -17,6 +17,7 @@ from ditgraft.models.adapters import get_slot, model_dims, set_slot
 from ditgraft.models.checkpoints import read_metadata, save_safetensors
 from ditgraft.models.dit import DiT
 from ditgraft.operators import build_operator
+from ditgraft.operators.attention import MHA
 
 
 @dataclass(frozen=True)
@@ -50,27 +51,22 @@ def resolve_grafts(recipe, depth: int, analysis=None, probe_losses=None) -> list
     return sorted(out, key=lambda r: (r.layer, r.slot))
 
 
-# Parameter-name maps for operators that share a teacher operator's weights under other names.
-_RENAMES = {"qkv.weight": "Wqkv.weight", "qkv.bias": "Wqkv.bias", "proj.weight": "out_proj.weight",
-            "proj.bias": "out_proj.bias"}
+def init_from_teacher(new: nn.Module, old: nn.Module, options: dict | None = None) -> nn.Module:
+    """The new operator started from the teacher operator's weights.
 
-
-def init_from_teacher(new: nn.Module, old: nn.Module) -> list[str]:
-    """Copy the teacher operator's tensors into ``new`` where names (or known renames) and shapes match."""
+    Operators that declare ``from_mha`` (swa, local2d, clear, linear_attn) take an MHA's weights through it (they
+    know their own names, e.g. flash-attn's Wqkv); otherwise tensors are copied where names and shapes agree
+    (self-grafting, an MLP of the same ratio). Raises when the two share nothing.
+    """
+    if isinstance(old, MHA) and hasattr(type(new), "from_mha"):
+        return type(new).from_mha(old, **(options or {}))
     target = new.state_dict()
-    copied = []
-    with torch.no_grad():
-        for name, value in old.state_dict().items():
-            for cand in (name, _RENAMES.get(name)):
-                if cand in target and target[cand].shape == value.shape:
-                    target[cand].copy_(value)
-                    copied.append(cand)
-                    break
-    if not copied:
+    shared = {k: v for k, v in old.state_dict().items() if k in target and target[k].shape == v.shape}
+    if not shared:
         raise ValueError(f"init='teacher' is not possible: {type(new).__name__} shares no parameter "
                          f"(by name and shape) with {type(old).__name__}; use init: random")
-    new.load_state_dict(target)
-    return copied
+    new.load_state_dict({**target, **shared})
+    return new
 
 
 def build_graft_operator(model: nn.Module, g: ResolvedGraft) -> nn.Module:
@@ -78,19 +74,29 @@ def build_graft_operator(model: nn.Module, g: ResolvedGraft) -> nn.Module:
     return build_operator(g.operator, dims.dim, dims.heads, dims.grid, **g.options)
 
 
-def graft_model(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int = 0) -> nn.Module:
-    """A new student; the teacher is untouched. New operators are initialised from ``seed`` (or the teacher)."""
-    student = copy.deepcopy(teacher)
-    gen_state = torch.random.get_rng_state()
+def make_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -> dict[str, nn.Module]:
+    """The new operator of every graft, initialised from ``seed`` (or from the teacher), on the teacher's device.
+    Stage 1 and surgery both call this, so a student starts exactly where stage 1 started."""
+    ops = {}
+    device = next(teacher.parameters()).device
+    state = torch.random.get_rng_state()
     try:
         for i, g in enumerate(grafts):
             torch.manual_seed(seed * 1000 + i)
-            op = build_graft_operator(student, g)
+            op = build_graft_operator(teacher, g)
             if g.init == "teacher":
-                init_from_teacher(op, get_slot(teacher, g.layer, g.slot))
-            set_slot(student, g.layer, g.slot, op.to(next(teacher.parameters()).device))
+                op = init_from_teacher(op, get_slot(teacher, g.layer, g.slot), g.options)
+            ops[g.key] = op.to(device)
     finally:
-        torch.random.set_rng_state(gen_state)
+        torch.random.set_rng_state(state)
+    return ops
+
+
+def graft_model(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int = 0) -> nn.Module:
+    """A new student (deep copy of the teacher with the new operators in place); the teacher is untouched."""
+    student = copy.deepcopy(teacher)
+    for g, op in zip(grafts, make_operators(teacher, grafts, seed).values()):
+        set_slot(student, g.layer, g.slot, op)
     return student
 
 

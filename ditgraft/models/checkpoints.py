@@ -12,6 +12,7 @@ Sources a user can name (``load_dit``):
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -57,7 +58,9 @@ def resolve_hub(source: str) -> str:
 
 def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
     """An official DiT .pt: a plain state dict, or a training checkpoint {model, ema, opt, args} (ema is used)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # DiT's train.py stores args as an argparse.Namespace: allow exactly that class, nothing else.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

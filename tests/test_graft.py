@@ -1,0 +1,174 @@
+"""Surgery, activation capture, stage 1 and stage 2: correctness and exact resume."""
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_dit
+from ditgraft.graft.stage1 import capture_slots, extract, noised_inputs, run_stage1
+from ditgraft.graft.surgery import ResolvedGraft, graft_model, init_from_teacher, load_grafted, save_grafted
+from ditgraft.models.dit import modulate
+from ditgraft.operators.attention import MHA
+from ditgraft.recipe import Stage1, Stage2
+
+GRAFTS = [ResolvedGraft("attn", 1, "hyena_x"), ResolvedGraft("mlp", 0, "mlp", {"ratio": 2}, loss="l2")]
+
+
+def _data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=g).clamp(-1, 1), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_surgery_replaces_only_grafted_slots():
+    teacher = tiny_dit(depth=3)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = graft_model(teacher, GRAFTS, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # teacher untouched
+    assert type(student.blocks[1].attn).__name__ == "HyenaX" or "hyena" in type(student.blocks[1].attn).__module__
+    assert student.blocks[0].mlp.hidden == 64
+    s = student.state_dict()
+    for k, v in teacher.state_dict().items():
+        if not (k.startswith("blocks.1.attn.") or k.startswith("blocks.0.mlp.")):
+            assert torch.equal(s[k], v), k
+    student.blocks[2].attn.proj.weight.data.add_(1)  # a deep copy: no sharing with the teacher
+    assert not torch.equal(student.blocks[2].attn.proj.weight, teacher.blocks[2].attn.proj.weight)
+
+
+def test_grafted_checkpoint_rebuilds_from_file_alone(tmp_path):
+    student = graft_model(tiny_dit(depth=3), GRAFTS, seed=0)
+    path = str(tmp_path / "student.safetensors")
+    save_grafted(path, student, GRAFTS, {"name": "x"})
+    loaded, meta = load_grafted(path)
+    assert meta["recipe"] == {"name": "x"}
+    x, y = _data(2)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(student.eval()(x, t, y), loaded(x, t, y))
+
+
+def test_init_from_teacher_maps_names():
+    mha = MHA(32, 2, (4, 4))
+    from ditgraft.operators import build_operator
+
+    swa = build_operator("swa", 32, 2, (4, 4))
+    swa = init_from_teacher(swa, mha)
+    assert torch.equal(swa.Wqkv.weight, mha.qkv.weight) and torch.equal(swa.out_proj.bias, mha.proj.bias)
+    hyena = build_operator("hyena_x", 32, 2, (4, 4))
+    with pytest.raises(ValueError, match="init='teacher' is not possible"):
+        init_from_teacher(hyena, mha)
+
+
+def test_capture_is_attn_input_and_ungated_output():
+    """Hooks see norm1(x)*(1+scale)+shift and the raw attention output, for the right (x_t, t, y) call."""
+    model = tiny_dit(depth=2).eval()
+    x, y = _data(3)
+    t = torch.tensor([0, 500, 999])
+    with torch.no_grad(), capture_slots(model, [ResolvedGraft("attn", 1, "mha")]) as got:
+        model(x, t, y)
+        tokens, c = model.embed(x, t, y)
+        tokens = model.blocks[0](tokens, c)
+        blk = model.blocks[1]
+        shift, scale = blk.adaLN_modulation(c).chunk(6, dim=1)[:2]
+        expect_in = modulate(blk.norm1(tokens), shift, scale)
+    xin, xout = got["attn1"]
+    torch.testing.assert_close(xin, expect_in)
+    torch.testing.assert_close(xout, blk.attn(expect_in))
+    assert not model.blocks[1].attn._forward_hooks  # hooks removed
+
+
+def test_noised_inputs_are_q_samples_at_uniform_t():
+    x0, y = _data(400)
+    inp = noised_inputs(x0, y, seed=0)
+    assert inp.t.min() >= 0 and inp.t.max() <= 999 and inp.t.float().std() > 200
+    low = inp.t < 50  # nearly clean there; heavily noised at high t
+    assert (inp.x_t[low] - x0[low]).abs().mean() < 0.3
+    assert (inp.x_t[inp.t > 950] - x0[inp.t > 950]).abs().mean() > 0.6
+
+
+def test_disk_cache_matches_memory(tmp_path):
+    teacher = tiny_dit(depth=2).eval()
+    x0, y = _data(10)
+    inp = noised_inputs(x0, y, 0)
+    mem = extract(teacher, GRAFTS, inp, 4, None, torch.float32, "cpu")
+    disk = extract(teacher, GRAFTS, inp, 4, str(tmp_path), torch.float32, "cpu")
+    for k in mem:
+        for a, b in zip(mem[k], disk[k]):
+            torch.testing.assert_close(a, b)
+    assert os.path.exists(tmp_path / "complete.json")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _stage1(run_dir, cache="memory", crash_at=None, monkeypatch=None):
+    teacher = tiny_dit(depth=2)
+    x0, y = _data(48)
+    xv, yv = _data(16, seed=1)
+    cfg = Stage1(samples=48, val_samples=16, steps=12, batch_size=8, eval_every=4, cache=cache)
+    if crash_at is not None:
+        import ditgraft.graft.stage1 as s1
+
+        real, calls = s1._bank_losses, {"n": 0}
+
+        def crashing(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise Crash
+            return real(*a, **k)
+        monkeypatch.setattr(s1, "_bank_losses", crashing)
+    return run_stage1(teacher, GRAFTS, cfg, x0, y, xv, yv, run_dir, seed=0, device="cpu", progress=False,
+                      log=lambda *_: None)
+
+
+@pytest.mark.parametrize("cache", ["memory", "stream"])
+def test_stage1_learns_and_resumes_exactly(tmp_path, monkeypatch, cache):
+    full = _stage1(str(tmp_path / "a"), cache)
+    ops = full["operators"]
+    assert set(ops) == {"attn1", "mlp0"}
+    first = [r for r in full["history"] if "eval/mlp0_mse" in r]
+    assert first[-1]["eval/mlp0_mse"] < first[0]["eval/mlp0_mse"]  # it learns
+    with pytest.raises(Crash):
+        _stage1(str(tmp_path / "b"), cache, crash_at=10, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    resumed = _stage1(str(tmp_path / "b"), cache)
+    for key in ops:
+        assert resumed["operators"][key] == ops[key]
+    from safetensors.torch import load_file
+
+    for key in ops:
+        a = load_file(str(tmp_path / "a" / "best" / f"{key}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "best" / f"{key}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_resumes_exactly(tmp_path, monkeypatch):
+    from ditgraft.graft import stage2
+
+    cfg = Stage2(steps=6, batch_size=4, ckpt_every=2, lr=1e-3)
+    x0, y = _data(16)
+
+    def run(d):
+        student = graft_model(tiny_dit(depth=2), GRAFTS, seed=0)
+        return stage2.run_stage2(student, cfg, x0, y, d, seed=0, progress=False)[0]
+
+    a = run(str(tmp_path / "a"))
+    real = stage2.diffusion_step_fn
+
+    def crashing(diffusion):
+        inner, calls = real(diffusion), {"n": 0}
+
+        def step(m, b):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise Crash
+            return inner(m, b)
+        return step
+
+    monkeypatch.setattr(stage2, "diffusion_step_fn", crashing)
+    with pytest.raises(Crash):
+        run(str(tmp_path / "b"))
+    monkeypatch.undo()
+    b = run(str(tmp_path / "b"))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k

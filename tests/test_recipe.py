@@ -1,0 +1,67 @@
+"""Recipes: validation errors name field, value and what is allowed; layer selectors resolve to indices."""
+import pytest
+
+from ditgraft.recipe import bundled_recipes, load_recipe, parse_recipe, resolve_layers
+
+BASE = {"grafts": [{"slot": "attn", "layers": "interleave", "operator": "hyena_x"}]}
+
+
+def _err(data) -> str:
+    with pytest.raises(ValueError) as info:
+        parse_recipe(data)
+    return str(info.value)
+
+
+def test_defaults_follow_paper_loss_rule():
+    r = parse_recipe({"grafts": [{"slot": "attn", "layers": [1], "operator": "swa"},
+                                 {"slot": "mlp", "layers": [2], "operator": "mlp", "options": {"ratio": 3}}]})
+    assert [g.loss for g in r.grafts] == ["l1", "l2"]
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_z"}]}, "grafts.0.operator = 'hyena_z'"),
+    ({"grafts": [{"slot": "mlp", "layers": [1], "operator": "hyena_x"}]}, "replaces 'attn' slots"),
+    ({"grafts": [{"slot": "norm", "layers": [1], "operator": "mlp"}]}, "grafts.0.slot = 'norm'"),
+    ({"grafts": [{"slot": "attn", "layers": "odd", "operator": "mha"}]}, "'odd' is not a selector"),
+    ({**BASE, "stage1": {"steps": 0}}, "stage1.steps = 0"),
+    ({**BASE, "stage2": {"lr": -1}}, "stage2.lr = -1"),
+    ({**BASE, "stage1": {"lr_typo": 1}}, "stage1.lr_typo = 1: unknown field"),
+    ({**BASE, "stage1": {"loss": "l3"}}, "stage1.loss"),
+    ({"grafts": []}, "grafts = []"),
+])
+def test_errors_name_field_and_value(data, needle):
+    assert needle in _err(data)
+
+
+def test_selectors_resolve():
+    r = parse_recipe({"grafts": [
+        {"slot": "attn", "layers": {"select": "interleave", "fraction": 0.75}, "operator": "mha"},
+        {"slot": "mlp", "layers": "-2:", "operator": "mlp"}]})
+    assert resolve_layers(r.grafts[0].layers, 28) == [i for i in range(28) if i % 4]
+    assert resolve_layers(r.grafts[1].layers, 8) == [6, 7]
+    assert resolve_layers(parse_recipe(BASE).grafts[0].layers, 28) == list(range(1, 28, 2))
+    assert resolve_layers([0, -1], 8) == [0, 7]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers([9], 8)
+    analysis = {"layers": [{"layer": i, "attention": {"band_locality_mean": loc}}
+                           for i, loc in enumerate([0.1, 0.9, 0.5, 0.7])]}
+    sel = parse_recipe({"grafts": [{"slot": "attn", "layers": {"select": "most_local", "count": 2},
+                                    "operator": "mha"}]}).grafts[0].layers
+    assert resolve_layers(sel, 4, analysis=analysis) == [1, 3]
+    auto = parse_recipe({"grafts": [{"slot": "attn", "layers": {"select": "auto", "count": 2},
+                                     "operator": "mha"}]}).grafts[0].layers
+    assert resolve_layers(auto, 4, probe_losses={0: 0.3, 1: 0.1, 2: 0.2, 3: 0.9}) == [1, 2]
+    with pytest.raises(ValueError, match="probe"):
+        resolve_layers(auto, 4)
+
+
+def test_bundled_recipes_all_validate():
+    names = bundled_recipes()
+    assert "testbed_hyena_x_50" in names
+    for name in names:
+        load_recipe(name)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_recipe("/nonexistent/recipe.yaml")
