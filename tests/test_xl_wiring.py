@@ -31,7 +31,8 @@ def test_dit_xl2_recipe_end_to_end(tmp_path):
     del teacher
     gc.collect()
     s2 = recipe.stage2.model_copy(update={"steps": 1, "batch_size": 1, "ema_decay": None, "ckpt_every": 1})
-    before = student.blocks[1].attn.out_proj.weight.detach().clone()
+    # adaLN-Zero gates are 0 in a fresh model, so the grafted operators get no gradient yet; the final layer does
+    before = student.final_layer.linear.weight.detach().clone()
     trained, history = run_stage2(student, s2, x0[:1], y[:1], str(tmp_path / "s2"), 0, progress=False)
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
-    assert not torch.equal(before, trained.blocks[1].attn.out_proj.weight)
+    assert not torch.equal(before, trained.final_layer.linear.weight)

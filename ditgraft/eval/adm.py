@@ -95,6 +95,13 @@ def _npz_path(path) -> Path:
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: the mode np.savez / open() would give (mkstemp uses 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_savez(path, arrays: dict) -> Path:
     """np.savez (uncompressed, like the ADM sample scripts) into a temp file beside `path`, then os.replace."""
     path = _npz_path(path)
@@ -105,6 +112,7 @@ def _atomic_savez(path, arrays: dict) -> Path:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -167,24 +175,24 @@ def load_samples_npz(path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def load_reference_batch(path, load_images: bool = True) -> dict:
-    """Read an ADM reference batch.
+    """Read an ADM reference batch into a dict keyed like the file, holding only the keys the file has.
 
-    Returns a dict with keys "images" (uint8 [N, H, W, C], or None when load_images=False: npz members are
-    read lazily, so the 2 GB image array of an ImageNet reference is skipped), "labels" ([N] or None) and
-    "mu", "sigma", "mu_s", "sigma_s" (float arrays, or None when the file has no precomputed statistics).
+    Keys: "arr_0" (uint8 [N, H, W, C] images), "arr_1" (labels [N]), "mu", "sigma", "mu_s", "sigma_s" (float
+    FID / sFID statistics); other members are ignored. With load_images=False, "arr_0" and "arr_1" are skipped
+    (npz members are read lazily, so an ImageNet reference's 2 GB of images is never read) - for when only the
+    precomputed statistics are needed. Everything returned is validated (dtype, shapes, mu/sigma pairing).
     """
     out = {}
     with _open_npz(path) as data:
         if "arr_0" not in data.files:
             raise ValueError(f"{path}: missing 'arr_0' (the images); keys present: {sorted(data.files)}")
-        out["images"] = validate_images(data["arr_0"], f"{path}: arr_0") if load_images else None
-        out["labels"] = None
-        if "arr_1" in data.files and load_images:
-            out["labels"] = _validate_labels(data["arr_1"], out["images"].shape[0], f"{path}: arr_1")
-        elif "arr_1" in data.files:
-            out["labels"] = np.asarray(data["arr_1"])
+        if load_images:
+            out["arr_0"] = validate_images(data["arr_0"], f"{path}: arr_0")
+            if "arr_1" in data.files:
+                out["arr_1"] = _validate_labels(data["arr_1"], out["arr_0"].shape[0], f"{path}: arr_1")
         for key in ("mu", "sigma", "mu_s", "sigma_s"):
-            out[key] = data[key] if key in data.files else None
+            if key in data.files:
+                out[key] = data[key]
     _validate_stats(out, str(path))
     return out
 

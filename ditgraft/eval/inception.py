@@ -345,8 +345,11 @@ class InceptionFeatures(nn.Module):
     @staticmethod
     def _to_nchw_255(images) -> torch.Tensor:
         """uint8 [N, H, W, C] (0..255, ADM layout) or floating [N, C, H, W] in [0, 1] -> float [N, 3, H, W] 0..255."""
-        t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-        if not isinstance(t, torch.Tensor):
+        if isinstance(images, np.ndarray):
+            t = torch.from_numpy(np.array(images))  # a copy: inputs may be read-only (np.load, streaming reads)
+        elif isinstance(images, torch.Tensor):
+            t = images
+        else:
             raise TypeError(f"images: expected a numpy array or torch tensor, got {type(images).__name__}")
         if t.ndim != 4:
             raise ValueError(f"images: shape {tuple(t.shape)} is not allowed; expected 4-D "
@@ -369,21 +372,36 @@ class InceptionFeatures(nn.Module):
             t = t.expand(-1, 3, -1, -1)
         return t
 
-    def extract(self, images, batch_size: int = 64) -> dict[str, np.ndarray]:
-        """Features for a batch of images, computed `batch_size` at a time without gradients.
+    def extract(self, images, batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
+        """Features for images, computed `batch_size` at a time without gradients.
 
         images: uint8 [N, H, W, C] (ADM sample-file layout, C in 1 or 3) or floating [N, C, H, W] in [0, 1]
-        (numpy or torch; any H, W - resized to 299). Returns float32 numpy arrays
+        (numpy or torch; any H, W - resized to 299), or an iterable of such arrays, e.g.
+        `adm.iter_npz_batches(path)`, so a 50k-sample file never has to sit in memory. Inputs are converted to
+        float one batch at a time. Returns float32 numpy arrays
         {"pool": [N, 2048], "logits": [N, 1008], "spatial": [N, 2023]}.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size!r}; must be an integer >= 1")
-        x = self._to_nchw_255(images)
+        sources = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
         param = next(self.parameters())
         outs: dict[str, list] = {"pool": [], "logits": [], "spatial": []}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(desc="inception", unit="img")
         with torch.inference_mode():
-            for start in range(0, x.shape[0], batch_size):
-                chunk = x[start:start + batch_size].to(device=param.device, dtype=param.dtype)
-                for key, value in self(chunk).items():
-                    outs[key].append(value.float().cpu().numpy())
+            for source in sources:
+                if not isinstance(source, (np.ndarray, torch.Tensor)):
+                    raise TypeError(f"images: expected arrays or tensors, got an item of type {type(source).__name__}")
+                for start in range(0, len(source), batch_size):
+                    chunk = self._to_nchw_255(source[start:start + batch_size])
+                    for key, value in self(chunk.to(device=param.device, dtype=param.dtype)).items():
+                        outs[key].append(value.float().cpu().numpy())
+                    if bar is not None:
+                        bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        if not outs["pool"]:
+            raise ValueError("images: no images given (empty array or iterable)")
         return {k: np.concatenate(v, axis=0) for k, v in outs.items()}

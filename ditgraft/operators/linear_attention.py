@@ -1,0 +1,108 @@
+"""ReLU-kernel linear attention (SANA / LiT style), bidirectional, per head.
+
+    out_i = sum_j phi(q_i).phi(k_j) v_j / (sum_j phi(q_i).phi(k_j) + eps),   phi = relu
+
+No softmax and no 1/sqrt(d) scale (a scale on q cancels in the ratio). The fast path computes phi(K)^T [V, 1]
+first, a [d, d+1] matrix per head, so time and memory are O(N d^2): the extra column of ones carries the normaliser
+through the same matmuls (as SANA does). The reference builds the explicit [N, N] kernel matrix.
+The kernel part runs in at least fp32 (half-precision inputs are upcast), since the normaliser sums N terms.
+Precision note: gradients scale like 1/den, so queries whose relu features barely overlap any key's (den near 0)
+are ill-conditioned in fp32 whatever the evaluation order; the eps guard bounds this.
+
+Option ``conv`` in {0, 3, 5}: a depthwise k x k convolution of V over the 2-D grid (zero padding), added to the
+attention output before the output projection, as in LiT and FLatten Transformer (linear attention alone is
+low-rank; the conv restores local detail). It is named ``dwconv`` and starts at zero (weight and bias), so conv=0
+and conv>0 compute the same function at initialisation and both start from MHA's weights via ``from_mha``.
+
+Parameter names ``qkv`` / ``proj`` are MHA's (same shapes), so an MHA state dict loads into it (strict when conv=0).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditgraft.operators.attention import MHA
+from ditgraft.operators.registry import register
+
+LINEAR_IMPLS = ("fast", "reference")
+CONV_SIZES = (0, 3, 5)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in fp32; fp32 and fp64 stay as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fast path on [B, heads, N, d] tensors: relu features, phi(K)^T [V, 1] first, O(N d^2)."""
+    dtype, work = q.dtype, _work_dtype(q.dtype)
+    q, k, v = F.relu(q.to(work)), F.relu(k.to(work)), v.to(work)
+    v1 = F.pad(v, (0, 1), value=1.0)  # [B, h, N, d+1]; the last column gives the normaliser
+    kv = k.transpose(-2, -1) @ v1  # [B, h, d, d+1]
+    num_den = q @ kv  # [B, h, N, d+1]
+    return (num_den[..., :-1] / (num_den[..., -1:] + eps)).to(dtype)
+
+
+def reference_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain definition: explicit [N, N] kernel matrix A_ij = relu(q_i).relu(k_j), out = A V / (A 1 + eps)."""
+    dtype, work = q.dtype, _work_dtype(q.dtype)
+    a = F.relu(q.to(work)) @ F.relu(k.to(work)).transpose(-2, -1)
+    return ((a @ v.to(work)) / (a.sum(dim=-1, keepdim=True) + eps)).to(dtype)
+
+
+@register("linear_attn", slot="attn", description="ReLU linear attention (SANA/LiT), optional depthwise conv on V")
+class LinearAttention(nn.Module):
+    """Options: ``conv`` (0, 3 or 5: depthwise conv kernel on V, 0 = none), ``eps`` (normaliser guard, default 1e-6:
+    bounds 1/den by 1e6 where a query's features barely overlap any key's), ``impl`` ("fast" | "reference")."""
+
+    def __init__(self, dim: int, heads: int, grid: tuple[int, int] = (0, 0), conv: int = 0, eps: float = 1e-6,
+                 impl: str = "fast"):
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        if conv not in CONV_SIZES:
+            raise ValueError(f"conv={conv!r} is not allowed; use one of {CONV_SIZES}")
+        if impl not in LINEAR_IMPLS:
+            raise ValueError(f"impl={impl!r} is not allowed; use one of {LINEAR_IMPLS}")
+        if not eps > 0:
+            raise ValueError(f"eps={eps} must be > 0")
+        self.dim, self.heads, self.grid = dim, heads, tuple(grid)
+        self.head_dim = dim // heads
+        self.conv, self.eps, self.impl = int(conv), float(eps), impl
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if self.conv:
+            self.dwconv = nn.Conv2d(dim, dim, self.conv, padding=self.conv // 2, groups=dim)
+            nn.init.zeros_(self.dwconv.weight)
+            nn.init.zeros_(self.dwconv.bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv.reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attend = relu_linear_attention if self.impl == "fast" else reference_linear_attention
+        out = attend(q, k, v, self.eps).transpose(1, 2).reshape(B, N, C)
+        if self.conv:
+            H, W = grid or self.grid
+            if H * W != N:
+                raise ValueError(f"grid={(H, W)} has {H * W} tokens but the input has N={N}; pass grid=(H, W)")
+            v_img = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, H, W)  # channel c = head * d + j, as in v
+            out = out + self.dwconv(v_img).flatten(2).transpose(1, 2)
+        return self.proj(out)
+
+    @classmethod
+    def from_mha(cls, mha: MHA, **options) -> "LinearAttention":
+        """Linear attention with the teacher's qkv / proj weights (dwconv, if any, stays at its zero init)."""
+        op = cls(mha.dim, mha.heads, mha.grid, **options).to(mha.proj.weight.device, mha.proj.weight.dtype)
+        op.qkv.load_state_dict(mha.qkv.state_dict())
+        op.proj.load_state_dict(mha.proj.state_dict())
+        return op
+
+    @staticmethod
+    def flops(dim: int, heads: int, grid: tuple[int, int], conv: int = 0, **_) -> int:
+        n = grid[0] * grid[1]
+        d = dim // heads
+        projections = 2 * n * dim * 3 * dim + 2 * n * dim * dim
+        kernel = 2 * 2 * n * dim * (d + 1)  # phi(K)^T [V, 1] and phi(Q) (that), per head: 2 * N * d * (d+1) each
+        return projections + kernel + 2 * n * dim * conv * conv
