@@ -1,0 +1,131 @@
+"""``ditgraft bench ops``: time token-mixing operators against MHA at one shape and compare with their FLOP counts.
+
+For each operator: median time of ``repeats`` calls after ``warmup`` untimed rounds, all operators interleaved in one
+run (see ``common.round_robin``). Columns:
+
+- ``speedup``      = MHA time / operator time (measured)
+- ``flop_speedup`` = MHA FLOPs / operator FLOPs (the registry's per-sample forward formula; the best a FLOP-bound
+                     implementation could do)
+- ``efficiency``   = speedup / flop_speedup (1.0 = the operator is as fast as its FLOPs promise, relative to MHA)
+- ``gflop_per_s``  = achieved throughput (FLOPs / time), which shows whether an operator is compute- or
+                     memory/overhead-bound
+
+With ``backward=True`` each call is forward + backward with respect to the input and all parameters; FLOPs are then
+taken as 3 x forward (the usual rule: backward of a matmul costs twice its forward), so the FLOP-bound speed-up is the
+forward one. Forward-only calls run under ``torch.inference_mode``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ditgraft.bench.common import (check_counts, environment, format_table, grid_for_tokens, param_count,
+                                   resolve_clock, resolve_device_dtype, round_robin, summarize, synchronizer)
+from ditgraft.operators import build_operator, operator_flops, operator_names
+
+BASELINE = "mha"
+
+__all__ = ["bench_ops", "format_table", "BASELINE"]
+
+
+def _resolve_ops(ops: list[str] | None) -> list[str]:
+    """Baseline first, then the asked operators (default: every token mixer), without duplicates."""
+    known = operator_names("attn")
+    names = known if ops is None else list(ops)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"operator={name!r} is not a token mixer; allowed: {', '.join(known)}")
+    return [BASELINE] + [n for i, n in enumerate(names) if n != BASELINE and n not in names[:i]]
+
+
+def _make_call(op: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int], backward: bool, grad_out: torch.Tensor):
+    """A no-argument callable running one timed step of ``op``."""
+    if not backward:
+        def forward():
+            with torch.inference_mode():
+                op(x, grid=grid)
+        return forward
+
+    xg = x.detach().clone().requires_grad_()
+
+    def forward_backward():
+        xg.grad = None
+        op.zero_grad(set_to_none=True)
+        op(xg, grid=grid).backward(grad_out)
+    return forward_backward
+
+
+def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, batch: int = 1, backward: bool = False,
+              repeats: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "fp32",
+              options: dict[str, dict] | None = None, *, grid: tuple[int, int] | None = None,
+              clock="wall", seed: int = 0) -> list[dict]:
+    """Time MHA and ``ops`` (default: all token mixers) at one shape; one row per operator, MHA first.
+
+    ``options`` maps an operator name to its build options, e.g. ``{"swa": {"window": 8}}``. ``grid`` defaults to
+    ``grid_for_tokens(tokens)``. An operator that fails to build or run gets a row with ``error`` and no times
+    (the baseline failing is an error). ``clock``: "wall" (default), "cpu" (process CPU time, for loaded machines;
+    see ``common.resolve_clock``) or a callable returning seconds (tests).
+    """
+    check_counts(dim=(dim, 1), tokens=(tokens, 1), heads=(heads, 1), batch=(batch, 1))
+    check_counts(repeats=(repeats, 1), warmup=(warmup, 0))
+    if dim % heads:
+        raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+    dev, dt = resolve_device_dtype(device, dtype)
+    options = dict(options or {})
+    names = _resolve_ops(ops)
+    for name in options:
+        if name not in names:
+            raise ValueError(f"options given for operator={name!r}, which is not benchmarked; ops: {', '.join(names)}")
+    grid = tuple(grid) if grid is not None else grid_for_tokens(tokens)
+    if grid[0] * grid[1] != tokens:
+        raise ValueError(f"grid={grid} has {grid[0] * grid[1]} cells but tokens={tokens}")
+    sync = synchronizer(dev)
+    timer = resolve_clock(clock, dev)
+    env = environment(dev)
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, dim, generator=gen).to(dev, dt)
+    grad_out = torch.randn(batch, tokens, dim, generator=gen).to(dev, dt) if backward else None
+
+    common = dict(tokens=tokens, grid=list(grid), dim=dim, heads=heads, batch=batch, dtype=dtype, device=str(dev),
+                  mode="fwd+bwd" if backward else "fwd", repeats=repeats, warmup=warmup,
+                  clock=clock if isinstance(clock, str) else "custom")
+    rows: dict[str, dict] = {}
+    calls = {}
+    for name in names:
+        opts = options.get(name, {})
+        row = {"operator": name, **common, "options": opts}
+        rows[name] = row
+        try:
+            torch.manual_seed(seed)
+            op = build_operator(name, dim, heads, grid, **opts).to(dev, dt)
+            op.train(backward)
+            row["params"] = param_count(op)
+            flops = operator_flops(name, dim, heads, grid, **opts) * batch * (3 if backward else 1)
+            row["gflops"] = flops / 1e9
+            call = _make_call(op, x, grid, backward, grad_out)
+            call()  # a first call outside the timing loop: a broken operator is reported, not fatal
+            sync()
+            calls[name] = call
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
+            if name == BASELINE:
+                raise
+            row["error"] = f"{type(err).__name__}: {err}"
+
+    times = round_robin(calls, repeats, warmup, sync=sync, clock=timer)
+
+    base = summarize(times[BASELINE])["time_ms"]
+    base_gflops = rows[BASELINE]["gflops"]
+    for name, row in rows.items():
+        if name not in times:
+            continue
+        row.update(summarize(times[name]))
+        row["gflop_per_s"] = row["gflops"] / (row["time_ms"] / 1e3) if row["time_ms"] > 0 else math.nan
+        row["speedup"] = base / row["time_ms"] if row["time_ms"] > 0 else math.nan
+        row["flop_speedup"] = base_gflops / row["gflops"]
+        row["efficiency"] = row["speedup"] / row["flop_speedup"]
+        row["env"] = env
+    for row in rows.values():
+        row.setdefault("env", env)
+    return list(rows.values())
