@@ -62,7 +62,9 @@ def _fmt(v, digits=3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.3e}"
+        if abs(v) >= 1e4:
+            return f"{v:.3e}"
+        return f"{v:.1f}" if abs(v) >= 100 else f"{v:.{digits}g}"
     return str(v)
 
 
