@@ -34,15 +34,14 @@ __all__ = ["bench_model", "select_layers", "BlockStack", "format_table", "LAYER_
 
 def select_layers(layers, blocks: int) -> list[int]:
     """Block indices to replace: "interleave" (50%: odd blocks 1, 3, ...), "interleave75" (all but 0, 4, 8, ...),
-    "all", or an explicit list of indices."""
+    "all", or an explicit list of indices. The sets are the recipes' own (ditgraft.eval.layer_select)."""
+    from ditgraft.eval.layer_select import select_layers as recipe_select
+
     if isinstance(layers, str):
-        if layers == "interleave":
-            return list(range(1, blocks, 2))
-        if layers == "interleave75":
-            return [i for i in range(blocks) if i % 4]
-        if layers == "all":
-            return list(range(blocks))
-        raise ValueError(f"layers={layers!r} is not allowed; use one of {LAYER_SETS} or a list of block indices")
+        fractions = {"interleave": 0.5, "interleave75": 0.75, "all": 1.0}
+        if layers not in fractions:
+            raise ValueError(f"layers={layers!r} is not allowed; use one of {LAYER_SETS} or a list of block indices")
+        return recipe_select("interleave", blocks, fraction=fractions[layers])
     idx = sorted({int(i) for i in layers})
     if not idx or idx[0] < 0 or idx[-1] >= blocks:
         raise ValueError(f"layers={list(layers)!r} is not allowed: give indices in [0, {blocks - 1}] (blocks={blocks})")

@@ -43,10 +43,7 @@ def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torc
     from ditgraft.data.images import load_dataset
 
     if spec == "mnist5k":
-        from ditgraft.data.mnist5k import load_mnist5k
-
-        x, y = load_mnist5k("train")
-        xv, yv = load_mnist5k("val")
+        (x, y), (xv, yv) = load_dataset("mnist5k:train"), load_dataset("mnist5k:val")
     else:
         x_all, y_all = load_dataset(spec)
         if len(x_all) <= n_val:

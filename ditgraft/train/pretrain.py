@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ditgraft.data.images import load_dataset
 from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.flops import dit_train_flops_per_sample
 from ditgraft.models.checkpoints import save_safetensors
@@ -39,21 +40,11 @@ class PretrainConfig:
                                    grad_clip=1.0, ckpt_every=250)
 
 
-def load_training_data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if name == "mnist5k":
-        from ditgraft.data.mnist5k import load_mnist5k
-
-        return load_mnist5k("train")
-    from ditgraft.data.images import load_dataset
-
-    return load_dataset(name)
-
-
 def pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
     """Train, then write ``run_dir/model.safetensors`` (EMA weights + metadata). Returns its path."""
     torch.manual_seed(cfg.loop.seed)
     model = build_dit(cfg.model).to(device)
-    x, y = load_training_data(cfg.data)
+    x, y = load_dataset(cfg.data)  # mnist5k -> its training split
     diffusion = GaussianDiffusion.dit_default(learn_sigma=model.learn_sigma)
     t0 = time.time()
     result = train(model, diffusion_step_fn(diffusion), (x, y), cfg.loop, run_dir, desc="pretrain")
