@@ -98,7 +98,7 @@ def cmd_sample(args) -> None:
         raise ValueError(f"model has {model.in_channels} channels (latent space): decode with a VAE before saving "
                          "images; ditgraft samples pixel-space models directly")
     rank, world = dist_info()
-    images, labels = generate(model, args.num, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
+    images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
                               rank=rank, world=world, progress=True)
     os.makedirs(args.out, exist_ok=True)
     if world > 1:
@@ -150,7 +150,7 @@ def cmd_eval(args) -> None:
         device = _device(args)
         model, _ = _load_model(args.target, device)
         out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
-        result = sample_and_evaluate(model, out, protocol_for(cfg_scale=args.cfg, num=args.num), device)
+        result = sample_and_evaluate(model, out, protocol_for(cfg_scale=args.cfg, num=args.num_samples), device)
         print(f"samples and metrics in {out}")
     print(json.dumps(result, indent=2))
 
@@ -179,8 +179,8 @@ def cmd_synth(args) -> None:
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=args.clip)
     h, w = model.grid[0] * model.patch_size, model.grid[1] * model.patch_size
     xs, ys = [], []
-    for b in range((args.num + args.batch_size - 1) // args.batch_size):
-        y = batch_labels(b, args.batch_size, args.num, model.num_classes, device)
+    for b in range((args.num_samples + args.batch_size - 1) // args.batch_size):
+        y = batch_labels(b, args.batch_size, args.num_samples, model.num_classes, device)
         g = torch.Generator().manual_seed(args.seed * 100_003 + b)
         xs.append(sample(model, y, (len(y), model.in_channels, h, w), cfg, generator=g).cpu().numpy())
         ys.append(y.cpu().numpy())
@@ -188,7 +188,7 @@ def cmd_synth(args) -> None:
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, latents=np.concatenate(xs).astype(np.float32), labels=np.concatenate(ys))
-    print(f"{args.num} synthetic samples (model space, with labels): {out}; use it as `data:` in a recipe")
+    print(f"{args.num_samples} synthetic samples (model space, with labels): {out}; use it as `data:` in a recipe")
 
 
 def cmd_ops(args) -> None:
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
 
     def sampling_args(s, num=100):
-        s.add_argument("--num", type=int, default=num)
+        s.add_argument("--num-samples", type=int, default=num)
         s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
         s.add_argument("--steps", type=int, default=25)
         s.add_argument("--cfg", type=float, default=1.5)
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pt_inception-2015-12-05-6726825d.pth (or env DITGRAFT_INCEPTION_WEIGHTS)")
     s.add_argument("--floor", action="store_true", help="the real-data floor: validation digits vs training")
     s.add_argument("--cfg", type=float, default=None, help="protocol cfg scale (default 1.5)")
-    s.add_argument("--num", type=int, default=500)
+    s.add_argument("--num-samples", type=int, default=500)
     s.add_argument("--out", default=None)
     s.add_argument("--device", default="auto")
 
@@ -298,10 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    _init_distributed()
     try:
         args.fn(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
