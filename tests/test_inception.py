@@ -209,3 +209,23 @@ def test_fid_specific_pooling():
     expected = torch.zeros(5, 5)
     expected[1:4, 1:4] = 9.0 * scale  # max pool copies the spike to its 3x3 neighbourhood; avg would give 1.0
     np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-6)
+
+
+def test_cli_eval_inception_runs_offline_with_user_weights(weights_file, tmp_path, capsys, monkeypatch):
+    """`ditgraft eval --features inception` with a user-supplied weights file; without one, exit 2 naming the file."""
+    import json
+
+    from ditgraft.cli import main
+    from ditgraft.eval.adm import save_reference_batch, save_samples_npz
+
+    rng = np.random.default_rng(1)
+    samples = save_samples_npz(tmp_path / "s.npz", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
+    ref = save_reference_batch(tmp_path / "r.npz", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
+    args = ["eval", str(samples), "--features", "inception", "--ref", str(ref)]
+    assert main(args + ["--inception-weights", str(weights_file)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert np.isfinite(out["fid"]) and np.isfinite(out["sfid"]) and out["num"] == 12
+    monkeypatch.delenv("DITGRAFT_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(inc, "_hub_checkpoint_dir", lambda: tmp_path / "no_hub_cache")
+    assert main(args) == 2
+    assert inc.WEIGHTS_FILENAME in capsys.readouterr().err
