@@ -24,3 +24,20 @@ def tiny_dit(depth: int = 2, seed: int = 0, **kw):
             if p.requires_grad:
                 p.normal_(0, 0.05)
     return model
+
+
+class Crash(RuntimeError):
+    """Raised by ``crash_on_call`` to simulate a run killed mid-way."""
+
+
+def crash_on_call(fn, at: int):
+    """``fn`` that raises Crash on its ``at``-th call (1-based) and behaves normally otherwise."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise Crash
+        return fn(*args, **kwargs)
+
+    return wrapped

@@ -24,15 +24,6 @@ from ditgraft.models.dit import build_dit
 from ditgraft.operators.attention import MHA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Analytic values
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_dit
+from conftest import Crash, crash_on_call, tiny_dit
 from ditgraft.graft.stage1 import capture_slots, extract, noised_inputs, run_stage1
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, init_from_teacher, load_grafted, save_grafted
 from ditgraft.models.dit import modulate
@@ -97,10 +97,6 @@ def test_disk_cache_matches_memory(tmp_path):
     assert os.path.exists(tmp_path / "complete.json")
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def _stage1(run_dir, cache="memory", crash_at=None, monkeypatch=None):
     teacher = tiny_dit(depth=2)
     x0, y = _data(48)
@@ -109,14 +105,7 @@ def _stage1(run_dir, cache="memory", crash_at=None, monkeypatch=None):
     if crash_at is not None:
         import ditgraft.graft.stage1 as s1
 
-        real, calls = s1._bank_losses, {"n": 0}
-
-        def crashing(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == crash_at:
-                raise Crash
-            return real(*a, **k)
-        monkeypatch.setattr(s1, "_bank_losses", crashing)
+        monkeypatch.setattr(s1, "_bank_losses", crash_on_call(s1._bank_losses, crash_at))
     return run_stage1(teacher, GRAFTS, cfg, x0, y, xv, yv, run_dir, seed=0, device="cpu", progress=False,
                       log=lambda *_: None)
 
@@ -154,18 +143,7 @@ def test_stage2_resumes_exactly(tmp_path, monkeypatch):
 
     a = run(str(tmp_path / "a"))
     real = stage2.diffusion_step_fn
-
-    def crashing(diffusion):
-        inner, calls = real(diffusion), {"n": 0}
-
-        def step(m, b):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise Crash
-            return inner(m, b)
-        return step
-
-    monkeypatch.setattr(stage2, "diffusion_step_fn", crashing)
+    monkeypatch.setattr(stage2, "diffusion_step_fn", lambda diffusion: crash_on_call(real(diffusion), 5))
     with pytest.raises(Crash):
         run(str(tmp_path / "b"))
     monkeypatch.undo()

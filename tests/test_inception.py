@@ -9,15 +9,6 @@ from ditgraft.eval import inception as inc
 from ditgraft.eval.inception import InceptionFeatures, find_inception_weights, resize_bilinear_tf1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On the shared 2-core machine, 2 intra-op threads spin-wait on each other under load (measured 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _scaled_random_model(seed=0):
     """Random weights with activations of order 1 (default init shrinks them to ~1e-8 over 94 layers)."""
     torch.manual_seed(seed)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Crash, crash_on_call
+
 from ditgraft.train.loop import LoopConfig, batch_indices, latest_checkpoint, train
 
 
@@ -26,28 +28,12 @@ def _step(model, batch):
     return {"loss": (model(x) - y - noise).square().mean()}
 
 
-class Crash(RuntimeError):
-    pass
-
-
-def _crashing_step(at: int):
-    calls = {"n": 0}
-
-    def step(model, batch):
-        calls["n"] += 1
-        if calls["n"] == at:
-            raise Crash
-        return _step(model, batch)
-
-    return step
-
-
 def test_resume_is_exact(tmp_path):
     cfg = LoopConfig(steps=30, batch_size=8, lr=1e-2, warmup_steps=5, ema_decay=0.9, grad_clip=1.0, ckpt_every=7,
                      progress=False)
     full = train(_toy(), _step, _data(), cfg, str(tmp_path / "a"))
     with pytest.raises(Crash):
-        train(_toy(), _crashing_step(18), _data(), cfg, str(tmp_path / "b"))
+        train(_toy(), crash_on_call(_step, 18), _data(), cfg, str(tmp_path / "b"))
     assert latest_checkpoint(str(tmp_path / "b"))[0] == 14
     resumed = train(_toy(), _step, _data(), cfg, str(tmp_path / "b"))
     assert resumed.resumed_from == 14 and resumed.steps_run == 16
@@ -112,18 +98,7 @@ def test_pretrain_interrupted_equals_uninterrupted(tmp_path, monkeypatch):
     a = pt.pretrain(cfg, str(tmp_path / "a"), torch.device("cpu"))
 
     real_step_fn = pt.diffusion_step_fn
-
-    def crashing(diffusion):
-        inner, calls = real_step_fn(diffusion), {"n": 0}
-
-        def step(model, batch):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise Crash
-            return inner(model, batch)
-        return step
-
-    monkeypatch.setattr(pt, "diffusion_step_fn", crashing)
+    monkeypatch.setattr(pt, "diffusion_step_fn", lambda diffusion: crash_on_call(real_step_fn(diffusion), 4))
     with pytest.raises(Crash):
         pt.pretrain(cfg, str(tmp_path / "b"), torch.device("cpu"))
     monkeypatch.setattr(pt, "diffusion_step_fn", real_step_fn)
