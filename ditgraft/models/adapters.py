@@ -45,7 +45,3 @@ def set_slot(model: nn.Module, layer: int, slot: str, module: nn.Module) -> None
     _check(model, layer, slot)
     setattr(model.blocks[layer], slot, module)
 
-
-def slot_name(layer: int, slot: str) -> str:
-    """The module path of a slot (state-dict prefix)."""
-    return f"blocks.{layer}.{slot}"
