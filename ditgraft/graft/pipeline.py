@@ -120,26 +120,35 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
             with torch.no_grad():
                 per = 3 * count_flops(op, x) // 2  # training = 3 x forward, as for the DiT
             op_train += per * s1.steps * s1.batch_size
-    s2 = dit_train_flops_per_sample(student) * recipe.stage2.steps * recipe.stage2.batch_size \
-        if recipe.stage2.enabled else 0
+    s2_step = dit_train_flops_per_sample(student) * recipe.stage2.batch_size
+    s2 = s2_step * recipe.stage2.steps if recipe.stage2.enabled else 0
     pre = (teacher_meta.get("pretrain") or {}).get("train_flops")
     total = extraction + op_train + s2
     return {"stage1_extraction_flops": extraction, "stage1_operator_flops": op_train, "stage2_flops": s2,
             "total_flops": total, "teacher_pretrain_flops": pre,
             "share_of_pretraining": (total / pre) if pre else None,
-            "stage2_share_of_pretraining": (s2 / pre) if pre else None}
+            "stage2_share_of_pretraining": (s2 / pre) if pre else None,
+            # the random-init baseline (no stage 1) spends the same total on stage 2: more steps, same batch
+            "random_init_stage2_steps": max(1, round(total / s2_step))}
+
+
+def _testbed_card_metrics(protocol: Protocol) -> dict | None:
+    """The shipped testbed teacher's metrics under ``protocol``, from its model card (None if not measured)."""
+    from ditgraft.models.checkpoints import ASSETS
+
+    card = os.path.join(ASSETS, "testbed", "teacher_metrics.json")
+    if os.path.exists(card):
+        for row in read_json(card).get("evaluations", []):
+            if row.get("protocol") == asdict(protocol):
+                return row
+    return None
 
 
 def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool) -> dict:
     """The teacher under the same protocol; the shipped testbed teacher's numbers are read from its card."""
-    if source == "testbed":
-        from ditgraft.models.checkpoints import ASSETS
-
-        card = os.path.join(ASSETS, "testbed", "teacher_metrics.json")
-        if os.path.exists(card):
-            for row in read_json(card).get("evaluations", []):
-                if row.get("protocol") == asdict(protocol):
-                    return row
+    row = _testbed_card_metrics(protocol) if source == "testbed" else None
+    if row is not None:
+        return row
     return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher")
 
 
@@ -187,13 +196,21 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     if "random_init" in recipe.eval.baselines and "stage2" in stages:
         path = os.path.join(run_dir, "baseline_random", "student.safetensors")
         if not os.path.exists(path):
+            steps = compute_accounting(teacher, teacher_meta, grafts, recipe,
+                                       graft_model(teacher, grafts, recipe.seed))["random_init_stage2_steps"]
+            log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
             student = _train_student(recipe, teacher, grafts, os.path.join(run_dir, "baseline_random"), dev,
-                                     progress, None, timed, "baseline_random")
+                                     progress, None, timed, "baseline_random", steps=steps)
             save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta)
     evals = {}
+    protocol = Protocol(num=recipe.eval.num, sampler=recipe.eval.sampler, steps=recipe.eval.steps,
+                        cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
+    if "eval" not in stages:  # e.g. the report alone: use the evaluations already on disk
+        evals = _evaluations_on_disk(run_dir, protocol)
+        card = _testbed_card_metrics(protocol) if recipe.teacher.source == "testbed" else None
+        if "teacher" in recipe.eval.baselines and card is not None:
+            evals["teacher"] = card
     if "eval" in stages and recipe.eval.enabled and os.path.exists(student_path):
-        protocol = Protocol(num=recipe.eval.num, sampler=recipe.eval.sampler, steps=recipe.eval.steps,
-                            cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
         if teacher.in_channels not in (1, 3):
             log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
         else:
@@ -216,15 +233,26 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     return report
 
 
+def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
+    """The metrics files that ``sample_and_evaluate`` left in ``run_dir/eval`` for this protocol, by tag."""
+    out = {}
+    for tag in ("grafted", "teacher", "random_init"):
+        path = os.path.join(run_dir, "eval", f"{tag}_metrics.json")
+        if os.path.exists(path) and read_json(path).get("protocol") == asdict(protocol):
+            out[tag] = read_json(path)
+    return out
+
+
 def _train_student(recipe, teacher, grafts, out_dir: str, dev, progress, stage1_dir: str | None, timed,
-                   timing_key: str):
-    """Student = surgery (+ stage 1's best operators when ``stage1_dir``), then stage 2 in ``out_dir/stage2``."""
+                   timing_key: str, steps: int | None = None):
+    """Student = surgery (+ stage 1's best operators when ``stage1_dir``), then stage 2 in ``out_dir/stage2``
+    (``steps`` overrides the recipe's stage-2 step count: the random-init baseline's matched budget)."""
     student = graft_model(teacher, grafts, recipe.seed).to(dev)
     if stage1_dir is not None:
         load_best_operators(student, grafts, stage1_dir)
     if not recipe.stage2.enabled:
         return student.eval()
-    c = recipe.stage2
+    c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
     x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
     student, _ = timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
                                                       recipe.seed, progress))

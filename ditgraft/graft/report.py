@@ -129,8 +129,10 @@ def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timin
            f"| teacher pretraining | {_fmt(float(c['teacher_pretrain_flops'])) if c['teacher_pretrain_flops'] else '-'} |"]
     if c.get("share_of_pretraining") is not None:
         md.append(f"\nGrafting cost: **{100 * c['share_of_pretraining']:.2f}%** of the teacher's pretraining FLOPs "
-                  f"(stage 2 alone {100 * c['stage2_share_of_pretraining']:.2f}%; a random-init baseline spends the "
-                  f"stage-2 share only).")
+                  f"(stage 2 alone {100 * c['stage2_share_of_pretraining']:.2f}%).")
+    if "random_init" in recipe.eval.baselines:
+        md.append(f"\nThe random-init baseline (no stage 1) spends the same total FLOPs on stage 2 alone: "
+                  f"{c['random_init_stage2_steps']} steps instead of {recipe.stage2.steps}.")
     if timings:
         md += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     for name, path in plots.items():
