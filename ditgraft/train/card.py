@@ -28,6 +28,9 @@ def ship_teacher(run_dir: str, out_dir: str | None = None, docs_dir: str = "docs
     path = os.path.join(out_dir, "teacher.safetensors")
     save_safetensors(path, model, {"model_config": model.config, "pretrain": info})
     evals = []
+    # sample_and_evaluate reuses metrics of the same protocol found in its folder: start clean, since the weights in
+    # run_dir may have changed since the last card (a resumed, longer run)
+    shutil.rmtree(os.path.join(run_dir, "card_eval"), ignore_errors=True)
     for cfg in CFG_SCALES:
         row = sample_and_evaluate(model, os.path.join(run_dir, "card_eval"), protocol_for(cfg_scale=cfg),
                                   tag=f"teacher_cfg{cfg}")
