@@ -150,7 +150,8 @@ def cmd_eval(args) -> None:
         device = _device(args)
         model, _ = _load_model(args.target, device)
         out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
-        result = sample_and_evaluate(model, out, protocol_for(cfg_scale=args.cfg, num=args.num_samples), device)
+        protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
+        result = sample_and_evaluate(model, out, protocol, device)
         print(f"samples and metrics in {out}")
     print(json.dumps(result, indent=2))
 
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--floor", action="store_true", help="the real-data floor: validation digits vs training")
     s.add_argument("--cfg", type=float, default=None, help="protocol cfg scale (default 1.5)")
     s.add_argument("--num-samples", type=int, default=500)
+    s.add_argument("--seed", type=int, default=0, help="protocol seed (default 0); others show the sampling spread")
     s.add_argument("--out", default=None)
     s.add_argument("--device", default="auto")
 

@@ -38,3 +38,17 @@ def test_sample_sharded_with_torchrun_equals_single_process(tmp_path):
     assert a["arr_0"].shape == (12, 32, 32, 1)
     assert (a["arr_0"] == b["arr_0"]).all() and (a["arr_1"] == b["arr_1"]).all()
     assert sorted(os.listdir(tmp_path / "two")) == ["samples.npz", "samples.png"]  # rank parts cleaned up
+
+
+def test_eval_model_with_seed_changes_only_the_sampling(tmp_path):
+    """`ditgraft eval MODEL --seed S`: the protocol records the seed; another seed draws other samples."""
+    import json
+
+    runs = {}
+    for seed in (0, 5):
+        out = tmp_path / f"s{seed}"
+        assert main(["eval", "testbed", "--num-samples", "10", "--seed", str(seed), "--out", str(out),
+                     "--device", "cpu"]) == 0
+        runs[seed] = json.loads((out / "samples_metrics.json").read_text())
+        assert runs[seed]["protocol"]["seed"] == seed and runs[seed]["num"] == 10
+    assert runs[0]["fid"] != runs[5]["fid"]
