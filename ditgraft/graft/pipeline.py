@@ -238,8 +238,9 @@ def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
     out = {}
     for tag in ("grafted", "teacher", "random_init"):
         path = os.path.join(run_dir, "eval", f"{tag}_metrics.json")
-        if os.path.exists(path) and read_json(path).get("protocol") == asdict(protocol):
-            out[tag] = read_json(path)
+        row = read_json(path) if os.path.exists(path) else {}
+        if row.get("protocol") == asdict(protocol):
+            out[tag] = row
     return out
 
 
