@@ -39,7 +39,8 @@ def cmd_pretrain(args) -> None:
     from ditgraft.train.pretrain import PretrainConfig, pretrain
 
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                      ema_decay=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, seed=args.seed)
+                      ema_decay=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, seed=args.seed,
+                      decay_steps=args.decay_steps)
     out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, _device(args))
     print(f"pretrained model (EMA weights): {out}")
 
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--lr", type=float, default=5e-4)
     s.add_argument("--warmup", type=int, default=200)
+    s.add_argument("--decay-steps", type=int, default=0,
+                   help="decay the LR linearly to 0 over the last N steps (default 0: constant after warmup)")
     s.add_argument("--ema", type=float, default=0.999)
     s.add_argument("--grad-clip", type=float, default=1.0)
     s.add_argument("--ckpt-every", type=int, default=250)

