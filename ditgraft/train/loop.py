@@ -54,9 +54,9 @@ class LoopConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r} is not allowed; use 'constant' or 'cosine'")
-        if not 0 <= int(self.decay_steps) <= self.steps - self.warmup_steps:
+        if self.decay_steps < 0 or self.decay_steps > max(0, self.steps - self.warmup_steps):
             raise ValueError(f"decay_steps={self.decay_steps} must be in [0, steps - warmup_steps] "
-                             f"= [0, {self.steps - self.warmup_steps}]")
+                             f"= [0, {max(0, self.steps - self.warmup_steps)}]")
         if self.decay_steps and self.schedule != "constant":
             raise ValueError(f"decay_steps={self.decay_steps} applies to the constant schedule only, "
                              f"not schedule={self.schedule!r}")
