@@ -11,6 +11,7 @@ that was interrupted resumes from its last checkpoint, so re-running the command
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict
@@ -132,9 +133,13 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
             "random_init_stage2_steps": max(1, round(total / s2_step))}
 
 
-def _testbed_card_metrics(protocol: Protocol) -> dict | None:
-    """The shipped testbed teacher's metrics under ``protocol``, from its model card (None if not measured)."""
+def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
+    """The shipped testbed teacher's metrics under ``protocol``, from its model card (None for another teacher or
+    a protocol the card did not measure)."""
     from ditgraft.models.checkpoints import ASSETS
+
+    if source != "testbed":
+        return None
 
     card = os.path.join(ASSETS, "testbed", "teacher_metrics.json")
     if os.path.exists(card):
@@ -146,7 +151,7 @@ def _testbed_card_metrics(protocol: Protocol) -> dict | None:
 
 def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool) -> dict:
     """The teacher under the same protocol; the shipped testbed teacher's numbers are read from its card."""
-    row = _testbed_card_metrics(protocol) if source == "testbed" else None
+    row = _testbed_card_metrics(source, protocol)
     if row is not None:
         return row
     return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher")
@@ -183,6 +188,10 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         atomic_write_json(os.path.join(run_dir, "timings.json"), timings)
         return out
 
+    @functools.cache
+    def accounting() -> dict:  # one surgery + FLOP count, shared by the random-init baseline and the report
+        return compute_accounting(teacher, teacher_meta, grafts, recipe, graft_model(teacher, grafts, recipe.seed))
+
     s1_dir = os.path.join(run_dir, "stage1")
     if "stage1" in stages and recipe.stage1.enabled and not os.path.exists(os.path.join(s1_dir, "summary.json")):
         c = recipe.stage1
@@ -196,8 +205,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     if "random_init" in recipe.eval.baselines and "stage2" in stages:
         path = os.path.join(run_dir, "baseline_random", "student.safetensors")
         if not os.path.exists(path):
-            steps = compute_accounting(teacher, teacher_meta, grafts, recipe,
-                                       graft_model(teacher, grafts, recipe.seed))["random_init_stage2_steps"]
+            steps = accounting()["random_init_stage2_steps"]
             log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
             student = _train_student(recipe, teacher, grafts, os.path.join(run_dir, "baseline_random"), dev,
                                      progress, None, timed, "baseline_random", steps=steps)
@@ -207,7 +215,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
                         cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
     if "eval" not in stages:  # e.g. the report alone: use the evaluations already on disk
         evals = _evaluations_on_disk(run_dir, protocol)
-        card = _testbed_card_metrics(protocol) if recipe.teacher.source == "testbed" else None
+        card = _testbed_card_metrics(recipe.teacher.source, protocol)
         if "teacher" in recipe.eval.baselines and card is not None:
             evals["teacher"] = card
     if "eval" in stages and recipe.eval.enabled and os.path.exists(student_path):
@@ -227,9 +235,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     if "report" in stages:
         from ditgraft.graft.report import write_report
 
-        student = graft_model(teacher, grafts, recipe.seed)
-        report = write_report(run_dir, recipe, grafts, evals,
-                              compute_accounting(teacher, teacher_meta, grafts, recipe, student), timings)
+        report = write_report(run_dir, recipe, grafts, evals, accounting(), timings)
     return report
 
 
