@@ -113,6 +113,7 @@ def test_pretrain_interrupted_equals_uninterrupted(tmp_path, monkeypatch):
     from ditgraft.models import dit
     from ditgraft.train import pretrain as pt
     from ditgraft.train.loop import LoopConfig as LC
+    from ditgraft.utils import read_json
 
     monkeypatch.setitem(dit.DIT_CONFIGS, "tiny", dict(input_size=32, patch_size=8, in_channels=1, hidden_size=32,
                                                       depth=2, num_heads=2, num_classes=10))
@@ -127,6 +128,8 @@ def test_pretrain_interrupted_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(pt, "diffusion_step_fn", real_step_fn)
     b = pt.pretrain(cfg, str(tmp_path / "b"), torch.device("cpu"))
     wa, wb = load_file(a), load_file(b)
+    stages = read_json(str(tmp_path / "b" / "pretrain_info.json"))["stages"]
+    assert [st["from_step"] for st in stages] == [0]  # crash + resume of one command is one stage of the recipe
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

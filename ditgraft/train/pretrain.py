@@ -1,6 +1,7 @@
 """Pretraining a DiT from scratch with the shared loop (how the shipped testbed teacher was made)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,22 @@ def diffusion_step_fn(diffusion: GaussianDiffusion):
         return {k: v.mean() for k, v in terms.items()}
 
     return step
+
+
+def record_stage(info: dict, loop: dict, resumed_from: int) -> list[dict]:
+    """The run's stages: each command whose loop settings differ from the previous one's starts a new stage.
+
+    A crash and a resume with the same settings stay one stage; a resume with new settings (more steps, another
+    LR schedule) is a second command, resumed from the first one's last checkpoint, and the card lists both.
+    """
+    def settings(d: dict) -> str:  # as they read back from pretrain_info.json (tuples become lists)
+        return json.dumps({k: v for k, v in d.items() if k != "progress"}, sort_keys=True)
+
+    stages = list(info.get("stages") or ([{"from_step": 0, "loop": info["loop"]}] if "loop" in info else []))
+    if not stages or settings(stages[-1]["loop"]) != settings(loop):
+        # the first stage starts at 0 even when this call resumed a crashed call of the same command
+        stages.append({"from_step": resumed_from if stages else 0, "loop": json.loads(json.dumps(loop))})
+    return stages
 
 
 @dataclass
@@ -56,6 +73,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
 
         info = read_json(info_path)
     flops_per_sample = dit_train_flops_per_sample(model)
+    info["stages"] = record_stage(info, asdict(cfg.loop), result.resumed_from)
     info.update({
         "model": cfg.model,
         "data": cfg.data,
