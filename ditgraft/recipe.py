@@ -119,9 +119,17 @@ class Stage2(Strict):
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
+    decay_steps: int = Field(default=0, ge=0)  # linear LR decay to 0 over the last decay_steps steps
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     grad_clip: float | None = Field(default=10.0, gt=0)
     ckpt_every: int = Field(default=50, ge=1)
+
+    @model_validator(mode="after")
+    def _decay_fits(self):
+        room = max(0, self.steps - self.warmup_steps)
+        if self.decay_steps > room:
+            raise ValueError(f"decay_steps = {self.decay_steps} must be in [0, steps - warmup_steps] = [0, {room}]")
+        return self
 
 
 class Evaluation(Strict):

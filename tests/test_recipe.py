@@ -28,6 +28,8 @@ def test_defaults_follow_paper_loss_rule():
     ({**BASE, "stage1": {"lr_typo": 1}}, "stage1.lr_typo = 1: unknown field"),
     ({**BASE, "stage1": {"loss": "l3"}}, "stage1.loss"),
     ({"grafts": []}, "grafts = []"),
+    ({**BASE, "stage2": {"steps": 100, "warmup_steps": 10, "decay_steps": 91}},
+     "decay_steps = 91 must be in [0, steps - warmup_steps] = [0, 90]"),
 ])
 def test_errors_name_field_and_value(data, needle):
     assert needle in _err(data)
@@ -65,3 +67,12 @@ def test_bundled_recipes_all_validate():
 def test_missing_recipe_file():
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_recipe("/nonexistent/recipe.yaml")
+
+
+def test_stage2_decay_reaches_the_training_loop():
+    from ditgraft.graft.stage2 import stage2_loop_config
+
+    r = parse_recipe({**BASE, "stage2": {"steps": 100, "lr": 1e-4, "warmup_steps": 10, "decay_steps": 90}})
+    loop = stage2_loop_config(r.stage2, seed=0, progress=False)
+    assert loop.decay_steps == 90
+    assert loop.lr_at(9) == pytest.approx(1e-4) and loop.lr_at(99) == pytest.approx(1e-4 / 91)
