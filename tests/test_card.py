@@ -19,7 +19,8 @@ def _render(decay_steps: int, accuracies: tuple[float, ...]) -> str:
 
 def test_card_recipe_reproduces_the_schedule():
     assert "--decay-steps 300 " in _render(300, (0.95, 0.97))
-    assert "constant LR 0.0005, then linear decay from 0.0005 to 0 over the last 300 steps" in _render(300, (0.95, 0.97))
+    card = _render(300, (0.95, 0.97))
+    assert "constant LR 0.0005, then linear decay from 0.0005 to 0 over the last 300 steps" in card
     assert "--decay-steps" not in _render(0, (0.95, 0.97))
 
 
