@@ -1,19 +1,12 @@
 """Recipes: one YAML file describes a grafting experiment (teacher, grafts, stage 1, stage 2, evaluation).
 
 Validated with pydantic; ``load_recipe`` turns every validation problem into one message per field that names the
-field, the value and what is allowed. Layer selectors are resolved against the teacher's depth (and an analysis
-result for the analysis-driven ones) by ``resolve_layers``.
+field, the value and what is allowed.
 
-Layer selectors (``layers:`` of a graft):
-- a list of block indices ``[1, 3, 5]``;
-- a Python slice string ``"1:8:2"`` (negative indices count from the end);
-- ``all``; ``interleave`` (with ``fraction`` 0.5 / 0.75 / 1.0: the paper's sets, e.g. 50% = odd blocks);
-- ``deepest``, ``most_local``, ``least_local`` (``fraction`` or ``count``; the last two read attention locality from
-  ``ditgraft analyze`` output, computed on the fly when absent);
-- ``auto``: rank layers by the stage-1 validation error of the candidate operator (relative MSE: val MSE divided
-  by the target's variance), measured by a short probe distillation on every layer; keep the ``count`` easiest.
-  With ``by: locality`` it is ``most_local``.
-Written as a string (``layers: interleave``) or a mapping (``layers: {select: interleave, fraction: 0.75}``).
+A graft's ``layers:`` is a list of block indices ``[1, 3, 5]``, a Python slice string ``"1:8:2"`` (negative indices
+count from the end) or a layer selector of ``ditgraft.graft.layers`` (``all``, ``interleave``, ``deepest``,
+``most_local``, ``least_local``, ``auto``, ...: the registry there lists them and their rules), written as a string
+(``layers: interleave``) or a mapping (``layers: {select: interleave, fraction: 0.75}``).
 """
 from __future__ import annotations
 
@@ -22,9 +15,9 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ditgraft.graft.layers import selector_names
 from ditgraft.operators import get_spec, operator_names
 
-SELECTORS = ("all", "interleave", "deepest", "most_local", "least_local", "auto")
 LOSSES = ("l1", "l2", "huber")
 
 
@@ -33,24 +26,31 @@ class Strict(BaseModel):
 
 
 class LayerSelector(Strict):
-    select: Literal["all", "interleave", "deepest", "most_local", "least_local", "auto"]
+    select: str
     fraction: float | None = Field(default=None, gt=0, le=1)
     count: int | None = Field(default=None, ge=1)
     by: Literal["stage1_loss", "locality"] = "stage1_loss"
-    probe_steps: int = Field(default=100, ge=1)
+    probe_steps: int = Field(default=100, ge=1)  # the probe distillation of selectors that need probe losses
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v):
+        if v not in selector_names():
+            raise ValueError(f"{v!r} is not a selector; allowed: {', '.join(selector_names())}")
+        return v
 
 
 def _parse_layers(value: Any) -> Any:
     if isinstance(value, str):
         v = value.strip()
-        if v in SELECTORS:
+        if v in selector_names():
             return LayerSelector(select=v)
         if ":" in v:
             parts = v.split(":")
             if len(parts) > 3 or not all(p.strip().lstrip("-").isdigit() or p.strip() == "" for p in parts):
                 raise ValueError(f"slice {value!r} is not a Python slice like '1:8:2'")
             return v
-        raise ValueError(f"{value!r} is not a selector; use a list of indices, a slice 'a:b:c' or one of {SELECTORS}")
+        raise ValueError(f"{value!r} is not a selector; use a list of indices, a slice 'a:b:c' or one of {selector_names()}")
     return value
 
 
@@ -202,38 +202,3 @@ def bundled_recipes() -> list[str]:
     folder = os.path.join(os.path.dirname(__file__), "recipes")
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
-
-def parse_slice(text: str, depth: int) -> list[int]:
-    parts = [int(p) if p.strip() else None for p in text.split(":")]
-    return list(range(depth))[slice(*parts)]
-
-
-def resolve_layers(selector, depth: int, analysis: dict | str | None = None,
-                   probe_losses: dict[int, float] | None = None) -> list[int]:
-    """Concrete sorted block indices for a graft's ``layers`` against a model of ``depth`` blocks."""
-    from ditgraft.eval.layer_select import layer_count, select_layers
-
-    if isinstance(selector, list):
-        bad = [i for i in selector if not -depth <= i < depth]
-        if bad:
-            raise ValueError(f"layers={selector}: indices {bad} are out of range for depth {depth} (0..{depth - 1})")
-        out = sorted({i % depth for i in selector})
-    elif isinstance(selector, str):
-        out = parse_slice(selector, depth)
-    elif selector.select == "auto":
-        count = layer_count(depth, selector.fraction if selector.fraction is not None else 0.5, selector.count)
-        if selector.by == "locality":
-            return select_layers("most_local", depth, analysis=analysis, count=count)
-        if probe_losses is None:
-            raise ValueError("layers: auto (by stage1_loss) needs the probe losses; run it through the graft pipeline")
-        ranked = sorted(range(depth), key=lambda i: (probe_losses[i], i))
-        out = sorted(ranked[:count])
-    else:
-        fraction = selector.fraction
-        if selector.select == "interleave" and fraction is None and selector.count is None:
-            fraction = 0.5
-        out = select_layers(selector.select, depth, analysis=analysis,
-                            fraction=fraction if fraction is not None else 0.5, count=selector.count)
-    if not out:
-        raise ValueError(f"layers={selector!r} selects no block of a depth-{depth} model")
-    return out

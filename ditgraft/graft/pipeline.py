@@ -21,12 +21,13 @@ import yaml
 
 from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
+from ditgraft.graft.layers import selector_needs
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
 from ditgraft.models.adapters import model_dims
 from ditgraft.models.checkpoints import load_dit
-from ditgraft.recipe import LayerSelector, Recipe
+from ditgraft.recipe import Recipe
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
 
 STAGES = ("stage1", "stage2", "eval", "report")
@@ -56,8 +57,9 @@ def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torc
     return x[keep], y[keep], xv[keep_val], yv[keep_val]
 
 
-def _needs(recipe: Recipe, *selects: str) -> bool:
-    return any(isinstance(g.layers, LayerSelector) and g.layers.select in selects for g in recipe.grafts)
+def _needs(recipe: Recipe, need: str) -> bool:
+    """Whether some graft's layer selector needs ``need`` (``ditgraft.graft.layers.NEEDS``) prepared."""
+    return any(need in selector_needs(g.layers) for g in recipe.grafts)
 
 
 def _analysis(teacher, run_dir: str, device, log) -> dict:
@@ -73,18 +75,19 @@ def _analysis(teacher, run_dir: str, device, log) -> dict:
 
 
 def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[int, dict[int, float]]:
-    """auto selector: distil the candidate operator into every layer briefly; relative val MSE per layer."""
+    """Selectors that need probe losses: distil the candidate operator into every layer briefly; relative val MSE
+    per layer."""
     out = {}
     depth = model_dims(teacher).depth
     for gi, g in enumerate(recipe.grafts):
-        if not (isinstance(g.layers, LayerSelector) and g.layers.select == "auto" and g.layers.by == "stage1_loss"):
+        if "probe_losses" not in selector_needs(g.layers):
             continue
         probe = [ResolvedGraft(g.slot, i, g.operator, dict(g.options), g.loss, g.huber_delta, g.init)
                  for i in range(depth)]
         cfg = recipe.stage1.model_copy(update={"steps": g.layers.probe_steps,
                                                "eval_every": g.layers.probe_steps})
         x, y, xv, yv = load_split(cfg.data, cfg.samples, cfg.val_samples, recipe.seed)
-        log(f"auto selector: probing {g.operator} in all {depth} {g.slot} slots for {cfg.steps} steps")
+        log(f"{g.layers.select} selector: probing {g.operator} in all {depth} {g.slot} slots for {cfg.steps} steps")
         res = run_stage1(teacher, probe, cfg, x, y, xv, yv, os.path.join(run_dir, f"probe{gi}"), recipe.seed,
                          device, log=log)
         out[gi] = {s["layer"]: s["val_rel_mse"] for s in res["operators"].values()}
@@ -95,10 +98,8 @@ def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> lis
     path = os.path.join(run_dir, "plan.json")
     if os.path.exists(path):
         return [ResolvedGraft(**g) for g in read_json(path)["grafts"]]
-    analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "most_local", "least_local") or any(
-        isinstance(g.layers, LayerSelector) and g.layers.select == "auto" and g.layers.by == "locality"
-        for g in recipe.grafts) else None
-    probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "auto") else None
+    analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "analysis") else None
+    probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "probe_losses") else None
     grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
     atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes})
     return grafts

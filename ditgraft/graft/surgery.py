@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ditgraft.graft.layers import resolve_layers
 from ditgraft.models.adapters import get_slot, model_dims, set_slot
 from ditgraft.models.checkpoints import read_metadata, save_safetensors
 from ditgraft.models.dit import DiT
@@ -37,8 +38,6 @@ class ResolvedGraft:
 
 def resolve_grafts(recipe, depth: int, analysis=None, probe_losses=None) -> list[ResolvedGraft]:
     """Expand every graft's layer selector; a slot may be grafted once."""
-    from ditgraft.recipe import resolve_layers
-
     out, seen = [], {}
     for gi, g in enumerate(recipe.grafts):
         probe = probe_losses.get(gi) if probe_losses else None
