@@ -16,9 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ditgraft.graft.layers import selector_names
+from ditgraft.models.adapters import SLOTS
 from ditgraft.operators import get_spec, operator_names
 
 LOSSES = ("l1", "l2", "huber")
+DEFAULT_LOSS = {"attn": "l1", "mlp": "l2"}  # the paper's stage-1 regression loss per slot
 
 
 class Strict(BaseModel):
@@ -55,13 +57,20 @@ def _parse_layers(value: Any) -> Any:
 
 
 class Graft(Strict):
-    slot: Literal["attn", "mlp"]
+    slot: str
     layers: Union[list[int], str, LayerSelector]
     operator: str
     options: dict[str, Any] = Field(default_factory=dict)
     loss: Literal["l1", "l2", "huber"] | None = None  # default: l1 for attn, l2 for mlp (the paper's rule)
     huber_delta: float = Field(default=1.0, gt=0)
     init: Literal["random", "teacher"] = "random"
+
+    @field_validator("slot")
+    @classmethod
+    def _slot(cls, v):
+        if v not in SLOTS:
+            raise ValueError(f"{v!r} is not a slot; allowed: {', '.join(SLOTS)}")
+        return v
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -82,7 +91,7 @@ class Graft(Strict):
         if spec.slot != self.slot:
             raise ValueError(f"operator {self.operator!r} replaces '{spec.slot}' slots, not slot={self.slot!r}")
         if self.loss is None:
-            self.loss = "l1" if self.slot == "attn" else "l2"
+            self.loss = DEFAULT_LOSS[self.slot]
         return self
 
 

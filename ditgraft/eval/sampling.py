@@ -13,6 +13,7 @@ import torch
 
 from ditgraft.data.mnist5k import to_uint8
 from ditgraft.diffusion.samplers import SamplingConfig, sample
+from ditgraft.utils import atomic_path
 
 
 def batch_labels(b: int, batch_size: int, num: int, num_classes: int, device) -> torch.Tensor:
@@ -52,8 +53,6 @@ def save_grid(path: str, images: np.ndarray, nrow: int = 10) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ditgraft.utils import atomic_path
 
     n, h, w, c = images.shape
     rows = math.ceil(n / nrow)

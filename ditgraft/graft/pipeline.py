@@ -19,14 +19,17 @@ from dataclasses import asdict
 import torch
 import yaml
 
+from ditgraft.data.images import load_dataset
+from ditgraft.eval.analysis import analyze_model, write_analysis_report
 from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.layers import selector_needs
+from ditgraft.graft.report import write_report
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
-from ditgraft.models.adapters import model_dims
-from ditgraft.models.checkpoints import load_dit
+from ditgraft.models.adapters import get_slot, model_dims
+from ditgraft.models.checkpoints import ASSETS, load_dit
 from ditgraft.recipe import Recipe
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
 
@@ -42,8 +45,6 @@ def load_teacher(recipe: Recipe, device) -> tuple[torch.nn.Module, dict]:
 def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows.
     Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class)."""
-    from ditgraft.data.images import load_dataset
-
     if spec == "mnist5k":
         (x, y), (xv, yv) = load_dataset("mnist5k:train"), load_dataset("mnist5k:val")
     else:
@@ -63,8 +64,6 @@ def _needs(recipe: Recipe, need: str) -> bool:
 
 
 def _analysis(teacher, run_dir: str, device, log) -> dict:
-    from ditgraft.eval.analysis import analyze_model, write_analysis_report
-
     path = os.path.join(run_dir, "analysis", "analysis.json")
     if os.path.exists(path):
         return read_json(path)
@@ -117,7 +116,7 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
         stream = s1.cache == "stream"
         extraction = fwd * ((s1.steps * s1.batch_size) if stream else (s1.samples + s1.val_samples))
         for g in grafts:
-            op = student.blocks[g.layer].attn if g.slot == "attn" else student.blocks[g.layer].mlp
+            op = get_slot(student, g.layer, g.slot)
             x = torch.randn(2, dims.grid[0] * dims.grid[1], dims.dim, device=next(op.parameters()).device)
             with torch.no_grad():
                 per = 3 * count_flops(op, x) // 2  # training = 3 x forward, as for the DiT
@@ -137,8 +136,6 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
 def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
     """The shipped testbed teacher's metrics under ``protocol``, from its model card (None for another teacher or
     a protocol the card did not measure)."""
-    from ditgraft.models.checkpoints import ASSETS
-
     if source != "testbed":
         return None
 
@@ -234,8 +231,6 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
                                                            progress, tag="random_init")
     report = {}
     if "report" in stages:
-        from ditgraft.graft.report import write_report
-
         report = write_report(run_dir, recipe, grafts, evals, accounting(), timings)
     return report
 

@@ -7,6 +7,7 @@ teacher's model config and the resolved grafts (plus the recipe), so ``load_graf
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from ditgraft.graft.layers import resolve_layers
 from ditgraft.models.adapters import get_slot, model_dims, set_slot
-from ditgraft.models.checkpoints import read_metadata, save_safetensors
+from ditgraft.models.checkpoints import load_dit, read_metadata, save_safetensors
 from ditgraft.models.dit import DiT
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
@@ -120,10 +121,6 @@ def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
 
 def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """A teacher name/path or a grafted checkpoint or a run directory -> (model, metadata)."""
-    import os
-
-    from ditgraft.models.checkpoints import load_dit
-
     if os.path.isdir(source):
         for name in ("student.safetensors", "model.safetensors"):
             if os.path.exists(os.path.join(source, name)):
