@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import Crash, crash_on_call, tiny_dit
+from helpers import Crash, crash_on_call, tiny_dit
 from ditgraft.graft.stage1 import capture_slots, extract, noised_inputs, run_stage1
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, init_from_teacher, load_grafted, save_grafted
 from ditgraft.models.dit import modulate

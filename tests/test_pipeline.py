@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import tiny_dit
+from helpers import tiny_dit
 from ditgraft.graft.pipeline import run_graft
 from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.recipe import parse_recipe
