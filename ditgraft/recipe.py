@@ -13,11 +13,13 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from ditgraft.graft.layers import selector_names
 from ditgraft.models.adapters import SLOTS
 from ditgraft.operators import get_spec, operator_names
+from ditgraft.train.loop import LoopConfig
 
 LOSSES = ("l1", "l2", "huber")
 DEFAULT_LOSS = {"attn": "l1", "mlp": "l2"}  # the paper's stage-1 regression loss per slot
@@ -101,9 +103,76 @@ class Teacher(Strict):
     image_size: int | None = None  # for official .pt files (latent = image / 8)
 
 
+LATENT_SUFFIXES = (".npy", ".npz")
+DATA_OPTIONS = {"mnist5k": ("split",), "images": ("path", "image_size", "channels"),
+                "latents": ("path", "scale", "labels")}  # the options each data source takes
+
+
+class Data(Strict):
+    """A stage's training data, with the options its loader needs. In a recipe either a mapping:
+        {source: mnist5k}                          the testbed digits (its fixed train / validation split)
+        {source: mnist5k, split: all}              one part of them (train | val | all), the last rows held out
+        {source: images, path: DIR, image_size: 32, channels: 3}     an image folder (data/images.py)
+        {source: latents, path: F.npz, scale: 0.18215, labels: L.npy}  precomputed latents (data/latents.py)
+    or a string: ``mnist5k``, ``mnist5k:all`` or the path of a .npy / .npz latents file (also ``ditgraft synth``
+    output). ``scale`` multiplies latents stored unscaled; ``labels`` is a labels .npy for a .npy latents file."""
+
+    source: Literal["mnist5k", "images", "latents"] = "mnist5k"
+    split: Literal["train", "val", "all"] | None = None
+    path: str | None = None
+    image_size: int | None = Field(default=None, ge=1)
+    channels: Literal[1, 3] = 3
+    scale: float | None = Field(default=None, gt=0)
+    labels: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, v):
+        if not isinstance(v, str):
+            return v
+        if v == "mnist5k" or v.startswith("mnist5k:"):
+            split = v.partition(":")[2]
+            return {"source": "mnist5k", **({"split": split} if split else {})}
+        if v.lower().endswith(LATENT_SUFFIXES):
+            return {"source": "latents", "path": v}
+        raise ValueError(f"{v!r} is not a data source; use 'mnist5k', the path of a .npy/.npz latents file, or a "
+                         "mapping such as {source: images, path: DIR, image_size: 32}")
+
+    @model_validator(mode="after")
+    def _options_fit_source(self):
+        allowed = set(DATA_OPTIONS[self.source])
+        given = {k for k in self.model_fields_set if k != "source"}
+        if given - allowed:
+            raise ValueError(f"source={self.source!r} takes no {', '.join(sorted(given - allowed))}; its options: "
+                             f"{', '.join(sorted(allowed))}")
+        if self.source != "mnist5k" and not self.path:
+            raise ValueError(f"source={self.source!r} needs path")
+        if self.source == "images" and self.image_size is None:
+            raise ValueError("source='images' needs image_size (pixels per side, e.g. 256)")
+        if self.source == "latents" and not self.path.lower().endswith(LATENT_SUFFIXES):
+            raise ValueError(f"path={self.path!r}: latents are a .npy or .npz file")
+        return self
+
+    def text(self) -> str | None:
+        """The string form of this data when it has one (what the recipe's string spelling parses to)."""
+        if self.source == "mnist5k":
+            return "mnist5k" + (f":{self.split}" if self.split else "")
+        if self.source == "latents" and self.scale is None and self.labels is None:
+            return self.path
+        return None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        text = self.text()
+        if text is not None:
+            return text
+        values = handler(self)
+        return {"source": self.source, **{k: values[k] for k in DATA_OPTIONS[self.source] if values[k] is not None}}
+
+
 class Stage1(Strict):
     enabled: bool = True
-    data: str = "mnist5k"  # dataset spec (mnist5k, an image folder, latents .npy/.npz) or a synth .npz
+    data: Data = Field(default_factory=Data)  # also the source of the validation samples
     samples: int = Field(default=2000, ge=1)
     val_samples: int = Field(default=256, ge=1)
     steps: int = Field(default=300, ge=1)  # per operator
@@ -119,10 +188,17 @@ class Stage1(Strict):
     cache_dtype: Literal["float32", "float16"] = "float32"
     extract_batch_size: int = Field(default=100, ge=1)
 
+    def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:
+        """The training loop's settings for stage 1 (validation and the best-operator check every eval_every)."""
+        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                          warmup_steps=self.warmup_steps, schedule=self.schedule, ema_decay=None,
+                          grad_clip=self.grad_clip, ckpt_every=self.eval_every,
+                          log_every=max(1, self.eval_every // 5), seed=seed, progress=progress)
+
 
 class Stage2(Strict):
     enabled: bool = True
-    data: str = "mnist5k"
+    data: Data = Field(default_factory=Data)
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-4, gt=0)
@@ -139,6 +215,13 @@ class Stage2(Strict):
         if self.decay_steps > room:
             raise ValueError(f"decay_steps = {self.decay_steps} must be in [0, steps - warmup_steps] = [0, {room}]")
         return self
+
+    def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:
+        """The training loop's settings for stage 2 (constant LR after the warmup, then the optional linear decay)."""
+        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                          warmup_steps=self.warmup_steps, decay_steps=self.decay_steps, ema_decay=self.ema_decay,
+                          grad_clip=self.grad_clip, ckpt_every=self.ckpt_every,
+                          log_every=max(1, min(10, self.steps // 20)), seed=seed, progress=progress)
 
 
 class Evaluation(Strict):

@@ -48,9 +48,7 @@ def test_missing_recipe_file():
 
 
 def test_stage2_decay_reaches_the_training_loop():
-    from ditgraft.graft.stage2 import stage2_loop_config
-
     r = parse_recipe({**BASE, "stage2": {"steps": 100, "lr": 1e-4, "warmup_steps": 10, "decay_steps": 90}})
-    loop = stage2_loop_config(r.stage2, seed=0, progress=False)
+    loop = r.stage2.loop_config(seed=0, progress=False)
     assert loop.decay_steps == 90
     assert loop.lr_at(9) == pytest.approx(1e-4) and loop.lr_at(99) == pytest.approx(1e-4 / 91)

@@ -30,7 +30,7 @@ from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.checkpoints import ASSETS, load_dit
-from ditgraft.recipe import Recipe
+from ditgraft.recipe import Data, Recipe
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
 
 STAGES = ("stage1", "stage2", "eval", "report")
@@ -42,15 +42,25 @@ def load_teacher(recipe: Recipe, device) -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
-def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def load_data(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples (x, y) of a recipe's ``data``, its options passed to the loader."""
+    if data.source == "mnist5k":
+        return load_dataset(data.text())
+    return load_dataset(data.path, image_size=data.image_size, channels=data.channels, latent_scale=data.scale,
+                        labels_path=data.labels)
+
+
+def load_split(data: Data | str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows.
     Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class)."""
-    if spec == "mnist5k":
+    data = Data.model_validate(data)
+    if data.source == "mnist5k" and data.split is None:
         (x, y), (xv, yv) = load_dataset("mnist5k:train"), load_dataset("mnist5k:val")
     else:
-        x_all, y_all = load_dataset(spec)
+        x_all, y_all = load_data(data)
         if len(x_all) <= n_val:
-            raise ValueError(f"data={spec!r} has {len(x_all)} samples; need more than val_samples={n_val}")
+            raise ValueError(f"data={data.text() or data.path!r} has {len(x_all)} samples; need more than "
+                             f"val_samples={n_val}")
         x, y, xv, yv = x_all[:-n_val], y_all[:-n_val], x_all[-n_val:], y_all[-n_val:]
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(x), generator=g)[:n_train].sort().values

@@ -29,7 +29,8 @@ from torch import nn
 from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
-from ditgraft.train.loop import LoopConfig, train
+from ditgraft.recipe import Stage1
+from ditgraft.train.loop import train
 from ditgraft.utils import atomic_path, atomic_write_json
 
 
@@ -185,7 +186,7 @@ class BestKeeper:
         module.load_state_dict(load_file(os.path.join(self.folder, f"{key}.safetensors")))
 
 
-def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.Tensor, y: torch.Tensor,
+def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0: torch.Tensor, y: torch.Tensor,
                x0_val: torch.Tensor, y_val: torch.Tensor, run_dir: str, seed: int, device,
                progress: bool = True, log=print) -> dict:
     """Distil every grafted operator; returns {key: best stats} and leaves the best weights in run_dir/best."""
@@ -238,9 +239,7 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
             pairs = {k: (batch[2 * i].float(), batch[2 * i + 1].float()) for i, k in enumerate(keys)}
             return _bank_losses(model, pairs, losses)
 
-    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, ema_decay=None, grad_clip=cfg.grad_clip,
-                      ckpt_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 5), seed=seed, progress=progress)
+    loop = cfg.loop_config(seed, progress)
     clip_groups = [list(op.parameters()) for op in bank.ops.values()]
     result = train(bank, step_fn, data, loop, os.path.join(run_dir, "loop"), desc="stage1",
                    clip_groups=clip_groups, evaluate=evaluate, eval_every=cfg.eval_every)
