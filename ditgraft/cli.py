@@ -170,26 +170,17 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    import numpy as np
-
-    from ditgraft.diffusion.samplers import SamplingConfig, sample
-    from ditgraft.eval.sampling import batch_labels
-    from ditgraft.utils import atomic_path
+    from ditgraft.data.latents import save_latents
+    from ditgraft.diffusion.samplers import SamplingConfig
+    from ditgraft.eval.sampling import generate
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=args.clip)
-    h, w = model.grid[0] * model.patch_size, model.grid[1] * model.patch_size
-    xs, ys = [], []
-    for b in range((args.num_samples + args.batch_size - 1) // args.batch_size):
-        y = batch_labels(b, args.batch_size, args.num_samples, model.num_classes, device)
-        g = torch.Generator().manual_seed(args.seed * 100_003 + b)
-        xs.append(sample(model, y, (len(y), model.in_channels, h, w), cfg, generator=g).cpu().numpy())
-        ys.append(y.cpu().numpy())
+    latents, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size,
+                               device=device, raw=True)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, latents=np.concatenate(xs).astype(np.float32), labels=np.concatenate(ys))
+    save_latents(out, latents, labels)
     print(f"{args.num_samples} synthetic samples (model space, with labels): {out}; use it as `data:` in a recipe")
 
 

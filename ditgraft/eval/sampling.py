@@ -23,9 +23,11 @@ def batch_labels(b: int, batch_size: int, num: int, num_classes: int, device) ->
 
 @torch.no_grad()
 def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: int = 100, device="cpu",
-             rank: int = 0, world: int = 1, decode=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             rank: int = 0, world: int = 1, decode=None, progress: bool = False,
+             raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Samples as uint8 NHWC with their labels. ``decode`` maps model-space samples to [-1, 1] images
-    (e.g. a VAE decoder for latent models); the testbed is in pixel space and needs none."""
+    (e.g. a VAE decoder for latent models); the testbed is in pixel space and needs none. ``raw=True`` returns the
+    model-space samples themselves (float32 NCHW, no decoding): synthetic training data."""
     from tqdm import tqdm
 
     model.eval()
@@ -38,12 +40,14 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
         y = batch_labels(b, batch_size, num, model.num_classes, device)
         g = torch.Generator().manual_seed(seed * 100_003 + b)
         x = sample(model, y, (len(y), c, h, w), cfg, generator=g)
-        if decode is not None:
-            x = decode(x)
-        images.append(to_uint8(x))
+        if raw:
+            images.append(x.cpu().numpy().astype(np.float32))
+        else:
+            images.append(to_uint8(x if decode is None else decode(x)))
         labels.append(y.cpu().numpy())
     if not images:
-        return np.zeros((0, h, w, c), np.uint8), np.zeros((0,), np.int64)
+        empty = np.zeros((0, c, h, w), np.float32) if raw else np.zeros((0, h, w, c), np.uint8)
+        return empty, np.zeros((0,), np.int64)
     return np.concatenate(images), np.concatenate(labels)
 
 

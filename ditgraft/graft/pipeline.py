@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import yaml
@@ -24,7 +25,7 @@ from ditgraft.eval.analysis import analyze_model, write_analysis_report
 from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.layers import selector_needs
-from ditgraft.graft.report import write_report
+from ditgraft.graft.report import build_report, write_report
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
@@ -165,14 +166,115 @@ def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, dev
     return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher")
 
 
-def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
-              log=print) -> dict:
-    """Run the recipe's stages in ``run_dir``; returns the report dict."""
-    for s in stages:
-        if s not in STAGES:
-            raise ValueError(f"stage={s!r} is not allowed; use some of {STAGES}")
-    dev = resolve_device(device or recipe.device)
-    os.makedirs(run_dir, exist_ok=True)
+@dataclass
+class Run:
+    """What the stages of one run share: the recipe, its run directory, the teacher and the resolved grafts."""
+    recipe: Recipe
+    run_dir: str
+    stages: tuple[str, ...]
+    device: torch.device
+    progress: bool
+    log: Callable
+    teacher: torch.nn.Module
+    teacher_meta: dict
+    grafts: list[ResolvedGraft]
+    timings: dict
+    evals: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    def timed(self, name: str, fn: Callable):
+        """``fn()``, its wall time added to timings.json under ``name``."""
+        t0 = time.time()
+        out = fn()
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+        atomic_write_json(self.path("timings.json"), self.timings)
+        return out
+
+    @functools.cached_property
+    def accounting(self) -> dict:  # one surgery + FLOP count, shared by the random-init baseline and the report
+        return compute_accounting(self.teacher, self.teacher_meta, self.grafts, self.recipe,
+                                  graft_model(self.teacher, self.grafts, self.recipe.seed))
+
+    @property
+    def protocol(self) -> Protocol:
+        e = self.recipe.eval
+        return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of ``run_graft``: it runs when its name is among the requested stages and ``done`` is False."""
+    name: str  # one of STAGES
+    done: Callable[[Run], bool]  # complete on disk, or not asked for by the recipe
+    run: Callable[[Run], None]
+
+
+def _stage1(r: Run) -> None:
+    c = r.recipe.stage1
+    x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, r.recipe.seed)
+    r.timed("stage1", lambda: run_stage1(r.teacher, r.grafts, c, x, y, xv, yv, r.path("stage1"), r.recipe.seed,
+                                         r.device, progress=r.progress, log=r.log))
+
+
+def _stage2(r: Run) -> None:
+    student = _train_student(r, r.run_dir, r.path("stage1") if r.recipe.stage1.enabled else None, "stage2")
+    save_grafted(r.path("student.safetensors"), student, r.grafts, r.recipe.to_dict(), r.teacher_meta)
+
+
+def _random_init_baseline(r: Run) -> None:
+    steps = r.accounting["random_init_stage2_steps"]
+    r.log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
+    student = _train_student(r, r.path("baseline_random"), None, "baseline_random", steps=steps)
+    save_grafted(r.path("baseline_random", "student.safetensors"), student, r.grafts, r.recipe.to_dict(),
+                 r.teacher_meta)
+
+
+def _evaluate(r: Run) -> None:
+    if r.teacher.in_channels not in (1, 3):
+        r.log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
+        return
+    out, baselines = r.path("eval"), r.recipe.eval.baselines
+    student, _ = load_grafted(r.path("student.safetensors"), r.device)
+    r.evals["grafted"] = r.timed("eval", lambda: sample_and_evaluate(student, out, r.protocol, r.device, r.progress,
+                                                                      tag="grafted"))
+    if "teacher" in baselines:
+        r.evals["teacher"] = _teacher_metrics(r.teacher, r.recipe.teacher.source, r.protocol, r.run_dir, r.device,
+                                              r.progress)
+    if "random_init" in baselines:
+        base, _ = load_grafted(r.path("baseline_random", "student.safetensors"), r.device)
+        r.evals["random_init"] = sample_and_evaluate(base, out, r.protocol, r.device, r.progress, tag="random_init")
+
+
+def _report(r: Run) -> None:
+    evals = r.evals
+    if "eval" not in r.stages:  # e.g. the report alone: use the evaluations already on disk
+        evals = _evaluations_on_disk(r.run_dir, r.protocol)
+        card = _testbed_card_metrics(r.recipe.teacher.source, r.protocol)
+        if "teacher" in r.recipe.eval.baselines and card is not None:
+            evals["teacher"] = card
+    s1_path = r.path("stage1", "summary.json")
+    stage1 = read_json(s1_path) if os.path.exists(s1_path) else None
+    r.report = build_report(r.recipe, r.grafts, stage1, evals, r.accounting, r.timings)
+    write_report(r.run_dir, r.report)
+
+
+PIPELINE = (
+    Stage("stage1", lambda r: not r.recipe.stage1.enabled or os.path.exists(r.path("stage1", "summary.json")),
+          _stage1),
+    Stage("stage2", lambda r: os.path.exists(r.path("student.safetensors")), _stage2),
+    Stage("stage2", lambda r: "random_init" not in r.recipe.eval.baselines
+          or os.path.exists(r.path("baseline_random", "student.safetensors")), _random_init_baseline),
+    Stage("eval", lambda r: not r.recipe.eval.enabled or not os.path.exists(r.path("student.safetensors")),
+          _evaluate),
+    Stage("report", lambda r: False, _report),
+)
+
+
+def _record_recipe(recipe: Recipe, run_dir: str) -> None:
+    """recipe.yaml: written on the first run; a later run in the same directory must be of the same recipe."""
     recipe_path = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe_path):
         with open(recipe_path) as f:
@@ -181,68 +283,28 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
             raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
     else:
         atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
+              log=print) -> dict:
+    """Run the recipe's stages (``PIPELINE``, those named in ``stages``) in ``run_dir``; returns the report dict."""
+    for s in stages:
+        if s not in STAGES:
+            raise ValueError(f"stage={s!r} is not allowed; use some of {STAGES}")
+    dev = resolve_device(device or recipe.device)
+    os.makedirs(run_dir, exist_ok=True)
+    _record_recipe(recipe, run_dir)
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
     log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
-    timings = read_json(os.path.join(run_dir, "timings.json")) if os.path.exists(
-        os.path.join(run_dir, "timings.json")) else {}
-    student_path = os.path.join(run_dir, "student.safetensors")
-
-    def timed(name, fn):
-        t0 = time.time()
-        out = fn()
-        timings[name] = timings.get(name, 0.0) + time.time() - t0
-        atomic_write_json(os.path.join(run_dir, "timings.json"), timings)
-        return out
-
-    @functools.cache
-    def accounting() -> dict:  # one surgery + FLOP count, shared by the random-init baseline and the report
-        return compute_accounting(teacher, teacher_meta, grafts, recipe, graft_model(teacher, grafts, recipe.seed))
-
-    s1_dir = os.path.join(run_dir, "stage1")
-    if "stage1" in stages and recipe.stage1.enabled and not os.path.exists(os.path.join(s1_dir, "summary.json")):
-        c = recipe.stage1
-        x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, recipe.seed)
-        timed("stage1", lambda: run_stage1(teacher, grafts, c, x, y, xv, yv, s1_dir, recipe.seed, dev,
-                                           progress=progress, log=log))
-    if "stage2" in stages and not os.path.exists(student_path):
-        student = _train_student(recipe, teacher, grafts, run_dir, dev, progress,
-                                 s1_dir if recipe.stage1.enabled else None, timed, "stage2")
-        save_grafted(student_path, student, grafts, recipe.to_dict(), teacher_meta)
-    if "random_init" in recipe.eval.baselines and "stage2" in stages:
-        path = os.path.join(run_dir, "baseline_random", "student.safetensors")
-        if not os.path.exists(path):
-            steps = accounting()["random_init_stage2_steps"]
-            log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
-            student = _train_student(recipe, teacher, grafts, os.path.join(run_dir, "baseline_random"), dev,
-                                     progress, None, timed, "baseline_random", steps=steps)
-            save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta)
-    evals = {}
-    protocol = Protocol(num=recipe.eval.num, sampler=recipe.eval.sampler, steps=recipe.eval.steps,
-                        cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
-    if "eval" not in stages:  # e.g. the report alone: use the evaluations already on disk
-        evals = _evaluations_on_disk(run_dir, protocol)
-        card = _testbed_card_metrics(recipe.teacher.source, protocol)
-        if "teacher" in recipe.eval.baselines and card is not None:
-            evals["teacher"] = card
-    if "eval" in stages and recipe.eval.enabled and os.path.exists(student_path):
-        if teacher.in_channels not in (1, 3):
-            log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
-        else:
-            student, _ = load_grafted(student_path, dev)
-            evals["grafted"] = timed("eval", lambda: sample_and_evaluate(
-                student, os.path.join(run_dir, "eval"), protocol, dev, progress, tag="grafted"))
-            if "teacher" in recipe.eval.baselines:
-                evals["teacher"] = _teacher_metrics(teacher, recipe.teacher.source, protocol, run_dir, dev, progress)
-            if "random_init" in recipe.eval.baselines:
-                base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
-                evals["random_init"] = sample_and_evaluate(base, os.path.join(run_dir, "eval"), protocol, dev,
-                                                           progress, tag="random_init")
-    report = {}
-    if "report" in stages:
-        report = write_report(run_dir, recipe, grafts, evals, accounting(), timings)
-    return report
+    timings_path = os.path.join(run_dir, "timings.json")
+    timings = read_json(timings_path) if os.path.exists(timings_path) else {}
+    run = Run(recipe, run_dir, tuple(stages), dev, progress, log, teacher, teacher_meta, grafts, timings)
+    for stage in PIPELINE:
+        if stage.name in run.stages and not stage.done(run):
+            stage.run(run)
+    return run.report
 
 
 def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
@@ -256,17 +318,17 @@ def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
     return out
 
 
-def _train_student(recipe, teacher, grafts, out_dir: str, dev, progress, stage1_dir: str | None, timed,
-                   timing_key: str, steps: int | None = None):
+def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str, steps: int | None = None):
     """Student = surgery (+ stage 1's best operators when ``stage1_dir``), then stage 2 in ``out_dir/stage2``
     (``steps`` overrides the recipe's stage-2 step count: the random-init baseline's matched budget)."""
-    student = graft_model(teacher, grafts, recipe.seed).to(dev)
+    recipe = r.recipe
+    student = graft_model(r.teacher, r.grafts, recipe.seed).to(r.device)
     if stage1_dir is not None:
-        load_best_operators(student, grafts, stage1_dir)
+        load_best_operators(student, r.grafts, stage1_dir)
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
     x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
-    student, _ = timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
-                                                      recipe.seed, progress))
+    student, _ = r.timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
+                                                        recipe.seed, r.progress))
     return student
