@@ -79,8 +79,13 @@ def cmd_demo(args) -> None:
 
 
 def cmd_recipes(args) -> None:
+    import yaml
+
     from ditgraft.recipe import bundled_recipes, load_recipe
 
+    if args.show:
+        print(yaml.safe_dump(load_recipe(args.show).to_dict(), sort_keys=False), end="")
+        return
     for name in bundled_recipes():
         r = load_recipe(name)
         print(f"{name:32s} {r.description.splitlines()[0] if r.description else ''}")
@@ -220,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
 
-    add("recipes", cmd_recipes, "list bundled recipes")
+    s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in)")
+    s.add_argument("--show", metavar="RECIPE", default=None, help="print this recipe (name or path), resolved")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")

@@ -10,6 +10,7 @@ count from the end) or a layer selector of ``ditgraft.graft.layers`` (``all``, `
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, Union
 
 import yaml
@@ -264,33 +265,85 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
     if not isinstance(data, dict):
         raise ValueError(f"invalid recipe {source}: the top level must be a mapping, got {type(data).__name__}")
+    data = resolve_bases(data, None, source) if "base" in data else data
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise ValueError(_format_errors(err, source)) from None
 
 
-def load_recipe(path: str) -> Recipe:
-    import os
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
-    if not os.path.exists(path):
-        bundled = os.path.join(os.path.dirname(__file__), "recipes", path if path.endswith(".yaml") else path + ".yaml")
-        if os.path.exists(bundled):
-            path = bundled
-        else:
-            raise FileNotFoundError(f"recipe={path!r}: no such file (nor a bundled recipe of that name; "
-                                    f"see `ditgraft recipes`)")
+
+def find_recipe(name: str, folder: str | None = None) -> str:
+    """The file of a recipe ``name``: a path (relative to ``folder``, then to the working directory) or the name of
+    a bundled recipe."""
+    candidates = ([os.path.join(folder, name)] if folder else []) + [
+        name, os.path.join(RECIPES_DIR, name if name.endswith(".yaml") else name + ".yaml")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"recipe={name!r}: no such file (nor a bundled recipe of that name; see `ditgraft recipes`)")
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` updated by ``overrides``: mappings merge key by key (recursively), anything else (lists included)
+    is replaced. Neither argument is changed."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: str) -> dict:
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ValueError(f"invalid recipe {path}: not valid YAML ({err})") from None
-    return parse_recipe(data, path)
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid recipe {path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def resolve_bases(data: dict, folder: str | None = None, source: str = "<dict>", _chain: tuple = ()) -> dict:
+    """A recipe mapping with its ``base:`` chain applied: the base recipe (a bundled name or a path, relative to
+    ``folder`` first), itself resolved, deep-merged with this recipe's fields. ``abstract`` (the mark of a base
+    that is not runnable alone) is not inherited."""
+    if "base" not in data:
+        return data
+    name = data["base"]
+    if not isinstance(name, str):
+        raise ValueError(f"invalid recipe {source}:\n  - base = {name!r}: must be a recipe name or path")
+    try:
+        path = find_recipe(name, folder)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"recipe {source}: base = {name!r}: {err}") from None
+    key = os.path.realpath(path)
+    if key in _chain:
+        raise ValueError(f"invalid recipe {source}:\n  - base = {name!r}: recipes inherit from each other in a cycle")
+    base = resolve_bases(_read_yaml(path), os.path.dirname(path), path, _chain + (key,))
+    base.pop("abstract", None)
+    return deep_merge(base, {k: v for k, v in data.items() if k != "base"})
+
+
+def resolved_recipe_dict(path: str) -> dict:
+    """The recipe file ``path`` (or bundled name) as one mapping, its bases merged in, before validation."""
+    path = find_recipe(path)
+    return resolve_bases(_read_yaml(path), os.path.dirname(path), path, (os.path.realpath(path),))
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read, resolve (``base:``) and validate a recipe file or bundled recipe name."""
+    file = find_recipe(path)
+    data = resolved_recipe_dict(file)
+    if data.get("abstract"):
+        raise ValueError(f"recipe {file} is a base recipe (abstract: true), not runnable alone; name it as "
+                         "`base:` in a recipe that adds the rest")
+    return parse_recipe(data, file)
 
 
 def bundled_recipes() -> list[str]:
-    import os
-
-    folder = os.path.join(os.path.dirname(__file__), "recipes")
-    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
-
+    """The runnable bundled recipes (base recipes marked ``abstract: true`` are left out)."""
+    names = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
+    return [n for n in names if not _read_yaml(os.path.join(RECIPES_DIR, n + ".yaml")).get("abstract")]
