@@ -1,6 +1,6 @@
 """Stage 1, activation distillation: each new operator learns to reproduce the teacher operator it replaces.
 
-Done right (REFERENCE section 2, unlike the released extraction script):
+How it is done (unlike the released extraction script):
 - inputs are noised latents x_t = q_sample(x_0, t, eps) with t ~ U{0..999}, and the teacher is called model(x_t, t, y);
 - forward hooks capture each grafted slot's input (the normalised, modulated stream) and its output before the gate;
 - one teacher forward per batch feeds every grafted slot;
