@@ -163,7 +163,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from ditgraft.eval.analysis import analyze_model, write_analysis_report
+    from ditgraft.analysis.locality import analyze_model, write_analysis_report
 
     device = _device(args)
     model, _ = _load_model(args.model, device)

@@ -1,4 +1,4 @@
-"""Attention locality / activation statistics (ditgraft.eval.analysis); the locality selectors read its analysis.json.
+"""Attention locality / activation statistics (ditgraft.analysis.locality); the locality selectors read its analysis.json.
 
 Hand-built attention patterns with analytic answers, the chunked accumulator against the plain reference, running
 moments against numpy on the concatenated data and the full protocol on a tiny random DiT.
@@ -15,7 +15,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from ditgraft.eval.analysis import (
+from ditgraft.analysis.locality import (
     ActivationAccumulator, AttentionAccumulator, RunningMoments, analyze_model, attention_statistics, curve_ks,
     default_band_k, default_window_k, local_layers, write_analysis_report,
 )

@@ -2,7 +2,7 @@
 
 The shipped file ditgraft/assets/testbed/classifier.safetensors was made with
 
-    python -m ditgraft.eval.train_classifier --epochs 12 --seed 0 --out ditgraft/assets/testbed/classifier.safetensors
+    python -m ditgraft.train.classifier --epochs 12 --seed 0 --out ditgraft/assets/testbed/classifier.safetensors
 
 Recipe: train split only (4,500 digits), light augmentation done with plain torch ops (random rotation
 +-10 degrees, scale 0.9..1.1, shift +-2 px, resampled bilinearly with the -1 background outside), AdamW
