@@ -64,7 +64,7 @@ class Graft(Strict):
     layers: Union[list[int], str, LayerSelector]
     operator: str
     options: dict[str, Any] = Field(default_factory=dict)
-    loss: Literal["l1", "l2", "huber"] | None = None  # default: l1 for attn, l2 for mlp (the paper's rule)
+    loss: Literal[LOSSES] | None = None  # default: DEFAULT_LOSS[slot] (the paper's rule)
     huber_delta: float = Field(default=1.0, gt=0)
     init: Literal["random", "teacher"] = "random"
 
