@@ -18,7 +18,7 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -78,8 +78,21 @@ def noised_inputs(x0: torch.Tensor, y: torch.Tensor, seed: int) -> Stage1Inputs:
     return Stage1Inputs(diffusion.q_sample(x0, t, noise), t, y)
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where stage 1 keeps the activations it distils from (summary.json holds it as a mapping)."""
+    mode: str  # memory | disk | stream
+    bytes_per_slot: int  # one slot's input and output for every train and validation sample
+    bytes_total: int
+    budget_bytes: int
+    slots: int
+    samples: int
+    val_samples: int
+    dtype: str  # of the cached activations: float32 | float16
+
+
 def memory_plan(grafts: list[ResolvedGraft], dims, samples: int, val_samples: int, dtype: str,
-                budget_gb: float, mode: str) -> dict:
+                budget_gb: float, mode: str) -> MemoryPlan:
     """Bytes needed to cache every slot's input and output; picks memory or disk when mode is 'auto'."""
     el = 2 if dtype == "float16" else 4
     per_slot = (samples + val_samples) * dims.grid[0] * dims.grid[1] * dims.dim * 2 * el
@@ -87,15 +100,14 @@ def memory_plan(grafts: list[ResolvedGraft], dims, samples: int, val_samples: in
     chosen = mode
     if mode == "auto":
         chosen = "memory" if total <= budget_gb * 2**30 else "disk"
-    return {"mode": chosen, "bytes_per_slot": per_slot, "bytes_total": total, "budget_bytes": int(budget_gb * 2**30),
-            "slots": len(grafts), "samples": samples, "val_samples": val_samples, "dtype": dtype}
+    return MemoryPlan(chosen, per_slot, total, int(budget_gb * 2**30), len(grafts), samples, val_samples, dtype)
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(plan: MemoryPlan) -> str:
     gb = 2**30
-    return (f"stage 1 plan: {plan['slots']} slots x {plan['samples']}+{plan['val_samples']} samples, "
-            f"{plan['bytes_per_slot'] / gb:.2f} GiB per slot ({plan['dtype']}), {plan['bytes_total'] / gb:.2f} GiB "
-            f"in all vs budget {plan['budget_bytes'] / gb:.2f} GiB -> {plan['mode']}")
+    return (f"stage 1 plan: {plan.slots} slots x {plan.samples}+{plan.val_samples} samples, "
+            f"{plan.bytes_per_slot / gb:.2f} GiB per slot ({plan.dtype}), {plan.bytes_total / gb:.2f} GiB "
+            f"in all vs budget {plan.budget_bytes / gb:.2f} GiB -> {plan.mode}")
 
 
 @torch.no_grad()
@@ -218,7 +230,7 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
         return out
 
     keys = [g.key for g in grafts]
-    if plan["mode"] == "stream":
+    if plan.mode == "stream":
         diffusion = GaussianDiffusion.dit_default()
         data = (x0, y)
 
@@ -231,7 +243,7 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
             return _bank_losses(model, {k: captured[k] for k in keys}, losses)
     else:
         train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1)
-        cache_dir = os.path.join(run_dir, "cache") if plan["mode"] == "disk" else None
+        cache_dir = os.path.join(run_dir, "cache") if plan.mode == "disk" else None
         acts = extract(teacher, grafts, train_inputs, cfg.extract_batch_size, cache_dir, dtype, device)
         data = tuple(t for k in keys for t in acts[k])
 
@@ -249,8 +261,8 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
         summary[g.key] = dict(keeper.best[g.key], slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss,
                               final_train_loss=final[-1]["loss/" + g.key] if final else None,
                               target_var=val_var[g.key])
-    atomic_write_json(os.path.join(run_dir, "summary.json"), {"plan": plan, "operators": summary})
-    return {"plan": plan, "operators": summary, "history": result.history}
+    atomic_write_json(os.path.join(run_dir, "summary.json"), {"plan": asdict(plan), "operators": summary})
+    return {"plan": asdict(plan), "operators": summary, "history": result.history}
 
 
 def _bank_losses(model, pairs: dict, losses: dict) -> dict:
