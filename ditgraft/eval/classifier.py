@@ -20,7 +20,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+
+from ditgraft.models.checkpoints import read_metadata
 
 __all__ = [
     "TestbedClassifier",
@@ -73,10 +76,6 @@ class TestbedClassifier(nn.Module):
 
 def load_testbed_classifier(device: str | torch.device = "cpu", path: str | None = None) -> TestbedClassifier:
     """The shipped classifier in eval mode with frozen parameters (``path`` overrides the shipped file)."""
-    from safetensors.torch import load_file
-
-    from ditgraft.models.checkpoints import read_metadata
-
     path = path or CLASSIFIER_PATH
     if not os.path.exists(path):
         raise FileNotFoundError(
