@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import yaml
 
-from ditgraft.data.images import load_dataset
 from ditgraft.analysis.locality import analyze_model, write_analysis_report
+from ditgraft.data.images import load_dataset
 from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.layers import selector_needs
