@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 import yaml
 
-from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
+from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
@@ -149,12 +149,14 @@ def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
     return None
 
 
-def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool) -> dict:
+def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool,
+                     **hooks) -> dict:
     """The teacher under the same protocol; the shipped testbed teacher's numbers are read from its card."""
     row = _testbed_card_metrics(source, protocol)
     if row is not None:
         return row
-    return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher")
+    return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher",
+                               **hooks)
 
 
 def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
@@ -212,25 +214,27 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
             save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta)
     evals = {}
     protocol = Protocol(num=recipe.eval.num, sampler=recipe.eval.sampler, steps=recipe.eval.steps,
-                        cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
+                        cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed,
+                        clip_denoised=teacher.in_channels in (1, 3))  # latents are not clipped (DiT)
     if "eval" not in stages:  # e.g. the report alone: use the evaluations already on disk
         evals = _evaluations_on_disk(run_dir, protocol)
         card = _testbed_card_metrics(recipe.teacher.source, protocol)
         if "teacher" in recipe.eval.baselines and card is not None:
             evals["teacher"] = card
     if "eval" in stages and recipe.eval.enabled and os.path.exists(student_path):
-        if teacher.in_channels not in (1, 3):
-            log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
-        else:
-            student, _ = load_grafted(student_path, dev)
-            evals["grafted"] = timed("eval", lambda: sample_and_evaluate(
-                student, os.path.join(run_dir, "eval"), protocol, dev, progress, tag="grafted"))
-            if "teacher" in recipe.eval.baselines:
-                evals["teacher"] = _teacher_metrics(teacher, recipe.teacher.source, protocol, run_dir, dev, progress)
-            if "random_init" in recipe.eval.baselines:
-                base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
-                evals["random_init"] = sample_and_evaluate(base, os.path.join(run_dir, "eval"), protocol, dev,
-                                                           progress, tag="random_init")
+        ev = recipe.eval
+        hooks = eval_hooks(teacher, vae=ev.vae, features=ev.features, reference=ev.reference,
+                           inception_weights=ev.inception_weights, device=dev)
+        student, _ = load_grafted(student_path, dev)
+        evals["grafted"] = timed("eval", lambda: sample_and_evaluate(
+            student, os.path.join(run_dir, "eval"), protocol, dev, progress, tag="grafted", **hooks))
+        if "teacher" in recipe.eval.baselines:
+            evals["teacher"] = _teacher_metrics(teacher, recipe.teacher.source, protocol, run_dir, dev, progress,
+                                                **hooks)
+        if "random_init" in recipe.eval.baselines:
+            base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
+            evals["random_init"] = sample_and_evaluate(base, os.path.join(run_dir, "eval"), protocol, dev,
+                                                       progress, tag="random_init", **hooks)
     report = {}
     if "report" in stages:
         from ditgraft.graft.report import write_report

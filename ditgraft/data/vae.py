@@ -1,0 +1,147 @@
+"""Images <-> SD-VAE latents with diffusers' ``AutoencoderKL`` (the optional extra ``pip install -e ".[diffusers]"``).
+
+DiT-XL/2 and the grafting paper work on the latents of the Stable Diffusion VAE (``stabilityai/sd-vae-ft-ema`` or
+``-mse``): 256x256x3 images in [-1, 1] -> 32x32x4 latents, multiplied by 0.18215 (``SD_VAE_SCALE``) for training;
+samples are divided by it before decoding.
+
+- ``load_vae(source)``: a local folder (``AutoencoderKL.save_pretrained`` output, or a snapshot with a ``vae/``
+  subfolder) or a hub id such as ``stabilityai/sd-vae-ft-ema`` (downloaded by diffusers / huggingface_hub).
+- ``encode_folder``: an image folder (class subfolders -> labels, see data/images.py) through DiT's centre crop and
+  the encoder, into the latents ``.npz`` that ``load_latents`` reads (keys ``latents``, ``labels`` and ``classes``, the
+  class folder names). As DiT's ``extract_features`` it draws from the posterior (``latent_dist.sample()``, seeded).
+  ``flip=True`` also stores the horizontally flipped copy of every image, right after it (as fast-DiT's feature
+  extraction does), so the file holds 2N rows. Under torchrun (WORLD_SIZE > 1) rank r encodes images r, r + world, ...
+  into a part file; rank 0 merges the parts in image order and writes the file.
+- ``latent_decoder(vae)``: model-space samples -> images in [-1, 1], the ``decode`` hook of sampling and evaluation.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ditgraft.data.latents import SD_VAE_SCALE, save_latents
+
+__all__ = ["load_vae", "encode_images", "decode_latents", "latent_decoder", "encode_folder"]
+
+
+def _autoencoder_cls():
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as err:
+        raise ImportError("the VAE needs diffusers, which is not installed: pip install -e \".[diffusers]\"") from err
+    return AutoencoderKL
+
+
+def load_vae(source: str, device="cpu", dtype: torch.dtype = torch.float32):
+    """``AutoencoderKL.from_pretrained(source)``: a local folder or a hub id (``owner/name``), in eval mode."""
+    cls = _autoencoder_cls()
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        sub = "vae" if not os.path.exists(os.path.join(source, "config.json")) and os.path.isdir(
+            os.path.join(source, "vae")) else None
+        vae = cls.from_pretrained(source, subfolder=sub, torch_dtype=dtype)
+    elif os.path.exists(source):
+        raise ValueError(f"vae={source!r} is a file; give the folder that holds config.json and the weights "
+                         "(AutoencoderKL.save_pretrained output) or a hub id such as stabilityai/sd-vae-ft-ema")
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        vae = cls.from_pretrained(source, torch_dtype=dtype)  # a hub id
+    else:
+        raise FileNotFoundError(f"vae={source!r}: no such folder, and not a hub id (owner/name, e.g. "
+                                "stabilityai/sd-vae-ft-ema)")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def _first_param(vae) -> torch.nn.Parameter:
+    return next(vae.parameters())
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> scaled latents [N, 4, H/8, W/8] (float32, on the VAE's device)."""
+    p = _first_param(vae)
+    dist = vae.encode(images.to(device=p.device, dtype=p.dtype)).latent_dist
+    return (dist.sample(generator=generator) * SD_VAE_SCALE).float()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1] (float32, same device as the latents)."""
+    p = _first_param(vae)
+    out = vae.decode(latents.to(device=p.device, dtype=p.dtype) / SD_VAE_SCALE).sample
+    return out.float().clamp(-1, 1).to(latents.device)
+
+
+def latent_decoder(vae):
+    """The ``decode`` hook of ``eval.sampling.generate``: model samples (scaled latents) -> images in [-1, 1]."""
+    return lambda z: decode_latents(vae, z)
+
+
+def _encode_indices(ds, vae, indices: list[int], flip: bool, batch_size: int, seed: int, progress: bool):
+    from tqdm import tqdm
+
+    p = _first_param(vae)
+    lat, lab = [], []
+    for start in tqdm(range(0, len(indices), batch_size), desc="encode", disable=not progress, leave=False):
+        chunk = indices[start:start + batch_size]
+        x = torch.stack([ds[i][0] for i in chunk])
+        if flip:  # image i, then its mirror image
+            x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
+        g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + chunk[0])
+        lat.append(encode_images(vae, x, generator=g).cpu())
+        labels = [ds.labels[i] for i in chunk]
+        lab.extend([y for y in labels for _ in range(2)] if flip else labels)
+    return torch.cat(lat), torch.tensor(lab, dtype=torch.int64)
+
+
+def encode_folder(image_dir: str, vae, out: str, image_size: int = 256, flip: bool = False, batch_size: int = 32,
+                  seed: int = 0, rank: int = 0, world: int = 1, progress: bool = False) -> str | None:
+    """Encode every image of ``image_dir`` into ``out`` (.npz); see the module docstring. Returns the path written
+    (on rank 0; other ranks return None once their part is written)."""
+    from ditgraft.data.images import ImageFolderDataset
+
+    out = os.fspath(out)
+    if not out.endswith(".npz"):
+        raise ValueError(f"out={out!r}: the latents file is an .npz; end the name with .npz")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed; use an integer >= 1")
+    ds = ImageFolderDataset(image_dir, image_size, channels=3)
+    mine = list(range(rank, len(ds), world))
+    if world == 1:
+        lat, lab = _encode_indices(ds, vae, mine, flip, batch_size, seed, progress)
+        _save(out, lat, lab, ds.classes)
+        return out
+    import torch.distributed as dist
+
+    part = f"{out}.part{rank}.pt"
+    if mine:
+        lat, lab = _encode_indices(ds, vae, mine, flip, batch_size, seed, progress)
+    else:
+        lat, lab = torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    from ditgraft.utils import atomic_path
+
+    with atomic_path(part) as tmp:
+        torch.save({"latents": lat, "labels": lab}, tmp)
+    dist.barrier()
+    if rank != 0:
+        dist.barrier()
+        return None
+    parts = [torch.load(f"{out}.part{r}.pt", weights_only=True) for r in range(world)]
+    rows = 2 if flip else 1
+    lat = torch.empty((len(ds) * rows, *parts[0]["latents"].shape[1:]), dtype=torch.float32)
+    lab = torch.empty(len(ds) * rows, dtype=torch.int64)
+    for r, p in enumerate(parts):  # rank r holds images r, r + world, ... (each as `rows` consecutive rows)
+        if not len(p["labels"]):
+            continue
+        idx = torch.tensor([i * rows + k for i in range(r, len(ds), world) for k in range(rows)], dtype=torch.long)
+        lat[idx], lab[idx] = p["latents"], p["labels"]
+    _save(out, lat, lab, ds.classes)
+    for r in range(world):
+        os.remove(f"{out}.part{r}.pt")
+    dist.barrier()
+    return out
+
+
+def _save(out: str, latents: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+    save_latents(out, latents, labels, classes=np.array(classes or [], dtype=np.str_))
