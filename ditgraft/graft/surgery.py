@@ -124,8 +124,9 @@ def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
     import os
 
     from ditgraft.models.checkpoints import load_dit
+    from ditgraft.models.diffusers_dit import is_diffusers_source
 
-    if os.path.isdir(source):
+    if os.path.isdir(source) and not is_diffusers_source(source):
         for name in ("student.safetensors", "model.safetensors"):
             if os.path.exists(os.path.join(source, name)):
                 return load_any(os.path.join(source, name), map_location)
