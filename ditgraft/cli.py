@@ -145,7 +145,7 @@ def cmd_encode(args) -> None:
 def cmd_import_release(args) -> None:
     from ditgraft.models.release import import_release
 
-    out = import_release(args.model, args.config, args.out, image_size=args.image_size)
+    out = import_release(args.model, args.config, args.out, num_heads=args.num_heads)
     print(f"grafted checkpoint: {out}")
 
 
@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="the release's model.pt ({'ema': state_dict})")
     s.add_argument("config", help="the release's YAML (operator: {type, name}, sample_config.graft_indexes)")
     s.add_argument("--out", required=True, help="the grafted .safetensors to write")
-    s.add_argument("--image-size", type=int, default=None, help="default: the YAML's sample_config.image_size or 256")
+    s.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (default: from sample_config.dit_model_name, e.g. 16 for DiT-XL/2)")
 
     s = add("export-diffusers", cmd_export_diffusers, "a plain DiT as a diffusers DiTPipeline folder")
     s.add_argument("model", help="a plain (ungrafted) DiT: testbed, .safetensors, .pt, or a diffusers folder")
