@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
     s.add_argument("--device", default="auto")
 
-    s = add("import-release", cmd_import_release, "a released grafted DiT-XL/2 (model.pt + YAML) -> ditgraft checkpoint")
+    s = add("import-release", cmd_import_release,
+            "a released grafted DiT-XL/2 (model.pt + YAML) -> ditgraft checkpoint")
     s.add_argument("model", help="the release's model.pt ({'ema': state_dict})")
     s.add_argument("config", help="the release's YAML (operator: {type, name}, sample_config.graft_indexes)")
     s.add_argument("--out", required=True, help="the grafted .safetensors to write")

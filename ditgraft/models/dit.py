@@ -161,7 +161,8 @@ class DiT(nn.Module):
             timestep_freq_shift=timestep_freq_shift, mlp_norm_eps=mlp_norm_eps,
         )
         if timestep_freq_shift not in (0, 1):
-            raise ValueError(f"timestep_freq_shift={timestep_freq_shift!r} is not allowed; use 0 (DiT) or 1 (diffusers)")
+            raise ValueError(f"timestep_freq_shift={timestep_freq_shift!r} is not allowed; "
+                             "use 0 (DiT) or 1 (diffusers)")
         if not mlp_norm_eps > 0:
             raise ValueError(f"mlp_norm_eps={mlp_norm_eps!r} is not allowed; use a positive number (DiT 1e-6)")
         self.learn_sigma = learn_sigma

@@ -98,7 +98,8 @@ def _operator_options(operator: str, sd: dict[str, torch.Tensor], prefix: str, d
     if operator == "mlp":
         return {"hidden": int(shape("fc1.weight")[0])}
     if operator == "mlp_hyena_x":
-        return {"expansion_ratio": shape("out_proj.weight")[1] // dim, "kernel_size": int(shape("short_filter.weight")[-1])}
+        return {"expansion_ratio": shape("out_proj.weight")[1] // dim,
+                "kernel_size": int(shape("short_filter.weight")[-1])}
     if operator == "mamba2":
         nheads, d_inner = shape("A_log")[0], shape("out_proj.weight")[1]
         conv_dim = shape("conv1d.weight")[0]
@@ -139,7 +140,7 @@ def load_release(model_path: str, config_path: str, num_heads: int | None = None
 
 
 def import_release(model_path: str, config_path: str, out: str, num_heads: int | None = None) -> str:
-    """Write the release model as a ditgraft grafted ``.safetensors`` (``load_grafted`` / ``ditgraft sample`` read it)."""
+    """Write the release model as a ditgraft grafted ``.safetensors`` (``ditgraft sample`` and ``eval`` read it)."""
     if not out.endswith(".safetensors"):
         raise ValueError(f"out={out!r}: a grafted checkpoint is a .safetensors file; end the name with .safetensors")
     model, grafts, info = load_release(model_path, config_path, num_heads)
