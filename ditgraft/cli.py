@@ -25,9 +25,14 @@ import torch
 
 
 def _device(args):
+    """The --device; under torchrun with CUDA each rank takes its own GPU (LOCAL_RANK)."""
     from ditgraft.utils import resolve_device
 
-    return resolve_device(getattr(args, "device", None))
+    device = resolve_device(getattr(args, "device", None))
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _load_model(source: str, device):
