@@ -46,11 +46,13 @@ def test_encode_writes_the_latents_file_stage1_reads(latent_setup):
     vae = load_vae(latent_setup["vae"])
     img = ds[0][0]
     pair = torch.stack([img, img.flip(-1)])
-    want = encode_images(vae, pair, generator=torch.Generator().manual_seed(0))
+    want = encode_images(vae, pair, seeds=[0, 1])  # seed 0: rows 0 and 1 draw with seeds 0 and 1
     torch.testing.assert_close(x[:2], want, atol=1e-6, rtol=0)
     # the scale is DiT's: raw posterior sample x 0.18215
-    raw = vae.encode(pair).latent_dist.sample(generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(want, raw * SD_VAE_SCALE, atol=1e-6, rtol=0)
+    post = vae.encode(pair[:1]).latent_dist
+    raw = post.mean + post.std * torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(want[:1], raw * SD_VAE_SCALE, atol=1e-6, rtol=0)
+    assert not torch.allclose(want[0], post.mean[0] * SD_VAE_SCALE)  # a draw, not the mean
 
 
 def test_latent_recipe_runs_stage1_stage2_sampling_and_inception_eval(latent_setup, tmp_path, monkeypatch):

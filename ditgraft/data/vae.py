@@ -8,7 +8,8 @@ samples are divided by it before decoding.
   subfolder) or a hub id such as ``stabilityai/sd-vae-ft-ema`` (downloaded by diffusers / huggingface_hub).
 - ``encode_folder``: an image folder (class subfolders -> labels, see data/images.py) through DiT's centre crop and
   the encoder, into the latents ``.npz`` that ``load_latents`` reads (keys ``latents``, ``labels`` and ``classes``, the
-  class folder names). As DiT's ``extract_features`` it draws from the posterior (``latent_dist.sample()``, seeded).
+  class folder names). As DiT's ``extract_features`` it draws from the posterior (seeded per row of the file, so
+  the file is the same however the work is split).
   ``flip=True`` also stores the horizontally flipped copy of every image, right after it (as fast-DiT's feature
   extraction does), so the file holds 2N rows. Under torchrun (WORLD_SIZE > 1) rank r encodes images r, r + world, ...
   into a part file; rank 0 merges the parts in image order and writes the file.
@@ -58,11 +59,23 @@ def _first_param(vae) -> torch.nn.Parameter:
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] -> scaled latents [N, 4, H/8, W/8] (float32, on the VAE's device)."""
+def encode_images(vae, images: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> scaled latents [N, 4, H/8, W/8] (float32, on the VAE's device).
+
+    ``seeds``: one per image; image i's posterior draw is mean + std * noise with the noise from
+    ``torch.Generator().manual_seed(seeds[i])`` (on the CPU), so a latent does not depend on the batch, the rank or
+    the device it was encoded in. None: the posterior mean."""
     p = _first_param(vae)
     dist = vae.encode(images.to(device=p.device, dtype=p.dtype)).latent_dist
-    return (dist.sample(generator=generator) * SD_VAE_SCALE).float()
+    if seeds is None:
+        z = dist.mean
+    else:
+        if len(seeds) != len(images):
+            raise ValueError(f"seeds: {len(seeds)} seeds for {len(images)} images; give one per image")
+        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds])
+        z = dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)
+    return (z * SD_VAE_SCALE).float()
 
 
 @torch.no_grad()
@@ -81,15 +94,14 @@ def latent_decoder(vae):
 def _encode_indices(ds, vae, indices: list[int], flip: bool, batch_size: int, seed: int, progress: bool):
     from tqdm import tqdm
 
-    p = _first_param(vae)
     lat, lab = [], []
     for start in tqdm(range(0, len(indices), batch_size), desc="encode", disable=not progress, leave=False):
         chunk = indices[start:start + batch_size]
         x = torch.stack([ds[i][0] for i in chunk])
         if flip:  # image i, then its mirror image
             x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
-        g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + chunk[0])
-        lat.append(encode_images(vae, x, generator=g).cpu())
+        rows = [i * 2 + k for i in chunk for k in range(2)] if flip else chunk  # row of the output file
+        lat.append(encode_images(vae, x, seeds=[seed * 1_000_003 + r for r in rows]).cpu())
         labels = [ds.labels[i] for i in chunk]
         lab.extend([y for y in labels for _ in range(2)] if flip else labels)
     return torch.cat(lat), torch.tensor(lab, dtype=torch.int64)
