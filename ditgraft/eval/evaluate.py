@@ -101,7 +101,11 @@ def inception_metrics(images, reference: str, weights: str | None = None, device
     if net is None:
         net = inception_network(weights, device)
     a = net.extract(adm.iter_npz_batches(reference, "arr_0", batch_size))
-    b = net.extract(images if isinstance(images, np.ndarray) else iter(images))
+    return inception_scores(a, net.extract(images if isinstance(images, np.ndarray) else iter(images)))
+
+
+def inception_scores(a: dict, b: dict) -> dict:
+    """The metrics from reference features ``a`` and sample features ``b`` (``extract`` outputs)."""
     pr = metrics.precision_recall(a["pool"], b["pool"], k=3)
     return {
         "num": int(len(b["pool"])),
@@ -150,7 +154,14 @@ def eval_hooks(model, vae: str | None = None, features: str = "testbed", referen
             raise ValueError("eval.reference is missing: inception features need an ADM reference batch .npz")
         if net is None:
             net = inception_network(inception_weights, device)
-        hooks["evaluate"] = lambda images, labels: inception_metrics(images, reference, net=net)
+        ref: dict = {}
+
+        def evaluate(images, labels):  # the reference features once for every model evaluated
+            if not ref:
+                ref.update(net.extract(adm.iter_npz_batches(reference, "arr_0", 250)))
+            return inception_scores(ref, net.extract(images))
+
+        hooks["evaluate"] = evaluate
     return hooks
 
 
