@@ -142,7 +142,8 @@ def cmd_encode(args) -> None:
     rank, world = dist_info()
     vae = load_vae(args.vae, device=device)
     out = encode_folder(args.image_dir, vae, args.out, image_size=args.image_size, flip=args.flip,
-                        batch_size=args.batch_size, seed=args.seed, rank=rank, world=world, progress=rank == 0)
+                        batch_size=args.batch_size, seed=args.seed, per_class=args.per_class, rank=rank, world=world,
+                        progress=rank == 0)
     if out:
         print(f"latents: {out} (x {0.18215}; keys latents, labels, classes)")
 
@@ -196,6 +197,9 @@ def cmd_eval(args) -> None:
     else:
         device = _device(args)
         model, _ = _load_model(args.target, device)
+        if model.in_channels not in (1, 3):
+            raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
+                             "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
         out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
         protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
         result = sample_and_evaluate(model, out, protocol, device)
@@ -318,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the latents .npz to write")
     s.add_argument("--image-size", type=int, default=256, help="centre-crop size in pixels (default 256)")
     s.add_argument("--flip", action="store_true", help="also store the horizontally flipped copy of each image")
+    s.add_argument("--per-class", type=int, default=None,
+                   help="only the first N images of every class (file-name order), e.g. 130 = 10%% of ImageNet")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
     s.add_argument("--device", default="auto")

@@ -53,6 +53,14 @@ def test_encode_writes_the_latents_file_stage1_reads(latent_setup):
     raw = post.mean + post.std * torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(want[:1], raw * SD_VAE_SCALE, atol=1e-6, rtol=0)
     assert not torch.allclose(want[0], post.mean[0] * SD_VAE_SCALE)  # a draw, not the mean
+    # --per-class 2: images 0, 1 of "cat" and 4, 5 (the first two of "dog"), rows seeded by their new positions
+    from ditgraft.data.vae import encode_folder
+
+    sub = encode_folder(latent_setup["images"], vae, str(latent_setup["root"] / "sub.npz"), image_size=16,
+                        per_class=2)
+    xs, ys = load_latents(sub)
+    assert ys.tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(xs[2:3], encode_images(vae, ds[4][0][None], seeds=[2]), atol=1e-6, rtol=0)
 
 
 def test_latent_recipe_runs_stage1_stage2_sampling_and_inception_eval(latent_setup, tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ samples are divided by it before decoding.
   class folder names). As DiT's ``extract_features`` it draws from the posterior (seeded per row of the file, so
   the file is the same however the work is split).
   ``flip=True`` also stores the horizontally flipped copy of every image, right after it (as fast-DiT's feature
-  extraction does), so the file holds 2N rows. Under torchrun (WORLD_SIZE > 1) rank r encodes images r, r + world, ...
-  into a part file; rank 0 merges the parts in image order and writes the file.
+  extraction does), so the file holds 2N rows. ``per_class`` keeps the first N images of every class (the paper's
+  stage 2 uses 10% of ImageNet). Under torchrun (WORLD_SIZE > 1) rank r encodes images r, r + world, ... into a
+  part file; rank 0 merges the parts in image order and writes the file.
 - ``latent_decoder(vae)``: model-space samples -> images in [-1, 1], the ``decode`` hook of sampling and evaluation.
 """
 from __future__ import annotations
@@ -91,63 +92,78 @@ def latent_decoder(vae):
     return lambda z: decode_latents(vae, z)
 
 
-def _encode_indices(ds, vae, indices: list[int], flip: bool, batch_size: int, seed: int, progress: bool):
+def _encode_positions(ds, vae, chosen: list[int], positions: list[int], flip: bool, batch_size: int, seed: int,
+                      progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and labels of the images ``chosen[p]`` for p in ``positions`` (image p fills rows p, or 2p and 2p + 1
+    with its mirror image when ``flip``; each row's posterior draw is seeded by its row number)."""
     from tqdm import tqdm
 
     lat, lab = [], []
-    for start in tqdm(range(0, len(indices), batch_size), desc="encode", disable=not progress, leave=False):
-        chunk = indices[start:start + batch_size]
-        x = torch.stack([ds[i][0] for i in chunk])
-        if flip:  # image i, then its mirror image
+    for start in tqdm(range(0, len(positions), batch_size), desc="encode", disable=not progress, leave=False):
+        chunk = positions[start:start + batch_size]
+        x = torch.stack([ds[chosen[p]][0] for p in chunk])
+        if flip:
             x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
-        rows = [i * 2 + k for i in chunk for k in range(2)] if flip else chunk  # row of the output file
+        rows = [p * 2 + k for p in chunk for k in range(2)] if flip else chunk
         lat.append(encode_images(vae, x, seeds=[seed * 1_000_003 + r for r in rows]).cpu())
-        labels = [ds.labels[i] for i in chunk]
+        labels = [ds.labels[chosen[p]] for p in chunk]
         lab.extend([y for y in labels for _ in range(2)] if flip else labels)
     return torch.cat(lat), torch.tensor(lab, dtype=torch.int64)
 
 
+def _first_per_class(labels: list[int], per_class: int) -> list[int]:
+    count: dict[int, int] = {}
+    keep = []
+    for i, y in enumerate(labels):
+        if count.get(y, 0) < per_class:
+            count[y] = count.get(y, 0) + 1
+            keep.append(i)
+    return keep
+
+
 def encode_folder(image_dir: str, vae, out: str, image_size: int = 256, flip: bool = False, batch_size: int = 32,
-                  seed: int = 0, rank: int = 0, world: int = 1, progress: bool = False) -> str | None:
-    """Encode every image of ``image_dir`` into ``out`` (.npz); see the module docstring. Returns the path written
-    (on rank 0; other ranks return None once their part is written)."""
+                  seed: int = 0, per_class: int | None = None, rank: int = 0, world: int = 1,
+                  progress: bool = False) -> str | None:
+    """Encode the images of ``image_dir`` (all, or the first ``per_class`` of every class in file-name order, e.g.
+    130 for the paper's 10% of ImageNet) into ``out`` (.npz); see the module docstring. Returns the path written
+    (on rank 0; other ranks return None once rank 0 has written it)."""
     from ditgraft.data.images import ImageFolderDataset
+    from ditgraft.utils import atomic_path
 
     out = os.fspath(out)
     if not out.endswith(".npz"):
         raise ValueError(f"out={out!r}: the latents file is an .npz; end the name with .npz")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not allowed; use an integer >= 1")
+    for field, value in (("batch_size", batch_size), ("per_class", 1 if per_class is None else per_class)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field}={value!r} is not allowed; use an integer >= 1")
     ds = ImageFolderDataset(image_dir, image_size, channels=3)
-    mine = list(range(rank, len(ds), world))
+    chosen = list(range(len(ds))) if per_class is None else _first_per_class(ds.labels, per_class)
+    mine = list(range(rank, len(chosen), world))
     if world == 1:
-        lat, lab = _encode_indices(ds, vae, mine, flip, batch_size, seed, progress)
+        lat, lab = _encode_positions(ds, vae, chosen, mine, flip, batch_size, seed, progress)
         _save(out, lat, lab, ds.classes)
         return out
     import torch.distributed as dist
 
-    part = f"{out}.part{rank}.pt"
     if mine:
-        lat, lab = _encode_indices(ds, vae, mine, flip, batch_size, seed, progress)
+        lat, lab = _encode_positions(ds, vae, chosen, mine, flip, batch_size, seed, progress)
     else:
         lat, lab = torch.zeros(0), torch.zeros(0, dtype=torch.int64)
-    from ditgraft.utils import atomic_path
-
-    with atomic_path(part) as tmp:
+    with atomic_path(f"{out}.part{rank}.pt") as tmp:
         torch.save({"latents": lat, "labels": lab}, tmp)
     dist.barrier()
     if rank != 0:
-        dist.barrier()
+        dist.barrier()  # rank 0 merges
         return None
     parts = [torch.load(f"{out}.part{r}.pt", weights_only=True) for r in range(world)]
     rows = 2 if flip else 1
-    lat = torch.empty((len(ds) * rows, *parts[0]["latents"].shape[1:]), dtype=torch.float32)
-    lab = torch.empty(len(ds) * rows, dtype=torch.int64)
-    for r, p in enumerate(parts):  # rank r holds images r, r + world, ... (each as `rows` consecutive rows)
-        if not len(p["labels"]):
+    lat = torch.empty((len(chosen) * rows, *parts[0]["latents"].shape[1:]), dtype=torch.float32)
+    lab = torch.empty(len(chosen) * rows, dtype=torch.int64)
+    for r, part in enumerate(parts):  # rank r holds positions r, r + world, ...
+        if not len(part["labels"]):
             continue
-        idx = torch.tensor([i * rows + k for i in range(r, len(ds), world) for k in range(rows)], dtype=torch.long)
-        lat[idx], lab[idx] = p["latents"], p["labels"]
+        idx = torch.tensor([p * rows + k for p in range(r, len(chosen), world) for k in range(rows)])
+        lat[idx], lab[idx] = part["latents"], part["labels"]
     _save(out, lat, lab, ds.classes)
     for r in range(world):
         os.remove(f"{out}.part{r}.pt")
