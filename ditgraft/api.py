@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ def load_model(source: str, device="cpu", release_config: str | None = None) -> 
         from ditgraft.models.release import load_release
 
         model, grafts, info = load_release(source, release_config)
-        meta = {"model_config": model.config, "grafts": [g.__dict__ for g in grafts], "release": info}
+        meta = {"model_config": model.config, "grafts": [asdict(g) for g in grafts], "release": info}
     else:
         from ditgraft.graft.surgery import load_any
 

@@ -50,6 +50,13 @@ def test_release_checkpoint_imports_with_sizes_from_the_weights(tmp_path, slot, 
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 1000])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), student(x, t, y), atol=1e-6, rtol=0)
+    if operator == "hyena_x":  # the Python API reads the release directly too
+        import ditgraft
+
+        direct = ditgraft.load_model(model_pt, release_config=config)
+        assert direct.ditgraft_meta["grafts"] == meta["grafts"]
+        with torch.no_grad():
+            torch.testing.assert_close(direct(x, t, y), student(x, t, y), atol=1e-6, rtol=0)
 
 
 def test_imported_release_samples_and_evaluates(tmp_path):
