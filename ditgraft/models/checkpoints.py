@@ -89,7 +89,7 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
                                 f"path, hf://..., a diffusers folder or hub repo id)")
     if source.endswith(".safetensors"):
         meta = read_metadata(source)
-        if meta.get("recipe"):
+        if meta.get("recipe") or meta.get("grafts"):
             raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.surgery.load_grafted "
                              "(or ditgraft.load_model, which loads any source)")
         net = DiT(**meta["model_config"])
