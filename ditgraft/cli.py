@@ -3,7 +3,10 @@
     ditgraft demo                      graft the shipped testbed teacher (50% attention -> Hyena-X), evaluate, report
     ditgraft graft RECIPE              run a recipe (stage 1 -> stage 2 -> eval -> report) in a run directory
     ditgraft pretrain                  train a DiT from scratch (how the testbed teacher was made)
-    ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz
+    ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz (latent models: --vae)
+    ditgraft encode IMAGE_DIR --vae V  SD-VAE latents of an image folder (the data file of latent recipes)
+    ditgraft import-release MODEL.pt CONFIG.yaml   a released grafted DiT-XL/2 as a ditgraft checkpoint
+    ditgraft export-diffusers MODEL    a plain DiT as a folder that diffusers' DiTPipeline loads
     ditgraft eval SAMPLES.npz|MODEL    FID/KID/precision/recall/accuracy (testbed) or Inception metrics
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
     ditgraft synth MODEL               synthetic training data from a teacher (samples + labels)
@@ -22,9 +25,14 @@ import torch
 
 
 def _device(args):
+    """The --device; under torchrun with CUDA each rank takes its own GPU (LOCAL_RANK)."""
     from ditgraft.utils import resolve_device
 
-    return resolve_device(getattr(args, "device", None))
+    device = resolve_device(getattr(args, "device", None))
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _load_model(source: str, device):
@@ -94,18 +102,25 @@ def cmd_recipes(args) -> None:
 def cmd_sample(args) -> None:
     from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.adm import save_samples_npz
-    from ditgraft.eval.sampling import generate, save_grid
+    from ditgraft.eval.sampling import generate, save_grid, save_pngs
     from ditgraft.train.loop import dist_info
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=args.clip)
-    if model.in_channels not in (1, 3):
-        raise ValueError(f"model has {model.in_channels} channels (latent space): decode with a VAE before saving "
-                         "images; ditgraft samples pixel-space models directly")
+    latent = model.in_channels not in (1, 3)
+    clip = (not latent) if args.clip is None else args.clip  # DiT does not clip latents
+    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
+    decode = None
+    if latent:
+        if not args.vae:
+            raise ValueError(f"--vae is missing: the model has {model.in_channels} channels (latent space); name the "
+                             "VAE that decodes its samples (a folder or a hub id, e.g. stabilityai/sd-vae-ft-ema)")
+        from ditgraft.data.vae import latent_decoder, load_vae
+
+        decode = latent_decoder(load_vae(args.vae, device=device))
     rank, world = dist_info()
     images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
-                              rank=rank, world=world, progress=True)
+                              rank=rank, world=world, decode=decode, progress=True)
     os.makedirs(args.out, exist_ok=True)
     if world > 1:
         import torch.distributed as dist
@@ -119,6 +134,38 @@ def cmd_sample(args) -> None:
     order = labels[:100].argsort(kind="stable")
     save_grid(os.path.join(args.out, "samples.png"), images[:100][order])
     print(f"{len(images)} samples: {path} and {os.path.join(args.out, 'samples.png')}")
+    if args.png_dir:
+        save_pngs(args.png_dir, images, labels)
+        print(f"{len(images)} PNGs in {args.png_dir}")
+
+
+def cmd_encode(args) -> None:
+    from ditgraft.data.vae import encode_folder, load_vae
+    from ditgraft.train.loop import dist_info
+
+    device = _device(args)
+    rank, world = dist_info()
+    vae = load_vae(args.vae, device=device)
+    out = encode_folder(args.image_dir, vae, args.out, image_size=args.image_size, flip=args.flip,
+                        batch_size=args.batch_size, seed=args.seed, per_class=args.per_class, rank=rank, world=world,
+                        progress=rank == 0)
+    if out:
+        print(f"latents: {out} (x {0.18215}; keys latents, labels, classes)")
+
+
+def cmd_import_release(args) -> None:
+    from ditgraft.models.release import import_release
+
+    out = import_release(args.model, args.config, args.out, num_heads=args.num_heads)
+    print(f"grafted checkpoint: {out}")
+
+
+def cmd_export_diffusers(args) -> None:
+    from ditgraft.models.diffusers_dit import export_diffusers
+
+    model, _ = _load_model(args.model, "cpu")
+    out = export_diffusers(model, args.out, vae=args.vae)
+    print(f"diffusers pipeline folder: {out}")
 
 
 def _merge_parts(out: str, world: int, batch_size: int):
@@ -151,10 +198,13 @@ def cmd_eval(args) -> None:
         result = real_data_floor()
     elif args.target.endswith(".npz"):
         result = evaluate_samples(args.target, features=args.features, reference=args.ref,
-                                  inception_weights=args.inception_weights)
+                                  inception_weights=args.inception_weights, device=_device(args))
     else:
         device = _device(args)
         model, _ = _load_model(args.target, device)
+        if model.in_channels not in (1, 3):
+            raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
+                             "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
         out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
         protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
         result = sample_and_evaluate(model, out, protocol, device)
@@ -181,7 +231,8 @@ def cmd_synth(args) -> None:
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=args.clip)
+    clip = (model.in_channels in (1, 3)) if args.clip is None else args.clip
+    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     latents, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size,
                                device=device, raw=True)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
@@ -249,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
         s.add_argument("--steps", type=int, default=25)
         s.add_argument("--cfg", type=float, default=1.5)
-        s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                       help="clip predicted x0 to [-1, 1] (pixel models; use --no-clip for latents)")
+        s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                       help="clip predicted x0 to [-1, 1] (default: on for pixel models, off for latents)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--batch-size", type=int, default=100)
         s.add_argument("--device", default="auto")
@@ -258,7 +309,34 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("sample", cmd_sample, "class-conditional samples: samples.png + samples.npz (ADM layout)")
     s.add_argument("model", help="testbed, a .safetensors/.pt file, hf://..., or a run directory")
     s.add_argument("--out", default="runs/samples")
+    s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
+    s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
     sampling_args(s)
+
+    s = add("encode", cmd_encode, "SD-VAE latents of an image folder (class subfolders -> labels)")
+    s.add_argument("image_dir", help="images: <dir>/<class>/<image> (ImageNet layout) or a flat folder")
+    s.add_argument("--vae", required=True, help="AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema")
+    s.add_argument("--out", required=True, help="the latents .npz to write")
+    s.add_argument("--image-size", type=int, default=256, help="centre-crop size in pixels (default 256)")
+    s.add_argument("--flip", action="store_true", help="also store the horizontally flipped copy of each image")
+    s.add_argument("--per-class", type=int, default=None,
+                   help="only the first N images of every class (file-name order), e.g. 130 = 10%% of ImageNet")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
+    s.add_argument("--device", default="auto")
+
+    s = add("import-release", cmd_import_release,
+            "a released grafted DiT-XL/2 (model.pt + YAML) -> ditgraft checkpoint")
+    s.add_argument("model", help="the release's model.pt ({'ema': state_dict})")
+    s.add_argument("config", help="the release's YAML (operator: {type, name}, sample_config.graft_indexes)")
+    s.add_argument("--out", required=True, help="the grafted .safetensors to write")
+    s.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (default: from sample_config.dit_model_name, e.g. 16 for DiT-XL/2)")
+
+    s = add("export-diffusers", cmd_export_diffusers, "a plain DiT as a diffusers DiTPipeline folder")
+    s.add_argument("model", help="a plain (ungrafted) DiT: testbed, .safetensors, .pt, or a diffusers folder")
+    s.add_argument("--out", required=True, help="the folder to write (transformer/, scheduler/, model_index.json)")
+    s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/")
 
     s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels)")
     s.add_argument("model")

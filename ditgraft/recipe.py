@@ -233,6 +233,16 @@ class Evaluation(Strict):
     cfg_scale: float = Field(default=1.5, ge=1)
     seed: int = 0
     baselines: list[Literal["teacher", "random_init"]] = Field(default_factory=lambda: ["teacher"])
+    vae: str | None = None  # latent models: AutoencoderKL folder or hub id that decodes the samples
+    features: Literal["testbed", "inception"] = "testbed"
+    reference: str | None = None  # inception features: the ADM reference batch .npz
+    inception_weights: str | None = None  # default: $DITGRAFT_INCEPTION_WEIGHTS or the torch hub cache
+
+    @model_validator(mode="after")
+    def _reference_given(self):
+        if self.features == "inception" and self.reference is None:
+            raise ValueError("features = 'inception' needs reference: PATH (an ADM reference batch .npz)")
+        return self
 
 
 class Recipe(Strict):

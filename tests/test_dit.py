@@ -209,3 +209,16 @@ def test_patchify_unpatchify_locality_non_square():
     expected = torch.zeros(8, 12, dtype=torch.bool)
     expected[4:6, 8:10] = True
     assert torch.equal(changed, expected)
+
+
+def test_diffusers_conventions_are_model_options():
+    """timestep_freq_shift=1 divides by half - 1 (diffusers: the last frequency is exactly 1e-4); mlp_norm_eps is the
+    pre-MLP LayerNorm's eps; both are in the config (so checkpoints carry them) and bad values are refused."""
+    freqs = torch.arcsin(TimestepEmbedder.timestep_embedding(torch.tensor([1.0]), 256, freq_shift=1)[0, 128:].double())
+    assert freqs[-1].item() == pytest.approx(1e-4, rel=1e-4)
+    model = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+                timestep_freq_shift=1, mlp_norm_eps=1e-5)
+    assert model.config["timestep_freq_shift"] == 1 and model.blocks[1].norm2.eps == 1e-5
+    assert model.blocks[1].norm1.eps == 1e-6 and model.t_embedder.freq_shift == 1
+    with pytest.raises(ValueError, match="timestep_freq_shift=2"):
+        DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=2, num_heads=2, timestep_freq_shift=2)

@@ -68,3 +68,18 @@ def save_grid(path: str, images: np.ndarray, nrow: int = 10) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
         plt.imsave(tmp, img, cmap="gray" if c == 1 else None, vmin=0, vmax=255, format="png")
+
+
+def save_pngs(folder: str, images: np.ndarray, labels: np.ndarray | None = None, start: int = 0) -> int:
+    """One PNG per image (``{index:06d}.png``, or ``{index:06d}_{label}.png``): the folder layout that torch-fidelity
+    and clean-fid read. Returns the number written."""
+    from PIL import Image
+
+    from ditgraft.utils import atomic_path
+
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(images):
+        name = f"{start + i:06d}" + ("" if labels is None else f"_{int(labels[i])}") + ".png"
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+    return len(images)

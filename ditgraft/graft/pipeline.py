@@ -22,7 +22,7 @@ import yaml
 
 from ditgraft.analysis.locality import analyze_model, write_analysis_report
 from ditgraft.data.images import load_dataset
-from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
+from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.layers import selector_needs
 from ditgraft.graft.report import build_report, write_report
@@ -158,12 +158,14 @@ def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
     return None
 
 
-def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool) -> dict:
+def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool,
+                     **hooks) -> dict:
     """The teacher under the same protocol; the shipped testbed teacher's numbers are read from its card."""
     row = _testbed_card_metrics(source, protocol)
     if row is not None:
         return row
-    return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher")
+    return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher",
+                               **hooks)
 
 
 @dataclass
@@ -201,7 +203,8 @@ class Run:
     @property
     def protocol(self) -> Protocol:
         e = self.recipe.eval
-        return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed)
+        return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed,
+                        clip_denoised=self.teacher.in_channels in (1, 3))  # latents are not clipped (DiT)
 
 
 @dataclass(frozen=True)
@@ -233,19 +236,19 @@ def _random_init_baseline(r: Run) -> None:
 
 
 def _evaluate(r: Run) -> None:
-    if r.teacher.in_channels not in (1, 3):
-        r.log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
-        return
-    out, baselines = r.path("eval"), r.recipe.eval.baselines
+    out, ev = r.path("eval"), r.recipe.eval
+    hooks = eval_hooks(r.teacher, vae=ev.vae, features=ev.features, reference=ev.reference,
+                       inception_weights=ev.inception_weights, device=r.device)
     student, _ = load_grafted(r.path("student.safetensors"), r.device)
     r.evals["grafted"] = r.timed("eval", lambda: sample_and_evaluate(student, out, r.protocol, r.device, r.progress,
-                                                                      tag="grafted"))
-    if "teacher" in baselines:
+                                                                      tag="grafted", **hooks))
+    if "teacher" in ev.baselines:
         r.evals["teacher"] = _teacher_metrics(r.teacher, r.recipe.teacher.source, r.protocol, r.run_dir, r.device,
-                                              r.progress)
-    if "random_init" in baselines:
+                                              r.progress, **hooks)
+    if "random_init" in ev.baselines:
         base, _ = load_grafted(r.path("baseline_random", "student.safetensors"), r.device)
-        r.evals["random_init"] = sample_and_evaluate(base, out, r.protocol, r.device, r.progress, tag="random_init")
+        r.evals["random_init"] = sample_and_evaluate(base, out, r.protocol, r.device, r.progress, tag="random_init",
+                                                     **hooks)
 
 
 def _report(r: Run) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from ditgraft.graft.layers import resolve_layers
 from ditgraft.models.adapters import get_slot, model_dims, set_slot
 from ditgraft.models.checkpoints import load_dit, read_metadata, save_safetensors
+from ditgraft.models.diffusers_dit import is_diffusers_source
 from ditgraft.models.dit import DiT
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
@@ -121,7 +122,7 @@ def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
 
 def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """A teacher name/path or a grafted checkpoint or a run directory -> (model, metadata)."""
-    if os.path.isdir(source):
+    if os.path.isdir(source) and not is_diffusers_source(source):
         for name in ("student.safetensors", "model.safetensors"):
             if os.path.exists(os.path.join(source, name)):
                 return load_any(os.path.join(source, name), map_location)
