@@ -38,7 +38,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 
 def test_graft_model_takes_a_recipe_or_arguments():
     import ditgraft
-    from conftest import tiny_dit
+    from helpers import tiny_dit
 
     model = tiny_dit(depth=4)
     a = ditgraft.graft_model(model, operator="mlp", layers=[0, 2], options={"ratio": 2})

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from conftest import tiny_dit  # noqa: E402
+from helpers import tiny_dit  # noqa: E402
 
 
 def _random_diffusers_dit(seed: int = 0):

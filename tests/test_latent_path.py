@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from conftest import tiny_dit  # noqa: E402
+from helpers import tiny_dit  # noqa: E402
 from latent_helpers import TinyFeatures, tiny_vae, write_image_folder  # noqa: E402
 
 

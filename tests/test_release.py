@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_dit
+from helpers import tiny_dit
 
 
 def _release(tmp_path, slot="attn", operator="hyena_x", release=("mha", "hyena_x"), options=None, layers=(1, 3)):
