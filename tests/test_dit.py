@@ -87,7 +87,8 @@ def test_forward_matches_upstream_golden():
         out = model(x, t, y)
         out_cfg = model.forward_with_cfg(x, t, torch.from_numpy(io["y_cfg"]), 4.0)
     torch.testing.assert_close(out, torch.from_numpy(io["out"]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_cfg, torch.from_numpy(io["out_cfg"]), atol=1e-5, rtol=1e-5)
+    # guidance scale 4 multiplies the conditional/unconditional difference, and with it float32 rounding
+    torch.testing.assert_close(out_cfg, torch.from_numpy(io["out_cfg"]), atol=4e-5, rtol=4e-5)
     assert out.abs().max() > 1.0  # the golden output is not trivially zero
 
 
@@ -101,7 +102,9 @@ def test_pos_embed_matches_upstream_golden():
 def test_timestep_embedding_matches_upstream_and_divides_by_half():
     io = np.load(os.path.join(FIXTURES, "tiny_dit_io.npz"))
     emb = TimestepEmbedder.timestep_embedding(torch.from_numpy(io["temb_t"]), 256)
-    torch.testing.assert_close(emb, torch.from_numpy(io["temb"]), atol=1e-6, rtol=0)
+    # float32 arguments t * freq near t = 999 are spaced 6.1e-5 apart, so two correct float32 sin/cos
+    # implementations (vectorised or libm, chosen by the CPU) may differ by up to that much there
+    torch.testing.assert_close(emb, torch.from_numpy(io["temb"]), atol=1e-4, rtol=0)
     # t = 1: the sin half is sin(freqs), freqs <= 1, so arcsin recovers the frequencies exactly
     freqs = torch.arcsin(TimestepEmbedder.timestep_embedding(torch.tensor([1.0]), 256)[0, 128:].double())
     expected = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
