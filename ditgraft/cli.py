@@ -41,19 +41,26 @@ def cmd_pretrain(args) -> None:
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, seed=args.seed,
                       decay_steps=args.decay_steps)
+    from ditgraft.distributed import is_main
+
     out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, _device(args))
-    print(f"pretrained model (EMA weights): {out}")
+    if is_main():
+        print(f"pretrained model (EMA weights): {out}")
 
 
 def cmd_graft(args) -> None:
+    from ditgraft.distributed import is_main
     from ditgraft.graft.pipeline import STAGES, run_graft
     from ditgraft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     run_dir = args.run_dir or os.path.join("runs", recipe.name)
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet)
-    _print_summary(run_dir)
+    main = is_main()  # under torchrun rank 0 alone prints (and writes)
+    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet and main,
+              log=print if main else lambda *_: None)
+    if main:
+        _print_summary(run_dir)
 
 
 def _print_summary(run_dir: str) -> None:
@@ -89,8 +96,8 @@ def cmd_recipes(args) -> None:
 def cmd_sample(args) -> None:
     from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.adm import save_samples_npz
-    from ditgraft.eval.sampling import generate, save_grid
-    from ditgraft.train.loop import dist_info
+    from ditgraft.distributed import rank_world
+    from ditgraft.eval.sampling import gather_samples, generate, save_grid
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
@@ -98,45 +105,17 @@ def cmd_sample(args) -> None:
     if model.in_channels not in (1, 3):
         raise ValueError(f"model has {model.in_channels} channels (latent space): decode with a VAE before saving "
                          "images; ditgraft samples pixel-space models directly")
-    rank, world = dist_info()
+    rank, world = rank_world()
     images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
-                              rank=rank, world=world, progress=True)
-    os.makedirs(args.out, exist_ok=True)
-    if world > 1:
-        import torch.distributed as dist
-
-        save_samples_npz(os.path.join(args.out, f"part{rank}.npz"), images, labels)
-        dist.barrier()
-        if rank != 0:
-            return
-        images, labels = _merge_parts(args.out, world, args.batch_size)
+                              rank=rank, world=world, progress=rank == 0)
+    gathered = gather_samples(args.out, images, labels, args.batch_size)
+    if gathered is None:  # not rank 0: rank 0 writes the files
+        return
+    images, labels = gathered
     path = save_samples_npz(os.path.join(args.out, "samples.npz"), images, labels)
     order = labels[:100].argsort(kind="stable")
     save_grid(os.path.join(args.out, "samples.png"), images[:100][order])
     print(f"{len(images)} samples: {path} and {os.path.join(args.out, 'samples.png')}")
-
-
-def _merge_parts(out: str, world: int, batch_size: int):
-    """Rank r holds batches r, r+world, ...; put them back in batch order."""
-    import numpy as np
-
-    from ditgraft.eval.adm import load_samples_npz
-
-    parts = [load_samples_npz(os.path.join(out, f"part{r}.npz")) for r in range(world)]
-    imgs, labs = [], []
-    b = 0
-    while True:
-        r, k = b % world, b // world
-        im, lb = parts[r]
-        chunk = slice(k * batch_size, (k + 1) * batch_size)
-        if chunk.start >= len(im):
-            break
-        imgs.append(im[chunk])
-        labs.append(lb[chunk])
-        b += 1
-    for r in range(world):
-        os.remove(os.path.join(out, f"part{r}.npz"))
-    return np.concatenate(imgs), np.concatenate(labs)
 
 
 def cmd_eval(args) -> None:
@@ -304,11 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA, gloo on CPU."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA (each rank on GPU LOCAL_RANK, which
+    'cuda' then means), gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict
 import torch
 import yaml
 
+from ditgraft.distributed import on_main
 from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
@@ -64,12 +65,16 @@ def _analysis(teacher, run_dir: str, device, log) -> dict:
     from ditgraft.eval.analysis import analyze_model, write_analysis_report
 
     path = os.path.join(run_dir, "analysis", "analysis.json")
-    if os.path.exists(path):
-        return read_json(path)
-    log("analysis: attention locality of the teacher (for the layer selectors)")
-    result = analyze_model(teacher, num_samples=50, steps=10, device=device)
-    write_analysis_report(result, os.path.join(run_dir, "analysis"))
-    return result
+
+    def run() -> dict:  # rank 0's analysis, shared with the other ranks
+        if os.path.exists(path):
+            return read_json(path)
+        log("analysis: attention locality of the teacher (for the layer selectors)")
+        result = analyze_model(teacher, num_samples=50, steps=10, device=device)
+        write_analysis_report(result, os.path.join(run_dir, "analysis"))
+        return result
+
+    return on_main(run)
 
 
 def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[int, dict[int, float]]:
@@ -93,14 +98,14 @@ def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[in
 
 def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> list[ResolvedGraft]:
     path = os.path.join(run_dir, "plan.json")
-    if os.path.exists(path):
+    if on_main(lambda: os.path.exists(path)):
         return [ResolvedGraft(**g) for g in read_json(path)["grafts"]]
     analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "most_local", "least_local") or any(
         isinstance(g.layers, LayerSelector) and g.layers.select == "auto" and g.layers.by == "locality"
         for g in recipe.grafts) else None
     probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "auto") else None
     grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
-    atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes})
+    on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))
     return grafts
 
 
@@ -159,7 +164,11 @@ def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, dev
 
 def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
               log=print) -> dict:
-    """Run the recipe's stages in ``run_dir``; returns the report dict."""
+    """Run the recipe's stages in ``run_dir``; returns the report dict.
+
+    Under torchrun every rank runs this: the training stages are data parallel, sampling is shared out, and rank 0
+    alone writes files while the others wait (``on_main``); whether a stage is complete is rank 0's view of the
+    run directory, so every rank skips or resumes the same stages."""
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"stage={s!r} is not allowed; use some of {STAGES}")
@@ -172,7 +181,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         if previous != recipe.to_dict():
             raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
     else:
-        atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        on_main(lambda: atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False)))
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
@@ -185,7 +194,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         t0 = time.time()
         out = fn()
         timings[name] = timings.get(name, 0.0) + time.time() - t0
-        atomic_write_json(os.path.join(run_dir, "timings.json"), timings)
+        on_main(lambda: atomic_write_json(os.path.join(run_dir, "timings.json"), timings))
         return out
 
     @functools.cache
@@ -193,23 +202,24 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         return compute_accounting(teacher, teacher_meta, grafts, recipe, graft_model(teacher, grafts, recipe.seed))
 
     s1_dir = os.path.join(run_dir, "stage1")
-    if "stage1" in stages and recipe.stage1.enabled and not os.path.exists(os.path.join(s1_dir, "summary.json")):
+    if "stage1" in stages and recipe.stage1.enabled and not on_main(
+            lambda: os.path.exists(os.path.join(s1_dir, "summary.json"))):
         c = recipe.stage1
         x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, recipe.seed)
         timed("stage1", lambda: run_stage1(teacher, grafts, c, x, y, xv, yv, s1_dir, recipe.seed, dev,
                                            progress=progress, log=log))
-    if "stage2" in stages and not os.path.exists(student_path):
+    if "stage2" in stages and not on_main(lambda: os.path.exists(student_path)):
         student = _train_student(recipe, teacher, grafts, run_dir, dev, progress,
                                  s1_dir if recipe.stage1.enabled else None, timed, "stage2")
-        save_grafted(student_path, student, grafts, recipe.to_dict(), teacher_meta)
+        on_main(lambda: save_grafted(student_path, student, grafts, recipe.to_dict(), teacher_meta))
     if "random_init" in recipe.eval.baselines and "stage2" in stages:
         path = os.path.join(run_dir, "baseline_random", "student.safetensors")
-        if not os.path.exists(path):
+        if not on_main(lambda: os.path.exists(path)):
             steps = accounting()["random_init_stage2_steps"]
             log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
             student = _train_student(recipe, teacher, grafts, os.path.join(run_dir, "baseline_random"), dev,
                                      progress, None, timed, "baseline_random", steps=steps)
-            save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta)
+            on_main(lambda: save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta))
     evals = {}
     protocol = Protocol(num=recipe.eval.num, sampler=recipe.eval.sampler, steps=recipe.eval.steps,
                         cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
@@ -218,7 +228,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         card = _testbed_card_metrics(recipe.teacher.source, protocol)
         if "teacher" in recipe.eval.baselines and card is not None:
             evals["teacher"] = card
-    if "eval" in stages and recipe.eval.enabled and os.path.exists(student_path):
+    if "eval" in stages and recipe.eval.enabled and on_main(lambda: os.path.exists(student_path)):
         if teacher.in_channels not in (1, 3):
             log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
         else:
@@ -235,7 +245,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     if "report" in stages:
         from ditgraft.graft.report import write_report
 
-        report = write_report(run_dir, recipe, grafts, evals, accounting(), timings)
+        report = on_main(lambda: write_report(run_dir, recipe, grafts, evals, accounting(), timings))
     return report
 
 
