@@ -88,6 +88,24 @@ def cmd_demo(args) -> None:
 def cmd_recipes(args) -> None:
     from ditgraft.recipe import bundled_recipes, load_recipe
 
+    if args.show:
+        import yaml
+
+        from ditgraft.train.memory import format_stage2_memory
+
+        recipe = load_recipe(args.show)
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        t = recipe.teacher
+        name = "testbed" if t.source == "testbed" else t.model
+        if name is None:
+            print("# stage 2 memory: set teacher.model (a size name) to see the estimate")
+        elif recipe.stage2.enabled:
+            from ditgraft.models.dit import build_dit
+
+            with torch.device("meta"):  # the architecture alone: no memory, no weights
+                teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
+            print("# " + format_stage2_memory(teacher, recipe.stage2, args.gpus))
+        return
     for name in bundled_recipes():
         r = load_recipe(name)
         print(f"{name:32s} {r.description.splitlines()[0] if r.description else ''}")
@@ -208,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
 
-    add("recipes", cmd_recipes, "list bundled recipes")
+    s = add("recipes", cmd_recipes, "list bundled recipes, or show one with its expected stage-2 memory per GPU")
+    s.add_argument("--show", default=None, metavar="RECIPE", help="print a recipe (name or path), validated")
+    s.add_argument("--gpus", type=int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")

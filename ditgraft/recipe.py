@@ -109,6 +109,9 @@ class Stage1(Strict):
     ram_budget_gb: float = Field(default=4.0, gt=0)
     cache_dtype: Literal["float32", "float16"] = "float32"
     extract_batch_size: int = Field(default=100, ge=1)
+    # scale settings of the shared loop: bf16 autocast (CUDA only), micro-batches per rank and step
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)
 
 
 class Stage2(Strict):
@@ -123,6 +126,11 @@ class Stage2(Strict):
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     grad_clip: float | None = Field(default=10.0, gt=0)
     ckpt_every: int = Field(default=50, ge=1)
+    # scale settings of the shared loop: bf16 autocast (CUDA only), micro-batches per rank and step, and
+    # recomputing each DiT block in backward instead of storing its activations
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)
+    activation_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _decay_fits(self):

@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 import yaml
 
-from ditgraft.distributed import on_main
+from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
@@ -28,6 +28,7 @@ from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, res
 from ditgraft.models.adapters import model_dims
 from ditgraft.models.checkpoints import load_dit
 from ditgraft.recipe import LayerSelector, Recipe
+from ditgraft.train.memory import format_stage2_memory
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
 
 STAGES = ("stage1", "stage2", "eval", "report")
@@ -209,6 +210,8 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         timed("stage1", lambda: run_stage1(teacher, grafts, c, x, y, xv, yv, s1_dir, recipe.seed, dev,
                                            progress=progress, log=log))
     if "stage2" in stages and not on_main(lambda: os.path.exists(student_path)):
+        if recipe.stage2.enabled:
+            log(format_stage2_memory(teacher, recipe.stage2, rank_world()[1]))
         student = _train_student(recipe, teacher, grafts, run_dir, dev, progress,
                                  s1_dir if recipe.stage1.enabled else None, timed, "stage2")
         on_main(lambda: save_grafted(student_path, student, grafts, recipe.to_dict(), teacher_meta))

@@ -263,7 +263,8 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
 
     loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, ema_decay=None, grad_clip=cfg.grad_clip,
-                      ckpt_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 5), seed=seed, progress=progress)
+                      ckpt_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 5), seed=seed, progress=progress,
+                      precision=cfg.precision, grad_accum_steps=cfg.grad_accum_steps)
     clip_groups = [list(op.parameters()) for op in bank.ops.values()]
     result = train(bank, step_fn, data, loop, os.path.join(run_dir, "loop"), desc="stage1",
                    clip_groups=clip_groups, evaluate=evaluate, eval_every=cfg.eval_every)

@@ -15,7 +15,9 @@ def stage2_loop_config(cfg, seed: int, progress: bool = True) -> LoopConfig:
     return LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps, ema_decay=cfg.ema_decay,
                       grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every,
-                      log_every=max(1, min(10, cfg.steps // 20)), seed=seed, progress=progress)
+                      log_every=max(1, min(10, cfg.steps // 20)), seed=seed, progress=progress,
+                      precision=cfg.precision, grad_accum_steps=cfg.grad_accum_steps,
+                      activation_checkpointing=cfg.activation_checkpointing)
 
 
 def run_stage2(student: nn.Module, cfg, x0: torch.Tensor, y: torch.Tensor, run_dir: str, seed: int,
