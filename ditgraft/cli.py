@@ -137,6 +137,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from ditgraft.distributed import is_main
     from ditgraft.eval.evaluate import evaluate_samples, protocol_for, real_data_floor, sample_and_evaluate
 
     if args.floor:
@@ -149,9 +150,11 @@ def cmd_eval(args) -> None:
         model, _ = _load_model(args.target, device)
         out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
         protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
-        result = sample_and_evaluate(model, out, protocol, device)
-        print(f"samples and metrics in {out}")
-    print(json.dumps(result, indent=2))
+        result = sample_and_evaluate(model, out, protocol, device)  # under torchrun: seeds shared out, rank 0 writes
+        if is_main():
+            print(f"samples and metrics in {out}")
+    if is_main():
+        print(json.dumps(result, indent=2))
 
 
 def cmd_analyze(args) -> None:
