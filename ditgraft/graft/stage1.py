@@ -88,23 +88,26 @@ def noised_inputs(x0: torch.Tensor, y: torch.Tensor, seed: int) -> Stage1Inputs:
 
 
 def memory_plan(grafts: list[ResolvedGraft], dims, samples: int, val_samples: int, dtype: str,
-                budget_gb: float, mode: str) -> dict:
-    """Bytes needed to cache every slot's input and output; picks memory or disk when mode is 'auto'."""
+                budget_gb: float, mode: str, copies: int = 1) -> dict:
+    """Bytes needed to cache every slot's input and output; picks memory or disk when mode is 'auto'.
+    ``copies``: processes on this host that each hold the whole in-memory cache (torchrun's ranks per node; the
+    disk cache is one set of files whose pages they share)."""
     el = 2 if dtype == "float16" else 4
     per_slot = (samples + val_samples) * dims.grid[0] * dims.grid[1] * dims.dim * 2 * el
     total = per_slot * len(grafts)
     chosen = mode
     if mode == "auto":
-        chosen = "memory" if total <= budget_gb * 2**30 else "disk"
+        chosen = "memory" if total * copies <= budget_gb * 2**30 else "disk"
     return {"mode": chosen, "bytes_per_slot": per_slot, "bytes_total": total, "budget_bytes": int(budget_gb * 2**30),
-            "slots": len(grafts), "samples": samples, "val_samples": val_samples, "dtype": dtype}
+            "slots": len(grafts), "samples": samples, "val_samples": val_samples, "dtype": dtype, "copies": copies}
 
 
 def format_plan(plan: dict) -> str:
     gb = 2**30
+    copies = f" x {plan['copies']} ranks on this host in memory" if plan.get("copies", 1) > 1 else ""
     return (f"stage 1 plan: {plan['slots']} slots x {plan['samples']}+{plan['val_samples']} samples, "
             f"{plan['bytes_per_slot'] / gb:.2f} GiB per slot ({plan['dtype']}), {plan['bytes_total'] / gb:.2f} GiB "
-            f"in all vs budget {plan['budget_bytes'] / gb:.2f} GiB -> {plan['mode']}")
+            f"in all{copies} vs budget {plan['budget_bytes'] / gb:.2f} GiB -> {plan['mode']}")
 
 
 @torch.no_grad()
@@ -215,7 +218,8 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
     dims = model_dims(teacher)
-    plan = memory_plan(grafts, dims, len(x0), len(x0_val), cfg.cache_dtype, cfg.ram_budget_gb, cfg.cache)
+    plan = memory_plan(grafts, dims, len(x0), len(x0_val), cfg.cache_dtype, cfg.ram_budget_gb, cfg.cache,
+                       copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
     log(format_plan(plan))
     dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
     val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2)

@@ -205,6 +205,7 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     if cfg.batch_size % (world * cfg.grad_accum_steps):
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world} times "
                          f"grad_accum_steps={cfg.grad_accum_steps}")
+    _apply_scale_settings(model, cfg, next(model.parameters()).device)
     n = len(data[0])
     if any(len(d) != n for d in data):
         raise ValueError("all data tensors must have the same length")
@@ -227,7 +228,6 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
         return LoopResult(model, ema, 0, start, history)
 
     device = next(model.parameters()).device
-    _apply_scale_settings(model, cfg, device)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
@@ -304,22 +304,20 @@ def _forward_backward(net: nn.Module, step_fn: StepFn, batch: tuple, cfg: LoopCo
     and the returned numbers equal one pass over the whole share up to float rounding, for a step function that
     returns row means (every loss in ditgraft does). DDP all-reduces once, after the last micro-batch. A step
     function that draws t and noise makes its draws per micro-batch, so those are different draws."""
-    n = len(batch[0])
-    bounds = [(n * i // cfg.grad_accum_steps, n * (i + 1) // cfg.grad_accum_steps)
-              for i in range(cfg.grad_accum_steps)]
+    n, k = len(batch[0]), cfg.grad_accum_steps
     totals: dict[str, torch.Tensor] = {}
-    for i, (lo, hi) in enumerate(bounds):
-        last = i == len(bounds) - 1
+    for i in range(k):
+        lo, hi = n * i // k, n * (i + 1) // k
+        last = i == k - 1
         sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last else nullcontext()
+        weight = (hi - lo) / n  # 1.0 without accumulation: the plain step, bit for bit
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = step_fn(net, tuple(b[lo:hi] for b in batch))
-            weight = (hi - lo) / n
-            (out["loss"].float() * weight if cfg.grad_accum_steps > 1 else out["loss"]).backward()
-        for k, v in out.items():
-            v = v.detach().float() * weight
-            totals[k] = totals[k] + v if k in totals else v
-    return totals if cfg.grad_accum_steps > 1 else out
+            (out["loss"].float() * weight).backward()
+        for key, v in out.items():
+            totals[key] = totals.get(key, 0.0) + v.detach().float() * weight
+    return totals
 
 
 def _mean_over_ranks(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -41,7 +41,8 @@ def dit_training_memory(params: int, trainable: int, tokens: int, dim: int, dept
     """Bytes on one GPU while training a DiT of ``params`` weights (``trainable`` of them trained) on
     ``micro_batch`` samples of ``tokens`` x ``dim`` at a time (global batch / GPUs / grad_accum_steps)."""
     if precision not in ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK:
-        raise ValueError(f"precision={precision!r} is not allowed; use one of {tuple(ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK)}")
+        allowed = tuple(ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK)
+        raise ValueError(f"precision={precision!r} is not allowed; use one of {allowed}")
     if micro_batch < 1:
         raise ValueError(f"micro_batch={micro_batch} must be >= 1")
     per_block = ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK[precision] * micro_batch * tokens * dim
@@ -54,7 +55,9 @@ def dit_training_memory(params: int, trainable: int, tokens: int, dim: int, dept
 
 
 def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
-    """The estimate for a recipe's stage 2 (``cfg``) on ``world`` GPUs; also returns the micro-batch per GPU."""
+    """The estimate for a recipe's stage 2 (``cfg``) on ``world`` GPUs; also returns the micro-batch per GPU.
+    ``student`` may be the teacher (or its architecture on the meta device): the operators change the parameter
+    count by a few percent."""
     from ditgraft.models.adapters import model_dims
 
     dims = model_dims(student)
