@@ -40,7 +40,8 @@ def cmd_pretrain(args) -> None:
 
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, seed=args.seed,
-                      decay_steps=args.decay_steps)
+                      decay_steps=args.decay_steps, precision=args.precision,
+                      grad_accum_steps=args.grad_accum_steps, activation_checkpointing=args.activation_checkpointing)
     from ditgraft.distributed import is_main
 
     out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, _device(args))
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt-every", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, CUDA only")
+    s.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per step (default 1)")
+    s.add_argument("--activation-checkpointing", action="store_true", help="recompute DiT blocks in backward")
 
     def sampling_args(s, num=100):
         s.add_argument("--num-samples", type=int, default=num)

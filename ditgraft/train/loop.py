@@ -227,13 +227,13 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     if start >= cfg.steps:
         return LoopResult(model, ema, 0, start, history)
 
-    device = next(model.parameters()).device
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
         if ema is not None and start == 0:
             ema.load_state_dict(model.state_dict())
     model.train()
+    device = next(model.parameters()).device
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress or rank != 0,
                dynamic_ncols=True, leave=False)
     t0, samples_since = time.time(), 0
