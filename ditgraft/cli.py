@@ -48,20 +48,28 @@ def cmd_pretrain(args) -> None:
 
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, seed=args.seed,
-                      decay_steps=args.decay_steps)
+                      decay_steps=args.decay_steps, precision=args.precision,
+                      grad_accum_steps=args.grad_accum_steps, activation_checkpointing=args.activation_checkpointing)
+    from ditgraft.distributed import is_main
+
     out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, _device(args))
-    print(f"pretrained model (EMA weights): {out}")
+    if is_main():
+        print(f"pretrained model (EMA weights): {out}")
 
 
 def cmd_graft(args) -> None:
+    from ditgraft.distributed import is_main
     from ditgraft.graft.pipeline import STAGES, run_graft
     from ditgraft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     run_dir = args.run_dir or os.path.join("runs", recipe.name)
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet)
-    _print_summary(run_dir)
+    main = is_main()  # under torchrun rank 0 alone prints (and writes)
+    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet and main,
+              log=print if main else lambda *_: None)
+    if main:
+        _print_summary(run_dir)
 
 
 def _print_summary(run_dir: str) -> None:
@@ -92,7 +100,20 @@ def cmd_recipes(args) -> None:
     from ditgraft.recipe import bundled_recipes, load_recipe
 
     if args.show:
-        print(yaml.safe_dump(load_recipe(args.show).to_dict(), sort_keys=False), end="")
+        from ditgraft.train.memory import format_stage2_memory
+
+        recipe = load_recipe(args.show)
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        t = recipe.teacher
+        name = "testbed" if t.source == "testbed" else t.model
+        if name is None:
+            print("# stage 2 memory: set teacher.model (a size name) to see the estimate")
+        elif recipe.stage2.enabled:
+            from ditgraft.models.dit import build_dit
+
+            with torch.device("meta"):  # the architecture alone: no memory, no weights
+                teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
+            print("# " + format_stage2_memory(teacher, recipe.stage2, args.gpus))
         return
     for name in bundled_recipes():
         r = load_recipe(name)
@@ -102,8 +123,8 @@ def cmd_recipes(args) -> None:
 def cmd_sample(args) -> None:
     from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.adm import save_samples_npz
-    from ditgraft.eval.sampling import generate, save_grid, save_pngs
-    from ditgraft.train.loop import dist_info
+    from ditgraft.distributed import rank_world
+    from ditgraft.eval.sampling import gather_samples, generate, save_grid, save_pngs
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
@@ -118,18 +139,13 @@ def cmd_sample(args) -> None:
         from ditgraft.data.vae import latent_decoder, load_vae
 
         decode = latent_decoder(load_vae(args.vae, device=device))
-    rank, world = dist_info()
+    rank, world = rank_world()
     images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
-                              rank=rank, world=world, decode=decode, progress=True)
-    os.makedirs(args.out, exist_ok=True)
-    if world > 1:
-        import torch.distributed as dist
-
-        save_samples_npz(os.path.join(args.out, f"part{rank}.npz"), images, labels)
-        dist.barrier()
-        if rank != 0:
-            return
-        images, labels = _merge_parts(args.out, world, args.batch_size)
+                              rank=rank, world=world, decode=decode, progress=rank == 0)
+    gathered = gather_samples(args.out, images, labels, args.batch_size)
+    if gathered is None:  # not rank 0: rank 0 writes the files
+        return
+    images, labels = gathered
     path = save_samples_npz(os.path.join(args.out, "samples.npz"), images, labels)
     order = labels[:100].argsort(kind="stable")
     save_grid(os.path.join(args.out, "samples.png"), images[:100][order])
@@ -141,10 +157,10 @@ def cmd_sample(args) -> None:
 
 def cmd_encode(args) -> None:
     from ditgraft.data.vae import encode_folder, load_vae
-    from ditgraft.train.loop import dist_info
+    from ditgraft.distributed import rank_world
 
     device = _device(args)
-    rank, world = dist_info()
+    rank, world = rank_world()
     vae = load_vae(args.vae, device=device)
     out = encode_folder(args.image_dir, vae, args.out, image_size=args.image_size, flip=args.flip,
                         batch_size=args.batch_size, seed=args.seed, per_class=args.per_class, rank=rank, world=world,
@@ -168,30 +184,8 @@ def cmd_export_diffusers(args) -> None:
     print(f"diffusers pipeline folder: {out}")
 
 
-def _merge_parts(out: str, world: int, batch_size: int):
-    """Rank r holds batches r, r+world, ...; put them back in batch order."""
-    import numpy as np
-
-    from ditgraft.eval.adm import load_samples_npz
-
-    parts = [load_samples_npz(os.path.join(out, f"part{r}.npz")) for r in range(world)]
-    imgs, labs = [], []
-    b = 0
-    while True:
-        r, k = b % world, b // world
-        im, lb = parts[r]
-        chunk = slice(k * batch_size, (k + 1) * batch_size)
-        if chunk.start >= len(im):
-            break
-        imgs.append(im[chunk])
-        labs.append(lb[chunk])
-        b += 1
-    for r in range(world):
-        os.remove(os.path.join(out, f"part{r}.npz"))
-    return np.concatenate(imgs), np.concatenate(labs)
-
-
 def cmd_eval(args) -> None:
+    from ditgraft.distributed import is_main
     from ditgraft.eval.evaluate import evaluate_samples, protocol_for, real_data_floor, sample_and_evaluate
 
     if args.floor:
@@ -207,9 +201,11 @@ def cmd_eval(args) -> None:
                              "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
         out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
         protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
-        result = sample_and_evaluate(model, out, protocol, device)
-        print(f"samples and metrics in {out}")
-    print(json.dumps(result, indent=2))
+        result = sample_and_evaluate(model, out, protocol, device)  # under torchrun: seeds shared out, rank 0 writes
+        if is_main():
+            print(f"samples and metrics in {out}")
+    if is_main():
+        print(json.dumps(result, indent=2))
 
 
 def cmd_analyze(args) -> None:
@@ -276,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
 
-    s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in)")
+    s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
+                                    "expected stage-2 memory per GPU")
     s.add_argument("--show", metavar="RECIPE", default=None, help="print this recipe (name or path), resolved")
+    s.add_argument("--gpus", type=int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
@@ -294,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt-every", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, CUDA only")
+    s.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per step (default 1)")
+    s.add_argument("--activation-checkpointing", action="store_true", help="recompute DiT blocks in backward")
 
     def sampling_args(s, num=100):
         s.add_argument("--num-samples", type=int, default=num)
@@ -379,11 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA, gloo on CPU."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA (each rank on GPU LOCAL_RANK, which
+    'cuda' then means), gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 

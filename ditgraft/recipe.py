@@ -188,13 +188,17 @@ class Stage1(Strict):
     ram_budget_gb: float = Field(default=4.0, gt=0)
     cache_dtype: Literal["float32", "float16"] = "float32"
     extract_batch_size: int = Field(default=100, ge=1)
+    # scale settings of the shared loop: bf16 autocast (CUDA only), micro-batches per rank and step
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)
 
     def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:
         """The training loop's settings for stage 1 (validation and the best-operator check every eval_every)."""
         return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                           warmup_steps=self.warmup_steps, schedule=self.schedule, ema_decay=None,
                           grad_clip=self.grad_clip, ckpt_every=self.eval_every,
-                          log_every=max(1, self.eval_every // 5), seed=seed, progress=progress)
+                          log_every=max(1, self.eval_every // 5), seed=seed, progress=progress,
+                          precision=self.precision, grad_accum_steps=self.grad_accum_steps)
 
 
 class Stage2(Strict):
@@ -209,6 +213,11 @@ class Stage2(Strict):
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     grad_clip: float | None = Field(default=10.0, gt=0)
     ckpt_every: int = Field(default=50, ge=1)
+    # scale settings of the shared loop: bf16 autocast (CUDA only), micro-batches per rank and step, and
+    # recomputing each DiT block in backward instead of storing its activations
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)
+    activation_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _decay_fits(self):
@@ -222,7 +231,9 @@ class Stage2(Strict):
         return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                           warmup_steps=self.warmup_steps, decay_steps=self.decay_steps, ema_decay=self.ema_decay,
                           grad_clip=self.grad_clip, ckpt_every=self.ckpt_every,
-                          log_every=max(1, min(10, self.steps // 20)), seed=seed, progress=progress)
+                          log_every=max(1, min(10, self.steps // 20)), seed=seed, progress=progress,
+                          precision=self.precision, grad_accum_steps=self.grad_accum_steps,
+                          activation_checkpointing=self.activation_checkpointing)
 
 
 class Evaluation(Strict):

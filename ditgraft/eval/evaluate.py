@@ -20,7 +20,7 @@ import torch
 
 from ditgraft.diffusion.samplers import SamplingConfig
 from ditgraft.eval import adm, metrics
-from ditgraft.eval.sampling import generate, save_grid
+from ditgraft.eval.sampling import gather_samples, generate, save_grid
 from ditgraft.utils import atomic_write_json
 
 
@@ -169,19 +169,36 @@ def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOC
                         progress: bool = True, tag: str = "samples", decode=None, evaluate=None) -> dict:
     """Run the protocol: write ``{tag}.npz``, ``{tag}.png`` (first 100) and ``{tag}_metrics.json`` in out_dir.
     Skipped (metrics read back) when the metrics file exists for the same protocol. ``decode`` (latents -> images)
-    and ``evaluate`` ((images, labels) -> metrics; default the testbed metrics) come from ``eval_hooks``."""
+    and ``evaluate`` ((images, labels) -> metrics; default the testbed metrics) come from ``eval_hooks``. Under
+    torchrun the sample batches are shared out over the ranks and gathered on rank 0, which alone writes; every rank
+    returns the metrics."""
+    from ditgraft.distributed import on_main, rank_world
+
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
-    if os.path.exists(metrics_path):
+
+    def cached() -> dict | None:
         from ditgraft.utils import read_json
 
-        cached = read_json(metrics_path)
-        if cached.get("protocol") == asdict(protocol):
-            return cached
+        row = read_json(metrics_path) if os.path.exists(metrics_path) else {}
+        return row if row.get("protocol") == asdict(protocol) else None
+
+    done = on_main(cached)
+    if done is not None:
+        return done
+    rank, world = rank_world()
     t0 = time.time()
     images, labels = generate(model, protocol.num, protocol.sampling(), seed=protocol.seed,
-                              batch_size=protocol.batch_size, device=device, decode=decode, progress=progress)
+                              batch_size=protocol.batch_size, device=device, rank=rank, world=world, decode=decode,
+                              progress=progress and rank == 0)
     wall = time.time() - t0
+    gathered = gather_samples(out_dir, images, labels, protocol.batch_size)
+    return on_main(lambda: _write_evaluation(out_dir, tag, *gathered, protocol, wall, evaluate))
+
+
+def _write_evaluation(out_dir: str, tag: str, images: np.ndarray, labels: np.ndarray, protocol: Protocol,
+                      wall: float, evaluate=None) -> dict:
+    metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
     adm.save_samples_npz(os.path.join(out_dir, f"{tag}.npz"), images, labels)
     order = np.argsort(labels[:100] if len(labels) >= 100 else labels, kind="stable")
     save_grid(os.path.join(out_dir, f"{tag}.png"), images[:100][order])

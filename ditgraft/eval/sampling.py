@@ -51,6 +51,38 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
     return np.concatenate(images), np.concatenate(labels)
 
 
+def gather_samples(out_dir: str, images: np.ndarray, labels: np.ndarray, batch_size: int):
+    """Under torchrun, the batches of ``generate`` from every rank back in batch order on rank 0 (None on the
+    others). Each rank writes ``part{rank}.npz`` in ``out_dir`` (no large objects through the process group);
+    rank 0 merges and removes them. One process: (images, labels) as given."""
+    from ditgraft.distributed import barrier, rank_world
+    from ditgraft.eval.adm import load_samples_npz, save_samples_npz
+
+    rank, world = rank_world()
+    if world == 1:
+        return images, labels
+    os.makedirs(out_dir, exist_ok=True)
+    if len(images):  # a rank can have no batch (fewer batches than ranks)
+        save_samples_npz(os.path.join(out_dir, f"part{rank}.npz"), images, labels)
+    barrier()
+    if rank != 0:
+        barrier()  # rank 0 has read the parts
+        return None
+    files = [os.path.join(out_dir, f"part{r}.npz") for r in range(world)]
+    parts = [load_samples_npz(f) if os.path.exists(f) else (images[:0], labels[:0]) for f in files]
+    imgs, labs = [], []
+    for b in range(sum(math.ceil(len(im) / batch_size) for im, _ in parts)):
+        im, lb = parts[b % world]  # rank r generated batches r, r + world, ...
+        chunk = slice((b // world) * batch_size, (b // world + 1) * batch_size)
+        imgs.append(im[chunk])
+        labs.append(lb[chunk])
+    for f in files:
+        if os.path.exists(f):
+            os.remove(f)
+    barrier()
+    return np.concatenate(imgs), np.concatenate(labs)
+
+
 def save_grid(path: str, images: np.ndarray, nrow: int = 10) -> None:
     """uint8 NHWC -> one PNG grid (matplotlib, no torchvision)."""
     import matplotlib

@@ -22,6 +22,7 @@ import yaml
 
 from ditgraft.analysis.locality import analyze_model, write_analysis_report
 from ditgraft.data.images import load_dataset
+from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.layers import selector_needs
@@ -32,6 +33,7 @@ from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, res
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.checkpoints import ASSETS, load_dit
 from ditgraft.recipe import Data, Recipe
+from ditgraft.train.memory import format_stage2_memory
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
 
 STAGES = ("stage1", "stage2", "eval", "report")
@@ -76,12 +78,16 @@ def _needs(recipe: Recipe, need: str) -> bool:
 
 def _analysis(teacher, run_dir: str, device, log) -> dict:
     path = os.path.join(run_dir, "analysis", "analysis.json")
-    if os.path.exists(path):
-        return read_json(path)
-    log("analysis: attention locality of the teacher (for the layer selectors)")
-    result = analyze_model(teacher, num_samples=50, steps=10, device=device)
-    write_analysis_report(result, os.path.join(run_dir, "analysis"))
-    return result
+
+    def run() -> dict:  # rank 0's analysis, shared with the other ranks
+        if os.path.exists(path):
+            return read_json(path)
+        log("analysis: attention locality of the teacher (for the layer selectors)")
+        result = analyze_model(teacher, num_samples=50, steps=10, device=device)
+        write_analysis_report(result, os.path.join(run_dir, "analysis"))
+        return result
+
+    return on_main(run)
 
 
 def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[int, dict[int, float]]:
@@ -106,12 +112,12 @@ def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[in
 
 def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> list[ResolvedGraft]:
     path = os.path.join(run_dir, "plan.json")
-    if os.path.exists(path):
+    if on_main(lambda: os.path.exists(path)):
         return [ResolvedGraft(**g) for g in read_json(path)["grafts"]]
     analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "analysis") else None
     probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "probe_losses") else None
     grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
-    atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes})
+    on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))
     return grafts
 
 
@@ -192,7 +198,7 @@ class Run:
         t0 = time.time()
         out = fn()
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
-        atomic_write_json(self.path("timings.json"), self.timings)
+        on_main(lambda: atomic_write_json(self.path("timings.json"), self.timings))
         return out
 
     @functools.cached_property
@@ -223,16 +229,19 @@ def _stage1(r: Run) -> None:
 
 
 def _stage2(r: Run) -> None:
+    if r.recipe.stage2.enabled:
+        r.log(format_stage2_memory(r.teacher, r.recipe.stage2, rank_world()[1]))
     student = _train_student(r, r.run_dir, r.path("stage1") if r.recipe.stage1.enabled else None, "stage2")
-    save_grafted(r.path("student.safetensors"), student, r.grafts, r.recipe.to_dict(), r.teacher_meta)
+    on_main(lambda: save_grafted(r.path("student.safetensors"), student, r.grafts, r.recipe.to_dict(),
+                                 r.teacher_meta))
 
 
 def _random_init_baseline(r: Run) -> None:
     steps = r.accounting["random_init_stage2_steps"]
     r.log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
     student = _train_student(r, r.path("baseline_random"), None, "baseline_random", steps=steps)
-    save_grafted(r.path("baseline_random", "student.safetensors"), student, r.grafts, r.recipe.to_dict(),
-                 r.teacher_meta)
+    on_main(lambda: save_grafted(r.path("baseline_random", "student.safetensors"), student, r.grafts,
+                                 r.recipe.to_dict(), r.teacher_meta))
 
 
 def _evaluate(r: Run) -> None:
@@ -261,7 +270,7 @@ def _report(r: Run) -> None:
     s1_path = r.path("stage1", "summary.json")
     stage1 = read_json(s1_path) if os.path.exists(s1_path) else None
     r.report = build_report(r.recipe, r.grafts, stage1, evals, r.accounting, r.timings)
-    write_report(r.run_dir, r.report)
+    on_main(lambda: write_report(r.run_dir, r.report))
 
 
 PIPELINE = (
@@ -285,12 +294,16 @@ def _record_recipe(recipe: Recipe, run_dir: str) -> None:
         if previous != recipe.to_dict():
             raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
     else:
-        atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        on_main(lambda: atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False)))
 
 
 def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
               log=print) -> dict:
-    """Run the recipe's stages (``PIPELINE``, those named in ``stages``) in ``run_dir``; returns the report dict."""
+    """Run the recipe's stages (``PIPELINE``, those named in ``stages``) in ``run_dir``; returns the report dict.
+
+    Under torchrun every rank runs this: the training stages are data parallel, sampling is shared out, and rank 0
+    alone writes files while the others wait (``on_main``); whether a stage is complete is rank 0's view of the
+    run directory, so every rank skips or resumes the same stages."""
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"stage={s!r} is not allowed; use some of {STAGES}")
@@ -305,7 +318,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
     run = Run(recipe, run_dir, tuple(stages), dev, progress, log, teacher, teacher_meta, grafts, timings)
     for stage in PIPELINE:
-        if stage.name in run.stages and not stage.done(run):
+        if stage.name in run.stages and not on_main(lambda: stage.done(run)):
             stage.run(run)
     return run.report
 

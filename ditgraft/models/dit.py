@@ -22,6 +22,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ditgraft.operators.attention import MHA
 from ditgraft.operators.mlp import MLP
@@ -185,6 +186,7 @@ class DiT(nn.Module):
              for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False  # training only: recompute each block in backward instead of storing it
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -228,8 +230,9 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] noised input, t: [B] timesteps, y: [B] class labels -> [B, out_channels, H, W]."""
         tokens, c = self.embed(x, t, y)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = checkpoint(block, tokens, c, use_reentrant=False) if recompute else block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
