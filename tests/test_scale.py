@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import tiny_dit
+from helpers import tiny_dit
 from ditgraft.train.loop import LoopConfig, _forward_backward, train
 
 
