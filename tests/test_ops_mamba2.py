@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditgraft.operators.mamba2 import carry_states, ssd_chunked, ssd_reference
+from ditgraft.operators.mamba2 import decayed_cumsum_, ssd_chunked, ssd_reference
 from ditgraft.operators.registry import build_operator, get_spec, operator_flops
 
 TOL = 3e-5  # fp32 (fp64 depthwise convs are ~1000x slower on CPU torch); real bugs give O(1) errors
@@ -50,16 +50,21 @@ def test_chunked_scan_matches_recurrence(chunk, L):
 
 
 @pytest.mark.parametrize("c", [1, 2, 7])
-def test_carry_states_matches_closed_form(c):
-    """entering[i] = sum_{j<i} exp(sum_{r=j+1..i-1} ld[r]) states[j], per feature (decays broadcast over rows)."""
+@pytest.mark.parametrize("reverse", [False, True])
+def test_decayed_cumsum_matches_closed_form(c, reverse):
+    """out[i] = sum_{j<=i} exp(sum_{r=j+1..i} ld[r]) t[j]; reversed: sum_{j>=i} exp(sum_{r=i..j-1} ld[r]) t[j]
+    (per feature, decays broadcast over rows), in place."""
     g = torch.Generator().manual_seed(c)
     states = torch.randn(2, 3, c, 5, generator=g, dtype=torch.float64)
     ld = -torch.rand(2, 1, c, 5, generator=g, dtype=torch.float64) * 2
     want = torch.zeros_like(states)
     for i in range(c):
-        for j in range(i):
-            want[..., i, :] += torch.exp(ld[..., j + 1:i, :].sum(-2)) * states[..., j, :]
-    torch.testing.assert_close(carry_states(states, ld), want)
+        for j in (range(i, c) if reverse else range(i + 1)):
+            span = ld[..., i:j, :] if reverse else ld[..., j + 1:i + 1, :]
+            want[..., i, :] += torch.exp(span.sum(-2)) * states[..., j, :]
+    out = decayed_cumsum_(states, torch.exp(ld), reverse=reverse)
+    assert out is states
+    torch.testing.assert_close(out, want)
 
 
 def test_chunked_scan_without_autograd_matches_recurrence():
