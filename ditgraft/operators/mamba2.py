@@ -10,12 +10,34 @@ Block (mamba_ssm ``Mamba2`` with ``rmsnorm=True, norm_before_gate=False, D_has_h
     y = RMSNorm_groups(y * silu(z)) * norm.weight   (eps 1e-5, G groups);   out = out_proj(y)   # no bias
 
 ``impl="reference"`` runs that recurrence token by token (slow, obviously correct; small N only) and the gated norm as
-written above. ``impl="fast"`` is the chunked SSD form (Mamba-2 paper, ``ssd_minimal``): the sequence is zero-padded to
-a multiple of ``chunk_size`` Q; inside each chunk the output is a masked "attention" ``(C B^T * decay) @ (dt x)``,
-vectorised over all chunks and heads; each chunk's end state is likewise computed for all chunks at once; the states
-are then carried across chunk boundaries by a loop over chunks (``carry_states``: one multiply-add of the states per
-chunk, 2 * (N/Q) * H*P*n FLOPs instead of the (N/Q)^2 * H*P*n of ``ssd_minimal``'s all-pairs-of-chunks einsum), and
-finally read out with C; the gated norm uses the fused ``F.rms_norm``.
+written above. ``impl="fast"`` is the chunked SSD form (Mamba-2 paper, ``ssd_minimal``) with its own backward
+(``SSDChunkScan``, the structure of mamba_ssm's kernels), and the short conv as a sum over its taps with its own
+backward (``TapConvTokens``); the gated norm uses the fused ``F.rms_norm``.
+
+Chunked scan, per head (A < 0, dt >= 0). The sequence is zero-padded to a multiple of the chunk size Q. With
+xd_t = dt_t x_t and, inside chunk k, a_l = sum_{r <= l in the chunk} dt_r A (so a is non-increasing), g_k = exp(a_last)
+the whole-chunk decay, E_k the state entering chunk k (E_0 = 0) and e_s = exp(a_last - a_s):
+
+    W_ls  = (C_l . B_s) M_ls,  M_ls = exp(a_l - a_s) for s <= l, else 0        (per chunk, [Q, Q])
+    y_l   = sum_s W_ls xd_s + exp(a_l) C_l E_k                                   (intra-chunk + read-out)
+    S_k   = sum_s B_s^T e_s xd_s,   E_{k+1} = g_k E_k + S_k                       (end states, carried over chunks)
+
+The intra-chunk blocks are built a slab of chunks at a time (vectorised over heads), the end states and read-out are
+wide matmuls over all heads of a group, and the carry is one in-place multiply-add per chunk (2 (N/Q) H P n FLOPs
+instead of the (N/Q)^2 H P n of ``ssd_minimal``'s all-pairs-of-chunks einsum). Backward, given dy (G_k is the
+gradient of E_k; dS_k = G_{k+1}):
+
+    G_k    = C^T (exp(a) dy) over chunk k + g_k G_{k+1},  G_c = 0                 (reverse carry, in place)
+    dxd_s  = sum_l W_ls dy_l + e_s B_s dS_k
+    dC_l   = sum_s M_ls (dy_l . xd_s) B_s + exp(a_l) E_k dy_l                     (summed over a group's heads)
+    dB_s   = sum_l M_ls (dy_l . xd_s) C_l + dS_k^T e_s xd_s
+    da_l   = dy_l . y_l - xd_l . dxd_l   (+ sum dS_k * E_{k+1} at l = last)
+
+The da line follows from the others: each exp(a_l - a_s), exp(a_l), e_s, g_k contributes (its gradient x its value)
+with + for a_l and - for a_s; summed over the products they scale, the + terms give dy_l . y_l and the - terms
+xd_s . dxd_s, and the terms in a_last (from e_s and g_k) give S_k + g_k E_k = E_{k+1}. Autograd then takes a back
+through the cumulative sum and the products dt A, dt x. Only the inputs, y and the chunk boundary states are saved;
+the [Q, Q] blocks are recomputed.
 
 Defaults follow the grafting release config (d_state 64, d_conv 4, expand 2, headdim 16) and mamba_ssm (ngroups 1,
 A_init_range (1, 16), dt in [1e-3, 0.1] with floor 1e-4, D = 1, conv bias, no projection biases). ``chunk_size``
