@@ -252,7 +252,8 @@ def _slabs(lay: _ChunkLayout) -> list[slice]:
 
 
 def _chunk_decay(a_cum: torch.Tensor, P: int) -> torch.Tensor:
-    """Each head's whole-chunk decay g = exp(a_last), spread over its P channels: [b, G, hg, c, Q] -> [b, G, c, hg*P]."""
+    """Each head's whole-chunk decay g = exp(a_last), spread over its P channels: [b, G, hg, c, Q] -> [b, G, c,
+    hg * P]."""
     return torch.exp(a_cum[..., -1]).permute(0, 1, 3, 2).repeat_interleave(P, dim=-1)
 
 
