@@ -39,6 +39,9 @@ xd_s . dxd_s, and the terms in a_last (from e_s and g_k) give S_k + g_k E_k = E_
 through the cumulative sum and the products dt A, dt x. Only the inputs, y and the chunk boundary states are saved;
 the [Q, Q] blocks are recomputed.
 
+On a GPU, ``ssd_chunked`` is the one seam for a fused kernel (mamba_ssm's ``mamba_chunk_scan_combined`` takes the same
+x, dt, A, B, C and chunk size); none is dispatched to here, so every device runs this pure-torch path.
+
 Defaults follow the grafting release config (d_state 64, d_conv 4, expand 2, headdim 16) and mamba_ssm (ngroups 1,
 A_init_range (1, 16), dt in [1e-3, 0.1] with floor 1e-4, D = 1, conv bias, no projection biases). ``chunk_size``
 defaults to 32 here (mamba_ssm: 256); it changes rounding only. On CPU 32 balances the per-head Q x Q intra-chunk
