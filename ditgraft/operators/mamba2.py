@@ -174,8 +174,9 @@ class SSDChunkScan(torch.autograd.Function):
 
     Inputs: ``xd = dt * x`` [b, L, H, P], ``a_cum`` [b, G, hg, c, Q] (the within-chunk cumulative sum of dt * A),
     ``B, C`` [b, L, G, n]; L a multiple of ``Q``; output y [b, L, H, P] (no D term). Saves the inputs, the output
-    and the chunk boundary states [b, G, c + 1, n, hg * P] (2 / Q of the intra-chunk blocks' size at n = 64); the
-    [Q, Q] decay blocks are recomputed in the backward, a slab of chunks at a time."""
+    and the chunk boundary states [b, G, c + 1, n, hg * P] (n P / Q^2 times the size of all the intra-chunk blocks:
+    the same size at the defaults); the [Q, Q] decay blocks are recomputed in the backward, a slab of chunks at a
+    time."""
 
     @staticmethod
     def forward(ctx, xd, a_cum, B, C, Q: int):
