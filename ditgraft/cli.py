@@ -11,7 +11,7 @@
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
     ditgraft synth MODEL               synthetic training data from a teacher (samples + labels)
     ditgraft ops                       operator table: parameters and FLOPs at (dim, tokens)
-    ditgraft bench ops|model           side-by-side timings with FLOP-bound ratios
+    ditgraft bench ops|model|stage1    side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
 """
 from __future__ import annotations
@@ -244,7 +244,7 @@ def cmd_ops(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from ditgraft.bench.common import run_bench
+    from ditgraft.bench.cli import run_bench
 
     run_bench(args)
 
@@ -372,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", type=int, default=256)
     s.add_argument("--heads", type=int, default=16)
 
-    s = add("bench", cmd_bench, "benchmarks: `bench ops` or `bench model`")
-    from ditgraft.bench.common import add_bench_arguments
+    s = add("bench", cmd_bench, "benchmarks: `bench ops`, `bench model` or `bench stage1`")
+    from ditgraft.bench.cli import add_bench_arguments
 
     add_bench_arguments(s)
     return p
