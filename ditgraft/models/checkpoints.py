@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,13 +37,76 @@ def save_safetensors(path: str, model: nn.Module, metadata: dict) -> None:
         save_file(state, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
 
 
+def _unreadable(path: str, err: Exception) -> ValueError:
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    what = "empty" if size == 0 else "truncated or corrupt"
+    return ValueError(f"{path} is not a readable safetensors file ({what}, {size} bytes: {err}); "
+                      "re-create or re-download it")
+
+
 def read_metadata(path: str) -> dict:
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
     if METADATA_KEY not in meta:
         raise ValueError(f"{path} has no ditgraft metadata; is it a ditgraft checkpoint? "
                          "(official DiT .pt files load with model=<size> instead)")
-    return json.loads(meta[METADATA_KEY])
+    try:
+        out = json.loads(meta[METADATA_KEY])
+    except ValueError as err:
+        raise ValueError(f"{path}: its ditgraft metadata is not valid JSON ({err})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: its ditgraft metadata is not a JSON mapping; not a ditgraft checkpoint")
+    return out
+
+
+def load_weights(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a ValueError naming the file when it is empty/truncated/corrupt."""
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with one readable ValueError for missing keys, unexpected keys
+    and shape mismatches (the first few of each, naming ``source``)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise ValueError(f"{source} does not match the model it describes: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def build_from_config(config: dict | None, source: str) -> DiT:
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: its metadata has no model_config mapping (got {config!r}); "
+                         "not a ditgraft model checkpoint")
+    try:
+        return DiT(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: model_config {config} cannot build a DiT ({err})") from None
+
+
+def require_finite(model: nn.Module, source: str) -> nn.Module:
+    """Refuse a model with NaN/Inf weights (a diverged run) before spending time sampling or evaluating it."""
+    from ditgraft.train.loop import non_finite_tensors
+
+    bad = non_finite_tensors(model)
+    if bad:
+        raise ValueError(f"{source} has non-finite weights (NaN/Inf in {len(bad)} tensors, e.g. {', '.join(bad[:3])}); "
+                         "it comes from a diverged run and cannot be sampled or evaluated")
+    return model
 
 
 def resolve_hub(source: str) -> str:
@@ -60,7 +124,15 @@ def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
     """An official DiT .pt: a plain state dict, or a training checkpoint {model, ema, opt, args} (ema is used)."""
     # DiT's train.py stores args as an argparse.Namespace: allow exactly that class, nothing else.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[-1][:200]
+            raise ValueError(f"{path} was refused: it holds Python objects beyond tensors (a pickle that could run "
+                             f"code; {first}). ditgraft loads only plain weights") from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{str(err).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -83,8 +155,8 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
         meta = read_metadata(source)
         if meta.get("recipe"):
             raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.load_grafted")
-        net = DiT(**meta["model_config"])
-        net.load_state_dict(load_file(source, device=str(map_location)), strict=True)
+        net = build_from_config(meta.get("model_config"), source)
+        load_state_strict(net, load_weights(source, map_location), source)
         return net.eval(), meta
     name = model or "DiT-XL/2"
     if name not in DIT_CONFIGS:
@@ -95,5 +167,5 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
             raise ValueError(f"image_size={image_size} must be divisible by 8 (the SD VAE downsamples by 8)")
         overrides["input_size"] = image_size // 8
     net = build_dit(name, **overrides)
-    net.load_state_dict(load_official_state_dict(source), strict=True)
+    load_state_strict(net, load_official_state_dict(source), f"{source} (as {name})")
     return net.eval(), {"model_config": net.config, "source": source}
