@@ -29,7 +29,7 @@ LOSSES = ("l1", "l2", "huber")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf / .nan are refused by name
 
 
 class LayerSelector(Strict):

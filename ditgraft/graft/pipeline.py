@@ -27,7 +27,8 @@ from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, res
 from ditgraft.models.adapters import model_dims
 from ditgraft.models.checkpoints import load_dit
 from ditgraft.recipe import LayerSelector, Recipe
-from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
+from ditgraft.utils import (atomic_write_json, atomic_write_text, ensure_writable, read_json, resolve_device,
+                            run_lock)
 
 STAGES = ("stage1", "stage2", "eval", "report")
 
@@ -159,23 +160,65 @@ def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, dev
 
 def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
               log=print) -> dict:
-    """Run the recipe's stages in ``run_dir``; returns the report dict."""
+    """Run the recipe's stages in ``run_dir`` (locked for the call); returns the report dict."""
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"stage={s!r} is not allowed; use some of {STAGES}")
     dev = resolve_device(device or recipe.device)
-    os.makedirs(run_dir, exist_ok=True)
+    ensure_writable(run_dir, "run directory")
+    with run_lock(run_dir, f"ditgraft graft {recipe.name}"):
+        return _run_graft(recipe, run_dir, stages, dev, progress, log)
+
+
+def _yaml_file(path: str):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _start_recording(recipe: Recipe, run_dir: str) -> bool:
+    """True when ``run_dir`` already records this recipe; refuses a different one. An unrecorded directory (a
+    failed or killed first attempt) keeps its planning results only if they were made for this same recipe."""
     recipe_path = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe_path):
-        with open(recipe_path) as f:
-            previous = yaml.safe_load(f)
-        if previous != recipe.to_dict():
+        if _yaml_file(recipe_path) != recipe.to_dict():
             raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
-    else:
-        atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        return True
+    pending = os.path.join(run_dir, "recipe.pending.yaml")
+    if os.path.exists(pending) and _yaml_file(pending) != recipe.to_dict():
+        import glob
+        import shutil
+
+        for stale in [os.path.join(run_dir, "plan.json"), os.path.join(run_dir, "analysis"),
+                      *glob.glob(os.path.join(run_dir, "probe*"))]:
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+            elif os.path.exists(stale):
+                os.remove(stale)
+    atomic_write_text(pending, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return False
+
+
+def _check_data(recipe: Recipe, teacher) -> None:
+    """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels)."""
+    from ditgraft.data.images import check_data_fits
+
+    for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples), ("stage2", recipe.stage2, 10**9)):
+        if c.enabled:
+            x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)
+            check_data_fits(x, y, teacher, f"{name}.data = {c.data}")
+            check_data_fits(xv, yv, teacher, f"{name}.data = {c.data} (validation rows)")
+
+
+def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -> dict:
+    recorded = _start_recording(recipe, run_dir)
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
+    if not recorded:
+        _check_data(recipe, teacher)
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
+    if not recorded:  # layers, teacher and data resolved: only now is the run directory this recipe's
+        atomic_write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        os.remove(os.path.join(run_dir, "recipe.pending.yaml"))
     log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
     timings = read_json(os.path.join(run_dir, "timings.json")) if os.path.exists(
         os.path.join(run_dir, "timings.json")) else {}

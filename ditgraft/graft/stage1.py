@@ -15,6 +15,7 @@ the teacher each step (``cache: stream``: no memory beyond one batch, a teacher 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from torch import nn
 from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
-from ditgraft.train.loop import LoopConfig, train
+from ditgraft.train.loop import LoopConfig, TrainingDiverged, train
 from ditgraft.utils import atomic_path, atomic_write_json
 
 
@@ -173,6 +174,8 @@ class BestKeeper:
                     self.best[name[:-5]] = json.load(f)
 
     def offer(self, key: str, module: nn.Module, step: int, val_mse: float, rel: float) -> None:
+        if not math.isfinite(val_mse):  # a diverged operator is never the best one
+            return
         if key in self.best and val_mse >= self.best[key]["val_mse"]:
             return
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -246,6 +249,9 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
                    clip_groups=clip_groups, evaluate=evaluate, eval_every=cfg.eval_every)
     summary = {}
     for g in grafts:
+        if g.key not in keeper.best:
+            raise TrainingDiverged(f"stage1: {g.key} never reached a finite validation MSE in {loop.steps} steps; "
+                                   "lower stage1.lr and run again")
         final = [r for r in result.history if "loss/" + g.key in r]
         summary[g.key] = dict(keeper.best[g.key], slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss,
                               final_train_loss=final[-1]["loss/" + g.key] if final else None,
