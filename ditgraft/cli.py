@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import traceback
 
 import torch
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(done.code or 0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
     from ditgraft.train.loop import TrainingDiverged
 

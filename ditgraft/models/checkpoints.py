@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -127,12 +128,16 @@ def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[-1][:200]
-            raise ValueError(f"{path} was refused: it holds Python objects beyond tensors (a pickle that could run "
-                             f"code; {first}). ditgraft loads only plain weights") from None
+            text = str(err)
+            found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) ([\w.]+)", text)
+            if found:
+                raise ValueError(f"{path} was refused: it is a pickle naming {found.group(1)} (Python code, not "
+                                 "weights); ditgraft loads only plain tensors and never runs code from a file") from None
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{text.strip().splitlines()[-3 if len(text.splitlines()) > 2 else -1][:120]})") from None
         except (RuntimeError, EOFError, OSError) as err:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
-                             f"{str(err).splitlines()[0][:200]})") from None
+                             f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -166,6 +171,7 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
         if image_size % 8:
             raise ValueError(f"image_size={image_size} must be divisible by 8 (the SD VAE downsamples by 8)")
         overrides["input_size"] = image_size // 8
+    state = load_official_state_dict(source)  # a bad file fails before a large model is built
     net = build_dit(name, **overrides)
-    load_state_strict(net, load_official_state_dict(source), f"{source} (as {name})")
+    load_state_strict(net, state, f"{source} (as {name})")
     return net.eval(), {"model_config": net.config, "source": source}

@@ -229,8 +229,7 @@ def _diverged(desc: str, step: int, what: str, run_dir: str) -> TrainingDiverged
     last = latest_checkpoint(run_dir)
     kept = f"last good checkpoint: {last[1]} (step {last[0]})" if last else "no checkpoint was written yet"
     return TrainingDiverged(f"{desc}: training diverged at step {step}: {what}; {kept}. "
-                            "Lower the learning rate (or enable grad_clip) and run again in a new run directory, "
-                            "or resume from the kept checkpoint")
+                            "Lower the learning rate (or clip the gradients) and run again")
 
 
 def _check_finite(out: dict, desc: str, step: int, run_dir: str, world: int) -> None:
