@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 
@@ -19,10 +20,21 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        pause_inside_write()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def pause_inside_write() -> None:
+    """Kill tests (scripts/killtest.py): ``DITGRAFT_TEST_WRITE_PAUSE=seconds`` sleeps after a file or checkpoint
+    is written and before it is renamed into place, so a SIGKILL can land inside the write."""
+    pause = float(os.environ.get("DITGRAFT_TEST_WRITE_PAUSE", "0") or 0)
+    if pause > 0:
+        import time
+
+        time.sleep(pause)
 
 
 def _umask() -> int:
@@ -66,21 +78,28 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def remove_orphan_temporaries(folder: str) -> list[str]:
-    """Delete what a killed writer left in ``folder`` (recursively): ``*.tmp`` checkpoint folders and the
-    ``.NAME.*.tmp`` files of ``atomic_path``. Call it only while holding the folder (its run lock or as its only
-    writer). Returns the removed paths."""
+_ORPHAN_DIR = re.compile(r"step_\d{7}(\.del)?\.tmp$")  # the training loop's checkpoint temporaries
+_ORPHAN_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_path's mkstemp names: .NAME.XXXXXXXX.tmp
+
+
+def remove_orphan_temporaries(folder: str, depth: int = 4) -> list[str]:
+    """Delete what a killed writer left in ``folder`` (down to ``depth`` levels): checkpoint temporaries
+    (``step_NNNNNNN.tmp``) and ``atomic_path`` temporaries (``.NAME.XXXXXXXX.tmp``); nothing else matches. Call
+    it only while holding the folder (its run lock, or as its only writer). Returns the removed paths."""
     import shutil
 
     removed = []
+    top = os.path.abspath(folder).rstrip(os.sep).count(os.sep)
     for root, dirs, files in os.walk(folder):
+        if os.path.abspath(root).count(os.sep) - top >= depth:
+            dirs[:] = []
         for d in list(dirs):
-            if d.endswith(".tmp"):
+            if _ORPHAN_DIR.match(d):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
                 removed.append(os.path.join(root, d))
                 dirs.remove(d)
         for f in files:
-            if f.startswith(".") and f.endswith(".tmp"):
+            if _ORPHAN_FILE.match(f):
                 os.remove(os.path.join(root, f))
                 removed.append(os.path.join(root, f))
     return removed

@@ -355,7 +355,7 @@ def test_kill_between_state_and_rename_resumes_and_orphans_are_cleaned(tmp_path)
     # atomic_path temporary and a half-deleted rotation folder
     os.makedirs(run / "checkpoints" / "step_0000006.tmp")
     (run / "checkpoints" / "step_0000006.tmp" / "state.json").write_text('{"step": 6}')
-    (run / ".metrics.jsonl.abc123.tmp").write_text("partial")
+    (run / ".metrics.jsonl.abc123xy.tmp").write_text("partial")
     os.makedirs(run / "checkpoints" / "step_0000002.del.tmp")
     assert latest_checkpoint(str(run))[0] == 4
     torch.manual_seed(0)
@@ -367,13 +367,27 @@ def test_kill_between_state_and_rename_resumes_and_orphans_are_cleaned(tmp_path)
     assert leftovers == []
 
 
+def test_orphan_cleanup_removes_only_its_own_temporaries(tmp_path):
+    from ditgraft.utils import remove_orphan_temporaries
+
+    mine = ["step_0000060.tmp", "a/step_0000002.del.tmp", ".model.safetensors.k2j4h5g6.tmp"]
+    theirs = ["notes.tmp", "a/build.tmp", ".cache.tmp", "step_60.tmp"]
+    for rel in mine[:2] + theirs[1:2]:
+        os.makedirs(tmp_path / rel)
+    for rel in mine[2:] + theirs[:1] + theirs[2:]:
+        (tmp_path / rel).write_text("x")
+    removed = remove_orphan_temporaries(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in removed) == sorted(mine)
+    assert all((tmp_path / rel).exists() for rel in theirs)
+
+
 def test_stale_lock_of_a_dead_process_is_reported_and_taken_over(d, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
     out = tmp_path / "out"
     out.mkdir()
     (out / ".ditgraft.lock").write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "command": "sample"}))
-    (out / ".samples.npz.x1.tmp").write_text("orphan of the killed run")
+    (out / ".samples.npz.x1y2z3w4.tmp").write_text("orphan of the killed run")
     assert main(["sample", os.path.join(d, "tiny.safetensors"), *SAMPLE, "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"stale lock of sample (pid {pid}" in err
@@ -387,7 +401,7 @@ def test_second_concurrent_run_is_refused_and_the_first_finishes_intact(d, tmp_p
     import ditgraft
 
     root = os.path.dirname(os.path.dirname(ditgraft.__file__))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, DITGRAFT_CKPT_PAUSE="0.3")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, DITGRAFT_TEST_WRITE_PAUSE="0.2")
     cmd = [sys.executable, "-m", "ditgraft.cli", "--threads", "1", "pretrain", "--run-dir", run, "--steps", "6",
            "--batch-size", "2", "--ckpt-every", "2", "--warmup", "0", "--device", "cpu"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

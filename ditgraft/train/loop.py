@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ditgraft.utils import atomic_write_text, remove_orphan_temporaries
+from ditgraft.utils import atomic_write_text, pause_inside_write, remove_orphan_temporaries
 
 CKPT_NAME = re.compile(r"step_(\d{7})$")
 
@@ -173,13 +173,6 @@ def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
     return bad
 
 
-def _pause_inside_checkpoint_write() -> None:
-    """Kill tests: ``DITGRAFT_CKPT_PAUSE=seconds`` sleeps between a checkpoint's files and its rename."""
-    pause = float(os.environ.get("DITGRAFT_CKPT_PAUSE", "0") or 0)
-    if pause > 0:
-        time.sleep(pause)
-
-
 def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, keep: int) -> str:
     """Write ``checkpoints/step_NNNNNNN`` (temporary folder, then rename), point latest.json at it, then drop all
     but the newest ``keep``. Refuses non-finite weights, so every checkpoint on disk is a finite one."""
@@ -198,7 +191,7 @@ def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, k
     torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "config": asdict(cfg)}, f, indent=1)
-    _pause_inside_checkpoint_write()
+    pause_inside_write()
     _remove_dir(final)
     os.rename(tmp, final)  # the commit point: before it the previous checkpoints are untouched
     for _, old in _ckpt_dirs(run_dir)[:-max(1, keep)]:

@@ -1,0 +1,204 @@
+"""Kill each long ditgraft command with SIGKILL at random points, resume it, and compare with an uninterrupted run.
+
+    python scripts/killtest.py [--kills 3] [--seed 0] [--work /tmp/killtest] [--only pretrain,stage1,...]
+
+Targets (tiny settings, CPU): ``pretrain`` (the testbed DiT), graft ``stage1`` and ``stage2`` (a tiny teacher
+saved by this script, mnist5k), ``synth`` and ``sample``. For each target:
+1. the reference: the command run once, uninterrupted, in its own folder;
+2. ``--kills`` random kills: the command is started again in a second folder and SIGKILLed after a random delay
+   (uniform over the reference's wall time), each start resuming what the previous one left;
+3. kills inside writes: with DITGRAFT_TEST_WRITE_PAUSE set, the command is killed as soon as a checkpoint
+   temporary (``step_NNNNNNN.tmp``, state.json already written) or an ``atomic_path`` temporary (best operator
+   weights, the student, samples) appears, i.e. between writing and renaming;
+4. a final run to completion; then the max abs difference of every weight (or sample) against the reference,
+   the temporaries left behind, and whether the run lock was released.
+Exit status 0 when every target resumed to the reference exactly (max abs diff 0), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(pause: float = 0.0) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if pause:
+        env["DITGRAFT_TEST_WRITE_PAUSE"] = str(pause)
+    return env
+
+
+def _cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "ditgraft.cli", "--threads", "1", *args]
+
+
+def run(args: list[str]) -> float:
+    t0 = time.time()
+    out = subprocess.run(_cmd(args), env=_env(), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def _temporaries(folder: str) -> list[str]:
+    found = glob.glob(os.path.join(folder, "**", "*.tmp"), recursive=True)
+    found += glob.glob(os.path.join(folder, "**", ".*.tmp"), recursive=True)
+    return sorted({f for f in found if ".ditgraft-write-check." not in f})
+
+
+def kill_after(args: list[str], delay: float) -> str:
+    """Start, SIGKILL after ``delay`` seconds; returns 'killed' or 'finished' (it ended before the kill)."""
+    proc = subprocess.Popen(_cmd(args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+        return "finished"
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "killed"
+
+
+def kill_inside_write(args: list[str], folder: str, limit: float, pattern: str = "") -> str:
+    """Start with writes paused before their rename; SIGKILL as soon as a temporary whose name contains
+    ``pattern`` (``step_``: a checkpoint) shows up in ``folder``."""
+    before = set(_temporaries(folder))
+    proc = subprocess.Popen(_cmd(args), env=_env(pause=1.0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < limit:
+        new = [t for t in _temporaries(folder) if t not in before and pattern in os.path.basename(t)]
+        if new:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "killed inside write of " + os.path.relpath(new[0], folder)
+        time.sleep(0.005)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "killed (no write seen)"
+    return "finished"
+
+
+def max_abs_diff(a: str, b: str) -> float:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    if a.endswith(".npz"):
+        x, y = np.load(a), np.load(b)
+        pairs = [(x[k], y[k]) for k in x.files]
+    else:
+        x, y = load_file(a), load_file(b)
+        assert x.keys() == y.keys(), (a, b)
+        pairs = [(x[k], y[k]) for k in x]
+    return max(float(np.abs(p.astype(np.float64) - q.astype(np.float64)).max()) if p.size else 0.0
+               for p, q in pairs)
+
+
+def tiny_teacher(path: str) -> None:
+    import torch
+
+    from ditgraft.models.checkpoints import save_safetensors
+    from ditgraft.models.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=32, patch_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    save_safetensors(path, model, {"model_config": model.config, "pretrain": {"train_flops": 1e13}})
+
+
+def recipe(path: str, teacher: str) -> None:
+    body = {"name": "killtest", "teacher": {"source": teacher},
+            "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
+            "stage1": {"samples": 64, "val_samples": 16, "steps": 24, "batch_size": 8, "eval_every": 4},
+            "stage2": {"steps": 24, "batch_size": 8, "ckpt_every": 4, "ema_decay": 0.99},
+            "eval": {"enabled": False, "baselines": []}}
+    with open(path, "w") as f:
+        json.dump(body, f)
+
+
+def targets(work: str) -> dict:
+    teacher = os.path.join(work, "teacher.safetensors")
+    rec = os.path.join(work, "recipe.yaml")
+    tiny_teacher(teacher)
+    recipe(rec, teacher)
+    sampling = ["--num-samples", "40", "--batch-size", "8", "--steps", "6", "--device", "cpu"]
+
+    def pretrain(d):
+        return ["pretrain", "--run-dir", d, "--steps", "24", "--batch-size", "4", "--ckpt-every", "4",
+                "--warmup", "4", "--device", "cpu"]
+
+    return {
+        "pretrain": dict(args=pretrain, writes=["step_", ""], out=lambda d: [os.path.join(d, "model.safetensors")], folder=lambda d: d),
+        "stage1": dict(writes=["step_", ".safetensors"], args=lambda d: ["graft", rec, "--run-dir", d, "--stages", "stage1", "--quiet"],
+                       out=lambda d: sorted(glob.glob(os.path.join(d, "stage1", "best", "*.safetensors"))),
+                       folder=lambda d: d),
+        "stage2": dict(writes=["step_", "student"], args=lambda d: ["graft", rec, "--run-dir", d, "--stages", "stage1,stage2", "--quiet"],
+                       prepare=lambda d: ["graft", rec, "--run-dir", d, "--stages", "stage1", "--quiet"],
+                       out=lambda d: [os.path.join(d, "student.safetensors")], folder=lambda d: d),
+        "synth": dict(args=lambda d: ["synth", teacher, "--out", os.path.join(d, "synth.npz"), *sampling],
+                      out=lambda d: [os.path.join(d, "synth.npz")], folder=lambda d: d, mkdir=True),
+        "sample": dict(args=lambda d: ["sample", teacher, "--out", d, *sampling],
+                       out=lambda d: [os.path.join(d, "samples.npz")], folder=lambda d: d),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=3, help="random kills per target (plus one inside a write)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="/tmp/ditgraft-killtest")
+    p.add_argument("--only", default=None, help="comma list of pretrain,stage1,stage2,synth,sample")
+    args = p.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    rng = random.Random(args.seed)
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    todo = targets(args.work)
+    names = args.only.split(",") if args.only else list(todo)
+    ok = True
+    rows = []
+    for name in names:
+        t = todo[name]
+        ref, cut = os.path.join(args.work, name, "ref"), os.path.join(args.work, name, "killed")
+        for d in (ref, cut):
+            if t.get("mkdir"):
+                os.makedirs(d, exist_ok=True)
+            if "prepare" in t:
+                run(t["prepare"](d))
+        wall = run(t["args"](ref))
+        events = []
+        for _ in range(args.kills):
+            delay = rng.uniform(0.2, 1.0) * wall
+            events.append(f"{kill_after(t['args'](cut), delay)} at {delay:.1f}s")
+        for pattern in t.get("writes", [""]):
+            events.append(kill_inside_write(t["args"](cut), t["folder"](cut), 4 * wall + 30, pattern))
+        run(t["args"](cut))
+        diffs = [max_abs_diff(a, b) for a, b in zip(t["out"](ref), t["out"](cut), strict=True)]
+        left = _temporaries(t["folder"](cut))
+        locks = glob.glob(os.path.join(cut, "**", ".*.lock"), recursive=True) + \
+            glob.glob(os.path.join(cut, "**", ".ditgraft.lock"), recursive=True)
+        diff = max(diffs) if diffs else float("nan")
+        passed = bool(diffs) and diff == 0.0 and not left and not locks
+        ok &= passed
+        rows.append((name, events, len(diffs), diff, left, locks, passed, wall))
+        print(f"{name:9s} {'PASS' if passed else 'FAIL'}  files compared {len(diffs)}, max abs diff {diff:g}, "
+              f"temporaries left {len(left)}, locks left {len(locks)}, reference wall {wall:.1f}s", flush=True)
+        for e in events:
+            print(f"    {e}", flush=True)
+    print("all targets resumed exactly" if ok else "SOME TARGETS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
