@@ -189,6 +189,12 @@ def run_lock(target: str, command: str = "ditgraft", log=None):
     try:
         if path == os.path.join(target, ".ditgraft.lock"):
             remove_orphan_temporaries(target)
+        else:  # an output file: only its own atomic_path temporaries
+            folder, name = os.path.split(os.path.abspath(target))
+            own = re.compile(re.escape("." + name) + r"\.[A-Za-z0-9_]{8}\.tmp$")
+            for f in os.listdir(folder):
+                if own.match(f):
+                    os.remove(os.path.join(folder, f))
         yield
     finally:
         try:

@@ -5,11 +5,11 @@
 Targets (tiny settings, CPU): ``pretrain`` (the testbed DiT), graft ``stage1`` and ``stage2`` (a tiny teacher
 saved by this script, mnist5k), ``synth`` and ``sample``. For each target:
 1. the reference: the command run once, uninterrupted, in its own folder;
-2. ``--kills`` random kills: the command is started again in a second folder and SIGKILLed after a random delay
-   (uniform over the reference's wall time), each start resuming what the previous one left;
-3. kills inside writes: with DITGRAFT_TEST_WRITE_PAUSE set, the command is killed as soon as a checkpoint
-   temporary (``step_NNNNNNN.tmp``, state.json already written) or an ``atomic_path`` temporary (best operator
-   weights, the student, samples) appears, i.e. between writing and renaming;
+2. kills inside writes, in a second folder: with DITGRAFT_TEST_WRITE_PAUSE set, the command is killed as soon as
+   a checkpoint temporary (``step_NNNNNNN.tmp``, state.json already written) or an ``atomic_path`` temporary (best
+   operator weights, the student, samples) appears, i.e. between writing and renaming;
+3. ``--kills`` random kills: the command is started again and SIGKILLed after a random delay (uniform over 20-100%
+   of the reference's wall time, process start included), each start resuming what the previous ones left;
 4. a final run to completion; then the max abs difference of every weight (or sample) against the reference,
    the temporaries left behind, and whether the run lock was released.
 Exit status 0 when every target resumed to the reference exactly (max abs diff 0), 1 otherwise.
@@ -84,7 +84,7 @@ def kill_inside_write(args: list[str], folder: str, limit: float, pattern: str =
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         return "killed (no write seen)"
-    return "finished"
+    return "finished before a matching write was seen"
 
 
 def max_abs_diff(a: str, b: str) -> float:
@@ -177,12 +177,11 @@ def main(argv=None) -> int:
             if "prepare" in t:
                 run(t["prepare"](d))
         wall = run(t["args"](ref))
-        events = []
+        events = [kill_inside_write(t["args"](cut), t["folder"](cut), 4 * wall + 30, pattern)
+                  for pattern in t.get("writes", [""])]
         for _ in range(args.kills):
             delay = rng.uniform(0.2, 1.0) * wall
             events.append(f"{kill_after(t['args'](cut), delay)} at {delay:.1f}s")
-        for pattern in t.get("writes", [""]):
-            events.append(kill_inside_write(t["args"](cut), t["folder"](cut), 4 * wall + 30, pattern))
         run(t["args"](cut))
         diffs = [max_abs_diff(a, b) for a, b in zip(t["out"](ref), t["out"](cut), strict=True)]
         left = _temporaries(t["folder"](cut))

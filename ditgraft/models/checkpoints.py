@@ -155,7 +155,8 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
     if source.startswith("hf://"):
         source = resolve_hub(source)
     if not os.path.exists(source):
-        raise FileNotFoundError(f"teacher={source!r}: no such file (use 'testbed', a .safetensors/.pt path or hf://...)")
+        raise FileNotFoundError(f"model {source!r}: no such file; allowed: 'testbed', a .safetensors/.pt path, "
+                                "or hf://owner/repo/file")
     if source.endswith(".safetensors"):
         meta = read_metadata(source)
         if meta.get("recipe"):
