@@ -274,6 +274,23 @@ def test_loop_guard_stops_at_the_first_nan_and_keeps_the_finite_checkpoints(tmp_
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step never reached the optimiser
 
 
+def test_loop_guard_watches_the_gradients_without_clipping(tmp_path):
+    from ditgraft.train.loop import LoopConfig, TrainingDiverged, step_seed, train
+
+    model = torch.nn.Linear(3, 1)
+    bad_seed = step_seed(0, 2)
+
+    def step(m, batch):
+        loss = m(batch[0]).square().mean()
+        if torch.initial_seed() == bad_seed:  # a finite loss (sqrt(0) = 0) whose gradient is NaN
+            loss = loss + torch.sqrt((m.weight * 0).sum())
+        return {"loss": loss}
+
+    cfg = LoopConfig(steps=5, batch_size=4, grad_clip=None, ema_decay=None, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"pretrain: training diverged at step 3: grad_norm = nan; no checkpoint"):
+        train(model, step, (torch.randn(16, 3),), cfg, str(tmp_path), desc="pretrain")
+
+
 def test_loop_config_refuses_non_finite_numbers():
     from ditgraft.train.loop import LoopConfig
 

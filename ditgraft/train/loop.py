@@ -174,8 +174,8 @@ def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, keep: int) -> str:
-    """Write ``checkpoints/step_NNNNNNN`` (temporary folder, then rename), point latest.json at it, then drop all
-    but the newest ``keep``. Refuses non-finite weights, so every checkpoint on disk is a finite one."""
+    """Write ``checkpoints/step_NNNNNNN`` (temporary folder, then rename: the rename is the commit point), then drop
+    all but the newest ``keep``. Refuses non-finite weights, so every checkpoint on disk is a finite one."""
     bad = non_finite_tensors(model, ema)
     if bad:
         raise TrainingDiverged(f"refusing to checkpoint step {step}: non-finite weights in {bad[:3]}")
@@ -225,9 +225,9 @@ def _diverged(desc: str, step: int, what: str, run_dir: str) -> TrainingDiverged
                             "Lower the learning rate (or clip the gradients) and run again")
 
 
-def _check_finite(out: dict, desc: str, step: int, run_dir: str, world: int) -> None:
-    """Stop before the optimiser step when the loss or the gradient norm is NaN/Inf (on any rank)."""
-    watched = [k for k in ("loss", "grad_norm") if k in out]
+def _check_finite(out: dict[str, torch.Tensor], desc: str, step: int, run_dir: str, world: int) -> None:
+    """Stop before the optimiser step when any of ``out`` (loss, gradient norm) is NaN/Inf (on any rank)."""
+    watched = list(out)
     flags = torch.stack([~torch.isfinite(out[k].detach().float()).all() for k in watched]).float()
     if world > 1:
         dist.all_reduce(flags)
@@ -310,7 +310,10 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             if cfg.grad_clip is not None:
                 norms = [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in (clip_groups or [params])]
                 out["grad_norm"] = torch.stack(norms).max()
-            _check_finite(out, desc, step + 1, run_dir, world)
+                grad_norm = out["grad_norm"]
+            else:  # not logged, only watched
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            _check_finite({"loss": out["loss"], "grad_norm": grad_norm}, desc, step + 1, run_dir, world)
             opt.step()
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay)
