@@ -11,9 +11,10 @@
     ditgraft bench ops|model           side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
 
-Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed), a run directory in use,
-or an interrupted run; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept);
-1 an unexpected error (a bug: the traceback is printed, please report it).
+Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed) or a run directory in
+use; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept); 130 / 143 interrupted
+(Ctrl-C / SIGTERM: locks released, run the same command again to resume); 1 an unexpected error (a bug: the
+traceback is printed, please report it).
 """
 from __future__ import annotations
 
@@ -361,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--floor", action="store_true", help="the real-data floor: validation digits vs training")
     s.add_argument("--cfg", type=finite_float(1), default=None, help="protocol cfg scale (default 1.5)")
     s.add_argument("--num-samples", type=positive_int, default=500)
-    s.add_argument("--seed", type=nonneg_int, default=0, help="protocol seed (default 0); others show the sampling spread")
+    s.add_argument("--seed", type=nonneg_int, default=0,
+                   help="protocol seed (default 0); others show the sampling spread")
     s.add_argument("--out", default=None)
     s.add_argument("--device", default="auto")
 

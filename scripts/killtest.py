@@ -138,19 +138,37 @@ def targets(work: str) -> dict:
         return ["pretrain", "--run-dir", d, "--steps", "24", "--batch-size", "4", "--ckpt-every", "4",
                 "--warmup", "4", "--device", "cpu"]
 
+    def graft(stages):
+        return lambda d: ["graft", rec, "--run-dir", d, "--stages", stages, "--quiet"]
+
+    def best(d):
+        return sorted(glob.glob(os.path.join(d, "stage1", "best", "*.safetensors")))
+
+    # args: the command; out: files compared with the reference; writes: name patterns of the temporaries to kill
+    # inside; loop: the training loop's folder (for the step a resume starts from); prepare: run uncut first
     return {
-        "pretrain": dict(args=pretrain, writes=["step_", ""], out=lambda d: [os.path.join(d, "model.safetensors")], folder=lambda d: d),
-        "stage1": dict(writes=["step_", ".safetensors"], args=lambda d: ["graft", rec, "--run-dir", d, "--stages", "stage1", "--quiet"],
-                       out=lambda d: sorted(glob.glob(os.path.join(d, "stage1", "best", "*.safetensors"))),
-                       folder=lambda d: d),
-        "stage2": dict(writes=["step_", "student"], args=lambda d: ["graft", rec, "--run-dir", d, "--stages", "stage1,stage2", "--quiet"],
-                       prepare=lambda d: ["graft", rec, "--run-dir", d, "--stages", "stage1", "--quiet"],
-                       out=lambda d: [os.path.join(d, "student.safetensors")], folder=lambda d: d),
+        "pretrain": dict(args=pretrain, out=lambda d: [os.path.join(d, "model.safetensors")],
+                         writes=["step_", ""], loop=lambda d: d),
+        "stage1": dict(args=graft("stage1"), out=best, writes=["step_", ".safetensors"],
+                       loop=lambda d: os.path.join(d, "stage1", "loop")),
+        "stage2": dict(args=graft("stage1,stage2"), prepare=graft("stage1"),
+                       out=lambda d: [os.path.join(d, "student.safetensors")], writes=["step_", "student"],
+                       loop=lambda d: os.path.join(d, "stage2", "loop")),
         "synth": dict(args=lambda d: ["synth", teacher, "--out", os.path.join(d, "synth.npz"), *sampling],
-                      out=lambda d: [os.path.join(d, "synth.npz")], folder=lambda d: d, mkdir=True),
+                      out=lambda d: [os.path.join(d, "synth.npz")], mkdir=True),
         "sample": dict(args=lambda d: ["sample", teacher, "--out", d, *sampling],
-                       out=lambda d: [os.path.join(d, "samples.npz")], folder=lambda d: d),
+                       out=lambda d: [os.path.join(d, "samples.npz")]),
     }
+
+
+def _state(target: dict, folder: str) -> str:
+    """What a resume would start from: the newest complete checkpoint of the target's training loop."""
+    from ditgraft.train.loop import latest_checkpoint
+
+    if "loop" not in target:
+        return ""
+    found = latest_checkpoint(target["loop"](folder))
+    return f"; resumes from step {found[0]}" if found else "; resumes from step 0"
 
 
 def main(argv=None) -> int:
@@ -177,14 +195,14 @@ def main(argv=None) -> int:
             if "prepare" in t:
                 run(t["prepare"](d))
         wall = run(t["args"](ref))
-        events = [kill_inside_write(t["args"](cut), t["folder"](cut), 4 * wall + 30, pattern)
+        events = [kill_inside_write(t["args"](cut), cut, 4 * wall + 30, pattern) + _state(t, cut)
                   for pattern in t.get("writes", [""])]
         for _ in range(args.kills):
             delay = rng.uniform(0.2, 1.0) * wall
-            events.append(f"{kill_after(t['args'](cut), delay)} at {delay:.1f}s")
+            events.append(f"{kill_after(t['args'](cut), delay)} at {delay:.1f}s" + _state(t, cut))
         run(t["args"](cut))
         diffs = [max_abs_diff(a, b) for a, b in zip(t["out"](ref), t["out"](cut), strict=True)]
-        left = _temporaries(t["folder"](cut))
+        left = _temporaries(cut)
         locks = glob.glob(os.path.join(cut, "**", ".*.lock"), recursive=True) + \
             glob.glob(os.path.join(cut, "**", ".ditgraft.lock"), recursive=True)
         diff = max(diffs) if diffs else float("nan")

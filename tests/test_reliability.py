@@ -287,7 +287,7 @@ def test_loop_guard_watches_the_gradients_without_clipping(tmp_path):
         return {"loss": loss}
 
     cfg = LoopConfig(steps=5, batch_size=4, grad_clip=None, ema_decay=None, progress=False)
-    with pytest.raises(TrainingDiverged, match=r"pretrain: training diverged at step 3: grad_norm = nan; no checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"pretrain: training diverged at step 3: grad_norm = nan; no check"):
         train(model, step, (torch.randn(16, 3),), cfg, str(tmp_path), desc="pretrain")
 
 

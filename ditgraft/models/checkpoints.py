@@ -132,7 +132,7 @@ def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
             found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) ([\w.]+)", text)
             if found:
                 raise ValueError(f"{path} was refused: it is a pickle naming {found.group(1)} (Python code, not "
-                                 "weights); ditgraft loads only plain tensors and never runs code from a file") from None
+                                 "weights); ditgraft loads only plain tensors, never code") from None
             raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
                              f"{text.strip().splitlines()[-3 if len(text.splitlines()) > 2 else -1][:120]})") from None
         except (RuntimeError, EOFError, OSError) as err:
