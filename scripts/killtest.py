@@ -8,8 +8,9 @@ saved by this script, mnist5k), ``synth`` and ``sample``. For each target:
 2. kills inside writes, in a second folder: with DITGRAFT_TEST_WRITE_PAUSE set, the command is killed as soon as
    a checkpoint temporary (``step_NNNNNNN.tmp``, state.json already written) or an ``atomic_path`` temporary (best
    operator weights, the student, samples) appears, i.e. between writing and renaming;
-3. ``--kills`` random kills: the command is started again and SIGKILLed after a random delay (uniform over 20-100%
-   of the reference's wall time, process start included), each start resuming what the previous ones left;
+3. ``--kills`` random kills: the command is started again and SIGKILLed after a random delay, each start resuming
+   what the previous ones left (training targets: process start-up, timed by a run with nothing left to do, plus a
+   uniform share of the training time still left; sampling targets: uniform over 0-100% of the reference's time);
 4. a final run to completion; then the max abs difference of every weight (or sample) against the reference,
    the temporaries left behind, and whether the run lock was released.
 Exit status 0 when every target resumed to the reference exactly (max abs diff 0), 1 otherwise.
@@ -28,6 +29,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 24  # training steps of every training target
 
 
 def _env(pause: float = 0.0) -> dict:
@@ -120,8 +122,8 @@ def tiny_teacher(path: str) -> None:
 def recipe(path: str, teacher: str) -> None:
     body = {"name": "killtest", "teacher": {"source": teacher},
             "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
-            "stage1": {"samples": 64, "val_samples": 16, "steps": 24, "batch_size": 8, "eval_every": 4},
-            "stage2": {"steps": 24, "batch_size": 8, "ckpt_every": 4, "ema_decay": 0.99},
+            "stage1": {"samples": 64, "val_samples": 16, "steps": STEPS, "batch_size": 8, "eval_every": 4},
+            "stage2": {"steps": STEPS, "batch_size": 8, "ckpt_every": 4, "ema_decay": 0.99},
             "eval": {"enabled": False, "baselines": []}}
     with open(path, "w") as f:
         json.dump(body, f)
@@ -135,7 +137,7 @@ def targets(work: str) -> dict:
     sampling = ["--num-samples", "40", "--batch-size", "8", "--steps", "6", "--device", "cpu"]
 
     def pretrain(d):
-        return ["pretrain", "--run-dir", d, "--steps", "24", "--batch-size", "4", "--ckpt-every", "4",
+        return ["pretrain", "--run-dir", d, "--steps", str(STEPS), "--batch-size", "4", "--ckpt-every", "4",
                 "--warmup", "4", "--device", "cpu"]
 
     def graft(stages):
@@ -159,6 +161,16 @@ def targets(work: str) -> dict:
         "sample": dict(args=lambda d: ["sample", teacher, "--out", d, *sampling],
                        out=lambda d: [os.path.join(d, "samples.npz")]),
     }
+
+
+def _left(target: dict, folder: str) -> float:
+    """The share of the training still to run in ``folder`` (1 for sampling: a restart starts over)."""
+    from ditgraft.train.loop import latest_checkpoint
+
+    if "loop" not in target:
+        return 1.0
+    found = latest_checkpoint(target["loop"](folder))
+    return max(0.1, 1 - (found[0] if found else 0) / STEPS)
 
 
 def _state(target: dict, folder: str) -> str:
@@ -197,8 +209,14 @@ def main(argv=None) -> int:
         wall = run(t["args"](ref))
         events = [kill_inside_write(t["args"](cut), cut, 4 * wall + 30, pattern) + _state(t, cut)
                   for pattern in t.get("writes", [""])]
+        startup, work = 0.0, wall
+        if "loop" in t:  # aim the kills at the training, not at process start: time a run with nothing left to do
+            scratch = os.path.join(args.work, name, "noop")
+            shutil.copytree(ref, scratch)
+            startup = run(t["args"](scratch))
+            work = max(wall - startup, 1.0)
         for _ in range(args.kills):
-            delay = rng.uniform(0.2, 1.0) * wall
+            delay = startup + rng.uniform(0.0, 1.0) * work * _left(t, cut) if "loop" in t else rng.uniform(0, wall)
             events.append(f"{kill_after(t['args'](cut), delay)} at {delay:.1f}s" + _state(t, cut))
         run(t["args"](cut))
         diffs = [max_abs_diff(a, b) for a, b in zip(t["out"](ref), t["out"](cut), strict=True)]
