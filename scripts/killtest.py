@@ -5,14 +5,14 @@
 Targets (tiny settings, CPU): ``pretrain`` (the testbed DiT), graft ``stage1`` and ``stage2`` (a tiny teacher
 saved by this script, mnist5k), ``synth`` and ``sample``. For each target:
 1. the reference: the command run once, uninterrupted, in its own folder;
-2. kills inside writes, in a second folder: with DITGRAFT_TEST_WRITE_PAUSE set, the command is killed as soon as
-   a checkpoint temporary (``step_NNNNNNN.tmp``, state.json already written) or an ``atomic_path`` temporary (best
-   operator weights, the student, samples) appears, i.e. between writing and renaming;
-3. ``--kills`` random kills: the command is started again and SIGKILLed after a random delay, each start resuming
-   what the previous ones left (training targets: process start-up, timed by a run with nothing left to do, plus a
-   uniform share of the training time still left; sampling targets: uniform over 0-100% of the reference's time);
-4. a final run to completion; then the max abs difference of every weight (or sample) against the reference,
-   the temporaries left behind, and whether the run lock was released.
+2. trial 0, kills inside writes: with DITGRAFT_TEST_WRITE_PAUSE set, the command is killed as soon as a checkpoint
+   temporary (``step_NNNNNNN.tmp``, state.json already written) or an ``atomic_path`` temporary (best operator
+   weights, the student, samples) appears, i.e. between writing and renaming; one such kill per pattern, in turn;
+3. trials 1..``--kills``, random kills: each in a fresh folder, SIGKILLed once after a random delay (training
+   targets: process start-up, timed by a run with nothing left to do, plus a uniform share of the training time;
+   sampling targets: uniform over the reference's wall time);
+4. every trial then runs to completion and is compared with the reference: the max abs difference of every weight
+   (or sample), the temporaries left behind, and whether the run lock was released.
 Exit status 0 when every target resumed to the reference exactly (max abs diff 0), 1 otherwise.
 """
 from __future__ import annotations
@@ -163,14 +163,13 @@ def targets(work: str) -> dict:
     }
 
 
-def _left(target: dict, folder: str) -> float:
-    """The share of the training still to run in ``folder`` (1 for sampling: a restart starts over)."""
-    from ditgraft.train.loop import latest_checkpoint
-
-    if "loop" not in target:
-        return 1.0
-    found = latest_checkpoint(target["loop"](folder))
-    return max(0.1, 1 - (found[0] if found else 0) / STEPS)
+def _fresh(target: dict, folder: str) -> str:
+    """A new folder for one run of ``target`` (stage 2: with stage 1 already run uncut)."""
+    if target.get("mkdir"):
+        os.makedirs(folder, exist_ok=True)
+    if "prepare" in target:
+        run(target["prepare"](folder))
+    return folder
 
 
 def _state(target: dict, folder: str) -> str:
@@ -197,40 +196,36 @@ def main(argv=None) -> int:
     todo = targets(args.work)
     names = args.only.split(",") if args.only else list(todo)
     ok = True
-    rows = []
     for name in names:
         t = todo[name]
-        ref, cut = os.path.join(args.work, name, "ref"), os.path.join(args.work, name, "killed")
-        for d in (ref, cut):
-            if t.get("mkdir"):
-                os.makedirs(d, exist_ok=True)
-            if "prepare" in t:
-                run(t["prepare"](d))
-        wall = run(t["args"](ref))
-        events = [kill_inside_write(t["args"](cut), cut, 4 * wall + 30, pattern) + _state(t, cut)
-                  for pattern in t.get("writes", [""])]
+        ref = os.path.join(args.work, name, "ref")
+        wall = run(t["args"](_fresh(t, ref)))
         startup, work = 0.0, wall
         if "loop" in t:  # aim the kills at the training, not at process start: time a run with nothing left to do
             scratch = os.path.join(args.work, name, "noop")
             shutil.copytree(ref, scratch)
             startup = run(t["args"](scratch))
             work = max(wall - startup, 1.0)
-        for _ in range(args.kills):
-            delay = startup + rng.uniform(0.0, 1.0) * work * _left(t, cut) if "loop" in t else rng.uniform(0, wall)
-            events.append(f"{kill_after(t['args'](cut), delay)} at {delay:.1f}s" + _state(t, cut))
-        run(t["args"](cut))
-        diffs = [max_abs_diff(a, b) for a, b in zip(t["out"](ref), t["out"](cut), strict=True)]
-        left = _temporaries(cut)
-        locks = glob.glob(os.path.join(cut, "**", ".*.lock"), recursive=True) + \
-            glob.glob(os.path.join(cut, "**", ".ditgraft.lock"), recursive=True)
-        diff = max(diffs) if diffs else float("nan")
-        passed = bool(diffs) and diff == 0.0 and not left and not locks
-        ok &= passed
-        rows.append((name, events, len(diffs), diff, left, locks, passed, wall))
-        print(f"{name:9s} {'PASS' if passed else 'FAIL'}  files compared {len(diffs)}, max abs diff {diff:g}, "
-              f"temporaries left {len(left)}, locks left {len(locks)}, reference wall {wall:.1f}s", flush=True)
-        for e in events:
-            print(f"    {e}", flush=True)
+        print(f"{name}: reference {wall:.1f}s (start-up {startup:.1f}s)", flush=True)
+        # trial 0: kills inside writes, one after another in one folder; trials 1..k: one random kill each
+        trials = [("in writes", t.get("writes", [""]))] + [("random", None)] * args.kills
+        for i, (kind, patterns) in enumerate(trials):
+            cut = _fresh(t, os.path.join(args.work, name, f"trial{i}"))
+            if patterns is not None:
+                events = [kill_inside_write(t["args"](cut), cut, 4 * wall + 30, pat) + _state(t, cut)
+                          for pat in patterns]
+            else:
+                delay = startup + rng.uniform(0.0, 1.0) * work if "loop" in t else rng.uniform(0.0, wall)
+                events = [f"{kill_after(t['args'](cut), delay)} at {delay:.1f}s" + _state(t, cut)]
+            run(t["args"](cut))
+            diffs = [max_abs_diff(a, b) for a, b in zip(t["out"](ref), t["out"](cut), strict=True)]
+            left = _temporaries(cut)
+            locks = glob.glob(os.path.join(cut, "**", ".*.lock"), recursive=True)
+            diff = max(diffs) if diffs else float("nan")
+            passed = bool(diffs) and diff == 0.0 and not left and not locks
+            ok &= passed
+            print(f"  {'PASS' if passed else 'FAIL'} {kind}: {'; '.join(events)} -> resumed; {len(diffs)} file(s), "
+                  f"max abs diff {diff:g}, temporaries left {len(left)}, locks left {len(locks)}", flush=True)
     print("all targets resumed exactly" if ok else "SOME TARGETS FAILED")
     return 0 if ok else 1
 
