@@ -4,11 +4,14 @@ import os
 import pytest
 import torch
 
-from conftest import Crash, crash_on_call, tiny_dit
+from helpers import Crash, crash_on_call, tiny_dit
 from ditgraft.graft.stage1 import capture_slots, extract, noised_inputs, run_stage1
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, init_from_teacher, load_grafted, save_grafted
 from ditgraft.models.dit import modulate
+from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
+from ditgraft.operators.hyena import HyenaX
+from ditgraft.operators.mlp import MLP
 from ditgraft.recipe import Stage1, Stage2
 
 GRAFTS = [ResolvedGraft("attn", 1, "hyena_x"), ResolvedGraft("mlp", 0, "mlp", {"ratio": 2}, loss="l2")]
@@ -24,8 +27,9 @@ def test_surgery_replaces_only_grafted_slots():
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = graft_model(teacher, GRAFTS, seed=0)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # teacher untouched
-    assert type(student.blocks[1].attn).__name__ == "HyenaX" or "hyena" in type(student.blocks[1].attn).__module__
-    assert student.blocks[0].mlp.hidden == 64
+    assert type(student.blocks[1].attn) is HyenaX
+    assert type(student.blocks[0].mlp) is MLP and student.blocks[0].mlp.hidden == 64
+    assert [type(b.attn) for b in (student.blocks[0], student.blocks[2])] == [MHA, MHA]
     s = student.state_dict()
     for k, v in teacher.state_dict().items():
         if not (k.startswith("blocks.1.attn.") or k.startswith("blocks.0.mlp.")):
@@ -48,8 +52,6 @@ def test_grafted_checkpoint_rebuilds_from_file_alone(tmp_path):
 
 def test_init_from_teacher_maps_names():
     mha = MHA(32, 2, (4, 4))
-    from ditgraft.operators import build_operator
-
     swa = build_operator("swa", 32, 2, (4, 4))
     swa = init_from_teacher(swa, mha)
     assert torch.equal(swa.Wqkv.weight, mha.qkv.weight) and torch.equal(swa.out_proj.bias, mha.proj.bias)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conftest import tiny_dit
+from helpers import tiny_dit
 from ditgraft.cli import main
 from ditgraft.models.checkpoints import save_safetensors
 

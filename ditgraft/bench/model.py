@@ -24,24 +24,22 @@ from torch import nn
 from ditgraft.bench.common import (check_counts, environment, format_table, grid_for_tokens, param_count,
                                    resolve_clock, resolve_device_dtype, round_robin, summarize, synchronizer)
 from ditgraft.flops import count_flops
+from ditgraft.graft.layers import layers_from_text, selector_names
 from ditgraft.models.dit import DiTBlock
 from ditgraft.operators import build_operator, operator_flops, operator_names
 
-LAYER_SETS = ("interleave", "interleave75", "all")
+# the recipes' selectors that need no analysis or probe run (``interleave75`` = ``interleave:0.75``)
+LAYER_SETS = selector_names(needing_nothing=True) + ("interleave75",)
 
 __all__ = ["bench_model", "select_layers", "BlockStack", "format_table", "LAYER_SETS"]
 
 
 def select_layers(layers, blocks: int) -> list[int]:
-    """Block indices to replace: "interleave" (50%: odd blocks 1, 3, ...), "interleave75" (all but 0, 4, 8, ...),
-    "all", or an explicit list of indices. The sets are the recipes' own (ditgraft.eval.layer_select)."""
-    from ditgraft.eval.layer_select import select_layers as recipe_select
-
+    """Block indices to replace: a layer set of the recipes' selectors as ``ditgraft.graft.layers.layers_from_text``
+    reads it ("interleave": odd blocks, "interleave:0.75" or "interleave75", "all", "deepest:0.25", "1,3", ...) or an
+    explicit list of indices."""
     if isinstance(layers, str):
-        fractions = {"interleave": 0.5, "interleave75": 0.75, "all": 1.0}
-        if layers not in fractions:
-            raise ValueError(f"layers={layers!r} is not allowed; use one of {LAYER_SETS} or a list of block indices")
-        return recipe_select("interleave", blocks, fraction=fractions[layers])
+        return layers_from_text("interleave:0.75" if layers == "interleave75" else layers, blocks)
     idx = sorted({int(i) for i in layers})
     if not idx or idx[0] < 0 or idx[-1] >= blocks:
         raise ValueError(f"layers={list(layers)!r} is not allowed: give indices in [0, {blocks - 1}] (blocks={blocks})")

@@ -20,6 +20,9 @@ import os
 import numpy as np
 import torch
 
+from ditgraft.data.latents import load_latents
+from ditgraft.data.mnist5k import load_mnist5k
+
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "center_crop_arr", "load_image_folder", "load_dataset"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -147,16 +150,12 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: got {limit!r}; use None (everything) or an integer >= 1")
     if spec == "mnist5k" or spec.startswith("mnist5k:"):
-        from ditgraft.data.mnist5k import load_mnist5k
-
         x, y = load_mnist5k(spec.partition(":")[2] or "train")
     elif os.path.isdir(spec):
         if image_size is None:
             raise ValueError(f"data {spec!r} is an image folder: pass image_size (pixels per side, e.g. 256)")
         return load_image_folder(spec, image_size, channels, limit)
     elif spec.lower().endswith((".npy", ".npz")):
-        from ditgraft.data.latents import load_latents
-
         x, y = load_latents(spec, labels_path=labels_path, scale=latent_scale)
     elif os.path.exists(spec):
         raise ValueError(f"data {spec!r} is a file but not .npy/.npz; allowed: 'mnist5k[:train|val|all]', "

@@ -7,14 +7,17 @@ teacher's model config and the resolved grafts (plus the recipe), so ``load_graf
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from ditgraft.graft.layers import resolve_layers
 from ditgraft.models.adapters import get_slot, model_dims, set_slot
-from ditgraft.models.checkpoints import (build_from_config, load_state_strict, load_weights, read_metadata,
-                                         save_safetensors)
+from ditgraft.models.checkpoints import (build_from_config, load_dit, load_state_strict, load_weights,
+                                         read_metadata, save_safetensors)
+from ditgraft.models.diffusers_dit import is_diffusers_source
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
 
@@ -36,8 +39,6 @@ class ResolvedGraft:
 
 def resolve_grafts(recipe, depth: int, analysis=None, probe_losses=None) -> list[ResolvedGraft]:
     """Expand every graft's layer selector; a slot may be grafted once."""
-    from ditgraft.recipe import resolve_layers
-
     out, seen = [], {}
     for gi, g in enumerate(recipe.grafts):
         probe = probe_losses.get(gi) if probe_losses else None
@@ -123,11 +124,7 @@ def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
 
 def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """A teacher name/path or a grafted checkpoint or a run directory -> (model, metadata)."""
-    import os
-
-    from ditgraft.models.checkpoints import load_dit
-
-    if os.path.isdir(source):
+    if os.path.isdir(source) and not is_diffusers_source(source):
         for name in ("student.safetensors", "model.safetensors"):
             if os.path.exists(os.path.join(source, name)):
                 return load_any(os.path.join(source, name), map_location)

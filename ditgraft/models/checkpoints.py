@@ -8,7 +8,9 @@ Sources a user can name (``load_dit``):
   loaded strictly with ``torch.load(weights_only=True)``; the size comes from ``model`` (default DiT-XL/2) and
   ``image_size`` (latent = image / 8);
 - ``hf://owner/repo/path/in/repo.safetensors`` (or .pt): fetched with huggingface_hub when a network exists;
-  with HF_HUB_OFFLINE=1 it resolves from the local cache.
+  with HF_HUB_OFFLINE=1 it resolves from the local cache;
+- a diffusers ``DiTTransformer2DModel`` folder (``save_pretrained`` output), a ``DiTPipeline`` folder, or a hub repo
+  id ``owner/name`` (e.g. ``facebook/DiT-XL-2-256``): see models/diffusers_dit.py (needs the ``diffusers`` extra).
 """
 from __future__ import annotations
 
@@ -154,13 +156,19 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
         source = TESTBED_TEACHER
     if source.startswith("hf://"):
         source = resolve_hub(source)
+    from ditgraft.models.diffusers_dit import is_diffusers_source, load_diffusers_dit
+
+    if is_diffusers_source(source):
+        net, meta = load_diffusers_dit(source)
+        return net.to(map_location).eval(), meta
     if not os.path.exists(source):
         raise FileNotFoundError(f"model {source!r}: no such file; allowed: 'testbed', a .safetensors/.pt path, "
-                                "or hf://owner/repo/file")
+                                "hf://owner/repo/file, a diffusers folder or hub repo id")
     if source.endswith(".safetensors"):
         meta = read_metadata(source)
-        if meta.get("recipe"):
-            raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.load_grafted")
+        if meta.get("recipe") or meta.get("grafts"):
+            raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.surgery.load_grafted "
+                             "(or ditgraft.load_model, which loads any source)")
         net = build_from_config(meta.get("model_config"), source)
         load_state_strict(net, load_weights(source, map_location), source)
         return net.eval(), meta

@@ -37,40 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditgraft.operators.common import check_choice, fast_conv_tokens, projection_flops, reference_conv_tokens
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
 DIRECTIONS = ("causal", "bidirectional", "2d")
 
 
-def check_choice(field: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not allowed; use one of {allowed}")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Depthwise convolutions over tokens. weight [C, T]: y[:, t, c] = bias[c] + sum_i weight[c, i] * x[:, t + i - left, c]
-# (zeros outside the sequence). Causal k-tap conv: T = k, left = k - 1.
+# Depthwise k x k convolutions over the token grid (the token-axis ones are in common.py).
 # ---------------------------------------------------------------------------------------------------------------------
-def reference_conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, left: int) -> torch.Tensor:
-    """Plain sum over taps of shifted copies of x [B, N, C]."""
-    B, N, C = x.shape
-    T = weight.shape[-1]
-    xpad = F.pad(x, (0, 0, left, T - 1 - left))  # xpad[:, j] = x[:, j - left]
-    y = sum(weight[:, i] * xpad[:, i:i + N] for i in range(T))
-    return y if bias is None else y + bias
-
-
-def fast_conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, left: int) -> torch.Tensor:
-    """Same as ``reference_conv_tokens`` with one grouped conv2d on the channels-last view [B, C, 1, N] of x."""
-    B, N, C = x.shape
-    T = weight.shape[-1]
-    pad = max(left, T - 1 - left)
-    out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.reshape(C, 1, 1, T), bias, padding=(0, pad), groups=C)
-    start = pad - left
-    return out[:, :, 0, start:start + N].transpose(1, 2)
-
-
 def grid_pads(k: int) -> tuple[int, int]:
     """'Same' padding for a k-tap window: (before, after)."""
     return (k - 1) // 2, k - 1 - (k - 1) // 2
@@ -198,7 +174,7 @@ class _Hyena(nn.Module):
     def _flops(cls, dim: int, grid: tuple[int, int], kernel_size: int = 4, direction: str = "causal") -> int:
         n = grid[0] * grid[1]
         taps = {"causal": kernel_size, "bidirectional": 2 * kernel_size - 1, "2d": kernel_size ** 2}[direction]
-        flops = 2 * n * dim * 3 * dim + 2 * n * dim * dim  # in_proj, out_proj
+        flops = projection_flops(n, dim)  # in_proj, out_proj
         flops += 2 * n * dim  # the two gates
         if cls.has_featurizer:
             flops += 2 * taps * 3 * dim * n

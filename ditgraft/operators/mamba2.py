@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.hyena import check_choice, fast_conv_tokens, reference_conv_tokens
+from ditgraft.operators.common import check_choice, fast_conv_tokens, reference_conv_tokens
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")

@@ -87,7 +87,7 @@ classifier (`CLASSIFIER.md`) against the 4,500 training digits; accuracy = the c
 
 Sample grids: docs/teacher_cfg1.5.png, docs/teacher_cfg4.0.png.
 
-Class accuracy target of the foundation issue (>= 90% at every scale above): **{status}** (lowest
+Class accuracy target of the testbed (>= 90% at every scale above): **{status}** (lowest
 {lowest:.1%}).{note}
 """
 

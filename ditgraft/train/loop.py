@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -39,6 +40,9 @@ CKPT_NAME = re.compile(r"step_(\d{7})$")
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradient norm or the weights became non-finite; the run stopped at its last good checkpoint."""
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -58,6 +62,10 @@ class LoopConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    # scale settings (see ``_forward_backward``)
+    precision: str = "fp32"  # or "bf16": bfloat16 autocast on CUDA (weights, gradients and Adam stay fp32)
+    grad_accum_steps: int = 1  # each rank's share of the global batch runs as this many micro-batches
+    activation_checkpointing: bool = False  # recompute each DiT block in backward (model.grad_checkpointing)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep_checkpoints"):
@@ -88,6 +96,10 @@ class LoopConfig:
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) or null")
         self.betas = tuple(self.betas)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not allowed; use one of {PRECISIONS}")
+        if int(self.grad_accum_steps) < 1:
+            raise ValueError(f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
 
     def lr_at(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
@@ -262,8 +274,10 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     steps and at the end, on rank 0, in eval mode; its numbers are logged with an ``eval/`` prefix.
     """
     rank, world = dist_info()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}")
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world} times "
+                         f"grad_accum_steps={cfg.grad_accum_steps}")
+    _apply_scale_settings(model, cfg, next(model.parameters()).device)
     n = len(data[0])
     if any(len(d) != n for d in data):
         raise ValueError("all data tensors must have the same length")
@@ -289,7 +303,9 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
 
     net = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+        net = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
+        if ema is not None and start == 0:
+            ema.load_state_dict(model.state_dict())
     model.train()
     device = next(model.parameters()).device
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress or rank != 0,
@@ -304,9 +320,8 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             batch = tuple(d[rows].to(device) for d in data)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
-            out = step_fn(net, batch)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            out = _forward_backward(net, step_fn, batch, cfg, device)
             if cfg.grad_clip is not None:
                 norms = [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in (clip_groups or [params])]
                 out["grad_norm"] = torch.stack(norms).max()
@@ -319,6 +334,8 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
                 update_ema(ema, model, cfg.ema_decay)
             samples_since += cfg.batch_size
             done = step + 1
+            if world > 1 and (done % cfg.log_every == 0 or done == cfg.steps):
+                out = _mean_over_ranks(out)  # log the global batch's numbers, not rank 0's share
             if evaluate is not None and rank == 0 and (done % (eval_every or cfg.ckpt_every) == 0
                                                        or done == cfg.steps):
                 model.eval()
@@ -349,3 +366,43 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             log.close()
     model.eval()
     return LoopResult(model, ema, cfg.steps - start, start, history)
+
+
+def _apply_scale_settings(model: nn.Module, cfg: LoopConfig, device: torch.device) -> None:
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"precision='bf16' needs a CUDA device, not {device.type!r}: bfloat16 matmuls are far "
+                         "slower than fp32 on CPUs; use precision='fp32'")
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "grad_checkpointing"):
+            raise ValueError(f"activation_checkpointing=True needs a DiT (a model with blocks to recompute), "
+                             f"not {type(model).__name__}")
+        model.grad_checkpointing = True
+
+
+def _forward_backward(net: nn.Module, step_fn: StepFn, batch: tuple, cfg: LoopConfig, device: torch.device) -> dict:
+    """Forward and backward over this rank's share of the global batch, in ``grad_accum_steps`` micro-batches (under
+    bf16 autocast when asked). Each micro-batch's numbers are weighted by its share of the rows, so the gradients
+    and the returned numbers equal one pass over the whole share up to float rounding, for a step function that
+    returns row means (every loss in ditgraft does). DDP all-reduces once, after the last micro-batch. A step
+    function that draws t and noise makes its draws per micro-batch, so those are different draws."""
+    n, k = len(batch[0]), cfg.grad_accum_steps
+    totals: dict[str, torch.Tensor] = {}
+    for i in range(k):
+        lo, hi = n * i // k, n * (i + 1) // k
+        last = i == k - 1
+        sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last else nullcontext()
+        weight = (hi - lo) / n  # 1.0 without accumulation: the plain step, bit for bit
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = step_fn(net, tuple(b[lo:hi] for b in batch))
+            (out["loss"].float() * weight).backward()
+        for key, v in out.items():
+            totals[key] = totals.get(key, 0.0) + v.detach().float() * weight
+    return totals
+
+
+def _mean_over_ranks(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = sorted(out)
+    flat = torch.stack([out[k].detach().float().mean() for k in keys])
+    dist.all_reduce(flat)
+    return dict(zip(keys, flat / dist.get_world_size()))

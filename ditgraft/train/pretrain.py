@@ -10,6 +10,7 @@ import torch
 
 from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.distributed import barrier, is_main
 from ditgraft.flops import dit_train_flops_per_sample
 from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.models.dit import build_dit
@@ -102,6 +103,10 @@ def _pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
     t0 = time.time()
     result = train(model, diffusion_step_fn(diffusion), (x, y), cfg.loop, run_dir, desc="pretrain")
     wall = time.time() - t0
+    out = os.path.join(run_dir, "model.safetensors")
+    if not is_main():  # rank 0 alone writes; the loop's logged loss is already the mean over ranks
+        barrier()
+        return out
     flops_per_sample = dit_train_flops_per_sample(model)
     info["stages"] = record_stage(info, asdict(cfg.loop), result.resumed_from)
     info.update({
@@ -117,7 +122,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
         "final_loss": result.history[-1]["loss"] if result.history else None,
     })
     atomic_write_json(info_path, info)
-    out = os.path.join(run_dir, "model.safetensors")
     save_safetensors(out, result.ema if result.ema is not None else model,
                      {"model_config": model.config, "pretrain": info})
+    barrier()
     return out
