@@ -13,15 +13,26 @@
     ditgraft ops                       operator table: parameters and FLOPs at (dim, tokens)
     ditgraft bench ops|model|stage1    side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
+
+Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed) or a run directory in
+use; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept); 130 / 143 interrupted
+(Ctrl-C / SIGTERM: locks released, run the same command again to resume); 1 an unexpected error (a bug: the
+traceback is printed, please report it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import threading
+import traceback
 
 import torch
+
+BUG_REPORT = "ditgraft: this is a bug, not a problem with your input; please report it with the traceback above"
 
 
 def _device(args):
@@ -37,9 +48,55 @@ def _device(args):
 
 def _load_model(source: str, device):
     from ditgraft.graft.surgery import load_any
+    from ditgraft.models.checkpoints import require_finite
 
     model, meta = load_any(source, map_location="cpu")
+    require_finite(model, source)
     return model.to(device).eval(), meta
+
+
+# argparse types: a bad option value is refused when parsed (exit 2, naming the option and what is allowed)
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
+
+
+def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False):
+    """A float type for argparse: finite, within [low, high] (open ends when asked)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+        lo_ok = low is None or (value > low if low_open else value >= low)
+        hi_ok = high is None or (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not lo_ok or not hi_ok:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            rule = " and ".join(p for p in (lo, hi) if p)
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number" + (f" {rule}" if rule else ""))
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def cmd_pretrain(args) -> None:
@@ -51,8 +108,11 @@ def cmd_pretrain(args) -> None:
                       decay_steps=args.decay_steps, precision=args.precision,
                       grad_accum_steps=args.grad_accum_steps, activation_checkpointing=args.activation_checkpointing)
     from ditgraft.distributed import is_main
+    from ditgraft.utils import ensure_writable
 
-    out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, _device(args))
+    device = _device(args)
+    ensure_writable(args.run_dir, "--run-dir")
+    out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, device)
     if is_main():
         print(f"pretrained model (EMA weights): {out}")
 
@@ -122,9 +182,7 @@ def cmd_recipes(args) -> None:
 
 def cmd_sample(args) -> None:
     from ditgraft.diffusion.samplers import SamplingConfig
-    from ditgraft.eval.adm import save_samples_npz
-    from ditgraft.distributed import rank_world
-    from ditgraft.eval.sampling import gather_samples, generate, save_grid, save_pngs
+    from ditgraft.utils import ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
@@ -139,6 +197,16 @@ def cmd_sample(args) -> None:
         from ditgraft.data.vae import latent_decoder, load_vae
 
         decode = latent_decoder(load_vae(args.vae, device=device))
+    ensure_writable(args.out, "--out")
+    with run_lock(args.out, "ditgraft sample"):
+        _sample(args, model, cfg, device, decode)
+
+
+def _sample(args, model, cfg, device, decode) -> None:
+    from ditgraft.distributed import rank_world
+    from ditgraft.eval.adm import save_samples_npz
+    from ditgraft.eval.sampling import gather_samples, generate, save_grid, save_pngs
+
     rank, world = rank_world()
     images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
                               rank=rank, world=world, decode=decode, progress=rank == 0)
@@ -194,14 +262,19 @@ def cmd_eval(args) -> None:
         result = evaluate_samples(args.target, features=args.features, reference=args.ref,
                                   inception_weights=args.inception_weights, device=_device(args))
     else:
+        from ditgraft.utils import ensure_writable, run_lock
+
         device = _device(args)
+        protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
         model, _ = _load_model(args.target, device)
         if model.in_channels not in (1, 3):
             raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
                              "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
         out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
-        protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
-        result = sample_and_evaluate(model, out, protocol, device)  # under torchrun: seeds shared out, rank 0 writes
+        ensure_writable(out, "--out")
+        with run_lock(out, "ditgraft eval"):
+            # under torchrun: seeds shared out, rank 0 writes
+            result = sample_and_evaluate(model, out, protocol, device)
         if is_main():
             print(f"samples and metrics in {out}")
     if is_main():
@@ -211,8 +284,11 @@ def cmd_eval(args) -> None:
 def cmd_analyze(args) -> None:
     from ditgraft.analysis.locality import analyze_model, write_analysis_report
 
+    from ditgraft.utils import ensure_writable
+
     device = _device(args)
     model, _ = _load_model(args.model, device)
+    ensure_writable(args.out, "--out")
     result = analyze_model(model, num_samples=args.num_samples, steps=args.steps, cfg_scale=args.cfg,
                            band_k=args.band_k, seed=args.seed, device=device, progress=True)
     files = write_analysis_report(result, args.out)
@@ -221,17 +297,25 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    from ditgraft.data.latents import save_latents
     from ditgraft.diffusion.samplers import SamplingConfig
-    from ditgraft.eval.sampling import generate
+    from ditgraft.utils import ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip = (model.in_channels in (1, 3)) if args.clip is None else args.clip
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    ensure_writable(out, "--out", folder=False)
+    with run_lock(out, "ditgraft synth"):
+        _synth(args, model, cfg, device, out)
+
+
+def _synth(args, model, cfg, device, out: str) -> None:
+    from ditgraft.data.latents import save_latents
+    from ditgraft.eval.sampling import generate
+
     latents, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size,
                                device=device, raw=True)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
     save_latents(out, latents, labels)
     print(f"{args.num_samples} synthetic samples (model space, with labels): {out}; use it as `data:` in a recipe")
 
@@ -252,7 +336,7 @@ def cmd_bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ditgraft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
@@ -260,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         return s
 
-    s = add("demo", cmd_demo, "graft the shipped testbed teacher: 50% attention -> Hyena-X, both stages, report")
+    s = add("demo", cmd_demo, "graft the shipped testbed teacher: 50%% attention -> Hyena-X, both stages, report")
     s.add_argument("--run-dir", default=None, help="default runs/demo")
     s.add_argument("--device", default=None)
     s.add_argument("--quiet", action="store_true")
@@ -275,36 +359,36 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
                                     "expected stage-2 memory per GPU")
     s.add_argument("--show", metavar="RECIPE", default=None, help="print this recipe (name or path), resolved")
-    s.add_argument("--gpus", type=int, default=8, help="GPUs for the --show memory estimate (default 8)")
+    s.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
     s.add_argument("--data", default="mnist5k", help="mnist5k, an image folder, or latents .npy/.npz")
     s.add_argument("--run-dir", default="runs/pretrain")
-    s.add_argument("--steps", type=int, default=4000)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=5e-4)
-    s.add_argument("--warmup", type=int, default=200)
-    s.add_argument("--decay-steps", type=int, default=0,
+    s.add_argument("--steps", type=positive_int, default=4000)
+    s.add_argument("--batch-size", type=positive_int, default=128)
+    s.add_argument("--lr", type=finite_float(0, low_open=True), default=5e-4)
+    s.add_argument("--warmup", type=nonneg_int, default=200)
+    s.add_argument("--decay-steps", type=nonneg_int, default=0,
                    help="decay the LR linearly to 0 over the last N steps (default 0: constant after warmup)")
-    s.add_argument("--ema", type=float, default=0.999)
-    s.add_argument("--grad-clip", type=float, default=1.0)
-    s.add_argument("--ckpt-every", type=int, default=250)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ema", type=finite_float(0, 1, high_open=True), default=0.999)
+    s.add_argument("--grad-clip", type=finite_float(0, low_open=True), default=1.0)
+    s.add_argument("--ckpt-every", type=positive_int, default=250)
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, CUDA only")
-    s.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per step (default 1)")
+    s.add_argument("--grad-accum-steps", type=positive_int, default=1, help="micro-batches per step (default 1)")
     s.add_argument("--activation-checkpointing", action="store_true", help="recompute DiT blocks in backward")
 
     def sampling_args(s, num=100):
-        s.add_argument("--num-samples", type=int, default=num)
+        s.add_argument("--num-samples", type=positive_int, default=num)
         s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-        s.add_argument("--steps", type=int, default=25)
-        s.add_argument("--cfg", type=float, default=1.5)
+        s.add_argument("--steps", type=positive_int, default=25)
+        s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
         s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                        help="clip predicted x0 to [-1, 1] (default: on for pixel models, off for latents)")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--batch-size", type=int, default=100)
+        s.add_argument("--seed", type=nonneg_int, default=0)
+        s.add_argument("--batch-size", type=positive_int, default=100)
         s.add_argument("--device", default="auto")
 
     s = add("sample", cmd_sample, "class-conditional samples: samples.png + samples.npz (ADM layout)")
@@ -318,12 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image_dir", help="images: <dir>/<class>/<image> (ImageNet layout) or a flat folder")
     s.add_argument("--vae", required=True, help="AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema")
     s.add_argument("--out", required=True, help="the latents .npz to write")
-    s.add_argument("--image-size", type=int, default=256, help="centre-crop size in pixels (default 256)")
+    s.add_argument("--image-size", type=positive_int, default=256, help="centre-crop size in pixels (default 256)")
     s.add_argument("--flip", action="store_true", help="also store the horizontally flipped copy of each image")
-    s.add_argument("--per-class", type=int, default=None,
+    s.add_argument("--per-class", type=positive_int, default=None,
                    help="only the first N images of every class (file-name order), e.g. 130 = 10%% of ImageNet")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of the posterior draws")
     s.add_argument("--device", default="auto")
 
     s = add("import-release", cmd_import_release,
@@ -331,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="the release's model.pt ({'ema': state_dict})")
     s.add_argument("config", help="the release's YAML (operator: {type, name}, sample_config.graft_indexes)")
     s.add_argument("--out", required=True, help="the grafted .safetensors to write")
-    s.add_argument("--num-heads", type=int, default=None,
+    s.add_argument("--num-heads", type=positive_int, default=None,
                    help="attention heads (default: from sample_config.dit_model_name, e.g. 16 for DiT-XL/2)")
 
     s = add("export-diffusers", cmd_export_diffusers, "a plain DiT as a diffusers DiTPipeline folder")
@@ -351,26 +435,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or env DITGRAFT_INCEPTION_WEIGHTS)")
     s.add_argument("--floor", action="store_true", help="the real-data floor: validation digits vs training")
-    s.add_argument("--cfg", type=float, default=None, help="protocol cfg scale (default 1.5)")
-    s.add_argument("--num-samples", type=int, default=500)
-    s.add_argument("--seed", type=int, default=0, help="protocol seed (default 0); others show the sampling spread")
+    s.add_argument("--cfg", type=finite_float(1), default=None, help="protocol cfg scale (default 1.5)")
+    s.add_argument("--num-samples", type=positive_int, default=500)
+    s.add_argument("--seed", type=nonneg_int, default=0,
+                   help="protocol seed (default 0); others show the sampling spread")
     s.add_argument("--out", default=None)
     s.add_argument("--device", default="auto")
 
     s = add("analyze", cmd_analyze, "attention locality and activation statistics per layer")
     s.add_argument("model")
-    s.add_argument("--num-samples", type=int, default=250)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--cfg", type=float, default=1.5)
-    s.add_argument("--band-k", type=int, default=None, help="default N/8 (32 at N=256)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-samples", type=positive_int, default=250)
+    s.add_argument("--steps", type=positive_int, default=50)
+    s.add_argument("--cfg", type=finite_float(1), default=1.5)
+    s.add_argument("--band-k", type=positive_int, default=None, help="default N/8 (32 at N=256)")
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--out", default="runs/analysis")
     s.add_argument("--device", default="auto")
 
     s = add("ops", cmd_ops, "operator table: params and FLOPs per operator")
-    s.add_argument("--dim", type=int, default=1152)
-    s.add_argument("--tokens", type=int, default=256)
-    s.add_argument("--heads", type=int, default=16)
+    s.add_argument("--dim", type=positive_int, default=1152)
+    s.add_argument("--tokens", type=positive_int, default=256)
+    s.add_argument("--heads", type=positive_int, default=16)
 
     s = add("bench", cmd_bench, "benchmarks: `bench ops`, `bench model` or `bench stage1`")
     from ditgraft.bench.cli import add_bench_arguments
@@ -391,17 +476,43 @@ def _init_distributed() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds like an error: locks are released, temporaries removed
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad option value (2, already printed with the allowed values)
+        return int(done.code or 0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _init_distributed()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+    from ditgraft.train.loop import TrainingDiverged
+
     try:
+        _init_distributed()
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except TrainingDiverged as err:
+        print(f"ditgraft {args.command}: error: {err}", file=sys.stderr)
+        return 3
+    except EXPECTED_ERRORS as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError) and err.filename is not None:
+            msg = f"{err.filename}: {err.strerror}"
         print(f"ditgraft {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ditgraft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
     return 0
 
 

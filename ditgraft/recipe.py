@@ -27,7 +27,7 @@ DEFAULT_LOSS = {"attn": "l1", "mlp": "l2"}  # the paper's stage-1 regression los
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf / .nan are refused by name
 
 
 class LayerSelector(Strict):

@@ -166,3 +166,19 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+def check_data_fits(x: torch.Tensor, y: torch.Tensor, model, spec: str) -> None:
+    """Refuse data a model cannot train on (before any step): [N, C, H, W] with the model's channels and size,
+    finite values, and integer labels in [0, num_classes)."""
+    want_hw = (model.grid[0] * model.patch_size, model.grid[1] * model.patch_size)
+    if x.ndim != 4 or x.shape[1] != model.in_channels or tuple(x.shape[2:]) != want_hw:
+        raise ValueError(f"data {spec!r}: samples of shape {tuple(x.shape[1:])} do not fit the model; allowed: "
+                         f"({model.in_channels}, {want_hw[0]}, {want_hw[1]}) (its channels, height, width)")
+    if len(y) != len(x):
+        raise ValueError(f"data {spec!r}: {len(y)} labels for {len(x)} samples; one label per sample is needed")
+    if len(y) and (y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= model.num_classes):
+        raise ValueError(f"data {spec!r}: labels span [{y.min().item()}, {y.max().item()}]; allowed: integers in "
+                         f"[0, {model.num_classes - 1}] (the model's {model.num_classes} classes)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"data {spec!r}: holds NaN/Inf values")

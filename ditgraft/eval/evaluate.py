@@ -58,7 +58,11 @@ def _testbed_reference(split: str = "train") -> dict:
 
 def testbed_metrics(images: np.ndarray, labels: np.ndarray | None) -> dict:
     """Metrics of uint8 NHWC testbed images against the training digits."""
-    from ditgraft.eval.classifier import testbed_features
+    from ditgraft.eval.classifier import NUM_CLASSES, testbed_features
+
+    if labels is not None and len(labels) and (np.min(labels) < 0 or np.max(labels) >= NUM_CLASSES):
+        raise ValueError(f"labels span [{np.min(labels)}, {np.max(labels)}]; allowed: [0, {NUM_CLASSES - 1}] (the "
+                         f"testbed classifier's {NUM_CLASSES} classes; the class accuracy would be meaningless)")
 
     ref = _testbed_reference("train")
     got = testbed_features(images)

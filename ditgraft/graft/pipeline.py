@@ -34,7 +34,8 @@ from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.checkpoints import ASSETS, load_dit
 from ditgraft.recipe import Data, Recipe
 from ditgraft.train.memory import format_stage2_memory
-from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
+from ditgraft.utils import (atomic_write_json, atomic_write_text, ensure_writable, read_json, resolve_device,
+                            run_lock)
 
 STAGES = ("stage1", "stage2", "eval", "report")
 
@@ -285,34 +286,82 @@ PIPELINE = (
 )
 
 
-def _record_recipe(recipe: Recipe, run_dir: str) -> None:
-    """recipe.yaml: written on the first run; a later run in the same directory must be of the same recipe."""
-    recipe_path = os.path.join(run_dir, "recipe.yaml")
-    if os.path.exists(recipe_path):
-        with open(recipe_path) as f:
-            previous = yaml.safe_load(f)
-        if previous != recipe.to_dict():
-            raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
-    else:
-        on_main(lambda: atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False)))
-
-
 def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
               log=print) -> dict:
-    """Run the recipe's stages (``PIPELINE``, those named in ``stages``) in ``run_dir``; returns the report dict.
+    """Run the recipe's stages (``PIPELINE``, those named in ``stages``) in ``run_dir``, locked for the call;
+    returns the report dict.
 
     Under torchrun every rank runs this: the training stages are data parallel, sampling is shared out, and rank 0
-    alone writes files while the others wait (``on_main``); whether a stage is complete is rank 0's view of the
-    run directory, so every rank skips or resumes the same stages."""
+    alone writes files (and holds the lock) while the others wait (``on_main``); whether a stage is complete is
+    rank 0's view of the run directory, so every rank skips or resumes the same stages."""
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"stage={s!r} is not allowed; use some of {STAGES}")
     dev = resolve_device(device or recipe.device)
-    os.makedirs(run_dir, exist_ok=True)
-    _record_recipe(recipe, run_dir)
+    ensure_writable(run_dir, "run directory")
+    with run_lock(run_dir, f"ditgraft graft {recipe.name}"):
+        return _run_graft(recipe, run_dir, stages, dev, progress, log)
+
+
+def _yaml_file(path: str):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _start_recording(recipe: Recipe, run_dir: str) -> bool:
+    """True when ``run_dir`` already records this recipe; refuses a different one. An unrecorded directory (a
+    failed or killed first attempt) keeps its planning results only if they were made for this same recipe."""
+    recipe_path = os.path.join(run_dir, "recipe.yaml")
+    if os.path.exists(recipe_path):
+        if _yaml_file(recipe_path) != recipe.to_dict():
+            raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
+        return True
+    on_main(lambda: _forget_other_attempt(recipe, run_dir))
+    return False
+
+
+def _forget_other_attempt(recipe: Recipe, run_dir: str) -> None:
+    """Drop the planning results of an unrecorded attempt with another recipe; note this recipe as pending."""
+    import glob
+    import shutil
+
+    pending = os.path.join(run_dir, "recipe.pending.yaml")
+    if os.path.exists(pending) and _yaml_file(pending) != recipe.to_dict():
+        for stale in [os.path.join(run_dir, "plan.json"), os.path.join(run_dir, "analysis"),
+                      *glob.glob(os.path.join(run_dir, "probe*"))]:
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+            elif os.path.exists(stale):
+                os.remove(stale)
+    atomic_write_text(pending, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _record_recipe(recipe: Recipe, run_dir: str) -> None:
+    """Layers, teacher and data resolved: only now is the run directory this recipe's."""
+    atomic_write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    os.remove(os.path.join(run_dir, "recipe.pending.yaml"))
+
+
+def _check_data(recipe: Recipe, teacher) -> None:
+    """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels)."""
+    from ditgraft.data.images import check_data_fits
+
+    for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples), ("stage2", recipe.stage2, 10**9)):
+        if c.enabled:
+            x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)
+            check_data_fits(x, y, teacher, f"{name}.data = {c.data}")
+            check_data_fits(xv, yv, teacher, f"{name}.data = {c.data} (validation rows)")
+
+
+def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -> dict:
+    recorded = _start_recording(recipe, run_dir)
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
+    if not recorded:
+        _check_data(recipe, teacher)
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
+    if not recorded:
+        on_main(lambda: _record_recipe(recipe, run_dir))
     log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
     timings_path = os.path.join(run_dir, "timings.json")
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}

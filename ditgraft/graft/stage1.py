@@ -24,6 +24,7 @@ teacher on its own share of each global batch, with its own t and noise. Validat
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from ditgraft.distributed import all_gather_rows, barrier, on_main, rank_world, 
 from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.recipe import Stage1
-from ditgraft.train.loop import train
+from ditgraft.train.loop import TrainingDiverged, train
 from ditgraft.utils import atomic_path, atomic_write_json
 
 
@@ -214,6 +215,8 @@ class BestKeeper:
                     self.best[name[:-5]] = json.load(f)
 
     def offer(self, key: str, module: nn.Module, step: int, val_mse: float, rel: float) -> None:
+        if not math.isfinite(val_mse):  # a diverged operator is never the best one
+            return
         if key in self.best and val_mse >= self.best[key]["val_mse"]:
             return
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -287,6 +290,9 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
     keeper = BestKeeper(keeper.folder)  # rank 0 evaluated and wrote best/; every rank reads it back
     summary = {}
     for g in grafts:
+        if g.key not in keeper.best:
+            raise TrainingDiverged(f"stage1: {g.key} never reached a finite validation MSE in {loop.steps} steps; "
+                                   "lower stage1.lr and run again")
         final = [r for r in result.history if "loss/" + g.key in r]
         summary[g.key] = dict(keeper.best[g.key], slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss,
                               final_train_loss=final[-1]["loss/" + g.key] if final else None,

@@ -11,14 +11,13 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ditgraft.graft.layers import resolve_layers
 from ditgraft.models.adapters import get_slot, model_dims, set_slot
-from ditgraft.models.checkpoints import load_dit, read_metadata, save_safetensors
+from ditgraft.models.checkpoints import (build_from_config, load_dit, load_state_strict, load_weights,
+                                         read_metadata, save_safetensors)
 from ditgraft.models.diffusers_dit import is_diffusers_source
-from ditgraft.models.dit import DiT
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
 
@@ -112,11 +111,14 @@ def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recip
 def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a grafted (or plain) ditgraft checkpoint from its file alone."""
     meta = read_metadata(path)
-    model = DiT(**meta["model_config"])
-    grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
+    model = build_from_config(meta.get("model_config"), path)
+    try:
+        grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
+    except TypeError as err:
+        raise ValueError(f"{path}: its grafts metadata is malformed ({err})") from None
     for g in grafts:
         set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
-    model.load_state_dict(load_file(path, device=str(map_location)), strict=True)
+    load_state_strict(model, load_weights(path, map_location), path)
     return model.eval(), meta
 
 
