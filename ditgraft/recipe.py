@@ -140,6 +140,20 @@ class Evaluation(Strict):
     cfg_scale: float = Field(default=1.5, ge=1)
     seed: int = 0
     baselines: list[Literal["teacher", "random_init"]] = Field(default_factory=lambda: ["teacher"])
+    # decision: also sample every seed in ``seeds`` (the quick protocol's seed included), pool them, and compare
+    # the student with the teacher (and the random-init baseline with the student) by paired bootstrap intervals
+    protocol: Literal["quick", "decision"] = "quick"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    target_ratio: float | None = Field(default=1.25, gt=0)  # FID ratio student / teacher, at most
+    target_gap: float | None = Field(default=0.02, ge=0)  # class accuracy gap teacher - student, at most
+    resamples: int = Field(default=500, ge=10)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
 
 
 class Recipe(Strict):

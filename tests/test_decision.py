@@ -129,3 +129,39 @@ def test_decision_eval_samples_each_seed_once_paired(tmp_path, small_reference):
     assert os.path.getmtime(os.path.join(b, "samples_seed3.npz")) == mtime and again["ratio"] == out["ratio"]
     with pytest.raises(ValueError, match="distinct seeds"):
         decision_eval(student, a, [0, 0], protocol, resamples=20, progress=False)
+
+
+def test_pipeline_eval_stage_runs_the_decision_protocol_when_asked(tmp_path, small_reference):
+    from ditgraft.graft.pipeline import run_graft
+    from ditgraft.models.checkpoints import save_safetensors
+    from ditgraft.recipe import parse_recipe
+
+    model = tiny_dit(depth=2, input_size=32, patch_size=8)
+    teacher = str(tmp_path / "teacher.safetensors")
+    save_safetensors(teacher, model, {"model_config": model.config, "pretrain": {"train_flops": 1e13}})
+    recipe = parse_recipe({
+        "name": "tiny", "teacher": {"source": teacher},
+        "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
+        "stage1": {"samples": 16, "val_samples": 8, "steps": 2, "batch_size": 8, "eval_every": 2},
+        "stage2": {"steps": 2, "batch_size": 8, "ckpt_every": 2},
+        "eval": {"num": 10, "steps": 2, "baselines": ["teacher", "random_init"], "protocol": "decision",
+                 "seeds": [0, 4], "resamples": 20},
+    })
+    run = str(tmp_path / "run")
+    run_graft(recipe, run, progress=False, log=lambda *_: None)
+    files = set(os.listdir(os.path.join(run, "eval")))
+    # seed 0 is the quick protocol's own samples; seed 4 is added for each of the three models
+    assert {"grafted.npz", "grafted_seed4.npz", "teacher.npz", "teacher_seed4.npz", "random_init_seed4.npz",
+            "grafted_decision.json", "random_init_decision.json", "decision.txt"} <= files
+    res = json.load(open(os.path.join(run, "eval", "grafted_decision.json")))
+    assert res["num"] == 20 and res["targets"] == {"ratio": 1.25, "gap": 0.02}
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        parse_recipe({"grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
+                      "eval": {"seeds": [1, 1]}})
+
+
+def test_cli_rejects_bad_seeds(capsys):
+    from ditgraft.cli import main
+
+    assert main(["eval", "testbed", "--seeds", "0,a", "--device", "cpu"]) == 2
+    assert "--seeds='0,a'" in capsys.readouterr().err

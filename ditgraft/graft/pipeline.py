@@ -231,12 +231,36 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
                 base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
                 evals["random_init"] = sample_and_evaluate(base, os.path.join(run_dir, "eval"), protocol, dev,
                                                            progress, tag="random_init")
+            if recipe.eval.protocol == "decision":
+                timed("eval_decision", lambda: _decision(recipe, run_dir, protocol, student, teacher, dev,
+                                                         progress, log))
     report = {}
     if "report" in stages:
         from ditgraft.graft.report import write_report
 
         report = write_report(run_dir, recipe, grafts, evals, accounting(), timings)
     return report
+
+
+def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log) -> None:
+    """The decision protocol over ``recipe.eval.seeds``: student vs teacher (with the recipe's targets) and, when
+    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt."""
+    from ditgraft.eval.decision import Targets, decision_eval, format_decision
+
+    e, out = recipe.eval, os.path.join(run_dir, "eval")
+    kw = dict(seeds=e.seeds, protocol=protocol, against_dir=out, resamples=e.resamples, device=dev,
+              progress=progress)
+    res = decision_eval(student, out, against=teacher, tag="grafted", against_tag="teacher",
+                        targets=Targets(e.target_ratio, e.target_gap), **kw)
+    text = [format_decision(res, "grafted", "teacher")]
+    if "random_init" in e.baselines:
+        base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
+        res = decision_eval(base, out, against=student, tag="random_init", against_tag="grafted",
+                            targets=Targets(1.0, 0.0), **kw)
+        text.append(format_decision(res, "random_init", "grafted")
+                    + "\n  (random init worse than grafting, beyond doubt: both verdicts 'missed')")
+    atomic_write_text(os.path.join(out, "decision.txt"), "\n".join(text) + "\n")
+    log("\n".join(text))
 
 
 def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
