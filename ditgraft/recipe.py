@@ -123,6 +123,8 @@ class Stage2(Strict):
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     grad_clip: float | None = Field(default=10.0, gt=0)
     ckpt_every: int = Field(default=50, ge=1)
+    # output distillation: + distill_weight * MSE(student output, teacher output) on the same noised input
+    distill_weight: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _decay_fits(self):

@@ -121,7 +121,10 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
             with torch.no_grad():
                 per = 3 * count_flops(op, x) // 2  # training = 3 x forward, as for the DiT
             op_train += per * s1.steps * s1.batch_size
-    s2_step = dit_train_flops_per_sample(student) * recipe.stage2.batch_size
+    s2_per_sample = dit_train_flops_per_sample(student)
+    if recipe.stage2.distill_weight > 0:  # output distillation: one teacher forward per sample
+        s2_per_sample += dit_forward_flops_per_sample(teacher)
+    s2_step = s2_per_sample * recipe.stage2.batch_size
     s2 = s2_step * recipe.stage2.steps if recipe.stage2.enabled else 0
     pre = (teacher_meta.get("pretrain") or {}).get("train_flops")
     total = extraction + op_train + s2
@@ -286,5 +289,5 @@ def _train_student(recipe, teacher, grafts, out_dir: str, dev, progress, stage1_
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
     x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
     student, _ = timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
-                                                      recipe.seed, progress))
+                                                      recipe.seed, progress, teacher=teacher))
     return student
