@@ -174,7 +174,7 @@ def _decision_eval(args, model, out: str, protocol, device) -> None:
     result = decision_eval(model, out, seeds, protocol, against, against_dir,
                            targets=Targets(args.target_ratio, args.target_gap), resamples=args.resamples,
                            device=device)
-    print(format_decision(result, os.path.basename(args.target), args.against or "baseline"))
+    print(format_decision(result, os.path.basename(args.target), os.path.basename(args.against or "baseline")))
     print(f"samples in {out}" + (f" and {against_dir}" if against_dir else "")
           + f"; decision in {os.path.join(out, 'samples_decision.json')}")
 
