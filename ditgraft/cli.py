@@ -270,7 +270,9 @@ def cmd_eval(args) -> None:
         if model.in_channels not in (1, 3):
             raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
                              "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
-        out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
+        out = args.out or _eval_dir(args.target)
+        if args.seeds is not None or args.against is not None:
+            return _decision_eval(args, model, out, protocol, device)
         ensure_writable(out, "--out")
         with run_lock(out, "ditgraft eval"):
             # under torchrun: seeds shared out, rank 0 writes
@@ -279,6 +281,33 @@ def cmd_eval(args) -> None:
             print(f"samples and metrics in {out}")
     if is_main():
         print(json.dumps(result, indent=2))
+
+
+def _eval_dir(source: str) -> str:
+    return os.path.join("runs", "eval", os.path.basename(source.rstrip("/")).split(".")[0])
+
+
+def _decision_eval(args, model, out: str, protocol, device) -> None:
+    from ditgraft.eval.decision import DEFAULT_SEEDS, Targets, decision_eval, format_decision
+
+    seeds = DEFAULT_SEEDS if args.seeds is None else _int_list(args.seeds, "--seeds")
+    against = against_dir = None
+    if args.against is not None:
+        against, _ = _load_model(args.against, device)
+        against_dir = args.against_out or _eval_dir(args.against)
+    result = decision_eval(model, out, seeds, protocol, against, against_dir,
+                           targets=Targets(args.target_ratio, args.target_gap), resamples=args.resamples,
+                           device=device)
+    print(format_decision(result, os.path.basename(args.target), os.path.basename(args.against or "baseline")))
+    print(f"samples in {out}" + (f" and {against_dir}" if against_dir else "")
+          + f"; decision in {os.path.join(out, 'samples_decision.json')}")
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def cmd_analyze(args) -> None:
@@ -441,6 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protocol seed (default 0); others show the sampling spread")
     s.add_argument("--out", default=None)
     s.add_argument("--device", default="auto")
+    s.add_argument("--seeds", default=None,
+                   help="decision protocol: comma list of seeds pooled, e.g. 0,1,2 (default 0,1,2 with --against)")
+    s.add_argument("--against", default=None,
+                   help="decision protocol: baseline model sampled at the same seeds (e.g. testbed): FID ratio "
+                        "and accuracy gap with paired bootstrap intervals")
+    s.add_argument("--against-out", default=None, help="where the baseline's samples go (default runs/eval/NAME)")
+    s.add_argument("--target-ratio", type=float, default=1.25, help="verdict target for the FID ratio (<=)")
+    s.add_argument("--target-gap", type=float, default=0.02, help="verdict target for the accuracy gap (<=)")
+    s.add_argument("--resamples", type=int, default=500, help="bootstrap resamples (default 500)")
 
     s = add("analyze", cmd_analyze, "attention locality and activation statistics per layer")
     s.add_argument("model")

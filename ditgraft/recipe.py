@@ -218,6 +218,8 @@ class Stage2(Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = Field(default=1, ge=1)
     activation_checkpointing: bool = False
+    # output distillation: + distill_weight * MSE(student output, teacher output) on the same noised input
+    distill_weight: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _decay_fits(self):
@@ -248,6 +250,21 @@ class Evaluation(Strict):
     features: Literal["testbed", "inception"] = "testbed"
     reference: str | None = None  # inception features: the ADM reference batch .npz
     inception_weights: str | None = None  # default: $DITGRAFT_INCEPTION_WEIGHTS or the torch hub cache
+
+    # decision: also sample every seed in ``seeds`` (the quick protocol's seed included), pool them, and compare
+    # the student with the teacher (and the random-init baseline with the student) by paired bootstrap intervals
+    protocol: Literal["quick", "decision"] = "quick"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    target_ratio: float | None = Field(default=1.25, gt=0)  # FID ratio student / teacher, at most
+    target_gap: float | None = Field(default=0.02, ge=0)  # class accuracy gap teacher - student, at most
+    resamples: int = Field(default=500, ge=10)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _reference_given(self):

@@ -152,3 +152,55 @@ def test_stage2_resumes_exactly(tmp_path, monkeypatch):
     b = run(str(tmp_path / "b"))
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_stage2_distill_weight_zero_is_the_diffusion_loss_alone(tmp_path):
+    """distill_weight 0 (the default) trains bit-identically to the plain diffusion step, teacher or not."""
+    from ditgraft.diffusion.gaussian import GaussianDiffusion
+    from ditgraft.graft import stage2
+    from ditgraft.train.loop import train
+
+    cfg = Stage2(steps=3, batch_size=4, ckpt_every=2, lr=1e-3)
+    x0, y = _data(16)
+    teacher = tiny_dit(depth=2)
+    a = stage2.run_stage2(graft_model(teacher, GRAFTS, seed=0), cfg, x0, y, str(tmp_path / "a"), seed=0,
+                          progress=False, teacher=teacher)[0]
+    student = graft_model(teacher, GRAFTS, seed=0)
+    student.pos_embed.requires_grad_(False)
+    b = train(student, stage2.diffusion_step_fn(GaussianDiffusion.dit_default(learn_sigma=student.learn_sigma)),
+              (x0, y), stage2.stage2_loop_config(cfg, 0, False), str(tmp_path / "b"), desc="stage2").model
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_stage2_output_distillation_adds_a_teacher_term_with_student_only_gradients():
+    from ditgraft.diffusion.gaussian import GaussianDiffusion
+    from ditgraft.graft import stage2
+
+    teacher = tiny_dit(depth=2, class_dropout_prob=0.5)
+    diffusion = GaussianDiffusion.dit_default(learn_sigma=teacher.learn_sigma)
+    x0, y = _data(8)
+    # a student identical to the teacher: zero distillation loss only if the teacher sees the same noised input,
+    # timestep and dropped-out labels
+    clone = graft_model(teacher, [], seed=0).train()
+    torch.manual_seed(0)
+    assert stage2.distill_step_fn(diffusion, teacher.eval(), 1.0)(clone, (x0, y))["distill"].item() == 0.0
+
+    grads = {}
+    for w in (0.0, 2.0):
+        student = graft_model(teacher, GRAFTS, seed=0).train()
+        step = stage2.stage2_step_fn(diffusion, Stage2(distill_weight=w), teacher)
+        torch.manual_seed(0)
+        out = step(student, (x0, y))
+        out["loss"].backward()
+        grads[w] = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        if w:
+            assert out["distill"].item() > 0
+            assert out["loss"].item() == pytest.approx(base["loss"].item() + w * out["distill"].item(), rel=1e-6)
+        else:
+            assert "distill" not in out
+            base = out
+    assert all(p.grad is None for p in teacher.parameters())  # frozen: nothing flows into the teacher
+    assert any(not torch.allclose(grads[0.0][n], grads[2.0][n]) for n in grads[0.0])
+    with pytest.raises(ValueError, match="distill_weight"):
+        stage2.stage2_step_fn(diffusion, Stage2(distill_weight=1.0), None)

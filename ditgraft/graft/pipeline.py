@@ -23,6 +23,7 @@ import yaml
 from ditgraft.analysis.locality import analyze_model, write_analysis_report
 from ditgraft.data.images import load_dataset
 from ditgraft.distributed import on_main, rank_world
+from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.layers import selector_needs
@@ -139,7 +140,10 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
             with torch.no_grad():
                 per = 3 * count_flops(op, x) // 2  # training = 3 x forward, as for the DiT
             op_train += per * s1.steps * s1.batch_size
-    s2_step = dit_train_flops_per_sample(student) * recipe.stage2.batch_size
+    s2_per_sample = dit_train_flops_per_sample(student)
+    if recipe.stage2.distill_weight > 0:  # output distillation: one teacher forward per sample
+        s2_per_sample += dit_forward_flops_per_sample(teacher)
+    s2_step = s2_per_sample * recipe.stage2.batch_size
     s2 = s2_step * recipe.stage2.steps if recipe.stage2.enabled else 0
     pre = (teacher_meta.get("pretrain") or {}).get("train_flops")
     total = extraction + op_train + s2
@@ -259,6 +263,9 @@ def _evaluate(r: Run) -> None:
         base, _ = load_grafted(r.path("baseline_random", "student.safetensors"), r.device)
         r.evals["random_init"] = sample_and_evaluate(base, out, r.protocol, r.device, r.progress, tag="random_init",
                                                      **hooks)
+    if ev.protocol == "decision":
+        r.timed("eval_decision", lambda: _decision(r.recipe, r.run_dir, r.protocol, student, r.teacher, r.device,
+                                                   r.progress, r.log))
 
 
 def _report(r: Run) -> None:
@@ -372,6 +379,25 @@ def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -
     return run.report
 
 
+def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log) -> None:
+    """The decision protocol over ``recipe.eval.seeds``: student vs teacher (with the recipe's targets) and, when
+    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt."""
+    e, out = recipe.eval, os.path.join(run_dir, "eval")
+    kw = dict(seeds=e.seeds, protocol=protocol, against_dir=out, resamples=e.resamples, device=dev,
+              progress=progress)
+    res = decision_eval(student, out, against=teacher, tag="grafted", against_tag="teacher",
+                        targets=Targets(e.target_ratio, e.target_gap), **kw)
+    text = [format_decision(res, "grafted", "teacher")]
+    if "random_init" in e.baselines:
+        base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
+        res = decision_eval(base, out, against=student, tag="random_init", against_tag="grafted",
+                            targets=Targets(1.0, 0.0), **kw)
+        text.append(format_decision(res, "random_init", "grafted")
+                    + "\n  (random init worse than grafting, beyond doubt: both verdicts 'missed')")
+    on_main(lambda: atomic_write_text(os.path.join(out, "decision.txt"), "\n".join(text) + "\n"))
+    log("\n".join(text))
+
+
 def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
     """The metrics files that ``sample_and_evaluate`` left in ``run_dir/eval`` for this protocol, by tag."""
     out = {}
@@ -395,5 +421,5 @@ def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
     x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
     student, _ = r.timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
-                                                        recipe.seed, r.progress))
+                                                        recipe.seed, r.progress, teacher=r.teacher))
     return student
