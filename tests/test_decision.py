@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_dit
+from helpers import tiny_dit
 from ditgraft.eval import metrics
 from ditgraft.eval.decision import (Targets, basic_interval, compare_features, decision_eval, format_decision,
                                     verdict, weighted_stats)

@@ -168,7 +168,7 @@ def test_stage2_distill_weight_zero_is_the_diffusion_loss_alone(tmp_path):
     student = graft_model(teacher, GRAFTS, seed=0)
     student.pos_embed.requires_grad_(False)
     b = train(student, stage2.diffusion_step_fn(GaussianDiffusion.dit_default(learn_sigma=student.learn_sigma)),
-              (x0, y), stage2.stage2_loop_config(cfg, 0, False), str(tmp_path / "b"), desc="stage2").model
+              (x0, y), cfg.loop_config(0, False), str(tmp_path / "b"), desc="stage2").model
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
 
