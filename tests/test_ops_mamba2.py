@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditgraft.operators.hyena import reference_conv_tokens
-from ditgraft.operators.mamba2 import (SSDChunkScan, TapConvTokens, decayed_cumsum_, ssd_chunked,
-                                       ssd_reference)
+from ditgraft.operators.common import TapConvTokens, reference_conv_tokens
+from ditgraft.operators.mamba2 import SSDChunkScan, decayed_cumsum_, ssd_chunked, ssd_reference
 from ditgraft.operators.registry import build_operator, get_spec, operator_flops
 
 TOL = 3e-5  # fp32 (fp64 depthwise convs are ~1000x slower on CPU torch); real bugs give O(1) errors

@@ -27,9 +27,10 @@ so tap ``k - 1`` multiplies the current token; the inner filter starts as the id
   ``(k - 1) // 2`` before, the rest after (for even k the window reaches one more row/column forward). The inner filter's
   identity tap is the centre ``[(k - 1) // 2, (k - 1) // 2]``.
 
-``impl="fast"`` runs the convs as one grouped ``F.conv2d`` on a channels-last view of the ``[B, N, C]`` activations (no
-transposes copied: measured about 5x faster than ``F.conv1d`` on a ``[B, C, N]`` transpose at N = 16384, C = 3456 on
-CPU); ``impl="reference"`` is a plain sum over taps of shifted copies. Tests compare both, outputs and gradients.
+``impl="fast"`` runs the token-axis convs as ``TapConvTokens`` (a multiply-add per tap with its own backward: the CPU
+depthwise conv's backward costs ~50x its forward at N = 16384, C = 3456) and the 2-D convs as one grouped ``F.conv2d``
+on a channels-last view of the ``[B, N, C]`` activations (no transposes copied); ``impl="reference"`` is a plain sum
+over taps of shifted copies. Tests compare both, outputs and gradients.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.common import check_choice, fast_conv_tokens, projection_flops, reference_conv_tokens
+from ditgraft.operators.common import TapConvTokens, check_choice, projection_flops, reference_conv_tokens
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
@@ -143,11 +144,12 @@ class _Hyena(nn.Module):
         k = self.kernel_size
         w = filt.weight[:, 0]
         if self.direction == "causal":
-            f = fast_conv_tokens if fast else reference_conv_tokens
-            return f(x, w, filt.bias, left=k - 1)
+            if fast:
+                return TapConvTokens.apply(x, w, filt.bias, k - 1)
+            return reference_conv_tokens(x, w, filt.bias, left=k - 1)
         w_rev = getattr(self, name + "_rev").weight[:, 0]
         if fast:  # one centred conv of 2k - 1 taps: offsets -(k-1)..0 from w, 1..k-1 from w_rev
-            return fast_conv_tokens(x, torch.cat([w, w_rev], dim=1), filt.bias, left=k - 1)
+            return TapConvTokens.apply(x, torch.cat([w, w_rev], dim=1), filt.bias, k - 1)
         causal = reference_conv_tokens(x, w, filt.bias, left=k - 1)
         anti = reference_conv_tokens(x, torch.cat([torch.zeros_like(w_rev[:, :1]), w_rev], dim=1), None, left=0)
         return causal + anti

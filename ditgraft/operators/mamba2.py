@@ -12,7 +12,7 @@ Block (mamba_ssm ``Mamba2`` with ``rmsnorm=True, norm_before_gate=False, D_has_h
 ``impl="reference"`` runs that recurrence token by token (slow, obviously correct; small N only) and the gated norm as
 written above. ``impl="fast"`` is the chunked SSD form (Mamba-2 paper, ``ssd_minimal``) with its own backward
 (``SSDChunkScan``, the structure of mamba_ssm's kernels), and the short conv as a sum over its taps with its own
-backward (``TapConvTokens``); the gated norm uses the fused ``F.rms_norm``.
+backward (``common.TapConvTokens``); the gated norm uses the fused ``F.rms_norm``.
 
 Chunked scan, per head (A < 0, dt >= 0). The sequence is zero-padded to a multiple of the chunk size Q. With
 xd_t = dt_t x_t and, inside chunk k, a_l = sum_{r <= l in the chunk} dt_r A (so a is non-increasing), g_k = exp(a_last)
@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.common import check_choice, reference_conv_tokens
+from ditgraft.operators.common import TapConvTokens, check_choice, reference_conv_tokens
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
@@ -274,46 +274,6 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int):
     a_cum = (dt * A).reshape(b, c, Q, G, H // G).permute(0, 3, 4, 1, 2).cumsum(-1)  # [b, G, hg, c, Q]
     y = SSDChunkScan.apply(x * dt[..., None], a_cum, B, C, Q)
     return y[:, :L]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The short depthwise conv over tokens, as a sum over its few taps with its own backward
-# ---------------------------------------------------------------------------------------------------------------------
-def _tap_spans(k: int, left: int, N: int) -> tuple[slice, slice]:
-    """Tap k reads x[t + k - left] into y[t]: the output and input token ranges where both exist."""
-    o = k - left
-    return slice(max(0, -o), min(N, N - o)), slice(max(0, o), min(N, N + o))
-
-
-class TapConvTokens(torch.autograd.Function):
-    """y[t] = bias + sum_k weight[:, k] * x[t + k - left] (zero outside 0..N-1) on x [B, N, C]; weight [C, T].
-
-    Same result as ``hyena.reference_conv_tokens``. The CPU depthwise convolution's backward costs ~10x its forward
-    (0.5 s at N = 4096, C = 2432); with T of 4 the taps are a few multiply-adds per element each way:
-    dx[t] = sum_k weight[:, k] * dy[t - k + left],  dweight[:, k] = sum_t dy[t] * x[t + k - left],  dbias = sum_t dy."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, left: int):
-        N, T = x.shape[1], weight.shape[1]
-        y = bias.expand_as(x).clone(memory_format=torch.contiguous_format)
-        for k in range(T):
-            out, inp = _tap_spans(k, left, N)
-            y[:, out].addcmul_(x[:, inp], weight[:, k])
-        ctx.save_for_backward(x, weight)
-        ctx.left = left
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        N, T = x.shape[1], weight.shape[1]
-        dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        dweight = torch.empty_like(weight)
-        for k in range(T):
-            out, inp = _tap_spans(k, ctx.left, N)
-            dx[:, inp].addcmul_(dy[:, out], weight[:, k])
-            dweight[:, k] = torch.linalg.vecdot(dy[:, out], x[:, inp], dim=1).sum(0)
-        return dx, dweight, dy.sum((0, 1)), None
 
 
 class GatedRMSNorm(nn.Module):
