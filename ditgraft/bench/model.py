@@ -9,13 +9,12 @@ Forward time is measured with teacher and candidate interleaved (``common.round_
 gradient of a fixed random output cotangent w.r.t. the input and every parameter), after one untimed step each.
 
 FLOP bound: FLOPs of the whole stacks counted by ``ditgraft.flops.count_flops`` (torch's FlopCounterMode: matmuls,
-convolutions, attention; not elementwise work such as the gates and ``TapConvTokens``' tap multiply-adds) on one real
-forward under ``torch.no_grad``; that counted forward doubles as the first warm-up round; with ``backward`` both
-stacks' FLOPs are 3 x that forward (a backward is two matmuls per forward matmul; torch's counter overcounts
-depthwise-convolution backwards, see ``ditgraft.flops``), so the FLOP-bound speed-up is the forward one.
-``efficiency = speedup / flop_speedup`` (target: >= 0.9). ``flop_speedup_formula`` uses the registry's formula for the
-replaced operators instead of what their implementation executes (the two differ where an implementation does
-redundant work, e.g. the padded key tiles of local attention).
+convolutions, attention) on one real forward under ``torch.no_grad``; that counted forward doubles as the first
+warm-up round; with ``backward`` both stacks' FLOPs are 3 x that forward (a backward is two matmuls per forward
+matmul; torch's counter overcounts depthwise-convolution backwards, see ``ditgraft.flops``), so the FLOP-bound
+speed-up is the forward one. ``efficiency = speedup / flop_speedup`` (target: >= 0.9). ``flop_speedup_formula`` uses the
+registry's formula for the replaced operators instead of what their implementation executes (the two differ where an
+implementation does redundant work, e.g. the padded key tiles of local attention).
 
 ``profile=True`` adds, per N, a torch.profiler table of the top operators by self time for one timed call (forward,
 or forward + backward) of each stack: where the time goes, the backward's included.

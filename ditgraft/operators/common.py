@@ -66,7 +66,8 @@ def _tap_spans(k: int, left: int, N: int) -> tuple[slice, slice]:
 
 
 class TapConvTokens(torch.autograd.Function):
-    """Same as ``reference_conv_tokens`` (bias may be None), as a sum over the taps with its own backward.
+    """Same as ``reference_conv_tokens`` (bias may be None): a grouped convolution forward, and a backward as a sum
+    over the taps.
 
     The CPU depthwise convolution's backward costs 10-50x its forward (5.8 s vs 0.12 s at N = 16384, C = 3456); with a
     few taps these are a few multiply-adds per element each way:
@@ -74,17 +75,16 @@ class TapConvTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, left: int):
-        N, T = x.shape[1], weight.shape[1]
-        if bias is None:
-            y = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        else:
-            y = bias.expand_as(x).clone(memory_format=torch.contiguous_format)
-        for k in range(T):
-            out, inp = _tap_spans(k, left, N)
-            y[:, out].addcmul_(x[:, inp], weight[:, k])
+        # the forward is one grouped conv2d on the channels-last view [B, C, 1, N] of x: as fast as the taps on the
+        # CPU, and a convolution that FLOP counters see
+        B, N, C = x.shape
+        T = weight.shape[-1]
+        pad = max(left, T - 1 - left)
+        out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.reshape(C, 1, 1, T), bias, padding=(0, pad), groups=C)
         ctx.save_for_backward(x, weight)
         ctx.left = left
-        return y
+        start = pad - left
+        return out[:, :, 0, start:start + N].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dy):
