@@ -34,7 +34,8 @@ def add_bench_arguments(parser) -> None:
         p.add_argument("--blocks", type=int, default=4)
         p.add_argument("--operator", default="hyena_x", help="operator put into the replaced blocks (default hyena_x)")
         p.add_argument("--layers", default="interleave",
-                       help="interleave (odd blocks, 50%%), interleave75, all, or indices like 1,3")
+                       help="blocks to replace: a selector (" + ", ".join(LAYER_SETS) + "; e.g. interleave:0.75 or "
+                       "deepest:0.25) or indices like 1,3 or a slice 1:8:2")
 
     s = sub.add_parser("ops", help="time each token mixer against MHA at one shape (interleaved runs)")
     shared(s, repeats=5)
@@ -87,7 +88,7 @@ def run_bench(args) -> dict:
         if unknown:
             raise ValueError(f"--option for {sorted(unknown)}: bench {args.bench_command} only builds "
                              f"--operator={args.operator!r}")
-        layers = args.layers if not args.layers[:1].isdigit() else [int(i) for i in args.layers.split(",")]
+        layers = args.layers
         common = dict(batch=args.batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
                       dtype=args.dtype, options=options.get(args.operator), clock=args.clock)
         if args.bench_command == "model":
