@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ditgraft.bench.common import CLOCKS, DTYPES, format_table, set_threads
+from ditgraft.bench.model import LAYER_SETS
 
 
 def add_bench_arguments(parser) -> None:
