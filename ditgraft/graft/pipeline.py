@@ -21,6 +21,7 @@ import yaml
 
 from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
+from ditgraft.graft import restructure as rs
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
@@ -176,7 +177,10 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
+    spec = rs.recipe_spec(recipe, teacher)
     log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
+    if spec is not None:
+        log(f"restructure: parallel pairs {spec['parallel_pairs']}, drop {spec['drop']}")
     timings = read_json(os.path.join(run_dir, "timings.json")) if os.path.exists(
         os.path.join(run_dir, "timings.json")) else {}
     student_path = os.path.join(run_dir, "student.safetensors")
@@ -190,26 +194,38 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
 
     @functools.cache
     def accounting() -> dict:  # one surgery + FLOP count, shared by the random-init baseline and the report
-        return compute_accounting(teacher, teacher_meta, grafts, recipe, graft_model(teacher, grafts, recipe.seed))
+        student = graft_model(teacher, grafts, recipe.seed)
+        acc = compute_accounting(teacher, teacher_meta, grafts, recipe, student)
+        if spec is None:
+            return acc
+        return rs.accounting(acc, teacher, spec, recipe, rs.restructure(student, spec), grafted=bool(grafts))
 
     s1_dir = os.path.join(run_dir, "stage1")
-    if "stage1" in stages and recipe.stage1.enabled and not os.path.exists(os.path.join(s1_dir, "summary.json")):
+    if "stage1" in stages:
+        rs.stage1_units(recipe, teacher, spec, run_dir, dev, progress, log, timed)
+    if "stage1" in stages and recipe.stage1.enabled and grafts and not os.path.exists(
+            os.path.join(s1_dir, "summary.json")):
         c = recipe.stage1
         x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, recipe.seed)
         timed("stage1", lambda: run_stage1(teacher, grafts, c, x, y, xv, yv, s1_dir, recipe.seed, dev,
                                            progress=progress, log=log))
     if "stage2" in stages and not os.path.exists(student_path):
         student = _train_student(recipe, teacher, grafts, run_dir, dev, progress,
-                                 s1_dir if recipe.stage1.enabled else None, timed, "stage2")
-        save_grafted(student_path, student, grafts, recipe.to_dict(), teacher_meta)
+                                 s1_dir if recipe.stage1.enabled and grafts else None, timed, "stage2",
+                                 spec=spec, units_dir=rs.units_dir(recipe, spec, run_dir))
+        save_grafted(student_path, student, grafts, recipe.to_dict(), teacher_meta,
+                     extra={"restructure": spec} if spec else None)
+    if spec is not None and "stage2" in stages:
+        rs.train_baselines(recipe, teacher, teacher_meta, spec, run_dir, accounting(), dev, progress, log, timed)
     if "random_init" in recipe.eval.baselines and "stage2" in stages:
         path = os.path.join(run_dir, "baseline_random", "student.safetensors")
         if not os.path.exists(path):
             steps = accounting()["random_init_stage2_steps"]
             log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
             student = _train_student(recipe, teacher, grafts, os.path.join(run_dir, "baseline_random"), dev,
-                                     progress, None, timed, "baseline_random", steps=steps)
-            save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta)
+                                     progress, None, timed, "baseline_random", steps=steps, spec=spec)
+            save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta,
+                         extra={"restructure": spec} if spec else None)
     evals = {}
     protocol = Protocol(num=recipe.eval.num, sampler=recipe.eval.sampler, steps=recipe.eval.steps,
                         cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
@@ -231,6 +247,8 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
                 base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
                 evals["random_init"] = sample_and_evaluate(base, os.path.join(run_dir, "eval"), protocol, dev,
                                                            progress, tag="random_init")
+            if spec is not None:
+                evals.update(rs.evaluate_restructured(recipe, teacher, student, run_dir, protocol, dev, progress))
     report = {}
     if "report" in stages:
         from ditgraft.graft.report import write_report
@@ -242,7 +260,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
 def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
     """The metrics files that ``sample_and_evaluate`` left in ``run_dir/eval`` for this protocol, by tag."""
     out = {}
-    for tag in ("grafted", "teacher", "random_init"):
+    for tag in ("grafted", "teacher", "random_init", *rs.BASELINES):
         path = os.path.join(run_dir, "eval", f"{tag}_metrics.json")
         row = read_json(path) if os.path.exists(path) else {}
         if row.get("protocol") == asdict(protocol):
@@ -251,12 +269,13 @@ def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
 
 
 def _train_student(recipe, teacher, grafts, out_dir: str, dev, progress, stage1_dir: str | None, timed,
-                   timing_key: str, steps: int | None = None):
+                   timing_key: str, steps: int | None = None, spec: dict | None = None, units_dir: str | None = None):
     """Student = surgery (+ stage 1's best operators when ``stage1_dir``), then stage 2 in ``out_dir/stage2``
     (``steps`` overrides the recipe's stage-2 step count: the random-init baseline's matched budget)."""
     student = graft_model(teacher, grafts, recipe.seed).to(dev)
     if stage1_dir is not None:
         load_best_operators(student, grafts, stage1_dir)
+    student = rs.restructure_student(student, spec, grafts, units_dir)
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})

@@ -133,6 +133,10 @@ def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timin
     if "random_init" in recipe.eval.baselines:
         md.append(f"\nThe random-init baseline (no stage 1) spends the same total FLOPs on stage 2 alone: "
                   f"{c['random_init_stage2_steps']} steps instead of {recipe.stage2.steps}.")
+    if getattr(recipe, "restructure", None) is not None:
+        from ditgraft.graft.restructure import report_lines
+
+        md += report_lines(run_dir, recipe, c, evals)
     if timings:
         md += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     for name, path in plots.items():

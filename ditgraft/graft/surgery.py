@@ -109,12 +109,16 @@ def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recip
 
 
 def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a grafted (or plain) ditgraft checkpoint from its file alone."""
+    """Rebuild a grafted and/or restructured (or plain) ditgraft checkpoint from its file alone."""
     meta = read_metadata(path)
     model = DiT(**meta["model_config"])
     grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
     for g in grafts:
         set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
+    if meta.get("restructure"):  # parallel units / dropped blocks, applied after the grafts (graft/restructure.py)
+        from ditgraft.graft.restructure import restructure
+
+        restructure(model, meta["restructure"])
     model.load_state_dict(load_file(path, device=str(map_location)), strict=True)
     return model.eval(), meta
 
@@ -130,6 +134,8 @@ def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
             if os.path.exists(os.path.join(source, name)):
                 return load_any(os.path.join(source, name), map_location)
         raise FileNotFoundError(f"{source} holds no student.safetensors or model.safetensors")
-    if source.endswith(".safetensors") and os.path.exists(source) and read_metadata(source).get("grafts"):
-        return load_grafted(source, map_location)
+    if source.endswith(".safetensors") and os.path.exists(source):
+        meta = read_metadata(source)
+        if meta.get("grafts") or meta.get("restructure") or meta.get("recipe"):
+            return load_grafted(source, map_location)
     return load_dit(source, map_location=map_location)
