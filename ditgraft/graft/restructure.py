@@ -37,7 +37,12 @@ Stage 1 (``run_unit_stage1``) regresses each unit's output onto the original seq
 input: hooks on the teacher capture the input (and conditioning c) of block 2i and the output of block 2i+1, one
 teacher forward feeding every unit. What trains is ``restructure.stage1_train``: ``unit`` (default: both blocks and
 the merge; the blocks must change to absorb what a linear merge cannot: block b no longer sees block a's update) or
-``merge`` (the merge alone, the blocks frozen at their pretrained weights).
+``merge`` (the merge alone, the blocks frozen at their pretrained weights). On the testbed, units trained whole
+reached 2.5-5x lower relative MSE than merge-only training (docs/RESULTS.md).
+
+Depth pruning: ``drop`` removes blocks; ``depth_pruned_spec`` is the baseline of the same depth as a parallel
+model (each pair's second block dropped). Sampling latency only approaches the depth bound (half the teacher's)
+where a unit's two blocks run concurrently: the plain forward here runs them one after the other.
 """
 from __future__ import annotations
 
@@ -407,6 +412,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------- pipeline (graft RECIPE)
 
 BASELINES = ("depth_pruned", "from_scratch")
+LATENCY_SAMPLES = 20  # per model and repeat (x2 batch with guidance): the latency table's sampling batch
 
 
 def recipe_spec(recipe, teacher) -> dict | None:
@@ -555,13 +561,15 @@ def evaluate_restructured(recipe, teacher, student, run_dir: str, protocol, devi
             models[name], _ = load_grafted(path, device)
             evals[name] = sample_and_evaluate(models[name], os.path.join(run_dir, "eval"), protocol, device,
                                               progress, tag=name)
-    lat = sampling_latency(models, num=100, steps=protocol.steps, cfg_scale=protocol.cfg_scale, device=device)
+    lat = sampling_latency(models, num=LATENCY_SAMPLES, steps=protocol.steps, cfg_scale=protocol.cfg_scale,
+                           device=device)
     rows = {}
     for name, m in models.items():
-        rows[name] = {"depth": len(m.blocks), "sequential_blocks": len(m.blocks),
-                      "params": param_count(m), "forward_flops": dit_forward_flops_per_sample(m),
-                      "latency_s": lat[name], "latency_ratio": lat[name] / lat["teacher"]}
-    info = {"num": 100, "steps": protocol.steps, "cfg_scale": protocol.cfg_scale, "threads": torch.get_num_threads(),
+        rows[name] = {"depth": len(m.blocks), "params": param_count(m),
+                      "forward_flops": dit_forward_flops_per_sample(m), "latency_s": lat[name],
+                      "latency_ratio": lat[name] / lat["teacher"]}
+    info = {"num": LATENCY_SAMPLES, "steps": protocol.steps, "cfg_scale": protocol.cfg_scale,
+            "threads": torch.get_num_threads(),
             "depth_bound": rows["grafted"]["depth"] / rows["teacher"]["depth"], "models": rows}
     atomic_write_json(os.path.join(run_dir, "eval", "latency.json"), info)
     return evals
@@ -597,7 +605,8 @@ def report_lines(run_dir: str, recipe, compute: dict, evals: dict) -> list[str]:
                  "from_scratch": compute.get("from_scratch_stage2_steps")}
         for name, row in lat["models"].items():
             fid = evals.get(name, {}).get("fid")
-            md.append(f"| {name} | {row['depth']} | {row['params']:,} | {row['forward_flops'] / 1e9:.3f} | "
+            label = "student (restructured)" if name == "grafted" else name
+            md.append(f"| {label} | {row['depth']} | {row['params']:,} | {row['forward_flops'] / 1e9:.3f} | "
                       f"{row['latency_s']:.2f} | {row['latency_ratio']:.3f} | "
                       f"{'-' if fid is None else f'{fid:.3f}'} | {steps.get(name) or '-'} |")
     if compute.get("share_of_pretraining") is not None:
