@@ -188,3 +188,39 @@ def test_dit_xl2_parallel_recipe_is_wired(tmp_path):
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
     assert not torch.equal(before, trained.blocks[0].merge.weight)
     assert os.path.exists(str(tmp_path / "s1" / "best" / "pair0_1.safetensors"))
+
+
+def test_pipeline_restructure_with_baselines_at_matched_flops(tmp_path):
+    """`run_graft` with a restructure section: unit stage 1, stage 2, the two baselines at the same total FLOPs,
+    their evaluations, the latency table and a report; every model reloads from its file alone."""
+    import json
+
+    from ditgraft.flops import dit_train_flops_per_sample
+    from ditgraft.graft.pipeline import run_graft
+    from ditgraft.models.checkpoints import save_safetensors
+
+    teacher = tiny_dit(depth=2, input_size=32, patch_size=8)
+    path = str(tmp_path / "teacher.safetensors")
+    save_safetensors(path, teacher, {"model_config": teacher.config, "pretrain": {"train_flops": 1e13}})
+    r = parse_recipe({"name": "tiny", "teacher": {"source": path}, "restructure": {"parallel_pairs": "all"},
+                      "stage1": {"samples": 32, "val_samples": 8, "steps": 4, "batch_size": 8, "eval_every": 2},
+                      "stage2": {"steps": 3, "batch_size": 8, "ckpt_every": 2},
+                      "eval": {"num": 10, "steps": 2, "baselines": ["depth_pruned", "from_scratch"]}})
+    run = str(tmp_path / "run")
+    report = run_graft(r, run, progress=False, log=lambda *_: None)
+    c = report["compute"]
+    assert c["total_flops"] == c["stage1_extraction_flops"] + c["stage1_operator_flops"] + c["stage2_flops"]
+    assert c["stage1_operator_flops"] > 0 and c["stage2_flops"] > 0
+    assert set(report["eval"]) == {"grafted", "depth_pruned", "from_scratch"}
+    student, meta = load_any(os.path.join(run, "student.safetensors"))
+    assert meta["restructure"]["parallel_pairs"] == [[0, 1]] and isinstance(student.blocks[0], rs.ParallelPair)
+    for name in rs.BASELINES:
+        model, _ = load_any(os.path.join(run, f"baseline_{name}", "student.safetensors"))
+        assert len(model.blocks) == 1
+        steps = c[f"{name}_stage2_steps"]
+        assert steps == round(c["total_flops"] / (dit_train_flops_per_sample(model) * 8)) and steps > 3
+        with open(os.path.join(run, f"baseline_{name}", "stage2", "loop", "metrics.jsonl")) as f:
+            assert max(json.loads(line)["step"] for line in f) == steps
+    lat = json.load(open(os.path.join(run, "eval", "latency.json")))
+    assert lat["depth_bound"] == 0.5 and set(lat["models"]) == {"teacher", "grafted", *rs.BASELINES}
+    assert "## Restructuring" in open(os.path.join(run, "report.md")).read()
