@@ -224,3 +224,35 @@ def test_pipeline_restructure_with_baselines_at_matched_flops(tmp_path):
     lat = json.load(open(os.path.join(run, "eval", "latency.json")))
     assert lat["depth_bound"] == 0.5 and set(lat["models"]) == {"teacher", "grafted", *rs.BASELINES}
     assert "## Restructuring" in open(os.path.join(run, "report.md")).read()
+
+
+def test_grafts_compose_with_restructure_and_reload(tmp_path):
+    """An operator grafted into a block of a parallel pair keeps its own (operator stage 1) weights when the unit's
+    stage-1 weights are loaded, and the grafted + restructured model reloads from its file alone."""
+    from ditgraft.graft.stage1 import BestKeeper
+    from ditgraft.graft.surgery import graft_model, resolve_grafts
+
+    teacher = tiny_dit(depth=4)
+    r = parse_recipe({"grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
+                      "restructure": {"parallel_pairs": [[0, 1]], "drop": [3]}})
+    grafts = resolve_grafts(r, 4)
+    spec = rs.recipe_spec(r, teacher)
+    units = rs.make_units(teacher, spec)
+    with torch.no_grad():
+        for p in units["pair0_1"].parameters():
+            p.add_(1.0)  # "trained" unit weights, distinguishable from the teacher's
+    BestKeeper(str(tmp_path / "units" / "best")).offer("pair0_1", units["pair0_1"], 1, 0.0, 0.0)
+    student = graft_model(teacher, grafts, seed=0)
+    op = copy.deepcopy(student.blocks[1].attn)
+    student = rs.restructure_student(student, spec, grafts, str(tmp_path / "units"))
+    assert [type(b).__name__ for b in student.blocks] == ["ParallelPair", "DiTBlock"]
+    unit = student.blocks[0]
+    for (k, v), w in zip(unit.pair[1].attn.state_dict().items(), op.state_dict().values()):
+        assert torch.equal(v, w), k  # the grafted operator is not overwritten
+    torch.testing.assert_close(unit.pair[0].attn.qkv.weight, units["pair0_1"].pair[0].attn.qkv.weight)
+    torch.testing.assert_close(unit.merge.weight, units["pair0_1"].merge.weight)
+    path = str(tmp_path / "student.safetensors")
+    save_grafted(path, student, grafts, r.to_dict(), {}, extra={"restructure": spec})
+    loaded, _ = load_any(path)
+    x, t, y = _inputs(student)
+    torch.testing.assert_close(loaded(x, t, y), student.eval()(x, t, y))

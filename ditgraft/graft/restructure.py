@@ -159,7 +159,7 @@ def unit_index(spec: dict, pair) -> int:
     return len(kept)
 
 
-def depth_pruned_spec(spec: dict, depth: int) -> dict:
+def depth_pruned_spec(spec: dict) -> dict:
     """The depth-pruning baseline of the same depth: each parallel pair's second block is dropped instead."""
     return {"parallel_pairs": [], "drop": sorted(set(spec["drop"]) | {p[1] for p in spec["parallel_pairs"]}),
             "merge_init": spec["merge_init"]}
@@ -503,7 +503,7 @@ def baseline_model(name: str, teacher, spec: dict, seed: int):
     from ditgraft.models.dit import DiT
 
     if name == "depth_pruned":
-        return restructured_copy(teacher, depth_pruned_spec(spec, len(teacher.blocks)))
+        return restructured_copy(teacher, depth_pruned_spec(spec))
     if name == "from_scratch":
         depth = len(teacher.blocks) - len(spec["drop"]) - len(spec["parallel_pairs"])
         state = torch.random.get_rng_state()
@@ -542,7 +542,7 @@ def train_baselines(recipe, teacher, teacher_meta, spec, run_dir: str, acc: dict
             model, cfg, x, y, os.path.join(run_dir, f"baseline_{name}", "stage2"), recipe.seed, progress))
         extra = {"baseline": name}
         if name == "depth_pruned":
-            extra["restructure"] = depth_pruned_spec(spec, len(teacher.blocks))
+            extra["restructure"] = depth_pruned_spec(spec)
         save_grafted(path, model, [], recipe.to_dict(), teacher_meta, extra=extra)
 
 
