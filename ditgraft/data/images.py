@@ -20,6 +20,9 @@ import os
 import numpy as np
 import torch
 
+from ditgraft.data.latents import load_latents
+from ditgraft.data.mnist5k import load_mnist5k
+
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "center_crop_arr", "load_image_folder", "load_dataset"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -147,16 +150,12 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: got {limit!r}; use None (everything) or an integer >= 1")
     if spec == "mnist5k" or spec.startswith("mnist5k:"):
-        from ditgraft.data.mnist5k import load_mnist5k
-
         x, y = load_mnist5k(spec.partition(":")[2] or "train")
     elif os.path.isdir(spec):
         if image_size is None:
             raise ValueError(f"data {spec!r} is an image folder: pass image_size (pixels per side, e.g. 256)")
         return load_image_folder(spec, image_size, channels, limit)
     elif spec.lower().endswith((".npy", ".npz")):
-        from ditgraft.data.latents import load_latents
-
         x, y = load_latents(spec, labels_path=labels_path, scale=latent_scale)
     elif os.path.exists(spec):
         raise ValueError(f"data {spec!r} is a file but not .npy/.npz; allowed: 'mnist5k[:train|val|all]', "
@@ -167,3 +166,19 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+def check_data_fits(x: torch.Tensor, y: torch.Tensor, model, spec: str) -> None:
+    """Refuse data a model cannot train on (before any step): [N, C, H, W] with the model's channels and size,
+    finite values, and integer labels in [0, num_classes)."""
+    want_hw = (model.grid[0] * model.patch_size, model.grid[1] * model.patch_size)
+    if x.ndim != 4 or x.shape[1] != model.in_channels or tuple(x.shape[2:]) != want_hw:
+        raise ValueError(f"data {spec!r}: samples of shape {tuple(x.shape[1:])} do not fit the model; allowed: "
+                         f"({model.in_channels}, {want_hw[0]}, {want_hw[1]}) (its channels, height, width)")
+    if len(y) != len(x):
+        raise ValueError(f"data {spec!r}: {len(y)} labels for {len(x)} samples; one label per sample is needed")
+    if len(y) and (y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= model.num_classes):
+        raise ValueError(f"data {spec!r}: labels span [{y.min().item()}, {y.max().item()}]; allowed: integers in "
+                         f"[0, {model.num_classes - 1}] (the model's {model.num_classes} classes)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"data {spec!r}: holds NaN/Inf values")

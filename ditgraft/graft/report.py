@@ -68,33 +68,78 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
-def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timings: dict) -> dict:
-    s1_path = os.path.join(run_dir, "stage1", "summary.json")
-    stage1 = read_json(s1_path) if os.path.exists(s1_path) else None
-    plots = plot_curves(run_dir)
-    report = {
+def build_report(recipe, grafts, stage1: dict | None, evals: dict, compute: dict, timings: dict,
+                 restructure: dict | None = None) -> dict:
+    """The report's numbers (report.json): the recipe, the resolved grafts, stage 1's summary, the evaluations (each
+    with its FID relative to the teacher's, when the teacher was evaluated), the compute accounting and timings.
+    ``restructure`` (runs with a restructure section): {spec, stage1_units, latency}. The arguments are left
+    unchanged."""
+    teacher_fid = evals.get("teacher", {}).get("fid")
+    if teacher_fid:
+        evals = {name: {**row, "fid_ratio_to_teacher": row["fid"] / teacher_fid} for name, row in evals.items()}
+    else:
+        evals = {name: dict(row) for name, row in evals.items()}
+    out = {
         "recipe": recipe.to_dict(),
         "grafts": [dict(slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss) for g in grafts],
         "stage1": stage1,
         "eval": evals,
-        "compute": compute,
-        "timings_seconds": timings,
+        "compute": dict(compute),
+        "timings_seconds": dict(timings),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if "teacher" in evals and evals["teacher"].get("fid"):
-        for row in evals.values():
-            row["fid_ratio_to_teacher"] = row["fid"] / evals["teacher"]["fid"]
-    md = [f"# ditgraft run: {recipe.name}", ""]
-    if recipe.description:
-        md += [recipe.description, ""]
-    md += [f"Teacher: `{recipe.teacher.source}`. Date {report['date']}; torch {torch.__version__}, "
+    if restructure is not None:
+        out["restructure"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in restructure.items()}
+    return out
+
+
+def _restructure_markdown(rs: dict, recipe: dict, compute: dict, evals: dict) -> list[str]:
+    """The restructuring section: stage 1 of the units, then depth, parameters, FLOPs, latency ratio next to FID."""
+    r, spec = recipe["restructure"], rs["spec"]
+    md = ["", "## Restructuring", "",
+          f"parallel_pairs: {spec['parallel_pairs']}, drop: {spec['drop']}, merge init: {r['merge_init']}; "
+          f"stage 1 trains: {r['stage1_train']} ({r['loss']} loss onto the sequential pair's output)."]
+    if rs.get("stage1_units"):
+        md += ["", "Stage 1 (units): relative MSE = validation MSE / variance of the sequential pair's update.", "",
+               "| unit | best step | val MSE | relative MSE |", "|---|---|---|---|"]
+        md += [f"| {k} | {u['step']} | {u['val_mse']:.4g} | {u['val_rel_mse']:.4g} |"
+               for k, u in rs["stage1_units"].items()]
+    lat = rs.get("latency")
+    if lat:
+        md += ["", f"Sampling latency: {lat['num']} samples, DDIM {lat['steps']}, cfg {lat['cfg_scale']}, "
+               f"{lat['threads']} threads, all models in one process taking turns (median of 3). Depth bound "
+               f"(latency ratio if time were proportional to depth): {lat['depth_bound']:.2f}.", "",
+               "| model | depth | params | forward GFLOPs / sample | latency (s) | latency / teacher | FID | "
+               "training steps (stage 2) |", "|---|---|---|---|---|---|---|---|"]
+        steps = {"grafted": compute.get("stage2_flops") and recipe["stage2"]["steps"],
+                 "depth_pruned": compute.get("depth_pruned_stage2_steps"),
+                 "from_scratch": compute.get("from_scratch_stage2_steps")}
+        for name, row in lat["models"].items():
+            fid = evals.get(name, {}).get("fid")
+            label = "student (restructured)" if name == "grafted" else name
+            md.append(f"| {label} | {row['depth']} | {row['params']:,} | {row['forward_flops'] / 1e9:.3f} | "
+                      f"{row['latency_s']:.2f} | {row['latency_ratio']:.3f} | "
+                      f"{'-' if fid is None else f'{fid:.3f}'} | {steps.get(name) or '-'} |")
+    if compute.get("share_of_pretraining") is not None:
+        md.append(f"\nEvery trained model above spends {100 * compute['share_of_pretraining']:.2f}% of the "
+                  "teacher's pretraining FLOPs (the baselines on stage 2 alone).")
+    return md
+
+
+def render_markdown(report: dict, plots: dict[str, str], run_dir: str) -> str:
+    """report.md from a ``build_report`` dict: the tables a person reads, the sample grids and the curves."""
+    recipe, stage1, evals, timings = report["recipe"], report["stage1"], report["eval"], report["timings_seconds"]
+    md = [f"# ditgraft run: {recipe['name']}", ""]
+    if recipe["description"]:
+        md += [recipe["description"], ""]
+    md += [f"Teacher: `{recipe['teacher']['source']}`. Date {report['date']}; torch {report['machine']['torch']}, "
            f"{report['machine']['threads']} threads, {'CUDA' if report['machine']['cuda'] else 'CPU'}.", ""]
     md += ["## Grafts (resolved layers)", "", "| slot | layers | operator | stage-1 loss |", "|---|---|---|---|"]
     by_op: dict[tuple, list[int]] = {}
-    for g in grafts:
-        by_op.setdefault((g.slot, g.operator, g.loss), []).append(g.layer)
+    for g in report["grafts"]:
+        by_op.setdefault((g["slot"], g["operator"], g["loss"]), []).append(g["layer"])
     for (slot, op, loss), layers in by_op.items():
         md.append(f"| {slot} | {', '.join(map(str, layers))} | {op} | {loss} |")
     if stage1:
@@ -120,7 +165,7 @@ def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timin
         for name in evals:
             if os.path.exists(os.path.join(run_dir, "eval", f"{name}.png")):
                 md.append(f"\n{name} samples (one row per class order):\n\n![{name}](eval/{name}.png)")
-    c = compute
+    c = report["compute"]
     md += ["", "## Compute", "", "| part | FLOPs |", "|---|---|",
            f"| stage 1: teacher forwards (extraction) | {_fmt(float(c['stage1_extraction_flops']))} |",
            f"| stage 1: operator training | {_fmt(float(c['stage1_operator_flops']))} |",
@@ -130,17 +175,21 @@ def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timin
     if c.get("share_of_pretraining") is not None:
         md.append(f"\nGrafting cost: **{100 * c['share_of_pretraining']:.2f}%** of the teacher's pretraining FLOPs "
                   f"(stage 2 alone {100 * c['stage2_share_of_pretraining']:.2f}%).")
-    if "random_init" in recipe.eval.baselines:
+    if "random_init" in recipe["eval"]["baselines"]:
         md.append(f"\nThe random-init baseline (no stage 1) spends the same total FLOPs on stage 2 alone: "
-                  f"{c['random_init_stage2_steps']} steps instead of {recipe.stage2.steps}.")
-    if getattr(recipe, "restructure", None) is not None:
-        from ditgraft.graft.restructure import report_lines
-
-        md += report_lines(run_dir, recipe, c, evals)
+                  f"{c['random_init_stage2_steps']} steps instead of {recipe['stage2']['steps']}.")
+    if report.get("restructure"):
+        md += _restructure_markdown(report["restructure"], recipe, c, evals)
     if timings:
         md += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     for name, path in plots.items():
         md.append(f"\n![{name}]({os.path.basename(path)})")
-    atomic_write_text(os.path.join(run_dir, "report.md"), "\n".join(md) + "\n")
+    return "\n".join(md) + "\n"
+
+
+def write_report(run_dir: str, report: dict) -> dict:
+    """Render a ``build_report`` dict into ``run_dir``: report.json, the loss-curve PNGs and report.md."""
+    plots = plot_curves(run_dir)
+    atomic_write_text(os.path.join(run_dir, "report.md"), render_markdown(report, plots, run_dir))
     atomic_write_json(os.path.join(run_dir, "report.json"), report)
     return report
