@@ -98,6 +98,33 @@ class Graft(Strict):
         return self
 
 
+class Restructure(Strict):
+    """Depth restructuring (graft/restructure.py): parallel pairs of adjacent blocks and/or dropped blocks, indexed
+    in the teacher; composable with ``grafts`` (operators are grafted into the teacher's blocks first)."""
+    parallel_pairs: Union[Literal["all"], list[list[int]], None] = None
+    drop: list[int] = Field(default_factory=list)
+    merge_init: Literal["sum", "average", "first"] = "sum"
+    loss: Literal["l1", "l2", "huber"] = "l1"
+    huber_delta: float = Field(default=1.0, gt=0)
+    stage1_train: Literal["unit", "merge"] = "unit"  # what stage 1 trains: both blocks + merge, or the merge alone
+    from_scratch_lr: float = Field(default=5e-4, gt=0)  # the from_scratch baseline's LR (the teacher's pretraining)
+
+    @field_validator("parallel_pairs", mode="before")
+    @classmethod
+    def _pairs(cls, v):
+        if isinstance(v, str) and v != "all":
+            raise ValueError(f"{v!r} is not allowed; use 'all' or a list of adjacent pairs like [[0, 1], [2, 3]]")
+        if isinstance(v, list) and not all(isinstance(p, list) and len(p) == 2 for p in v):
+            raise ValueError("each pair must be a list of two block indices [i, i+1]")
+        return v
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.parallel_pairs and not self.drop:
+            raise ValueError("give parallel_pairs (all or a list of [i, i+1] pairs) and/or drop (block indices)")
+        return self
+
+
 class Teacher(Strict):
     source: str = "testbed"  # testbed | path to .safetensors / .pt | hf://owner/repo/file
     model: str | None = None  # size name for official .pt files (default DiT-XL/2)
@@ -245,7 +272,10 @@ class Evaluation(Strict):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     cfg_scale: float = Field(default=1.5, ge=1)
     seed: int = 0
-    baselines: list[Literal["teacher", "random_init"]] = Field(default_factory=lambda: ["teacher"])
+    # depth_pruned / from_scratch (with restructure): the same total training FLOPs spent on the teacher with each
+    # parallel pair's second block dropped, or on a DiT of the student's depth trained from random init
+    baselines: list[Literal["teacher", "random_init", "depth_pruned", "from_scratch"]] = Field(
+        default_factory=lambda: ["teacher"])
     vae: str | None = None  # latent models: AutoencoderKL folder or hub id that decodes the samples
     features: Literal["testbed", "inception"] = "testbed"
     reference: str | None = None  # inception features: the ADM reference batch .npz
@@ -277,15 +307,29 @@ class Recipe(Strict):
     name: str = "graft"
     description: str = ""
     teacher: Teacher = Field(default_factory=Teacher)
-    grafts: list[Graft] = Field(min_length=1)
+    grafts: list[Graft] = Field(default_factory=list)
+    restructure: Restructure | None = None
     stage1: Stage1 = Field(default_factory=Stage1)
     stage2: Stage2 = Field(default_factory=Stage2)
     eval: Evaluation = Field(default_factory=Evaluation)
     seed: int = 0
     device: str = "auto"
 
+    @model_validator(mode="after")
+    def _has_work(self):
+        if not self.grafts and self.restructure is None:
+            raise ValueError("grafts = [] and there is no restructure section: give at least one graft or a "
+                             "restructure section")
+        if self.restructure is None and {"depth_pruned", "from_scratch"} & set(self.eval.baselines):
+            raise ValueError(f"eval.baselines={self.eval.baselines}: depth_pruned and from_scratch need a "
+                             "restructure section")
+        return self
+
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if d.get("restructure") is None:  # recipes without it keep their recorded form
+            d.pop("restructure", None)
+        return d
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

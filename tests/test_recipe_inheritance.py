@@ -14,7 +14,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dit_xl2_recipes_b
 def test_dit_xl2_recipes_resolve_to_what_they_were():
     with open(FIXTURE) as f:
         before = json.load(f)
-    assert len(before) == 14 and set(before) == {n for n in bundled_recipes() if n.startswith("dit_xl2_")}
+    assert len(before) == 15 and set(before) == {n for n in bundled_recipes() if n.startswith("dit_xl2_")}
     for name, data in before.items():
         assert load_recipe(name).to_dict() == parse_recipe(data).to_dict(), name
 

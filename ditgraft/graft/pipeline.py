@@ -6,6 +6,8 @@ that was interrupted resumes from its last checkpoint, so re-running the command
     stage1/                activation distillation (loop/, best/, summary.json)
     stage2/                finetuning (loop/), student.safetensors (grafted checkpoint, recipe embedded)
     baseline_random/       the same stage 2 budget from randomly initialised operators (when asked)
+    stage1_units/          stage 1 of the parallel units (with a restructure section)
+    baseline_depth_pruned/, baseline_from_scratch/   restructure baselines at the same total FLOPs (when asked)
     eval/                  samples, grids and metrics per model
     report.md, report.json, *.png
 """
@@ -28,6 +30,9 @@ from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
 from ditgraft.graft.layers import selector_needs
 from ditgraft.graft.report import build_report, write_report
+from ditgraft.graft.restructure import depth_pruned_spec, restructure
+from ditgraft.graft.restructure_train import (BASELINES, accounting, baseline_model, baseline_stage2, latency_table,
+                                              recipe_spec, restructure_student, run_unit_stage1, units_dir)
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
@@ -207,9 +212,29 @@ class Run:
         return out
 
     @functools.cached_property
-    def accounting(self) -> dict:  # one surgery + FLOP count, shared by the random-init baseline and the report
-        return compute_accounting(self.teacher, self.teacher_meta, self.grafts, self.recipe,
-                                  graft_model(self.teacher, self.grafts, self.recipe.seed))
+    def spec(self) -> dict | None:
+        """The recipe's resolved restructure (block indices of the teacher), None without one."""
+        return recipe_spec(self.recipe, self.teacher)
+
+    @functools.cached_property
+    def units_dir(self) -> str | None:
+        """Where stage 1 of the parallel units leaves its best weights (None when there is no such stage 1)."""
+        return units_dir(self.recipe, self.spec, self.run_dir)
+
+    @functools.cached_property
+    def accounting(self) -> dict:  # one surgery + FLOP count, shared by the baselines and the report
+        student = graft_model(self.teacher, self.grafts, self.recipe.seed)
+        acc = compute_accounting(self.teacher, self.teacher_meta, self.grafts, self.recipe, student)
+        if self.spec is None:
+            return acc
+        return accounting(acc, self.teacher, self.spec, self.recipe, restructure(student, self.spec),
+                          grafted=bool(self.grafts))
+
+    def save_student(self, path: str, model, grafts, extra: dict | None = None) -> None:
+        """A self-describing checkpoint (recipe, teacher, restructure embedded), written by rank 0."""
+        if self.spec is not None and extra is None:
+            extra = {"restructure": self.spec}
+        on_main(lambda: save_grafted(path, model, grafts, self.recipe.to_dict(), self.teacher_meta, extra=extra))
 
     @property
     def protocol(self) -> Protocol:
@@ -233,20 +258,48 @@ def _stage1(r: Run) -> None:
                                          r.device, progress=r.progress, log=r.log))
 
 
+def _stage1_units(r: Run) -> None:
+    c = r.recipe.stage1
+    x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, r.recipe.seed)
+    r.timed("stage1_units", lambda: run_unit_stage1(r.teacher, r.spec, c, r.recipe.restructure, x, y, xv, yv,
+                                                    r.units_dir, r.recipe.seed, r.device, progress=r.progress,
+                                                    log=r.log))
+
+
 def _stage2(r: Run) -> None:
     if r.recipe.stage2.enabled:
         r.log(format_stage2_memory(r.teacher, r.recipe.stage2, rank_world()[1]))
-    student = _train_student(r, r.run_dir, r.path("stage1") if r.recipe.stage1.enabled else None, "stage2")
-    on_main(lambda: save_grafted(r.path("student.safetensors"), student, r.grafts, r.recipe.to_dict(),
-                                 r.teacher_meta))
+    stage1_dir = r.path("stage1") if r.recipe.stage1.enabled and r.grafts else None
+    student = _train_student(r, r.run_dir, stage1_dir, "stage2", units=r.units_dir)
+    r.save_student(r.path("student.safetensors"), student, r.grafts)
 
 
 def _random_init_baseline(r: Run) -> None:
     steps = r.accounting["random_init_stage2_steps"]
     r.log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
     student = _train_student(r, r.path("baseline_random"), None, "baseline_random", steps=steps)
-    on_main(lambda: save_grafted(r.path("baseline_random", "student.safetensors"), student, r.grafts,
-                                 r.recipe.to_dict(), r.teacher_meta))
+    r.save_student(r.path("baseline_random", "student.safetensors"), student, r.grafts)
+
+
+def _restructure_baseline(name: str) -> Callable[[Run], None]:
+    """depth_pruned / from_scratch: stage 2 alone with the restructured run's total training FLOPs."""
+    def run(r: Run) -> None:
+        cfg = baseline_stage2(r.recipe, name, r.accounting[f"{name}_stage2_steps"])
+        r.log(f"{name} baseline: {cfg.steps} stage-2 steps at lr {cfg.lr} (the same total FLOPs)")
+        model = baseline_model(name, r.teacher, r.spec, r.recipe.seed)
+        x, y, _, _ = load_split(cfg.data, 10**9, r.recipe.stage1.val_samples, r.recipe.seed)
+        model, _ = r.timed(f"baseline_{name}", lambda: run_stage2(
+            model, cfg, x, y, r.path(f"baseline_{name}", "stage2"), r.recipe.seed, r.progress, teacher=r.teacher))
+        extra = {"baseline": name}
+        if name == "depth_pruned":
+            extra["restructure"] = depth_pruned_spec(r.spec)
+        r.save_student(r.path(f"baseline_{name}", "student.safetensors"), model, [], extra=extra)
+    return run
+
+
+def _restructure_baseline_done(name: str) -> Callable[[Run], bool]:
+    return lambda r: (r.spec is None or name not in r.recipe.eval.baselines
+                      or os.path.exists(r.path(f"baseline_{name}", "student.safetensors")))
 
 
 def _evaluate(r: Run) -> None:
@@ -263,9 +316,34 @@ def _evaluate(r: Run) -> None:
         base, _ = load_grafted(r.path("baseline_random", "student.safetensors"), r.device)
         r.evals["random_init"] = sample_and_evaluate(base, out, r.protocol, r.device, r.progress, tag="random_init",
                                                      **hooks)
+    if r.spec is not None:
+        _evaluate_restructured(r, student, hooks)
     if ev.protocol == "decision":
         r.timed("eval_decision", lambda: _decision(r.recipe, r.run_dir, r.protocol, student, r.teacher, r.device,
                                                    r.progress, r.log))
+
+
+def _evaluate_restructured(r: Run, student, hooks: dict) -> None:
+    """The restructure baselines' quality under the run's protocol, and depth / params / FLOPs / sampling latency
+    of every model measured side by side in this process (eval/latency.json)."""
+    models = {"teacher": r.teacher, "grafted": student}
+    for name in BASELINES:
+        path = r.path(f"baseline_{name}", "student.safetensors")
+        if name in r.recipe.eval.baselines and os.path.exists(path):
+            models[name], _ = load_grafted(path, r.device)
+            r.evals[name] = sample_and_evaluate(models[name], r.path("eval"), r.protocol, r.device, r.progress,
+                                                tag=name, **hooks)
+    table = latency_table(models, r.protocol, r.device)
+    on_main(lambda: atomic_write_json(r.path("eval", "latency.json"), table))
+
+
+def _restructure_numbers(r: Run) -> dict | None:
+    """The report's restructure inputs on disk: stage 1 of the units and the latency table."""
+    if r.spec is None:
+        return None
+    units, latency = r.path("stage1_units", "summary.json"), r.path("eval", "latency.json")
+    return {"spec": r.spec, "stage1_units": read_json(units)["units"] if os.path.exists(units) else None,
+            "latency": read_json(latency) if os.path.exists(latency) else None}
 
 
 def _report(r: Run) -> None:
@@ -277,16 +355,20 @@ def _report(r: Run) -> None:
             evals["teacher"] = card
     s1_path = r.path("stage1", "summary.json")
     stage1 = read_json(s1_path) if os.path.exists(s1_path) else None
-    r.report = build_report(r.recipe, r.grafts, stage1, evals, r.accounting, r.timings)
+    r.report = build_report(r.recipe, r.grafts, stage1, evals, r.accounting, r.timings,
+                            restructure=_restructure_numbers(r))
     on_main(lambda: write_report(r.run_dir, r.report))
 
 
 PIPELINE = (
-    Stage("stage1", lambda r: not r.recipe.stage1.enabled or os.path.exists(r.path("stage1", "summary.json")),
-          _stage1),
+    Stage("stage1", lambda r: r.units_dir is None or os.path.exists(r.path("stage1_units", "summary.json")),
+          _stage1_units),
+    Stage("stage1", lambda r: not r.recipe.stage1.enabled or not r.grafts
+          or os.path.exists(r.path("stage1", "summary.json")), _stage1),
     Stage("stage2", lambda r: os.path.exists(r.path("student.safetensors")), _stage2),
     Stage("stage2", lambda r: "random_init" not in r.recipe.eval.baselines
           or os.path.exists(r.path("baseline_random", "student.safetensors")), _random_init_baseline),
+    *(Stage("stage2", _restructure_baseline_done(name), _restructure_baseline(name)) for name in BASELINES),
     Stage("eval", lambda r: not r.recipe.eval.enabled or not os.path.exists(r.path("student.safetensors")),
           _evaluate),
     Stage("report", lambda r: False, _report),
@@ -366,6 +448,7 @@ def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -
     teacher, teacher_meta = load_teacher(recipe, dev)
     if not recorded:
         _check_data(recipe, teacher)
+        recipe_spec(recipe, teacher)  # a restructure that does not fit the teacher fails before recording
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
     if not recorded:
         on_main(lambda: _record_recipe(recipe, run_dir))
@@ -373,6 +456,8 @@ def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -
     timings_path = os.path.join(run_dir, "timings.json")
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
     run = Run(recipe, run_dir, tuple(stages), dev, progress, log, teacher, teacher_meta, grafts, timings)
+    if run.spec is not None:
+        log(f"restructure: parallel pairs {run.spec['parallel_pairs']}, drop {run.spec['drop']}")
     for stage in PIPELINE:
         if stage.name in run.stages and not on_main(lambda: stage.done(run)):
             stage.run(run)
@@ -401,7 +486,7 @@ def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher
 def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
     """The metrics files that ``sample_and_evaluate`` left in ``run_dir/eval`` for this protocol, by tag."""
     out = {}
-    for tag in ("grafted", "teacher", "random_init"):
+    for tag in ("grafted", "teacher", "random_init", *BASELINES):
         path = os.path.join(run_dir, "eval", f"{tag}_metrics.json")
         row = read_json(path) if os.path.exists(path) else {}
         if row.get("protocol") == asdict(protocol):
@@ -409,13 +494,16 @@ def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
     return out
 
 
-def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str, steps: int | None = None):
-    """Student = surgery (+ stage 1's best operators when ``stage1_dir``), then stage 2 in ``out_dir/stage2``
-    (``steps`` overrides the recipe's stage-2 step count: the random-init baseline's matched budget)."""
+def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str, steps: int | None = None,
+                   units: str | None = None):
+    """Student = surgery (+ stage 1's best operators when ``stage1_dir``), restructured (+ stage 1's best units
+    when ``units``), then stage 2 in ``out_dir/stage2`` (``steps`` overrides the recipe's stage-2 step count: the
+    random-init baseline's matched budget)."""
     recipe = r.recipe
     student = graft_model(r.teacher, r.grafts, recipe.seed).to(r.device)
     if stage1_dir is not None:
         load_best_operators(student, r.grafts, stage1_dir)
+    student = restructure_student(student, r.spec, r.grafts, units)
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})

@@ -68,16 +68,18 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
-def build_report(recipe, grafts, stage1: dict | None, evals: dict, compute: dict, timings: dict) -> dict:
+def build_report(recipe, grafts, stage1: dict | None, evals: dict, compute: dict, timings: dict,
+                 restructure: dict | None = None) -> dict:
     """The report's numbers (report.json): the recipe, the resolved grafts, stage 1's summary, the evaluations (each
     with its FID relative to the teacher's, when the teacher was evaluated), the compute accounting and timings.
-    The arguments are left unchanged."""
+    ``restructure`` (runs with a restructure section): {spec, stage1_units, latency}. The arguments are left
+    unchanged."""
     teacher_fid = evals.get("teacher", {}).get("fid")
     if teacher_fid:
         evals = {name: {**row, "fid_ratio_to_teacher": row["fid"] / teacher_fid} for name, row in evals.items()}
     else:
         evals = {name: dict(row) for name, row in evals.items()}
-    return {
+    out = {
         "recipe": recipe.to_dict(),
         "grafts": [dict(slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss) for g in grafts],
         "stage1": stage1,
@@ -88,6 +90,42 @@ def build_report(recipe, grafts, stage1: dict | None, evals: dict, compute: dict
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if restructure is not None:
+        out["restructure"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in restructure.items()}
+    return out
+
+
+def _restructure_markdown(rs: dict, recipe: dict, compute: dict, evals: dict) -> list[str]:
+    """The restructuring section: stage 1 of the units, then depth, parameters, FLOPs, latency ratio next to FID."""
+    r, spec = recipe["restructure"], rs["spec"]
+    md = ["", "## Restructuring", "",
+          f"parallel_pairs: {spec['parallel_pairs']}, drop: {spec['drop']}, merge init: {r['merge_init']}; "
+          f"stage 1 trains: {r['stage1_train']} ({r['loss']} loss onto the sequential pair's output)."]
+    if rs.get("stage1_units"):
+        md += ["", "Stage 1 (units): relative MSE = validation MSE / variance of the sequential pair's update.", "",
+               "| unit | best step | val MSE | relative MSE |", "|---|---|---|---|"]
+        md += [f"| {k} | {u['step']} | {u['val_mse']:.4g} | {u['val_rel_mse']:.4g} |"
+               for k, u in rs["stage1_units"].items()]
+    lat = rs.get("latency")
+    if lat:
+        md += ["", f"Sampling latency: {lat['num']} samples, DDIM {lat['steps']}, cfg {lat['cfg_scale']}, "
+               f"{lat['threads']} threads, all models in one process taking turns (median of 3). Depth bound "
+               f"(latency ratio if time were proportional to depth): {lat['depth_bound']:.2f}.", "",
+               "| model | depth | params | forward GFLOPs / sample | latency (s) | latency / teacher | FID | "
+               "training steps (stage 2) |", "|---|---|---|---|---|---|---|---|"]
+        steps = {"grafted": compute.get("stage2_flops") and recipe["stage2"]["steps"],
+                 "depth_pruned": compute.get("depth_pruned_stage2_steps"),
+                 "from_scratch": compute.get("from_scratch_stage2_steps")}
+        for name, row in lat["models"].items():
+            fid = evals.get(name, {}).get("fid")
+            label = "student (restructured)" if name == "grafted" else name
+            md.append(f"| {label} | {row['depth']} | {row['params']:,} | {row['forward_flops'] / 1e9:.3f} | "
+                      f"{row['latency_s']:.2f} | {row['latency_ratio']:.3f} | "
+                      f"{'-' if fid is None else f'{fid:.3f}'} | {steps.get(name) or '-'} |")
+    if compute.get("share_of_pretraining") is not None:
+        md.append(f"\nEvery trained model above spends {100 * compute['share_of_pretraining']:.2f}% of the "
+                  "teacher's pretraining FLOPs (the baselines on stage 2 alone).")
+    return md
 
 
 def render_markdown(report: dict, plots: dict[str, str], run_dir: str) -> str:
@@ -140,6 +178,8 @@ def render_markdown(report: dict, plots: dict[str, str], run_dir: str) -> str:
     if "random_init" in recipe["eval"]["baselines"]:
         md.append(f"\nThe random-init baseline (no stage 1) spends the same total FLOPs on stage 2 alone: "
                   f"{c['random_init_stage2_steps']} steps instead of {recipe['stage2']['steps']}.")
+    if report.get("restructure"):
+        md += _restructure_markdown(report["restructure"], recipe, c, evals)
     if timings:
         md += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     for name, path in plots.items():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ditgraft.graft.layers import resolve_layers
+from ditgraft.graft.restructure import restructure
 from ditgraft.models.adapters import get_slot, model_dims, set_slot
 from ditgraft.models.checkpoints import (build_from_config, load_dit, load_state_strict, load_weights,
                                          read_metadata, save_safetensors)
@@ -109,7 +110,7 @@ def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recip
 
 
 def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a grafted (or plain) ditgraft checkpoint from its file alone."""
+    """Rebuild a grafted and/or restructured (or plain) ditgraft checkpoint from its file alone."""
     meta = read_metadata(path)
     model = build_from_config(meta.get("model_config"), path)
     try:
@@ -118,6 +119,8 @@ def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
         raise ValueError(f"{path}: its grafts metadata is malformed ({err})") from None
     for g in grafts:
         set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
+    if meta.get("restructure"):  # parallel units / dropped blocks, applied after the grafts
+        restructure(model, meta["restructure"])
     load_state_strict(model, load_weights(path, map_location), path)
     return model.eval(), meta
 
@@ -129,6 +132,8 @@ def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
             if os.path.exists(os.path.join(source, name)):
                 return load_any(os.path.join(source, name), map_location)
         raise FileNotFoundError(f"{source} holds no student.safetensors or model.safetensors")
-    if source.endswith(".safetensors") and os.path.exists(source) and read_metadata(source).get("grafts"):
-        return load_grafted(source, map_location)
+    if source.endswith(".safetensors") and os.path.exists(source):
+        meta = read_metadata(source)
+        if meta.get("grafts") or meta.get("restructure") or meta.get("recipe"):
+            return load_grafted(source, map_location)
     return load_dit(source, map_location=map_location)
