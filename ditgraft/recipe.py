@@ -111,6 +111,16 @@ class Stage1(Strict):
     extract_batch_size: int = Field(default=100, ge=1)
 
 
+class Lora(Strict):
+    """Stage 2 through LoRA adapters (peft) instead of all parameters; grafted operators still train fully."""
+    rank: int = Field(default=64, ge=1)
+    alpha: float = Field(default=64.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # module names (suffixes) that get adapters; defaults: diffusers attention and feed-forward layers
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                                               "ff.net.2"], min_length=1)
+
+
 class Stage2(Strict):
     enabled: bool = True
     data: str = "mnist5k"
@@ -123,6 +133,7 @@ class Stage2(Strict):
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     grad_clip: float | None = Field(default=10.0, gt=0)
     ckpt_every: int = Field(default=50, ge=1)
+    lora: Lora | None = None  # None: finetune all parameters
 
     @model_validator(mode="after")
     def _decay_fits(self):

@@ -24,7 +24,7 @@ from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
-from ditgraft.models.adapters import model_dims
+from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.checkpoints import load_dit
 from ditgraft.recipe import LayerSelector, Recipe
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
@@ -116,7 +116,7 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
         stream = s1.cache == "stream"
         extraction = fwd * ((s1.steps * s1.batch_size) if stream else (s1.samples + s1.val_samples))
         for g in grafts:
-            op = student.blocks[g.layer].attn if g.slot == "attn" else student.blocks[g.layer].mlp
+            op = get_slot(student, g.layer, g.slot)
             x = torch.randn(2, dims.grid[0] * dims.grid[1], dims.dim, device=next(op.parameters()).device)
             with torch.no_grad():
                 per = 3 * count_flops(op, x) // 2  # training = 3 x forward, as for the DiT
@@ -262,5 +262,5 @@ def _train_student(recipe, teacher, grafts, out_dir: str, dev, progress, stage1_
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
     x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
     student, _ = timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
-                                                      recipe.seed, progress))
+                                                      recipe.seed, progress, grafts=grafts))
     return student

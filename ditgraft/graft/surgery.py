@@ -2,7 +2,8 @@
 
 The student is a deep copy of the teacher with new operators in place of the chosen ``attn`` / ``mlp`` slots;
 everything else keeps the teacher's values. A grafted checkpoint is a safetensors file whose metadata holds the
-teacher's model config and the resolved grafts (plus the recipe), so ``load_grafted`` rebuilds it alone.
+teacher's model config (and its model family) and the resolved grafts (plus the recipe), so ``load_grafted``
+rebuilds it alone; a grafted diffusers model rebuilds as its diffusers class with the operators in its slots.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from ditgraft.models.adapters import get_slot, model_dims, set_slot
 from ditgraft.models.checkpoints import read_metadata, save_safetensors
-from ditgraft.models.dit import DiT
+from ditgraft.models.families import family_of, get_family
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
 
@@ -102,7 +103,8 @@ def graft_model(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int = 0) 
 
 def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recipe: dict | None,
                  teacher_meta: dict | None = None, extra: dict | None = None) -> None:
-    meta = {"model_config": model.config, "grafts": [asdict(g) for g in grafts], "recipe": recipe or {},
+    family = family_of(model)
+    meta = {"model_config": family.config(model), "family": family.name, "grafts": [asdict(g) for g in grafts], "recipe": recipe or {},
             "teacher": {k: v for k, v in (teacher_meta or {}).items() if k != "model_config"}}
     meta.update(extra or {})
     save_safetensors(path, model, meta)
@@ -111,7 +113,7 @@ def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recip
 def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a grafted (or plain) ditgraft checkpoint from its file alone."""
     meta = read_metadata(path)
-    model = DiT(**meta["model_config"])
+    model = get_family(meta.get("family", "dit")).build(meta["model_config"])
     grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
     for g in grafts:
         set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
