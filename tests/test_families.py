@@ -208,3 +208,28 @@ def test_ditgraft_sampler_runs_diffusers_families():
     neg = (torch.zeros(2, TOKENS, CAPTION_DIM), torch.ones(2, TOKENS))
     out = sample(p, captions(2, 0), (2, 4, 8, 8), cfg, generator=torch.Generator().manual_seed(0), null_cond=neg)
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_lora_merge_keeps_the_function():
+    """Merging trained (non-zero) adapters writes plain weights that compute what the adapted model computed."""
+    pytest.importorskip("peft")
+    from ditgraft.train.lora import add_lora, merge_lora
+
+    model, fam = tiny_pixart(depth=2), family_of(tiny_pixart(depth=2))
+    keys = set(model.state_dict())
+    op = get_slot(model, 1, "mlp")
+    model = add_lora(model, Lora(rank=2, alpha=4), trainable=[op])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("transformer_blocks.1.ff.") for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x, t, c = latents(2, 0), torch.tensor([5, 600]), captions(2, 1)
+    with torch.no_grad():
+        adapted = fam.forward(model, x, t, c)
+        merged = merge_lora(model)
+        torch.testing.assert_close(fam.forward(merged, x, t, c), adapted, rtol=1e-4, atol=1e-5)
+    assert set(merged.state_dict()) == keys
+    with pytest.raises(ValueError, match="target_modules"):
+        add_lora(tiny_pixart(depth=2), Lora(target_modules=["no_such_layer"]))
