@@ -6,7 +6,7 @@
     ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz
     ditgraft eval SAMPLES.npz|MODEL    FID/KID/precision/recall/accuracy (testbed) or Inception metrics
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
-    ditgraft synth MODEL               synthetic training data from a teacher (samples + labels)
+    ditgraft synth MODEL               synthetic training data from a teacher (samples + labels; or captions)
     ditgraft ops                       operator table: parameters and FLOPs at (dim, tokens)
     ditgraft bench ops|model           side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
@@ -172,6 +172,9 @@ def cmd_analyze(args) -> None:
 def cmd_synth(args) -> None:
     import numpy as np
 
+    if args.prompts:
+        return _synth_captions(args)
+
     from ditgraft.diffusion.samplers import SamplingConfig, sample
     from ditgraft.eval.sampling import batch_labels
     from ditgraft.utils import atomic_path
@@ -191,6 +194,17 @@ def cmd_synth(args) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, latents=np.concatenate(xs).astype(np.float32), labels=np.concatenate(ys))
     print(f"{args.num_samples} synthetic samples (model space, with labels): {out}; use it as `data:` in a recipe")
+
+
+def _synth_captions(args) -> None:
+    from ditgraft.data.captions import load_t2i_pipeline, read_prompts, synth_captions
+
+    prompts = read_prompts(args.prompts)
+    pipe = load_t2i_pipeline(args.model, _device(args))
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    synth_captions(pipe, prompts, out, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.cfg,
+                   batch_size=args.batch_size, seed=args.seed, max_sequence_length=args.max_tokens)
+    print(f"synthetic image-caption pairs (latents + caption embeddings): {out}; use it as `data:` in a recipe")
 
 
 def cmd_ops(args) -> None:
@@ -263,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/samples")
     sampling_args(s)
 
-    s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels)")
-    s.add_argument("model")
+    s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels, or "
+                                 "image-caption pairs from a text-to-image pipeline with --prompts)")
+    s.add_argument("model", help="a class-conditional model, or with --prompts a diffusers pipeline (PixArt)")
     s.add_argument("--out", default="runs/synth.npz")
+    s.add_argument("--prompts", default=None,
+                   help="text file, one prompt per line: caption latents + embeddings (cycled to --num-samples)")
+    s.add_argument("--max-tokens", type=int, default=300, help="caption tokens with --prompts (PixArt-Sigma: 300)")
     sampling_args(s, num=1000)
 
     s = add("eval", cmd_eval, "metrics of a sample .npz, or run the testbed protocol on a model")

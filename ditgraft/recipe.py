@@ -87,7 +87,8 @@ class Graft(Strict):
 
 
 class Teacher(Strict):
-    source: str = "testbed"  # testbed | path to .safetensors / .pt | hf://owner/repo/file
+    # testbed | path to .safetensors / .pt | hf://owner/repo/file | diffusers:<model or pipeline dir, or hub repo>
+    source: str = "testbed"
     model: str | None = None  # size name for official .pt files (default DiT-XL/2)
     image_size: int | None = None  # for official .pt files (latent = image / 8)
 

@@ -14,51 +14,8 @@ from ditgraft.recipe import Lora, Stage1, Stage2
 
 diffusers = pytest.importorskip("diffusers")
 
-CAPTION_DIM, TOKENS = 16, 6
-
-
-def _randomize(model, seed: int):
-    """Small non-zero weights everywhere (zero-initialised gates would make blocks identities)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
-
-
-def tiny_pixart(depth: int = 4, seed: int = 0):
-    model = diffusers.PixArtTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=depth, num_attention_heads=2,
-        attention_head_dim=8, caption_channels=CAPTION_DIM, cross_attention_dim=16, norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000)
-    return _randomize(model, seed)
-
-
-def tiny_diffusers_dit(depth: int = 4, seed: int = 0):
-    model = diffusers.DiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=depth, num_attention_heads=2,
-        attention_head_dim=8, num_embeds_ada_norm=1000)  # DiTPipeline assumes 1000 classes
-    return _randomize(model, seed)
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                   down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4).eval()
-
-
-def captions(n: int, seed: int):
-    """Caption embeddings and masks with padded tails (1..TOKENS real tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(n, TOKENS, CAPTION_DIM, generator=g)
-    lengths = torch.randint(1, TOKENS + 1, (n,), generator=g)
-    mask = (torch.arange(TOKENS)[None] < lengths[:, None]).float()
-    return emb, mask
-
-
-def latents(n: int, seed: int):
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+from diffusers_helpers import (  # noqa: E402
+    CAPTION_DIM, TOKENS, captions, latents, tiny_diffusers_dit, tiny_pixart, tiny_vae)
 
 
 def _block_io(model, family, x, t, cond):
@@ -132,7 +89,8 @@ def test_pixart_hyena_graft_lora_reload_pipeline(tmp_path):
     assert len(history) > 0 and type(merged) is type(teacher)
     state = merged.state_dict()
     assert set(state) == set(before)  # plain weights: no lora_A / lora_B / base_layer left
-    assert not torch.equal(state["transformer_blocks.0.attn1.to_q.weight"], before["transformer_blocks.0.attn1.to_q.weight"])
+    q = "transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(state[q], before[q])  # LoRA merged into an untouched layer
     assert torch.equal(state["pos_embed.proj.weight"], before["pos_embed.proj.weight"])  # no adapter: frozen
     op_keys = [k for k in state if k.startswith("transformer_blocks.1.attn1.op.")]
     assert op_keys and any(not torch.equal(state[k], before[k]) for k in op_keys)  # grafted operator trains fully
@@ -233,3 +191,20 @@ def test_lora_merge_keeps_the_function():
     assert set(merged.state_dict()) == keys
     with pytest.raises(ValueError, match="target_modules"):
         add_lora(tiny_pixart(depth=2), Lora(target_modules=["no_such_layer"]))
+
+
+def test_bench_family_pixart_prints_side_by_side(capsys):
+    """`bench model --family pixart` at a tiny shape: one row, teacher vs grafted, with the counted FLOP bound."""
+    from ditgraft.cli import main
+
+    assert main(["bench", "model", "--family", "pixart", "--blocks", "2", "--dim", "32", "--heads", "2",
+                 "--tokens", "64", "--text-tokens", "8", "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "FLOP-bound speed-up" in out and "| hyena_x | 64 | 8x8 | 1 |" in out
+    from ditgraft.bench.family import bench_family, default_layers
+
+    assert default_layers(28) == [8, 10, 12, 14, 16, 18, 20, 21, 22, 23, 24, 25, 26, 27]
+    with pytest.raises(ValueError, match="tokens=60 must be a square"):
+        bench_family(blocks=2, heads=2, head_dim=8, tokens=60, repeats=1)
+    with pytest.raises(ValueError, match="layers"):
+        bench_family(blocks=2, heads=2, head_dim=8, tokens=16, layers=[2], repeats=1)

@@ -268,11 +268,15 @@ def add_bench_arguments(parser) -> None:
     m = sub.add_parser("model", help="DiT-XL/2-shaped block stack: all-MHA teacher vs grafted candidate")
     shared(m, repeats=3)
     m.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="sequence lengths (default 4096 16384)")
-    m.add_argument("--blocks", type=int, default=4)
+    m.add_argument("--blocks", type=int, default=None, help="blocks (default 4; with --family its depth)")
     m.add_argument("--operator", default="hyena_x", help="operator put into the replaced blocks (default hyena_x)")
     m.add_argument("--layers", default="interleave",
                    help="interleave (odd blocks, 50%%), interleave75, all, or indices like 1,3")
     m.add_argument("--profile", action="store_true", help="print the top torch ops by self time for each stack")
+    m.add_argument("--family", default=None, choices=["pixart"],
+                   help="time a whole model of this family instead (pixart: PixArt-Sigma XL/2 shape, 28 blocks, "
+                        "width 1152; --tokens N image tokens, --text-tokens caption tokens; layers: the paper's 14)")
+    m.add_argument("--text-tokens", type=int, default=300, help="caption tokens with --family pixart (default 300)")
 
 
 def run_bench(args) -> dict:
@@ -295,6 +299,20 @@ def run_bench(args) -> dict:
             rows += part
             print(format_table(part), flush=True)
         result = {"command": "bench ops", "env": envs, "rows": rows}
+    elif getattr(args, "family", None):
+        from ditgraft.bench.family import bench_family
+
+        layers = None if args.layers == "interleave" else [int(i) for i in args.layers.split(",")]
+        blocks = args.blocks or 28  # PixArt-Sigma XL/2's depth
+        rows = []
+        for n in args.tokens:
+            part = bench_family(args.family, blocks=blocks, heads=args.heads, head_dim=args.dim // args.heads,
+                                tokens=n, text_tokens=args.text_tokens, operator=args.operator, layers=layers,
+                                batch=args.batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                                dtype=args.dtype, options=options.get(args.operator), clock=args.clock)
+            rows += part["rows"]
+            print(format_table(part["rows"]), flush=True)
+        result = {"command": "bench model --family", "config": part["config"], "env": part["env"], "rows": rows}
     else:
         from ditgraft.bench.model import bench_model
 
@@ -302,8 +320,8 @@ def run_bench(args) -> dict:
         if unknown:
             raise ValueError(f"--option for {sorted(unknown)}: bench model only builds --operator={args.operator!r}")
         layers = args.layers if not args.layers[:1].isdigit() else [int(i) for i in args.layers.split(",")]
-        result = bench_model(args.dim, args.heads, args.blocks, args.tokens, args.operator, layers, batch=args.batch,
-                             repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
+        result = bench_model(args.dim, args.heads, args.blocks or 4, args.tokens, args.operator, layers,
+                             batch=args.batch, repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
                              profile=args.profile, options=options.get(args.operator), clock=args.clock)
         result["command"] = "bench model"
         print(format_table(result["rows"]))

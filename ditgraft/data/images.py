@@ -134,6 +134,12 @@ def load_image_folder(root: str, image_size: int, channels: int = 3,
     return x, torch.tensor(ds.labels[:n], dtype=torch.int64)
 
 
+def _is_caption_file(spec: str) -> bool:
+    from ditgraft.data.captions import is_caption_file
+
+    return is_caption_file(spec)
+
+
 def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, latent_scale: float | None = None,
                  labels_path: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Data spec -> (x [N, C, H, W] float32, y [N] int64).
@@ -141,7 +147,8 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     ``spec`` is one of:
       ``mnist5k`` / ``mnist5k:train`` / ``mnist5k:val`` / ``mnist5k:all``  the testbed digits ([-1, 1], 1x32x32);
       a folder                      images (``image_size`` required, ``channels`` 3 or 1), see ImageFolderDataset;
-      a ``.npy`` or ``.npz`` file   precomputed latents (``latent_scale``, ``labels_path``), see data/latents.py.
+      a ``.npy`` or ``.npz`` file   precomputed latents (``latent_scale``, ``labels_path``), see data/latents.py;
+      a caption ``.npz``            latents with caption embeddings: y is (embeddings, masks), see data/captions.py.
     """
     spec = os.fspath(spec)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -154,6 +161,13 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
         if image_size is None:
             raise ValueError(f"data {spec!r} is an image folder: pass image_size (pixels per side, e.g. 256)")
         return load_image_folder(spec, image_size, channels, limit)
+    elif spec.lower().endswith(".npz") and _is_caption_file(spec):
+        from ditgraft.data.captions import load_caption_latents
+
+        x, y = load_caption_latents(spec)  # y = (caption embeddings, masks)
+        if limit is not None:
+            x, y = x[:limit], tuple(c[:limit] for c in y)
+        return x, y
     elif spec.lower().endswith((".npy", ".npz")):
         from ditgraft.data.latents import load_latents
 

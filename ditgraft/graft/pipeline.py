@@ -26,6 +26,8 @@ from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.checkpoints import load_dit
+from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, load_diffusers
+from ditgraft.models.families.base import cond_rows
 from ditgraft.recipe import LayerSelector, Recipe
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
 
@@ -34,13 +36,16 @@ STAGES = ("stage1", "stage2", "eval", "report")
 
 def load_teacher(recipe: Recipe, device) -> tuple[torch.nn.Module, dict]:
     t = recipe.teacher
+    if t.source.startswith(DIFFUSERS_PREFIX):
+        return load_diffusers(t.source[len(DIFFUSERS_PREFIX):]).to(device).eval(), {}
     model, meta = load_dit(t.source, model=t.model, image_size=t.image_size)
     return model.to(device).eval(), meta
 
 
 def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows.
-    Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class)."""
+    Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class). y is labels, or a tuple
+    (caption embeddings, masks) for caption data."""
     from ditgraft.data.images import load_dataset
 
     if spec == "mnist5k":
@@ -49,11 +54,12 @@ def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torc
         x_all, y_all = load_dataset(spec)
         if len(x_all) <= n_val:
             raise ValueError(f"data={spec!r} has {len(x_all)} samples; need more than val_samples={n_val}")
-        x, y, xv, yv = x_all[:-n_val], y_all[:-n_val], x_all[-n_val:], y_all[-n_val:]
+        x, y = x_all[:-n_val], cond_rows(y_all, slice(None, -n_val))
+        xv, yv = x_all[-n_val:], cond_rows(y_all, slice(len(x_all) - n_val, None))
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(x), generator=g)[:n_train].sort().values
     keep_val = torch.randperm(len(xv), generator=g)[:n_val].sort().values
-    return x[keep], y[keep], xv[keep_val], yv[keep_val]
+    return x[keep], cond_rows(y, keep), xv[keep_val], cond_rows(yv, keep_val)
 
 
 def _needs(recipe: Recipe, *selects: str) -> bool:
@@ -219,7 +225,7 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         if "teacher" in recipe.eval.baselines and card is not None:
             evals["teacher"] = card
     if "eval" in stages and recipe.eval.enabled and os.path.exists(student_path):
-        if teacher.in_channels not in (1, 3):
+        if family_of(teacher).in_channels(teacher) not in (1, 3):
             log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
         else:
             student, _ = load_grafted(student_path, dev)

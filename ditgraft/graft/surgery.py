@@ -104,7 +104,8 @@ def graft_model(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int = 0) 
 def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recipe: dict | None,
                  teacher_meta: dict | None = None, extra: dict | None = None) -> None:
     family = family_of(model)
-    meta = {"model_config": family.config(model), "family": family.name, "grafts": [asdict(g) for g in grafts], "recipe": recipe or {},
+    meta = {"model_config": family.config(model), "family": family.name, "grafts": [asdict(g) for g in grafts],
+            "recipe": recipe or {},
             "teacher": {k: v for k, v in (teacher_meta or {}).items() if k != "model_config"}}
     meta.update(extra or {})
     save_safetensors(path, model, meta)
@@ -127,6 +128,10 @@ def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
 
     from ditgraft.models.checkpoints import load_dit
 
+    from ditgraft.models.families import DIFFUSERS_PREFIX, load_diffusers
+
+    if source.startswith(DIFFUSERS_PREFIX):
+        return load_diffusers(source[len(DIFFUSERS_PREFIX):]).to(map_location), {}
     if os.path.isdir(source):
         for name in ("student.safetensors", "model.safetensors"):
             if os.path.exists(os.path.join(source, name)):

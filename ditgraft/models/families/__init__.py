@@ -38,6 +38,26 @@ def family_of(model: nn.Module) -> Family:
     raise TypeError(f"{type(model).__name__} is not a supported model family (known: {', '.join(_FAMILIES)})")
 
 
+DIFFUSERS_PREFIX = "diffusers:"
+
+
+def load_diffusers(source: str, subfolder: str | None = None) -> nn.Module:
+    """A diffusers transformer of a known family from a model or pipeline directory (or, with a network, a hub
+    repo id): ``diffusers:<dir or repo>`` in a recipe's teacher.source. A pipeline's ``transformer/`` is used."""
+    import os
+
+    from diffusers import AutoModel
+
+    if subfolder is None and os.path.isdir(os.path.join(source, "transformer")):
+        subfolder = "transformer"
+    if subfolder is None and not os.path.isdir(source):
+        subfolder = "transformer"  # hub pipelines keep the transformer there
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    model = AutoModel.from_pretrained(source, **kwargs)
+    family_of(model)  # a clear error for a class no family handles
+    return model.eval()
+
+
 def model_call(model: nn.Module):
     """``fn(x, t, cond)`` calling ``model`` (or its DDP wrapper) the way its family needs: ditgraft's model-fn
     convention for the diffusion code."""
@@ -49,4 +69,5 @@ def model_call(model: nn.Module):
     return fn
 
 
-__all__ = ["Family", "ModelDims", "SlotAdapter", "family_names", "family_of", "get_family", "model_call"]
+__all__ = ["DIFFUSERS_PREFIX", "Family", "ModelDims", "SlotAdapter", "family_names", "family_of", "get_family",
+           "load_diffusers", "model_call"]
