@@ -208,3 +208,17 @@ def test_bench_family_pixart_prints_side_by_side(capsys):
         bench_family(blocks=2, heads=2, head_dim=8, tokens=60, repeats=1)
     with pytest.raises(ValueError, match="layers"):
         bench_family(blocks=2, heads=2, head_dim=8, tokens=16, layers=[2], repeats=1)
+
+
+def test_slot_adapter_sees_the_call_grid_of_any_aspect_ratio():
+    """A grafted PixArt runs at a non-square latent: its operators get the call's patch grid (H/p, W/p)."""
+    model = tiny_pixart(depth=2)
+    grafts = [ResolvedGraft("attn", 0, "local2d")]
+    student = graft_model(model, grafts, 0)
+    seen = []
+    op = get_slot(student, 0, "attn")
+    op.register_forward_pre_hook(lambda m, a, k: seen.append(k["grid"]), with_kwargs=True)
+    fam = family_of(student)
+    with torch.no_grad():
+        out = fam.forward(student, torch.randn(1, 4, 8, 12), torch.tensor([10]), captions(1, 0))
+    assert out.shape == (1, 8, 8, 12) and seen == [(4, 6)]

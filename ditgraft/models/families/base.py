@@ -68,7 +68,8 @@ class SlotAdapter(nn.Module):
     """Lets an operator ``op(x, grid)`` sit where the family calls ``slot(hidden_states, *args, **kwargs)``.
 
     Extra arguments (``encoder_hidden_states=None``, ``attention_mask=None``, processor kwargs) are those of a
-    self-attention call and carry nothing the operator needs. The grid is the build-time grid when the token count
+    self-attention call and carry nothing the operator needs. The grid is the patch grid of the current model call
+    (``call_grid``, set by the family's pre-hook on the model), else the build-time grid when the token count
     matches it, else the square grid of N tokens.
     """
 
@@ -76,10 +77,12 @@ class SlotAdapter(nn.Module):
         super().__init__()
         self.op = op
         self.grid = tuple(grid)
+        self.call_grid: tuple[int, int] | None = None  # the patch grid of the current model call, when known
 
     def grid_for(self, n: int) -> tuple[int, int]:
-        if n == self.grid[0] * self.grid[1]:
-            return self.grid
+        for grid in (self.call_grid, self.grid):
+            if grid is not None and n == grid[0] * grid[1]:
+                return grid
         side = int(round(n ** 0.5))
         if side * side != n:
             raise ValueError(f"a grafted slot got {n} tokens: neither the model's grid {self.grid} nor a square grid")

@@ -11,6 +11,18 @@ from ditgraft.models.families.base import Family, ModelDims, SlotAdapter, unwrap
 SLOT_ATTRS = {"attn": "attn1", "mlp": "ff"}
 
 
+def _set_call_grid(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: tell every slot adapter the patch grid of this call (any aspect ratio)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if x is None or x.ndim != 4:
+        return
+    p = model.config.patch_size
+    grid = (x.shape[-2] // p, x.shape[-1] // p)
+    for m in model.modules():
+        if isinstance(m, SlotAdapter):
+            m.call_grid = grid
+
+
 class DiffusersFamily(Family):
     cls_name: str = ""  # the diffusers class this family handles
 
@@ -45,6 +57,9 @@ class DiffusersFamily(Family):
         return SLOT_ATTRS[slot]
 
     def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
+        if not getattr(model, "_ditgraft_grid_hook", False):
+            model.register_forward_pre_hook(_set_call_grid, with_kwargs=True)
+            model._ditgraft_grid_hook = True
         return SlotAdapter(op, self.dims(model).grid)
 
     def config(self, model: nn.Module) -> dict:
