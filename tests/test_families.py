@@ -222,3 +222,17 @@ def test_slot_adapter_sees_the_call_grid_of_any_aspect_ratio():
     with torch.no_grad():
         out = fam.forward(student, torch.randn(1, 4, 8, 12), torch.tensor([10]), captions(1, 0))
     assert out.shape == (1, 8, 8, 12) and seen == [(4, 6)]
+
+
+def test_pixart_alpha_micro_conditions_come_from_the_sample_size():
+    """PixArt-Alpha-style models (use_additional_conditions) get resolution and aspect ratio from x's shape."""
+    model = diffusers.PixArtTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=1, num_attention_heads=2,
+        attention_head_dim=12, caption_channels=CAPTION_DIM, cross_attention_dim=24, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, use_additional_conditions=True).eval()  # width divisible by 3 (diffusers)
+    fam = family_of(model)
+    x = latents(2, 0)
+    kw = fam.added_cond_kwargs(model, x)
+    assert kw["resolution"].tolist() == [[64.0, 64.0]] * 2 and kw["aspect_ratio"].tolist() == [[1.0]] * 2
+    with torch.no_grad():
+        assert fam.forward(model, x, torch.tensor([1, 2]), captions(2, 0)).shape == (2, 8, 8, 8)
