@@ -236,3 +236,34 @@ def test_pixart_alpha_micro_conditions_come_from_the_sample_size():
     assert kw["resolution"].tolist() == [[64.0, 64.0]] * 2 and kw["aspect_ratio"].tolist() == [[1.0]] * 2
     with torch.no_grad():
         assert fam.forward(model, x, torch.tensor([1, 2]), captions(2, 0)).shape == (2, 8, 8, 8)
+
+
+@pytest.mark.parametrize("build", [tiny_pixart, tiny_diffusers_dit])
+def test_self_graft_from_teacher_weights_is_the_teacher(build):
+    """MHA / MLP built from the diffusers slots' weights (init: teacher) in every layer compute the teacher."""
+    teacher = build(depth=2)
+    fam = family_of(teacher)
+    grafts = [ResolvedGraft(s, i, op, init="teacher") for i in (0, 1) for s, op in (("attn", "mha"), ("mlp", "mlp"))]
+    student = graft_model(teacher, grafts, 0)
+    assert all(isinstance(b.attn1, SlotAdapter) and isinstance(b.ff, SlotAdapter) for b in student.transformer_blocks)
+    x, t = latents(2, 0), torch.tensor([3, 800])
+    cond = captions(2, 1) if fam.name == "pixart" else torch.tensor([7, 1000])
+    with torch.no_grad():
+        torch.testing.assert_close(fam.forward(student, x, t, cond), fam.forward(teacher, x, t, cond),
+                                   rtol=1e-4, atol=1e-5)
+        fresh = graft_model(teacher, [ResolvedGraft("attn", 0, "mha")], 0)
+        assert not torch.allclose(fam.forward(fresh, x, t, cond), fam.forward(teacher, x, t, cond), atol=1e-3)
+
+
+def test_pixart_stage1_streaming_uses_the_captions(tmp_path):
+    """cache: stream calls the teacher with each batch's own caption embeddings and masks."""
+    teacher = tiny_pixart(depth=2)
+    grafts = [ResolvedGraft("attn", 1, "mha")]
+    seen = []
+    teacher.transformer_blocks[1].attn2.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].shape), with_kwargs=True)
+    s1 = Stage1(samples=8, val_samples=4, steps=2, batch_size=4, eval_every=2, cache="stream", extract_batch_size=4)
+    res = run_stage1(teacher, grafts, s1, latents(8, 0), captions(8, 1), latents(4, 2), captions(4, 3),
+                     str(tmp_path), 0, "cpu", progress=False, log=lambda *_: None)
+    assert res["plan"]["mode"] == "stream" and res["operators"]["attn1"]["step"] == 2
+    assert seen == [(4, TOKENS, 16)] * 3  # one validation extraction + two streamed steps

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ditgraft.models.adapters import get_slot, model_dims, set_slot
+from ditgraft.models.adapters import model_dims, set_slot
 from ditgraft.models.checkpoints import read_metadata, save_safetensors
 from ditgraft.models.families import family_of, get_family
 from ditgraft.operators import build_operator
@@ -86,7 +86,8 @@ def make_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -
             torch.manual_seed(seed * 1000 + i)
             op = build_graft_operator(teacher, g)
             if g.init == "teacher":
-                op = init_from_teacher(op, get_slot(teacher, g.layer, g.slot), g.options)
+                op = init_from_teacher(op, family_of(teacher).teacher_operator(teacher, g.layer, g.slot),
+                                       g.options)
             ops[g.key] = op.to(device)
     finally:
         torch.random.set_rng_state(state)

@@ -148,6 +148,10 @@ class Family:
         self.check(model, layer, slot)
         setattr(self.slot_parent(model, layer), self.slot_attr(slot), self.adapt(model, module))
 
+    def teacher_operator(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
+        """The slot's current module as a ditgraft operator (what ``init: teacher`` copies from)."""
+        return self.get_slot(model, layer, slot)
+
     def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
         """The module that goes into a slot for operator ``op`` (the operator itself where the contracts agree)."""
         return op
