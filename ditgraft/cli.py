@@ -3,35 +3,100 @@
     ditgraft demo                      graft the shipped testbed teacher (50% attention -> Hyena-X), evaluate, report
     ditgraft graft RECIPE              run a recipe (stage 1 -> stage 2 -> eval -> report) in a run directory
     ditgraft pretrain                  train a DiT from scratch (how the testbed teacher was made)
-    ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz
+    ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz (latent models: --vae)
+    ditgraft encode IMAGE_DIR --vae V  SD-VAE latents of an image folder (the data file of latent recipes)
+    ditgraft import-release MODEL.pt CONFIG.yaml   a released grafted DiT-XL/2 as a ditgraft checkpoint
+    ditgraft export-diffusers MODEL    a plain DiT as a folder that diffusers' DiTPipeline loads
     ditgraft eval SAMPLES.npz|MODEL    FID/KID/precision/recall/accuracy (testbed) or Inception metrics
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
     ditgraft synth MODEL               synthetic training data from a teacher (samples + labels; or captions)
     ditgraft ops                       operator table: parameters and FLOPs at (dim, tokens)
-    ditgraft bench ops|model           side-by-side timings with FLOP-bound ratios
+    ditgraft bench ops|model|stage1    side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
+
+Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed) or a run directory in
+use; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept); 130 / 143 interrupted
+(Ctrl-C / SIGTERM: locks released, run the same command again to resume); 1 an unexpected error (a bug: the
+traceback is printed, please report it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import threading
+import traceback
 
 import torch
 
+BUG_REPORT = "ditgraft: this is a bug, not a problem with your input; please report it with the traceback above"
+
 
 def _device(args):
+    """The --device; under torchrun with CUDA each rank takes its own GPU (LOCAL_RANK)."""
     from ditgraft.utils import resolve_device
 
-    return resolve_device(getattr(args, "device", None))
+    device = resolve_device(getattr(args, "device", None))
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _load_model(source: str, device):
     from ditgraft.graft.surgery import load_any
+    from ditgraft.models.checkpoints import require_finite
 
     model, meta = load_any(source, map_location="cpu")
+    require_finite(model, source)
     return model.to(device).eval(), meta
+
+
+# argparse types: a bad option value is refused when parsed (exit 2, naming the option and what is allowed)
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
+
+
+def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False):
+    """A float type for argparse: finite, within [low, high] (open ends when asked)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+        lo_ok = low is None or (value > low if low_open else value >= low)
+        hi_ok = high is None or (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not lo_ok or not hi_ok:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            rule = " and ".join(p for p in (lo, hi) if p)
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number" + (f" {rule}" if rule else ""))
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def cmd_pretrain(args) -> None:
@@ -40,20 +105,31 @@ def cmd_pretrain(args) -> None:
 
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, seed=args.seed,
-                      decay_steps=args.decay_steps)
-    out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, _device(args))
-    print(f"pretrained model (EMA weights): {out}")
+                      decay_steps=args.decay_steps, precision=args.precision,
+                      grad_accum_steps=args.grad_accum_steps, activation_checkpointing=args.activation_checkpointing)
+    from ditgraft.distributed import is_main
+    from ditgraft.utils import ensure_writable
+
+    device = _device(args)
+    ensure_writable(args.run_dir, "--run-dir")
+    out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, device)
+    if is_main():
+        print(f"pretrained model (EMA weights): {out}")
 
 
 def cmd_graft(args) -> None:
+    from ditgraft.distributed import is_main
     from ditgraft.graft.pipeline import STAGES, run_graft
     from ditgraft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     run_dir = args.run_dir or os.path.join("runs", recipe.name)
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet)
-    _print_summary(run_dir)
+    main = is_main()  # under torchrun rank 0 alone prints (and writes)
+    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet and main,
+              log=print if main else lambda *_: None)
+    if main:
+        _print_summary(run_dir)
 
 
 def _print_summary(run_dir: str) -> None:
@@ -79,8 +155,26 @@ def cmd_demo(args) -> None:
 
 
 def cmd_recipes(args) -> None:
+    import yaml
+
     from ditgraft.recipe import bundled_recipes, load_recipe
 
+    if args.show:
+        from ditgraft.train.memory import format_stage2_memory
+
+        recipe = load_recipe(args.show)
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        t = recipe.teacher
+        name = "testbed" if t.source == "testbed" else t.model
+        if name is None:
+            print("# stage 2 memory: set teacher.model (a size name) to see the estimate")
+        elif recipe.stage2.enabled:
+            from ditgraft.models.dit import build_dit
+
+            with torch.device("meta"):  # the architecture alone: no memory, no weights
+                teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
+            print("# " + format_stage2_memory(teacher, recipe.stage2, args.gpus))
+        return
     for name in bundled_recipes():
         r = load_recipe(name)
         print(f"{name:32s} {r.description.splitlines()[0] if r.description else ''}")
@@ -88,80 +182,142 @@ def cmd_recipes(args) -> None:
 
 def cmd_sample(args) -> None:
     from ditgraft.diffusion.samplers import SamplingConfig
-    from ditgraft.eval.adm import save_samples_npz
-    from ditgraft.eval.sampling import generate, save_grid
-    from ditgraft.train.loop import dist_info
+    from ditgraft.utils import ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=args.clip)
-    if model.in_channels not in (1, 3):
-        raise ValueError(f"model has {model.in_channels} channels (latent space): decode with a VAE before saving "
-                         "images; ditgraft samples pixel-space models directly")
-    rank, world = dist_info()
-    images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
-                              rank=rank, world=world, progress=True)
-    os.makedirs(args.out, exist_ok=True)
-    if world > 1:
-        import torch.distributed as dist
+    latent = model.in_channels not in (1, 3)
+    clip = (not latent) if args.clip is None else args.clip  # DiT does not clip latents
+    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
+    decode = None
+    if latent:
+        if not args.vae:
+            raise ValueError(f"--vae is missing: the model has {model.in_channels} channels (latent space); name the "
+                             "VAE that decodes its samples (a folder or a hub id, e.g. stabilityai/sd-vae-ft-ema)")
+        from ditgraft.data.vae import latent_decoder, load_vae
 
-        save_samples_npz(os.path.join(args.out, f"part{rank}.npz"), images, labels)
-        dist.barrier()
-        if rank != 0:
-            return
-        images, labels = _merge_parts(args.out, world, args.batch_size)
+        decode = latent_decoder(load_vae(args.vae, device=device))
+    ensure_writable(args.out, "--out")
+    with run_lock(args.out, "ditgraft sample"):
+        _sample(args, model, cfg, device, decode)
+
+
+def _sample(args, model, cfg, device, decode) -> None:
+    from ditgraft.distributed import rank_world
+    from ditgraft.eval.adm import save_samples_npz
+    from ditgraft.eval.sampling import gather_samples, generate, save_grid, save_pngs
+
+    rank, world = rank_world()
+    images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
+                              rank=rank, world=world, decode=decode, progress=rank == 0)
+    gathered = gather_samples(args.out, images, labels, args.batch_size)
+    if gathered is None:  # not rank 0: rank 0 writes the files
+        return
+    images, labels = gathered
     path = save_samples_npz(os.path.join(args.out, "samples.npz"), images, labels)
     order = labels[:100].argsort(kind="stable")
     save_grid(os.path.join(args.out, "samples.png"), images[:100][order])
     print(f"{len(images)} samples: {path} and {os.path.join(args.out, 'samples.png')}")
+    if args.png_dir:
+        save_pngs(args.png_dir, images, labels)
+        print(f"{len(images)} PNGs in {args.png_dir}")
 
 
-def _merge_parts(out: str, world: int, batch_size: int):
-    """Rank r holds batches r, r+world, ...; put them back in batch order."""
-    import numpy as np
+def cmd_encode(args) -> None:
+    from ditgraft.data.vae import encode_folder, load_vae
+    from ditgraft.distributed import rank_world
 
-    from ditgraft.eval.adm import load_samples_npz
+    device = _device(args)
+    rank, world = rank_world()
+    vae = load_vae(args.vae, device=device)
+    out = encode_folder(args.image_dir, vae, args.out, image_size=args.image_size, flip=args.flip,
+                        batch_size=args.batch_size, seed=args.seed, per_class=args.per_class, rank=rank, world=world,
+                        progress=rank == 0)
+    if out:
+        print(f"latents: {out} (x {0.18215}; keys latents, labels, classes)")
 
-    parts = [load_samples_npz(os.path.join(out, f"part{r}.npz")) for r in range(world)]
-    imgs, labs = [], []
-    b = 0
-    while True:
-        r, k = b % world, b // world
-        im, lb = parts[r]
-        chunk = slice(k * batch_size, (k + 1) * batch_size)
-        if chunk.start >= len(im):
-            break
-        imgs.append(im[chunk])
-        labs.append(lb[chunk])
-        b += 1
-    for r in range(world):
-        os.remove(os.path.join(out, f"part{r}.npz"))
-    return np.concatenate(imgs), np.concatenate(labs)
+
+def cmd_import_release(args) -> None:
+    from ditgraft.models.release import import_release
+
+    out = import_release(args.model, args.config, args.out, num_heads=args.num_heads)
+    print(f"grafted checkpoint: {out}")
+
+
+def cmd_export_diffusers(args) -> None:
+    from ditgraft.models.diffusers_dit import export_diffusers
+
+    model, _ = _load_model(args.model, "cpu")
+    out = export_diffusers(model, args.out, vae=args.vae)
+    print(f"diffusers pipeline folder: {out}")
 
 
 def cmd_eval(args) -> None:
+    from ditgraft.distributed import is_main
     from ditgraft.eval.evaluate import evaluate_samples, protocol_for, real_data_floor, sample_and_evaluate
 
     if args.floor:
         result = real_data_floor()
     elif args.target.endswith(".npz"):
         result = evaluate_samples(args.target, features=args.features, reference=args.ref,
-                                  inception_weights=args.inception_weights)
+                                  inception_weights=args.inception_weights, device=_device(args))
     else:
+        from ditgraft.utils import ensure_writable, run_lock
+
         device = _device(args)
-        model, _ = _load_model(args.target, device)
-        out = args.out or os.path.join("runs", "eval", os.path.basename(args.target.rstrip("/")).split(".")[0])
         protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
-        result = sample_and_evaluate(model, out, protocol, device)
-        print(f"samples and metrics in {out}")
-    print(json.dumps(result, indent=2))
+        model, _ = _load_model(args.target, device)
+        if model.in_channels not in (1, 3):
+            raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
+                             "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
+        out = args.out or _eval_dir(args.target)
+        if args.seeds is not None or args.against is not None:
+            return _decision_eval(args, model, out, protocol, device)
+        ensure_writable(out, "--out")
+        with run_lock(out, "ditgraft eval"):
+            # under torchrun: seeds shared out, rank 0 writes
+            result = sample_and_evaluate(model, out, protocol, device)
+        if is_main():
+            print(f"samples and metrics in {out}")
+    if is_main():
+        print(json.dumps(result, indent=2))
+
+
+def _eval_dir(source: str) -> str:
+    return os.path.join("runs", "eval", os.path.basename(source.rstrip("/")).split(".")[0])
+
+
+def _decision_eval(args, model, out: str, protocol, device) -> None:
+    from ditgraft.eval.decision import DEFAULT_SEEDS, Targets, decision_eval, format_decision
+
+    seeds = DEFAULT_SEEDS if args.seeds is None else _int_list(args.seeds, "--seeds")
+    against = against_dir = None
+    if args.against is not None:
+        against, _ = _load_model(args.against, device)
+        against_dir = args.against_out or _eval_dir(args.against)
+    result = decision_eval(model, out, seeds, protocol, against, against_dir,
+                           targets=Targets(args.target_ratio, args.target_gap), resamples=args.resamples,
+                           device=device)
+    print(format_decision(result, os.path.basename(args.target), os.path.basename(args.against or "baseline")))
+    print(f"samples in {out}" + (f" and {against_dir}" if against_dir else "")
+          + f"; decision in {os.path.join(out, 'samples_decision.json')}")
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def cmd_analyze(args) -> None:
-    from ditgraft.eval.analysis import analyze_model, write_analysis_report
+    from ditgraft.analysis.locality import analyze_model, write_analysis_report
+
+    from ditgraft.utils import ensure_writable
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
+    ensure_writable(args.out, "--out")
     result = analyze_model(model, num_samples=args.num_samples, steps=args.steps, cfg_scale=args.cfg,
                            band_k=args.band_k, seed=args.seed, device=device, progress=True)
     files = write_analysis_report(result, args.out)
@@ -170,40 +326,43 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    import numpy as np
-
     if args.prompts:
         return _synth_captions(args)
 
-    from ditgraft.diffusion.samplers import SamplingConfig, sample
-    from ditgraft.eval.sampling import batch_labels
-    from ditgraft.utils import atomic_path
+    from ditgraft.diffusion.samplers import SamplingConfig
+    from ditgraft.utils import ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=args.clip)
-    h, w = model.grid[0] * model.patch_size, model.grid[1] * model.patch_size
-    xs, ys = [], []
-    for b in range((args.num_samples + args.batch_size - 1) // args.batch_size):
-        y = batch_labels(b, args.batch_size, args.num_samples, model.num_classes, device)
-        g = torch.Generator().manual_seed(args.seed * 100_003 + b)
-        xs.append(sample(model, y, (len(y), model.in_channels, h, w), cfg, generator=g).cpu().numpy())
-        ys.append(y.cpu().numpy())
+    clip = (model.in_channels in (1, 3)) if args.clip is None else args.clip
+    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, latents=np.concatenate(xs).astype(np.float32), labels=np.concatenate(ys))
+    ensure_writable(out, "--out", folder=False)
+    with run_lock(out, "ditgraft synth"):
+        _synth(args, model, cfg, device, out)
+
+
+def _synth(args, model, cfg, device, out: str) -> None:
+    from ditgraft.data.latents import save_latents
+    from ditgraft.eval.sampling import generate
+
+    latents, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size,
+                               device=device, raw=True)
+    save_latents(out, latents, labels)
     print(f"{args.num_samples} synthetic samples (model space, with labels): {out}; use it as `data:` in a recipe")
 
 
 def _synth_captions(args) -> None:
     from ditgraft.data.captions import load_t2i_pipeline, read_prompts, synth_captions
+    from ditgraft.utils import ensure_writable, run_lock
 
     prompts = read_prompts(args.prompts)
-    pipe = load_t2i_pipeline(args.model, _device(args))
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    synth_captions(pipe, prompts, out, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.cfg,
-                   batch_size=args.batch_size, seed=args.seed, max_sequence_length=args.max_tokens)
+    ensure_writable(out, "--out", folder=False)
+    with run_lock(out, "ditgraft synth"):
+        pipe = load_t2i_pipeline(args.model, _device(args))
+        synth_captions(pipe, prompts, out, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.cfg,
+                       batch_size=args.batch_size, seed=args.seed, max_sequence_length=args.max_tokens)
     print(f"synthetic image-caption pairs (latents + caption embeddings): {out}; use it as `data:` in a recipe")
 
 
@@ -215,7 +374,7 @@ def cmd_ops(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from ditgraft.bench.common import run_bench
+    from ditgraft.bench.cli import run_bench
 
     run_bench(args)
 
@@ -223,7 +382,7 @@ def cmd_bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ditgraft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
@@ -231,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         return s
 
-    s = add("demo", cmd_demo, "graft the shipped testbed teacher: 50% attention -> Hyena-X, both stages, report")
+    s = add("demo", cmd_demo, "graft the shipped testbed teacher: 50%% attention -> Hyena-X, both stages, report")
     s.add_argument("--run-dir", default=None, help="default runs/demo")
     s.add_argument("--device", default=None)
     s.add_argument("--quiet", action="store_true")
@@ -243,39 +402,72 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
 
-    add("recipes", cmd_recipes, "list bundled recipes")
+    s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
+                                    "expected stage-2 memory per GPU")
+    s.add_argument("--show", metavar="RECIPE", default=None, help="print this recipe (name or path), resolved")
+    s.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
     s.add_argument("--data", default="mnist5k", help="mnist5k, an image folder, or latents .npy/.npz")
     s.add_argument("--run-dir", default="runs/pretrain")
-    s.add_argument("--steps", type=int, default=4000)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=5e-4)
-    s.add_argument("--warmup", type=int, default=200)
-    s.add_argument("--decay-steps", type=int, default=0,
+    s.add_argument("--steps", type=positive_int, default=4000)
+    s.add_argument("--batch-size", type=positive_int, default=128)
+    s.add_argument("--lr", type=finite_float(0, low_open=True), default=5e-4)
+    s.add_argument("--warmup", type=nonneg_int, default=200)
+    s.add_argument("--decay-steps", type=nonneg_int, default=0,
                    help="decay the LR linearly to 0 over the last N steps (default 0: constant after warmup)")
-    s.add_argument("--ema", type=float, default=0.999)
-    s.add_argument("--grad-clip", type=float, default=1.0)
-    s.add_argument("--ckpt-every", type=int, default=250)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ema", type=finite_float(0, 1, high_open=True), default=0.999)
+    s.add_argument("--grad-clip", type=finite_float(0, low_open=True), default=1.0)
+    s.add_argument("--ckpt-every", type=positive_int, default=250)
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, CUDA only")
+    s.add_argument("--grad-accum-steps", type=positive_int, default=1, help="micro-batches per step (default 1)")
+    s.add_argument("--activation-checkpointing", action="store_true", help="recompute DiT blocks in backward")
 
     def sampling_args(s, num=100):
-        s.add_argument("--num-samples", type=int, default=num)
+        s.add_argument("--num-samples", type=positive_int, default=num)
         s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-        s.add_argument("--steps", type=int, default=25)
-        s.add_argument("--cfg", type=float, default=1.5)
-        s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                       help="clip predicted x0 to [-1, 1] (pixel models; use --no-clip for latents)")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--batch-size", type=int, default=100)
+        s.add_argument("--steps", type=positive_int, default=25)
+        s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
+        s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                       help="clip predicted x0 to [-1, 1] (default: on for pixel models, off for latents)")
+        s.add_argument("--seed", type=nonneg_int, default=0)
+        s.add_argument("--batch-size", type=positive_int, default=100)
         s.add_argument("--device", default="auto")
 
     s = add("sample", cmd_sample, "class-conditional samples: samples.png + samples.npz (ADM layout)")
     s.add_argument("model", help="testbed, a .safetensors/.pt file, hf://..., or a run directory")
     s.add_argument("--out", default="runs/samples")
+    s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
+    s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
     sampling_args(s)
+
+    s = add("encode", cmd_encode, "SD-VAE latents of an image folder (class subfolders -> labels)")
+    s.add_argument("image_dir", help="images: <dir>/<class>/<image> (ImageNet layout) or a flat folder")
+    s.add_argument("--vae", required=True, help="AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema")
+    s.add_argument("--out", required=True, help="the latents .npz to write")
+    s.add_argument("--image-size", type=positive_int, default=256, help="centre-crop size in pixels (default 256)")
+    s.add_argument("--flip", action="store_true", help="also store the horizontally flipped copy of each image")
+    s.add_argument("--per-class", type=positive_int, default=None,
+                   help="only the first N images of every class (file-name order), e.g. 130 = 10%% of ImageNet")
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of the posterior draws")
+    s.add_argument("--device", default="auto")
+
+    s = add("import-release", cmd_import_release,
+            "a released grafted DiT-XL/2 (model.pt + YAML) -> ditgraft checkpoint")
+    s.add_argument("model", help="the release's model.pt ({'ema': state_dict})")
+    s.add_argument("config", help="the release's YAML (operator: {type, name}, sample_config.graft_indexes)")
+    s.add_argument("--out", required=True, help="the grafted .safetensors to write")
+    s.add_argument("--num-heads", type=positive_int, default=None,
+                   help="attention heads (default: from sample_config.dit_model_name, e.g. 16 for DiT-XL/2)")
+
+    s = add("export-diffusers", cmd_export_diffusers, "a plain DiT as a diffusers DiTPipeline folder")
+    s.add_argument("model", help="a plain (ungrafted) DiT: testbed, .safetensors, .pt, or a diffusers folder")
+    s.add_argument("--out", required=True, help="the folder to write (transformer/, scheduler/, model_index.json)")
+    s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/")
 
     s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels, or "
                                  "image-caption pairs from a text-to-image pipeline with --prompts)")
@@ -293,54 +485,93 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or env DITGRAFT_INCEPTION_WEIGHTS)")
     s.add_argument("--floor", action="store_true", help="the real-data floor: validation digits vs training")
-    s.add_argument("--cfg", type=float, default=None, help="protocol cfg scale (default 1.5)")
-    s.add_argument("--num-samples", type=int, default=500)
-    s.add_argument("--seed", type=int, default=0, help="protocol seed (default 0); others show the sampling spread")
+    s.add_argument("--cfg", type=finite_float(1), default=None, help="protocol cfg scale (default 1.5)")
+    s.add_argument("--num-samples", type=positive_int, default=500)
+    s.add_argument("--seed", type=nonneg_int, default=0,
+                   help="protocol seed (default 0); others show the sampling spread")
     s.add_argument("--out", default=None)
     s.add_argument("--device", default="auto")
+    s.add_argument("--seeds", default=None,
+                   help="decision protocol: comma list of seeds pooled, e.g. 0,1,2 (default 0,1,2 with --against)")
+    s.add_argument("--against", default=None,
+                   help="decision protocol: baseline model sampled at the same seeds (e.g. testbed): FID ratio "
+                        "and accuracy gap with paired bootstrap intervals")
+    s.add_argument("--against-out", default=None, help="where the baseline's samples go (default runs/eval/NAME)")
+    s.add_argument("--target-ratio", type=float, default=1.25, help="verdict target for the FID ratio (<=)")
+    s.add_argument("--target-gap", type=float, default=0.02, help="verdict target for the accuracy gap (<=)")
+    s.add_argument("--resamples", type=int, default=500, help="bootstrap resamples (default 500)")
 
     s = add("analyze", cmd_analyze, "attention locality and activation statistics per layer")
     s.add_argument("model")
-    s.add_argument("--num-samples", type=int, default=250)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--cfg", type=float, default=1.5)
-    s.add_argument("--band-k", type=int, default=None, help="default N/8 (32 at N=256)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-samples", type=positive_int, default=250)
+    s.add_argument("--steps", type=positive_int, default=50)
+    s.add_argument("--cfg", type=finite_float(1), default=1.5)
+    s.add_argument("--band-k", type=positive_int, default=None, help="default N/8 (32 at N=256)")
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--out", default="runs/analysis")
     s.add_argument("--device", default="auto")
 
     s = add("ops", cmd_ops, "operator table: params and FLOPs per operator")
-    s.add_argument("--dim", type=int, default=1152)
-    s.add_argument("--tokens", type=int, default=256)
-    s.add_argument("--heads", type=int, default=16)
+    s.add_argument("--dim", type=positive_int, default=1152)
+    s.add_argument("--tokens", type=positive_int, default=256)
+    s.add_argument("--heads", type=positive_int, default=16)
 
-    s = add("bench", cmd_bench, "benchmarks: `bench ops` or `bench model`")
-    from ditgraft.bench.common import add_bench_arguments
+    s = add("bench", cmd_bench, "benchmarks: `bench ops`, `bench model` or `bench stage1`")
+    from ditgraft.bench.cli import add_bench_arguments
 
     add_bench_arguments(s)
     return p
 
 
 def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA, gloo on CPU."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA (each rank on GPU LOCAL_RANK, which
+    'cuda' then means), gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds like an error: locks are released, temporaries removed
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad option value (2, already printed with the allowed values)
+        return int(done.code or 0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _init_distributed()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+    from ditgraft.train.loop import TrainingDiverged
+
     try:
+        _init_distributed()
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except TrainingDiverged as err:
+        print(f"ditgraft {args.command}: error: {err}", file=sys.stderr)
+        return 3
+    except EXPECTED_ERRORS as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError) and err.filename is not None:
+            msg = f"{err.filename}: {err.strerror}"
         print(f"ditgraft {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ditgraft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
     return 0
 
 

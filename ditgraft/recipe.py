@@ -1,67 +1,79 @@
 """Recipes: one YAML file describes a grafting experiment (teacher, grafts, stage 1, stage 2, evaluation).
 
 Validated with pydantic; ``load_recipe`` turns every validation problem into one message per field that names the
-field, the value and what is allowed. Layer selectors are resolved against the teacher's depth (and an analysis
-result for the analysis-driven ones) by ``resolve_layers``.
+field, the value and what is allowed.
 
-Layer selectors (``layers:`` of a graft):
-- a list of block indices ``[1, 3, 5]``;
-- a Python slice string ``"1:8:2"`` (negative indices count from the end);
-- ``all``; ``interleave`` (with ``fraction`` 0.5 / 0.75 / 1.0: the paper's sets, e.g. 50% = odd blocks);
-- ``deepest``, ``most_local``, ``least_local`` (``fraction`` or ``count``; the last two read attention locality from
-  ``ditgraft analyze`` output, computed on the fly when absent);
-- ``auto``: rank layers by the stage-1 validation error of the candidate operator (relative MSE: val MSE divided
-  by the target's variance), measured by a short probe distillation on every layer; keep the ``count`` easiest.
-  With ``by: locality`` it is ``most_local``.
-Written as a string (``layers: interleave``) or a mapping (``layers: {select: interleave, fraction: 0.75}``).
+A graft's ``layers:`` is a list of block indices ``[1, 3, 5]``, a Python slice string ``"1:8:2"`` (negative indices
+count from the end) or a layer selector of ``ditgraft.graft.layers`` (``all``, ``interleave``, ``deepest``,
+``most_local``, ``least_local``, ``auto``, ...: the registry there lists them and their rules), written as a string
+(``layers: interleave``) or a mapping (``layers: {select: interleave, fraction: 0.75}``).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
+from ditgraft.graft.layers import selector_names
+from ditgraft.models.slots import SLOTS
 from ditgraft.operators import get_spec, operator_names
+from ditgraft.train.loop import LoopConfig
 
-SELECTORS = ("all", "interleave", "deepest", "most_local", "least_local", "auto")
 LOSSES = ("l1", "l2", "huber")
+DEFAULT_LOSS = {"attn": "l1", "mlp": "l2"}  # the paper's stage-1 regression loss per slot
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf / .nan are refused by name
 
 
 class LayerSelector(Strict):
-    select: Literal["all", "interleave", "deepest", "most_local", "least_local", "auto"]
+    select: str
     fraction: float | None = Field(default=None, gt=0, le=1)
     count: int | None = Field(default=None, ge=1)
     by: Literal["stage1_loss", "locality"] = "stage1_loss"
-    probe_steps: int = Field(default=100, ge=1)
+    probe_steps: int = Field(default=100, ge=1)  # the probe distillation of selectors that need probe losses
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v):
+        if v not in selector_names():
+            raise ValueError(f"{v!r} is not a selector; allowed: {', '.join(selector_names())}")
+        return v
 
 
 def _parse_layers(value: Any) -> Any:
     if isinstance(value, str):
         v = value.strip()
-        if v in SELECTORS:
+        if v in selector_names():
             return LayerSelector(select=v)
         if ":" in v:
             parts = v.split(":")
             if len(parts) > 3 or not all(p.strip().lstrip("-").isdigit() or p.strip() == "" for p in parts):
                 raise ValueError(f"slice {value!r} is not a Python slice like '1:8:2'")
             return v
-        raise ValueError(f"{value!r} is not a selector; use a list of indices, a slice 'a:b:c' or one of {SELECTORS}")
+        raise ValueError(f"{value!r} is not a selector; use a list of indices, a slice 'a:b:c' or one of {selector_names()}")
     return value
 
 
 class Graft(Strict):
-    slot: Literal["attn", "mlp"]
+    slot: str
     layers: Union[list[int], str, LayerSelector]
     operator: str
     options: dict[str, Any] = Field(default_factory=dict)
-    loss: Literal["l1", "l2", "huber"] | None = None  # default: l1 for attn, l2 for mlp (the paper's rule)
+    loss: Literal[LOSSES] | None = None  # default: DEFAULT_LOSS[slot] (the paper's rule)
     huber_delta: float = Field(default=1.0, gt=0)
     init: Literal["random", "teacher"] = "random"
+
+    @field_validator("slot")
+    @classmethod
+    def _slot(cls, v):
+        if v not in SLOTS:
+            raise ValueError(f"{v!r} is not a slot; allowed: {', '.join(SLOTS)}")
+        return v
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -82,7 +94,7 @@ class Graft(Strict):
         if spec.slot != self.slot:
             raise ValueError(f"operator {self.operator!r} replaces '{spec.slot}' slots, not slot={self.slot!r}")
         if self.loss is None:
-            self.loss = "l1" if self.slot == "attn" else "l2"
+            self.loss = DEFAULT_LOSS[self.slot]
         return self
 
 
@@ -93,9 +105,76 @@ class Teacher(Strict):
     image_size: int | None = None  # for official .pt files (latent = image / 8)
 
 
+LATENT_SUFFIXES = (".npy", ".npz")
+DATA_OPTIONS = {"mnist5k": ("split",), "images": ("path", "image_size", "channels"),
+                "latents": ("path", "scale", "labels")}  # the options each data source takes
+
+
+class Data(Strict):
+    """A stage's training data, with the options its loader needs. In a recipe either a mapping:
+        {source: mnist5k}                          the testbed digits (its fixed train / validation split)
+        {source: mnist5k, split: all}              one part of them (train | val | all), the last rows held out
+        {source: images, path: DIR, image_size: 32, channels: 3}     an image folder (data/images.py)
+        {source: latents, path: F.npz, scale: 0.18215, labels: L.npy}  precomputed latents (data/latents.py)
+    or a string: ``mnist5k``, ``mnist5k:all`` or the path of a .npy / .npz latents file (also ``ditgraft synth``
+    output). ``scale`` multiplies latents stored unscaled; ``labels`` is a labels .npy for a .npy latents file."""
+
+    source: Literal["mnist5k", "images", "latents"] = "mnist5k"
+    split: Literal["train", "val", "all"] | None = None
+    path: str | None = None
+    image_size: int | None = Field(default=None, ge=1)
+    channels: Literal[1, 3] = 3
+    scale: float | None = Field(default=None, gt=0)
+    labels: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, v):
+        if not isinstance(v, str):
+            return v
+        if v == "mnist5k" or v.startswith("mnist5k:"):
+            split = v.partition(":")[2]
+            return {"source": "mnist5k", **({"split": split} if split else {})}
+        if v.lower().endswith(LATENT_SUFFIXES):
+            return {"source": "latents", "path": v}
+        raise ValueError(f"{v!r} is not a data source; use 'mnist5k', the path of a .npy/.npz latents file, or a "
+                         "mapping such as {source: images, path: DIR, image_size: 32}")
+
+    @model_validator(mode="after")
+    def _options_fit_source(self):
+        allowed = set(DATA_OPTIONS[self.source])
+        given = {k for k in self.model_fields_set if k != "source"}
+        if given - allowed:
+            raise ValueError(f"source={self.source!r} takes no {', '.join(sorted(given - allowed))}; its options: "
+                             f"{', '.join(sorted(allowed))}")
+        if self.source != "mnist5k" and not self.path:
+            raise ValueError(f"source={self.source!r} needs path")
+        if self.source == "images" and self.image_size is None:
+            raise ValueError("source='images' needs image_size (pixels per side, e.g. 256)")
+        if self.source == "latents" and not self.path.lower().endswith(LATENT_SUFFIXES):
+            raise ValueError(f"path={self.path!r}: latents are a .npy or .npz file")
+        return self
+
+    def text(self) -> str | None:
+        """The string form of this data when it has one (what the recipe's string spelling parses to)."""
+        if self.source == "mnist5k":
+            return "mnist5k" + (f":{self.split}" if self.split else "")
+        if self.source == "latents" and self.scale is None and self.labels is None:
+            return self.path
+        return None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        text = self.text()
+        if text is not None:
+            return text
+        values = handler(self)
+        return {"source": self.source, **{k: values[k] for k in DATA_OPTIONS[self.source] if values[k] is not None}}
+
+
 class Stage1(Strict):
     enabled: bool = True
-    data: str = "mnist5k"  # dataset spec (mnist5k, an image folder, latents .npy/.npz) or a synth .npz
+    data: Data = Field(default_factory=Data)  # also the source of the validation samples
     samples: int = Field(default=2000, ge=1)
     val_samples: int = Field(default=256, ge=1)
     steps: int = Field(default=300, ge=1)  # per operator
@@ -110,6 +189,17 @@ class Stage1(Strict):
     ram_budget_gb: float = Field(default=4.0, gt=0)
     cache_dtype: Literal["float32", "float16"] = "float32"
     extract_batch_size: int = Field(default=100, ge=1)
+    # scale settings of the shared loop: bf16 autocast (CUDA only), micro-batches per rank and step
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)
+
+    def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:
+        """The training loop's settings for stage 1 (validation and the best-operator check every eval_every)."""
+        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                          warmup_steps=self.warmup_steps, schedule=self.schedule, ema_decay=None,
+                          grad_clip=self.grad_clip, ckpt_every=self.eval_every,
+                          log_every=max(1, self.eval_every // 5), seed=seed, progress=progress,
+                          precision=self.precision, grad_accum_steps=self.grad_accum_steps)
 
 
 class Lora(Strict):
@@ -124,7 +214,7 @@ class Lora(Strict):
 
 class Stage2(Strict):
     enabled: bool = True
-    data: str = "mnist5k"
+    data: Data = Field(default_factory=Data)
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-4, gt=0)
@@ -134,6 +224,13 @@ class Stage2(Strict):
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     grad_clip: float | None = Field(default=10.0, gt=0)
     ckpt_every: int = Field(default=50, ge=1)
+    # scale settings of the shared loop: bf16 autocast (CUDA only), micro-batches per rank and step, and
+    # recomputing each DiT block in backward instead of storing its activations
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)
+    activation_checkpointing: bool = False
+    # output distillation: + distill_weight * MSE(student output, teacher output) on the same noised input
+    distill_weight: float = Field(default=0.0, ge=0)
     lora: Lora | None = None  # None: finetune all parameters
 
     @model_validator(mode="after")
@@ -142,6 +239,15 @@ class Stage2(Strict):
         if self.decay_steps > room:
             raise ValueError(f"decay_steps = {self.decay_steps} must be in [0, steps - warmup_steps] = [0, {room}]")
         return self
+
+    def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:
+        """The training loop's settings for stage 2 (constant LR after the warmup, then the optional linear decay)."""
+        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                          warmup_steps=self.warmup_steps, decay_steps=self.decay_steps, ema_decay=self.ema_decay,
+                          grad_clip=self.grad_clip, ckpt_every=self.ckpt_every,
+                          log_every=max(1, min(10, self.steps // 20)), seed=seed, progress=progress,
+                          precision=self.precision, grad_accum_steps=self.grad_accum_steps,
+                          activation_checkpointing=self.activation_checkpointing)
 
 
 class Evaluation(Strict):
@@ -152,6 +258,31 @@ class Evaluation(Strict):
     cfg_scale: float = Field(default=1.5, ge=1)
     seed: int = 0
     baselines: list[Literal["teacher", "random_init"]] = Field(default_factory=lambda: ["teacher"])
+    vae: str | None = None  # latent models: AutoencoderKL folder or hub id that decodes the samples
+    features: Literal["testbed", "inception"] = "testbed"
+    reference: str | None = None  # inception features: the ADM reference batch .npz
+    inception_weights: str | None = None  # default: $DITGRAFT_INCEPTION_WEIGHTS or the torch hub cache
+
+    # decision: also sample every seed in ``seeds`` (the quick protocol's seed included), pool them, and compare
+    # the student with the teacher (and the random-init baseline with the student) by paired bootstrap intervals
+    protocol: Literal["quick", "decision"] = "quick"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    target_ratio: float | None = Field(default=1.25, gt=0)  # FID ratio student / teacher, at most
+    target_gap: float | None = Field(default=0.02, ge=0)  # class accuracy gap teacher - student, at most
+    resamples: int = Field(default=500, ge=10)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _reference_given(self):
+        if self.features == "inception" and self.reference is None:
+            raise ValueError("features = 'inception' needs reference: PATH (an ADM reference batch .npz)")
+        return self
 
 
 class Recipe(Strict):
@@ -184,68 +315,85 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
     if not isinstance(data, dict):
         raise ValueError(f"invalid recipe {source}: the top level must be a mapping, got {type(data).__name__}")
+    data = resolve_bases(data, None, source) if "base" in data else data
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise ValueError(_format_errors(err, source)) from None
 
 
-def load_recipe(path: str) -> Recipe:
-    import os
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
-    if not os.path.exists(path):
-        bundled = os.path.join(os.path.dirname(__file__), "recipes", path if path.endswith(".yaml") else path + ".yaml")
-        if os.path.exists(bundled):
-            path = bundled
-        else:
-            raise FileNotFoundError(f"recipe={path!r}: no such file (nor a bundled recipe of that name; "
-                                    f"see `ditgraft recipes`)")
+
+def find_recipe(name: str, folder: str | None = None) -> str:
+    """The file of a recipe ``name``: a path (relative to ``folder``, then to the working directory) or the name of
+    a bundled recipe."""
+    candidates = ([os.path.join(folder, name)] if folder else []) + [
+        name, os.path.join(RECIPES_DIR, name if name.endswith(".yaml") else name + ".yaml")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"recipe={name!r}: no such file (nor a bundled recipe of that name; see `ditgraft recipes`)")
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` updated by ``overrides``: mappings merge key by key (recursively), anything else (lists included)
+    is replaced. Neither argument is changed."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: str) -> dict:
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ValueError(f"invalid recipe {path}: not valid YAML ({err})") from None
-    return parse_recipe(data, path)
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid recipe {path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def resolve_bases(data: dict, folder: str | None = None, source: str = "<dict>", _chain: tuple = ()) -> dict:
+    """A recipe mapping with its ``base:`` chain applied: the base recipe (a bundled name or a path, relative to
+    ``folder`` first), itself resolved, deep-merged with this recipe's fields. ``abstract`` (the mark of a base
+    that is not runnable alone) is not inherited."""
+    if "base" not in data:
+        return data
+    name = data["base"]
+    if not isinstance(name, str):
+        raise ValueError(f"invalid recipe {source}:\n  - base = {name!r}: must be a recipe name or path")
+    try:
+        path = find_recipe(name, folder)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"recipe {source}: base = {name!r}: {err}") from None
+    key = os.path.realpath(path)
+    if key in _chain:
+        raise ValueError(f"invalid recipe {source}:\n  - base = {name!r}: recipes inherit from each other in a cycle")
+    base = resolve_bases(_read_yaml(path), os.path.dirname(path), path, _chain + (key,))
+    base.pop("abstract", None)
+    return deep_merge(base, {k: v for k, v in data.items() if k != "base"})
+
+
+def resolved_recipe_dict(path: str) -> dict:
+    """The recipe file ``path`` (or bundled name) as one mapping, its bases merged in, before validation."""
+    path = find_recipe(path)
+    return resolve_bases(_read_yaml(path), os.path.dirname(path), path, (os.path.realpath(path),))
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read, resolve (``base:``) and validate a recipe file or bundled recipe name."""
+    file = find_recipe(path)
+    data = resolved_recipe_dict(file)
+    if data.get("abstract"):
+        raise ValueError(f"recipe {file} is a base recipe (abstract: true), not runnable alone; name it as "
+                         "`base:` in a recipe that adds the rest")
+    return parse_recipe(data, file)
 
 
 def bundled_recipes() -> list[str]:
-    import os
-
-    folder = os.path.join(os.path.dirname(__file__), "recipes")
-    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
-
-
-def parse_slice(text: str, depth: int) -> list[int]:
-    parts = [int(p) if p.strip() else None for p in text.split(":")]
-    return list(range(depth))[slice(*parts)]
-
-
-def resolve_layers(selector, depth: int, analysis: dict | str | None = None,
-                   probe_losses: dict[int, float] | None = None) -> list[int]:
-    """Concrete sorted block indices for a graft's ``layers`` against a model of ``depth`` blocks."""
-    from ditgraft.eval.layer_select import layer_count, select_layers
-
-    if isinstance(selector, list):
-        bad = [i for i in selector if not -depth <= i < depth]
-        if bad:
-            raise ValueError(f"layers={selector}: indices {bad} are out of range for depth {depth} (0..{depth - 1})")
-        out = sorted({i % depth for i in selector})
-    elif isinstance(selector, str):
-        out = parse_slice(selector, depth)
-    elif selector.select == "auto":
-        count = layer_count(depth, selector.fraction if selector.fraction is not None else 0.5, selector.count)
-        if selector.by == "locality":
-            return select_layers("most_local", depth, analysis=analysis, count=count)
-        if probe_losses is None:
-            raise ValueError("layers: auto (by stage1_loss) needs the probe losses; run it through the graft pipeline")
-        ranked = sorted(range(depth), key=lambda i: (probe_losses[i], i))
-        out = sorted(ranked[:count])
-    else:
-        fraction = selector.fraction
-        if selector.select == "interleave" and fraction is None and selector.count is None:
-            fraction = 0.5
-        out = select_layers(selector.select, depth, analysis=analysis,
-                            fraction=fraction if fraction is not None else 0.5, count=selector.count)
-    if not out:
-        raise ValueError(f"layers={selector!r} selects no block of a depth-{depth} model")
-    return out
+    """The runnable bundled recipes (base recipes marked ``abstract: true`` are left out)."""
+    names = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
+    return [n for n in names if not _read_yaml(os.path.join(RECIPES_DIR, n + ".yaml")).get("abstract")]

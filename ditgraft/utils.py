@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 
@@ -19,10 +20,21 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        pause_inside_write()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def pause_inside_write() -> None:
+    """Kill tests (scripts/killtest.py): ``DITGRAFT_TEST_WRITE_PAUSE=seconds`` sleeps after a file or checkpoint
+    is written and before it is renamed into place, so a SIGKILL can land inside the write."""
+    pause = float(os.environ.get("DITGRAFT_TEST_WRITE_PAUSE", "0") or 0)
+    if pause > 0:
+        import time
+
+        time.sleep(pause)
 
 
 def _umask() -> int:
@@ -51,6 +63,142 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r}: MPS is not available on this machine; use 'cpu' or 'auto'")
+    return dev
+
+
+_ORPHAN_DIR = re.compile(r"step_\d{7}(\.del)?\.tmp$")  # the training loop's checkpoint temporaries
+_ORPHAN_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_path's mkstemp names: .NAME.XXXXXXXX.tmp
+
+
+def remove_orphan_temporaries(folder: str, depth: int = 4) -> list[str]:
+    """Delete what a killed writer left in ``folder`` (down to ``depth`` levels): checkpoint temporaries
+    (``step_NNNNNNN.tmp``) and ``atomic_path`` temporaries (``.NAME.XXXXXXXX.tmp``); nothing else matches. Call
+    it only while holding the folder (its run lock, or as its only writer). Returns the removed paths."""
+    import shutil
+
+    removed = []
+    top = os.path.abspath(folder).rstrip(os.sep).count(os.sep)
+    for root, dirs, files in os.walk(folder):
+        if os.path.abspath(root).count(os.sep) - top >= depth:
+            dirs[:] = []
+        for d in list(dirs):
+            if _ORPHAN_DIR.match(d):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+                removed.append(os.path.join(root, d))
+                dirs.remove(d)
+        for f in files:
+            if _ORPHAN_FILE.match(f):
+                os.remove(os.path.join(root, f))
+                removed.append(os.path.join(root, f))
+    return removed
+
+
+def ensure_writable(path: str, what: str, folder: bool = True) -> None:
+    """Fail early (ValueError naming ``what`` and ``path``) when ``path`` (a folder, or a file's folder when
+    ``folder`` is False) cannot be created or written, before any long work starts."""
+    target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a folder; a file path is expected here")
+    try:
+        os.makedirs(target, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".ditgraft-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{what}={path!r} is not writable ({err.strerror or err}); "
+                         "choose a folder you can write to") from None
+
+
+class RunLocked(ValueError):
+    """Another live process holds the run lock of this output."""
+
+
+def _lock_path(target: str) -> str:
+    if os.path.isdir(target) or not os.path.splitext(target)[1]:
+        return os.path.join(target, ".ditgraft.lock")
+    return os.path.join(os.path.dirname(os.path.abspath(target)), "." + os.path.basename(target) + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(target: str, command: str = "ditgraft", log=None):
+    """Hold ``target`` (a run/output folder, or an output file) for the life of the block.
+
+    The lock file (``FOLDER/.ditgraft.lock``, or ``.NAME.lock`` beside an output file) records pid, host and
+    command; it is removed on any exit of the block. A lock left by a dead process of this host is reported and
+    taken over; a live holder (or one on another host, which cannot be checked) makes this raise ``RunLocked``
+    before anything is written. Under torchrun only rank 0 takes the lock. After taking it, orphan temporaries of
+    a killed earlier writer are removed from a locked folder.
+    """
+    import socket
+    import sys
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        yield
+        return
+    path = _lock_path(target)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    host = socket.gethostname()
+    mine = {"pid": os.getpid(), "host": host, "command": command}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = read_json(path)
+            except (OSError, ValueError):
+                holder = {}  # being written right now, or torn by a kill mid-write
+            pid, their_host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and their_host == host and not _pid_alive(pid):
+                (log or (lambda m: print(m, file=sys.stderr)))(
+                    f"{target}: taking over a stale lock of {holder.get('command', '?')} (pid {pid} on {host} "
+                    "is no longer running)")
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            who = (f"pid {pid} on host {their_host} ({holder.get('command', '?')})" if pid is not None
+                   else f"an unknown process (lock file {path})")
+            raise RunLocked(f"{target} is in use by {who}; wait for it to finish or use another output. "
+                            f"If that process is gone, delete {path}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        break
+    try:
+        if path == os.path.join(target, ".ditgraft.lock"):
+            remove_orphan_temporaries(target)
+        else:  # an output file: only its own atomic_path temporaries
+            folder, name = os.path.split(os.path.abspath(target))
+            own = re.compile(re.escape("." + name) + r"\.[A-Za-z0-9_]{8}\.tmp$")
+            for f in os.listdir(folder):
+                if own.match(f):
+                    os.remove(os.path.join(folder, f))
+        yield
+    finally:
+        try:
+            if read_json(path).get("pid") == os.getpid():
+                os.remove(path)
+        except (OSError, ValueError):
+            pass

@@ -1,7 +1,7 @@
-"""Attention locality / activation statistics (ditgraft.eval.analysis) and layer selectors (ditgraft.eval.layer_select).
+"""Attention locality / activation statistics (ditgraft.analysis.locality); the locality selectors read its analysis.json.
 
 Hand-built attention patterns with analytic answers, the chunked accumulator against the plain reference, running
-moments against numpy on the concatenated data, the full protocol on a tiny random DiT, and the paper's layer sets.
+moments against numpy on the concatenated data and the full protocol on a tiny random DiT.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import scipy.stats
 import torch
 from torch import nn
 
-from ditgraft.eval.analysis import (
+from ditgraft.analysis.locality import (
     ActivationAccumulator, AttentionAccumulator, RunningMoments, analyze_model, attention_statistics, curve_ks,
     default_band_k, default_window_k, local_layers, write_analysis_report,
 )
-from ditgraft.eval.layer_select import SELECTORS, interleave, select_layers
+from ditgraft.graft.layers import select_layers
 from ditgraft.models.dit import build_dit
 from ditgraft.operators.attention import MHA
 
@@ -271,61 +271,3 @@ def test_analyze_both_branches_and_errors():
     with pytest.raises(RuntimeError, match="boom"):
         analyze_model(model, num_samples=1, steps=2)
     assert not model.blocks[0].attn._forward_hooks and not model.blocks[0].mlp._forward_hooks
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Layer selectors
-# ----------------------------------------------------------------------------------------------------------------------
-def test_interleave_matches_the_paper():
-    assert select_layers("interleave", 28, fraction=0.5) == list(range(1, 28, 2))
-    assert select_layers("interleave", 28, fraction=0.75) == [i for i in range(28) if i % 4]
-    assert select_layers("interleave", 28, fraction=1.0) == list(range(28))
-    assert select_layers("interleave", 8, fraction=0.5) == [1, 3, 5, 7]
-    assert select_layers("interleave", 8, fraction=0.75) == [1, 2, 3, 5, 6, 7]
-    assert select_layers("interleave", 8, count=2) == [3, 7]
-    assert select_layers("interleave", 7, fraction=0.5) == [1, 3, 5, 6]  # round(3.5) = 4
-    for depth in range(1, 30):
-        for n in range(1, depth + 1):
-            got = interleave(depth, n)
-            assert len(got) == n and got == sorted(set(got)) and all(0 <= i < depth for i in got)
-
-
-def test_simple_selectors():
-    assert select_layers("all", 8) == list(range(8))
-    assert select_layers("deepest", 28, fraction=0.5) == list(range(14, 28))
-    assert select_layers("deepest", 8, count=3) == [5, 6, 7]
-
-
-def fake_analysis(values):
-    return {"layers": [{"layer": i, "attention": None if v is None else {"band_locality_mean": v}}
-                       for i, v in enumerate(values)]}
-
-
-def test_locality_selectors():
-    analysis = fake_analysis([0.9, 0.2, 0.5, 0.7, 0.5, 0.1, 0.8, 0.3])
-    assert select_layers("most_local", 8, analysis=analysis, count=3) == [0, 3, 6]
-    assert select_layers("least_local", 8, analysis=analysis, count=3) == [1, 5, 7]
-    assert select_layers("most_local", 8, analysis=analysis) == [0, 2, 3, 6]  # tie 0.5 (layers 2, 4): lower index
-    assert select_layers("least_local", 8, analysis=analysis, count=4) == [1, 2, 5, 7]
-    skipped = fake_analysis([0.9, None, 0.1, 0.5])
-    assert select_layers("least_local", 4, analysis=skipped, count=2) == [2, 3]
-    with pytest.raises(ValueError, match="only 3 of 4"):
-        select_layers("most_local", 4, analysis=skipped, count=4)
-
-
-def test_selector_errors():
-    with pytest.raises(ValueError, match=r"selector='odd' is not allowed.*interleave"):
-        select_layers("odd", 8)
-    assert "most_local" in SELECTORS
-    with pytest.raises(ValueError, match="needs analysis"):
-        select_layers("most_local", 8)
-    with pytest.raises(ValueError, match="analysis has 3 layers but depth=8"):
-        select_layers("least_local", 8, analysis=fake_analysis([0.1, 0.2, 0.3]))
-    with pytest.raises(ValueError, match="fraction"):
-        select_layers("interleave", 8, fraction=1.5)
-    with pytest.raises(ValueError, match="count"):
-        select_layers("deepest", 8, count=9)
-    with pytest.raises(ValueError, match="selects no layer"):
-        select_layers("interleave", 8, fraction=0.01)
-    with pytest.raises(ValueError, match="depth"):
-        select_layers("all", 0)

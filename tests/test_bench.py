@@ -8,8 +8,9 @@ import torch
 
 import ditgraft.bench.model as bmodel
 import ditgraft.bench.ops as bops
-from ditgraft.bench.common import (add_bench_arguments, format_table, grid_for_tokens, parse_options,
-                                   resolve_device_dtype, round_robin, run_bench)
+import ditgraft.bench.stage1 as bstage1
+from ditgraft.bench.cli import add_bench_arguments, parse_options, run_bench
+from ditgraft.bench.common import format_table, grid_for_tokens, resolve_device_dtype, round_robin
 from ditgraft.operators import operator_flops
 from ditgraft.operators.attention import MHA
 from ditgraft.operators.hyena import HyenaX
@@ -189,6 +190,37 @@ def test_bench_model_rows(monkeypatch):
     assert "candidate ms" in format_table(res["rows"])
 
 
+def test_bench_model_backward_rows(monkeypatch):
+    monkeypatch.setattr(bmodel, "count_flops", _fake_count)
+    torch.manual_seed(0)
+    fwd = bmodel.bench_model(32, 2, 2, (16,), "hyena_x", repeats=1, warmup=0)["rows"][0]
+    res = bmodel.bench_model(32, 2, 2, (16,), "hyena_x", repeats=1, warmup=0, backward=True, profile=True)
+    row = res["rows"][0]
+    assert res["config"]["mode"] == row["mode"] == "fwd+bwd" and fwd["mode"] == "fwd"
+    assert row["teacher_gflops"] == pytest.approx(3 * fwd["teacher_gflops"])
+    assert row["candidate_gflops"] == pytest.approx(3 * fwd["candidate_gflops"])
+    assert row["flop_speedup"] == pytest.approx(fwd["flop_speedup"])
+    assert res["profile"]["16"]["candidate"]["top"] and res["profile"]["16"]["teacher"]["top"]
+
+
+def test_ops_profile_rows():
+    rows = bops.bench_ops(32, 16, 2, ["hyena_x"], repeats=1, warmup=0, backward=True, profile=True)
+    for r in rows:
+        assert r["profile"]["top"] and "aten::" in r["profile"]["table"]
+
+
+def test_bench_stage1_rows_and_overhead():
+    """A real stage-1 step on a tiny DiT: every grafted operator is timed alone, overhead = step / parts - 1."""
+    times = iter(range(1000))
+    res = bstage1.bench_stage1(32, 2, 4, (16,), "hyena_x", repeats=2, warmup=0, clock=lambda: next(times) * 0.001)
+    row = res["rows"][0]
+    assert res["config"]["replaced"] == [1, 3] and set(row["operators_ms"]) == {"attn1", "attn3"}
+    assert row["parts_ms"] == pytest.approx(row["teacher_forward_ms"] + sum(row["operators_ms"].values()))
+    assert row["overhead"] == pytest.approx(row["step_ms"] / row["parts_ms"] - 1)
+    assert set(row["samples_ms"]) == {"step", "teacher_forward", "operator:attn1", "operator:attn3"}
+    assert "overhead" in format_table(res["rows"])
+
+
 @pytest.mark.slow
 def test_bench_model_counts_whole_stack_flops():
     """The real counter on the stacks agrees with the registry formulas (MHA via ditgraft.flops' CPU SDPA formula)."""
@@ -233,6 +265,16 @@ def test_cli_model_writes_json(tmp_path, monkeypatch):
     run_bench(args)
     data = json.loads(path.read_text())
     assert data["config"]["replaced"] == [0, 2] and data["rows"][0]["candidate"] == "swa"
+
+
+def test_cli_stage1_writes_json(tmp_path):
+    path = tmp_path / "stage1.json"
+    args = _parse(["bench", "stage1", "--dim", "32", "--heads", "2", "--blocks", "2", "--tokens", "16",
+                   "--repeats", "1", "--warmup", "0", "--json", str(path)])
+    run_bench(args)
+    data = json.loads(path.read_text())
+    assert data["command"] == "bench stage1" and data["rows"][0]["replaced"] == [1]
+    assert data["rows"][0]["overhead"] == pytest.approx(data["rows"][0]["step_ms"] / data["rows"][0]["parts_ms"] - 1)
 
 
 def test_parse_options():

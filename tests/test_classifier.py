@@ -17,7 +17,7 @@ from ditgraft.eval.classifier import (
     to_model_input,
 )
 from ditgraft.eval.metrics import fid_from_features
-from ditgraft.eval.train_classifier import augment, train_classifier
+from ditgraft.train.classifier import augment, train_classifier
 
 
 @pytest.fixture(scope="module")

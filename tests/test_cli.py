@@ -52,3 +52,27 @@ def test_eval_model_with_seed_changes_only_the_sampling(tmp_path):
         runs[seed] = json.loads((out / "samples_metrics.json").read_text())
         assert runs[seed]["protocol"]["seed"] == seed and runs[seed]["num"] == 10
     assert runs[0]["fid"] != runs[5]["fid"]
+
+
+def test_synth_is_the_sampling_entry_point_in_model_space(tmp_path):
+    """`ditgraft synth` writes the raw samples of `generate` (seed formula, batches and labels included), and the
+    images `generate` returns for the same seed are exactly those samples, quantised."""
+    import torch
+
+    from ditgraft.data.latents import load_latents
+    from ditgraft.data.mnist5k import to_uint8
+    from ditgraft.diffusion.samplers import SamplingConfig
+    from ditgraft.eval.sampling import generate
+    from ditgraft.models.checkpoints import load_dit
+
+    out = tmp_path / "synth.npz"
+    assert main(["synth", "testbed", "--num-samples", "5", "--batch-size", "2", "--steps", "2", "--seed", "3",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    x, y = load_latents(str(out))
+    assert x.shape == (5, 1, 32, 32) and y.tolist() == [0, 1, 2, 3, 4]
+    model, _ = load_dit("testbed")
+    images, labels = generate(model, 5, SamplingConfig(steps=2, clip_denoised=True), seed=3, batch_size=2)
+    assert (labels == y.numpy()).all()
+    assert (to_uint8(x) == images).all()
+    other, _ = generate(model, 5, SamplingConfig(steps=2, clip_denoised=True), seed=4, batch_size=2, raw=True)
+    assert not torch.equal(torch.from_numpy(other), x)

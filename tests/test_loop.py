@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Crash, crash_on_call
+from helpers import Crash, crash_on_call
 
 from ditgraft.train.loop import LoopConfig, batch_indices, latest_checkpoint, train
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditgraft.operators.hyena import (fast_conv_grid, fast_conv_tokens, reference_conv_grid, reference_conv_tokens)
+from ditgraft.operators.common import TapConvTokens, reference_conv_tokens
+from ditgraft.operators.hyena import fast_conv_grid, reference_conv_grid
 from ditgraft.operators.registry import build_operator, get_spec, operator_flops
 
 HYENAS = ("hyena_se", "hyena_x", "hyena_y")
@@ -59,7 +60,7 @@ def test_causal_conv_matches_padded_conv1d(k):
     explicit = torch.stack([b + sum(w[:, k - 1 - j] * x[:, t - j] for j in range(k) if t - j >= 0)
                             for t in range(9)], dim=1)
     torch.testing.assert_close(want, explicit)
-    torch.testing.assert_close(fast_conv_tokens(x, w, b, left=k - 1), want)
+    torch.testing.assert_close(TapConvTokens.apply(x, w, b, k - 1), want)
     torch.testing.assert_close(reference_conv_tokens(x, w, b, left=k - 1), want)
 
 
@@ -67,7 +68,7 @@ def test_centred_conv_and_grid_conv_match_torch():
     torch.manual_seed(0)
     x, w = torch.randn(2, 11, 5), torch.randn(5, 7)
     want = F.conv1d(x.transpose(1, 2), w[:, None], None, padding=3, groups=5).transpose(1, 2)
-    torch.testing.assert_close(fast_conv_tokens(x, w, None, left=3), want)
+    torch.testing.assert_close(TapConvTokens.apply(x, w, None, 3), want)
     torch.testing.assert_close(reference_conv_tokens(x, w, None, left=3), want)
     for k in (3, 4):
         x = torch.randn(2, 5 * 7, 3)
@@ -77,6 +78,27 @@ def test_centred_conv_and_grid_conv_match_torch():
         want = F.conv2d(img, w[:, None], b, groups=3).permute(0, 2, 3, 1).reshape(2, 35, 3)
         torch.testing.assert_close(fast_conv_grid(x, w, b, (5, 7)), want)
         torch.testing.assert_close(reference_conv_grid(x, w, b, (5, 7)), want)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 4), (1, 17, 6), (3, 5, 3)])
+@pytest.mark.parametrize("taps,left", [(3, 2), (4, 3), (7, 3)])  # causal k = 3, 4; centred 2k - 1 = 7 (bidirectional)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_tap_conv_gradients_match_reference(shape, taps, left, with_bias):
+    """The fast token conv's output and its gradients for x, weight and bias equal autograd through the reference
+    (float64, strided x like a q/k/v split)."""
+    g = torch.Generator().manual_seed(taps + shape[1])
+    B, N, C = shape
+    x = torch.randn(B, N, C + 2, generator=g, dtype=torch.float64)[..., 1:C + 1]
+    weight = torch.randn(C, taps, generator=g, dtype=torch.float64)
+    bias = torch.randn(C, generator=g, dtype=torch.float64) if with_bias else None
+    dy = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    results = []
+    for conv in (lambda *t: TapConvTokens.apply(*t, left), lambda *t: reference_conv_tokens(*t, left)):
+        inputs = [t.clone().requires_grad_() for t in (x, weight) + ((bias,) if with_bias else ())]
+        y = conv(*inputs) if with_bias else conv(*inputs, None)
+        results.append((y.detach(), *torch.autograd.grad(y, inputs, dy)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
 
 
 # ----------------------------------------------------------------------------------------------- fast vs reference

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditgraft.operators.mamba2 import carry_states, ssd_chunked, ssd_reference
+from ditgraft.operators.common import TapConvTokens, reference_conv_tokens
+from ditgraft.operators.mamba2 import SSDChunkScan, decayed_cumsum_, ssd_chunked, ssd_reference
 from ditgraft.operators.registry import build_operator, get_spec, operator_flops
 
 TOL = 3e-5  # fp32 (fp64 depthwise convs are ~1000x slower on CPU torch); real bugs give O(1) errors
@@ -50,16 +51,21 @@ def test_chunked_scan_matches_recurrence(chunk, L):
 
 
 @pytest.mark.parametrize("c", [1, 2, 7])
-def test_carry_states_matches_closed_form(c):
-    """entering[i] = sum_{j<i} exp(sum_{r=j+1..i-1} ld[r]) states[j], per feature (decays broadcast over rows)."""
+@pytest.mark.parametrize("reverse", [False, True])
+def test_decayed_cumsum_matches_closed_form(c, reverse):
+    """out[i] = sum_{j<=i} exp(sum_{r=j+1..i} ld[r]) t[j]; reversed: sum_{j>=i} exp(sum_{r=i..j-1} ld[r]) t[j]
+    (per feature, decays broadcast over rows), in place."""
     g = torch.Generator().manual_seed(c)
     states = torch.randn(2, 3, c, 5, generator=g, dtype=torch.float64)
     ld = -torch.rand(2, 1, c, 5, generator=g, dtype=torch.float64) * 2
     want = torch.zeros_like(states)
     for i in range(c):
-        for j in range(i):
-            want[..., i, :] += torch.exp(ld[..., j + 1:i, :].sum(-2)) * states[..., j, :]
-    torch.testing.assert_close(carry_states(states, ld), want)
+        for j in (range(i, c) if reverse else range(i + 1)):
+            span = ld[..., i:j, :] if reverse else ld[..., j + 1:i + 1, :]
+            want[..., i, :] += torch.exp(span.sum(-2)) * states[..., j, :]
+    out = decayed_cumsum_(states, torch.exp(ld), reverse=reverse)
+    assert out is states
+    torch.testing.assert_close(out, want)
 
 
 def test_chunked_scan_without_autograd_matches_recurrence():
@@ -76,6 +82,53 @@ def test_chunked_scan_gradients_match_recurrence():
     g2 = torch.autograd.grad((ssd_reference(*inputs) * w).sum(), inputs)
     for a, b, name in zip(g1, g2, "x dt A B C".split()):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("b,L,H,P,G,n,chunk", [
+    (1, 3, 1, 1, 1, 1, 4),  # shorter than one chunk
+    (2, 23, 4, 3, 2, 5, 7),  # partial last chunk, two groups
+    (1, 64, 6, 2, 3, 4, 16),  # exact multiple, three groups
+    (2, 37, 4, 3, 1, 6, 1),  # one token per chunk: everything goes through the carry
+    (1, 40, 8, 2, 2, 3, 8),
+])
+@pytest.mark.parametrize("decay_scale", [1.0, 5.0])
+def test_chunked_scan_every_gradient_matches_recurrence(b, L, H, P, G, n, chunk, decay_scale):
+    """float64; decay_scale 5 drives the within-chunk log-decay far below the -80 floor of the decay blocks."""
+    x, dt, A, B, C = ssd_inputs(b=b, L=L, H=H, P=P, G=G, n=n, seed=L)
+    inputs = [t.requires_grad_() for t in (x, dt * decay_scale, A, B, C)]
+    w = torch.randn(b, L, H, P, dtype=torch.float64)
+    y1 = ssd_chunked(*inputs, chunk_size=chunk)
+    y2 = ssd_reference(*inputs)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad((y1 * w).sum(), inputs)
+    g2 = torch.autograd.grad((y2 * w).sum(), inputs)
+    for a, ref, name in zip(g1, g2, "x dt A B C".split()):
+        assert ref.abs().max() > 0, name
+        torch.testing.assert_close(a, ref, msg=lambda m: f"{name}: {m}")
+
+
+def test_scan_function_passes_gradcheck():
+    """SSDChunkScan's hand-written backward against finite differences (float64, decays away from the clamp)."""
+    b, L, H, P, G, n, Q = 1, 12, 4, 2, 2, 3, 4
+    g = torch.Generator().manual_seed(7)
+    xd = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    step = -torch.rand(b, G, H // G, L // Q, Q, generator=g, dtype=torch.float64) - 0.05
+    a_cum = step.cumsum(-1)
+    B = torch.randn(b, L, G, n, generator=g, dtype=torch.float64)
+    C = torch.randn(b, L, G, n, generator=g, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (xd, a_cum, B, C))
+    assert torch.autograd.gradcheck(lambda *t: SSDChunkScan.apply(*t, Q), inputs)
+
+
+@pytest.mark.parametrize("left", [0, 1, 3])
+def test_tap_conv_matches_reference_conv_and_gradcheck(left):
+    """Causal (left = T-1, Mamba-2's), centred and anti-causal taps; output and gradients."""
+    g = torch.Generator().manual_seed(left)
+    x = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)[..., :4].requires_grad_()  # strided, like a split
+    weight = torch.randn(4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(TapConvTokens.apply(x, weight, bias, left), reference_conv_tokens(x, weight, bias, left))
+    assert torch.autograd.gradcheck(lambda *t: TapConvTokens.apply(*t, left), (x, weight, bias))
 
 
 def test_chunked_scan_long_sequence_is_stable():

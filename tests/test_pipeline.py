@@ -1,12 +1,12 @@
-"""`run_graft` end to end on a tiny teacher: every stage, the report, the matched-budget random-init baseline, and a
-re-run that skips what is complete."""
+"""`run_graft` on a tiny teacher, one stage per test (so a failure names the stage): stage 1, stage 2 with the
+matched-budget random-init baseline, evaluation, the report, and a re-run that skips what is complete."""
 import json
 import os
 
 import pytest
 
-from conftest import tiny_dit
-from ditgraft.graft.pipeline import run_graft
+from helpers import tiny_dit
+from ditgraft.graft.pipeline import PIPELINE, STAGES, run_graft
 from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.recipe import parse_recipe
 
@@ -19,46 +19,85 @@ def teacher_file(tmp_path_factory):
     return path
 
 
-def recipe(teacher_file):
-    return parse_recipe({
+@pytest.fixture(scope="module")
+def run(teacher_file, tmp_path_factory):
+    """(the run directory, a function running some stages of the recipe there); the tests below run in order."""
+    r = parse_recipe({
         "name": "tiny", "teacher": {"source": teacher_file},
         "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
         "stage1": {"samples": 32, "val_samples": 8, "steps": 4, "batch_size": 8, "eval_every": 2},
         "stage2": {"steps": 3, "batch_size": 8, "ckpt_every": 2},
         "eval": {"num": 10, "steps": 2, "baselines": ["random_init"]},
     })
+    folder = str(tmp_path_factory.mktemp("run") / "run")
+    return folder, lambda *stages: run_graft(r, folder, stages=stages or STAGES, progress=False, log=lambda *_: None)
 
 
-def test_pipeline_runs_every_stage_and_reports(teacher_file, tmp_path):
-    r = recipe(teacher_file)
-    run = str(tmp_path / "run")
-    report = run_graft(r, run, progress=False, log=lambda *_: None)
-    for name in ("plan.json", "stage1/summary.json", "student.safetensors", "baseline_random/student.safetensors",
-                 "report.md", "report.json"):
-        assert os.path.exists(os.path.join(run, name)), name
+def _timings(folder: str) -> dict:
+    return json.load(open(os.path.join(folder, "timings.json")))
+
+
+def test_every_stage_name_is_a_stage():
+    assert {s.name for s in PIPELINE} == set(STAGES)
+
+
+def test_stage1_distils_the_grafted_operator(run):
+    folder, graft = run
+    assert graft("stage1") == {}  # no report asked for
+    summary = json.load(open(os.path.join(folder, "stage1", "summary.json")))
+    assert [(s["slot"], s["layer"], s["operator"]) for s in summary["operators"].values()] == [("attn", 1, "hyena_x")]
+    assert os.path.exists(os.path.join(folder, "plan.json"))
+    assert not os.path.exists(os.path.join(folder, "student.safetensors"))
+    assert set(_timings(folder)) == {"stage1"}
+
+
+def test_stage2_trains_the_student_and_the_matched_random_init_baseline(run):
+    folder, graft = run
+    graft("stage2")
+    assert os.path.exists(os.path.join(folder, "student.safetensors"))
+    assert os.path.exists(os.path.join(folder, "baseline_random", "student.safetensors"))
+    with open(os.path.join(folder, "baseline_random", "stage2", "loop", "metrics.jsonl")) as f:
+        baseline_steps = max(json.loads(line)["step"] for line in f)
+    assert baseline_steps > 3  # the grafted run's stage 1 + stage 2 FLOPs, spent on stage 2 alone
+    assert set(_timings(folder)) == {"stage1", "stage2", "baseline_random"}
+
+
+def test_eval_samples_the_student_and_the_baseline(run):
+    folder, graft = run
+    graft("eval")
+    for tag in ("grafted", "random_init"):
+        metrics = json.load(open(os.path.join(folder, "eval", f"{tag}_metrics.json")))
+        assert metrics["num"] == 10 and metrics["protocol"]["steps"] == 2
+        assert os.path.exists(os.path.join(folder, "eval", f"{tag}.npz"))
+
+
+def test_report_accounts_the_compute_and_reads_evaluations_from_disk(run):
+    folder, graft = run
+    report = graft("report")
+    for name in ("report.md", "report.json"):
+        assert os.path.exists(os.path.join(folder, name)), name
     c = report["compute"]
     assert c["total_flops"] == c["stage1_extraction_flops"] + c["stage1_operator_flops"] + c["stage2_flops"]
     assert c["stage1_extraction_flops"] > 0 and c["stage1_operator_flops"] > 0
     assert c["share_of_pretraining"] == pytest.approx(c["total_flops"] / 1e13)
-    # the baseline gets the grafted run's whole budget as stage-2 steps, and really trains that many
     steps = c["random_init_stage2_steps"]
     assert steps == round(c["total_flops"] / (c["stage2_flops"] / 3)) and steps > 3
-    with open(os.path.join(run, "baseline_random", "stage2", "loop", "metrics.jsonl")) as f:
-        assert max(json.loads(line)["step"] for line in f) == steps
+    with open(os.path.join(folder, "baseline_random", "stage2", "loop", "metrics.jsonl")) as f:
+        assert max(json.loads(line)["step"] for line in f) == steps  # the baseline really trained that many
     assert set(report["eval"]) == {"grafted", "random_init"}
-    assert f"{steps} steps instead of 3" in open(os.path.join(run, "report.md")).read()
+    assert f"{steps} steps instead of 3" in open(os.path.join(folder, "report.md")).read()
+    assert json.load(open(os.path.join(folder, "report.json")))["compute"] == c
 
-    # a second call finds every stage complete (nothing trains or samples again: timings unchanged); the report
-    # alone reads the evaluations back from disk
-    timings = json.load(open(os.path.join(run, "timings.json")))
-    assert timings.keys() >= {"stage1", "stage2", "baseline_random", "eval"}
-    npz = os.path.getmtime(os.path.join(run, "eval", "grafted.npz"))
-    again = run_graft(r, run, progress=False, log=lambda *_: None)
-    after = json.load(open(os.path.join(run, "timings.json")))
+
+def test_rerun_skips_every_complete_stage(run):
+    folder, graft = run
+    before = _timings(folder)
+    npz = os.path.getmtime(os.path.join(folder, "eval", "grafted.npz"))
+    alone = graft("report")
+    again = graft()
+    after = _timings(folder)
     assert {k: after[k] for k in ("stage1", "stage2", "baseline_random")} == {
-        k: timings[k] for k in ("stage1", "stage2", "baseline_random")}
-    assert os.path.getmtime(os.path.join(run, "eval", "grafted.npz")) == npz
-    alone = run_graft(r, run, stages=("report",), progress=False, log=lambda *_: None)
-    for rep in (again, alone):
-        assert rep["compute"] == report["compute"]
-        assert {k: v["fid"] for k, v in rep["eval"].items()} == {k: v["fid"] for k, v in report["eval"].items()}
+        k: before[k] for k in ("stage1", "stage2", "baseline_random")}  # nothing trained again
+    assert os.path.getmtime(os.path.join(folder, "eval", "grafted.npz")) == npz  # nothing sampled again
+    assert again["compute"] == alone["compute"]
+    assert {k: v["fid"] for k, v in again["eval"].items()} == {k: v["fid"] for k, v in alone["eval"].items()}

@@ -1,7 +1,7 @@
-"""Recipes: validation errors name field, value and what is allowed; layer selectors resolve to indices."""
+"""Recipes: validation errors name field, value and what is allowed."""
 import pytest
 
-from ditgraft.recipe import bundled_recipes, load_recipe, parse_recipe, resolve_layers
+from ditgraft.recipe import bundled_recipes, load_recipe, parse_recipe
 
 BASE = {"grafts": [{"slot": "attn", "layers": "interleave", "operator": "hyena_x"}]}
 
@@ -27,34 +27,17 @@ def test_defaults_follow_paper_loss_rule():
     ({**BASE, "stage2": {"lr": -1}}, "stage2.lr = -1"),
     ({**BASE, "stage1": {"lr_typo": 1}}, "stage1.lr_typo = 1: unknown field"),
     ({**BASE, "stage1": {"loss": "l3"}}, "stage1.loss"),
+    ({"grafts": [{"slot": "attn", "layers": [1], "operator": "swa", "loss": "l3"}]}, "grafts.0.loss = 'l3'"),
+    ({"grafts": [{"slot": "attn", "layers": [1], "operator": "swa", "loss": "huber", "huber_delta": 0}]},
+     "grafts.0.huber_delta = 0"),
+    ({"grafts": [{"slot": "attn", "layers": {"select": "nearest"}, "operator": "swa"}]},
+     "grafts.0.layers.LayerSelector.select = 'nearest': 'nearest' is not a selector"),
     ({"grafts": []}, "grafts = []"),
     ({**BASE, "stage2": {"steps": 100, "warmup_steps": 10, "decay_steps": 91}},
      "decay_steps = 91 must be in [0, steps - warmup_steps] = [0, 90]"),
 ])
 def test_errors_name_field_and_value(data, needle):
     assert needle in _err(data)
-
-
-def test_selectors_resolve():
-    r = parse_recipe({"grafts": [
-        {"slot": "attn", "layers": {"select": "interleave", "fraction": 0.75}, "operator": "mha"},
-        {"slot": "mlp", "layers": "-2:", "operator": "mlp"}]})
-    assert resolve_layers(r.grafts[0].layers, 28) == [i for i in range(28) if i % 4]
-    assert resolve_layers(r.grafts[1].layers, 8) == [6, 7]
-    assert resolve_layers(parse_recipe(BASE).grafts[0].layers, 28) == list(range(1, 28, 2))
-    assert resolve_layers([0, -1], 8) == [0, 7]
-    with pytest.raises(ValueError, match="out of range"):
-        resolve_layers([9], 8)
-    analysis = {"layers": [{"layer": i, "attention": {"band_locality_mean": loc}}
-                           for i, loc in enumerate([0.1, 0.9, 0.5, 0.7])]}
-    sel = parse_recipe({"grafts": [{"slot": "attn", "layers": {"select": "most_local", "count": 2},
-                                    "operator": "mha"}]}).grafts[0].layers
-    assert resolve_layers(sel, 4, analysis=analysis) == [1, 3]
-    auto = parse_recipe({"grafts": [{"slot": "attn", "layers": {"select": "auto", "count": 2},
-                                     "operator": "mha"}]}).grafts[0].layers
-    assert resolve_layers(auto, 4, probe_losses={0: 0.3, 1: 0.1, 2: 0.2, 3: 0.9}) == [1, 2]
-    with pytest.raises(ValueError, match="probe"):
-        resolve_layers(auto, 4)
 
 
 def test_bundled_recipes_all_validate():
@@ -70,9 +53,7 @@ def test_missing_recipe_file():
 
 
 def test_stage2_decay_reaches_the_training_loop():
-    from ditgraft.graft.stage2 import stage2_loop_config
-
     r = parse_recipe({**BASE, "stage2": {"steps": 100, "lr": 1e-4, "warmup_steps": 10, "decay_steps": 90}})
-    loop = stage2_loop_config(r.stage2, seed=0, progress=False)
+    loop = r.stage2.loop_config(seed=0, progress=False)
     assert loop.decay_steps == 90
     assert loop.lr_at(9) == pytest.approx(1e-4) and loop.lr_at(99) == pytest.approx(1e-4 / 91)

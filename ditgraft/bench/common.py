@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: device/dtype checks, grids, round-robin timing, environment record, tables.
+"""Shared pieces of the benchmarks: device/dtype checks, grids, round-robin timing, profiling, environment record,
+tables. (The command line is ``ditgraft.bench.cli``.)
 
 Why round-robin: on a shared machine the speed drifts (other jobs, thermal state, caches). Timing operator A for all
 repeats and then operator B puts the drift into the A/B ratio. Here every repeat runs each candidate once, in a
@@ -123,6 +124,28 @@ def round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
     return times
 
 
+def profile_call(fn, device: torch.device, row_limit: int = 15) -> dict:
+    """One call of ``fn`` under torch.profiler: the top operators by self time (CPU time; device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+    events = prof.key_averages()
+    key = "self_cpu_time_total"
+    if device.type == "cuda":
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    table = events.table(sort_by=key, row_limit=row_limit)
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:row_limit]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return {
+        "sort_by": key,
+        "table": table,
+        "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3,
+                 "share": getattr(e, key) / total} for e in top],
+    }
+
+
 def summarize(seconds: list[float]) -> dict:
     """Median (the reported time), min and all samples, in milliseconds."""
     ms = [s * 1e3 for s in seconds]
@@ -163,33 +186,6 @@ def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def parse_options(items: list[str] | None) -> dict[str, dict]:
-    """CLI ``--option NAME.KEY=VALUE`` (repeatable) -> {NAME: {KEY: VALUE}}; VALUE is read as int, float, bool,
-    None or a string, e.g. ``hyena_x.direction=2d``, ``swa.window=8``."""
-    out: dict[str, dict] = {}
-    for item in items or []:
-        head, sep, raw = item.partition("=")
-        name, dot, key = head.partition(".")
-        if not sep or not dot or not name or not key:
-            raise ValueError(f"--option {item!r} is not allowed: use NAME.KEY=VALUE, e.g. hyena_x.direction=2d")
-        out.setdefault(name, {})[key] = _literal(raw)
-    return out
-
-
-def _literal(raw: str):
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,6 +208,10 @@ COLUMNS = (
     ("speedup", "speed-up", "{:.2f}x"),
     ("flop_speedup", "FLOP-bound speed-up", "{:.2f}x"),
     ("efficiency", "efficiency", "{:.0%}"),
+    ("teacher_forward_ms", "teacher fwd ms", "{:.1f}"),
+    ("parts_ms", "parts ms (teacher fwd + ops fwd+bwd)", "{:.1f}"),
+    ("step_ms", "stage-1 step ms", "{:.1f}"),
+    ("overhead", "overhead", "{:+.1%}"),
     ("error", "error", "{}"),
 )
 
@@ -233,113 +233,3 @@ def format_table(rows: list[dict]) -> str:
                 cells.append(fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line (the CLI module only wires these in: ``add_bench_arguments(sub.add_parser("bench"))``)
-# ----------------------------------------------------------------------------------------------------------------------
-def add_bench_arguments(parser) -> None:
-    """Add the ``ops`` and ``model`` sub-commands to the ``bench`` parser; each sets ``fn=run_bench``."""
-    sub = parser.add_subparsers(dest="bench_command", required=True)
-
-    def shared(p, repeats: int) -> None:
-        p.add_argument("--dim", type=int, default=1152, help="model width D (default 1152, DiT-XL/2)")
-        p.add_argument("--heads", type=int, default=16)
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--repeats", type=int, default=repeats, help="timed calls per candidate (median reported)")
-        p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-        p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:i or auto")
-        p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="bf16/fp16 on CUDA only")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-        p.add_argument("--clock", default="wall", choices=CLOCKS,
-                       help="wall (latency, default) or cpu (process CPU time: robust on a shared machine with "
-                            "--threads 1)")
-        p.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
-                       help="operator build option, repeatable, e.g. swa.window=8 or hyena_x.direction=2d")
-        p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-        p.set_defaults(fn=run_bench)
-
-    s = sub.add_parser("ops", help="time each token mixer against MHA at one shape (interleaved runs)")
-    shared(s, repeats=5)
-    s.add_argument("--tokens", type=int, nargs="+", default=[4096], help="sequence length(s) N (default 4096)")
-    s.add_argument("--ops", nargs="+", default=None, help="operators (default: all token mixers); MHA always runs")
-    s.add_argument("--backward", action="store_true", help="time forward + backward instead of forward only")
-
-    m = sub.add_parser("model", help="DiT-XL/2-shaped block stack: all-MHA teacher vs grafted candidate")
-    shared(m, repeats=3)
-    m.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="sequence lengths (default 4096 16384)")
-    m.add_argument("--blocks", type=int, default=None, help="blocks (default 4; with --family its depth)")
-    m.add_argument("--operator", default="hyena_x", help="operator put into the replaced blocks (default hyena_x)")
-    m.add_argument("--layers", default="interleave",
-                   help="interleave (odd blocks, 50%%), interleave75, all, or indices like 1,3")
-    m.add_argument("--profile", action="store_true", help="print the top torch ops by self time for each stack")
-    m.add_argument("--family", default=None, choices=["pixart"],
-                   help="time a whole model of this family instead (pixart: PixArt-Sigma XL/2 shape, 28 blocks, "
-                        "width 1152; --tokens N image tokens, --text-tokens caption tokens; layers: the paper's 14)")
-    m.add_argument("--text-tokens", type=int, default=300, help="caption tokens with --family pixart (default 300)")
-
-
-def run_bench(args) -> dict:
-    """Run ``bench ops`` or ``bench model`` from parsed arguments: print the table(s), write JSON if asked."""
-    from ditgraft.utils import atomic_write_json
-
-    set_threads(args.threads)
-    options = parse_options(args.option)
-    if args.bench_command == "ops":
-        from ditgraft.bench.ops import bench_ops
-
-        rows, envs = [], []
-        for n in args.tokens:
-            part = bench_ops(args.dim, n, args.heads, args.ops, batch=args.batch, backward=args.backward,
-                             repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                             options=options, clock=args.clock)
-            envs.append(part[0].pop("env"))
-            for r in part[1:]:
-                r.pop("env", None)
-            rows += part
-            print(format_table(part), flush=True)
-        result = {"command": "bench ops", "env": envs, "rows": rows}
-    elif getattr(args, "family", None):
-        from ditgraft.bench.family import bench_family
-
-        layers = None if args.layers == "interleave" else [int(i) for i in args.layers.split(",")]
-        blocks = args.blocks or 28  # PixArt-Sigma XL/2's depth
-        rows = []
-        for n in args.tokens:
-            part = bench_family(args.family, blocks=blocks, heads=args.heads, head_dim=args.dim // args.heads,
-                                tokens=n, text_tokens=args.text_tokens, operator=args.operator, layers=layers,
-                                batch=args.batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                                dtype=args.dtype, options=options.get(args.operator), clock=args.clock)
-            rows += part["rows"]
-            print(format_table(part["rows"]), flush=True)
-        result = {"command": "bench model --family", "config": part["config"], "env": part["env"], "rows": rows}
-    else:
-        from ditgraft.bench.model import bench_model
-
-        unknown = set(options) - {args.operator}
-        if unknown:
-            raise ValueError(f"--option for {sorted(unknown)}: bench model only builds --operator={args.operator!r}")
-        layers = args.layers if not args.layers[:1].isdigit() else [int(i) for i in args.layers.split(",")]
-        result = bench_model(args.dim, args.heads, args.blocks or 4, args.tokens, args.operator, layers,
-                             batch=args.batch, repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                             profile=args.profile, options=options.get(args.operator), clock=args.clock)
-        result["command"] = "bench model"
-        print(format_table(result["rows"]))
-        for n, stacks in result.get("profile", {}).items():
-            for name, prof in stacks.items():
-                print(f"\n## profile N={n} {name} (top ops by {prof['sort_by']})\n{prof['table']}")
-    if args.json:
-        atomic_write_json(args.json, _finite(result))
-        print(f"wrote {args.json}")
-    return result
-
-
-def _finite(obj):
-    """JSON has no NaN/inf: replace them with None (recursively)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

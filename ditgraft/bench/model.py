@@ -4,15 +4,20 @@ The stack is ``blocks`` DiT blocks (adaLN-Zero, MLP ratio 4) at width ``dim`` on
 the embedders and final layer (they cost the same in both models and are negligible). The candidate is the same stack
 with ``blocks[i].attn`` replaced by ``operator`` in the chosen layers (default: the paper's interleaved 50%,
 odd blocks).
-Forward time is measured with teacher and candidate interleaved (``common.round_robin``), under inference mode.
+Forward time is measured with teacher and candidate interleaved (``common.round_robin``), under inference mode;
+``backward=True`` times forward + backward instead (a training step's compute: the stacks in train mode, the
+gradient of a fixed random output cotangent w.r.t. the input and every parameter), after one untimed step each.
 
 FLOP bound: FLOPs of the whole stacks counted by ``ditgraft.flops.count_flops`` (torch's FlopCounterMode: matmuls,
 convolutions, attention) on one real forward under ``torch.no_grad``; that counted forward doubles as the first
-warm-up round. ``efficiency = speedup / flop_speedup`` (target in the issue: >= 0.9). ``flop_speedup_formula`` uses the
+warm-up round; with ``backward`` both stacks' FLOPs are 3 x that forward (a backward is two matmuls per forward
+matmul; torch's counter overcounts depthwise-convolution backwards, see ``ditgraft.flops``), so the FLOP-bound
+speed-up is the forward one. ``efficiency = speedup / flop_speedup`` (target: >= 0.9). ``flop_speedup_formula`` uses the
 registry's formula for the replaced operators instead of what their implementation executes (the two differ where an
 implementation does redundant work, e.g. the padded key tiles of local attention).
 
-``profile=True`` adds, per N, a torch.profiler table of the top operators by self time for one forward of each stack.
+``profile=True`` adds, per N, a torch.profiler table of the top operators by self time for one timed call (forward,
+or forward + backward) of each stack: where the time goes, the backward's included.
 """
 from __future__ import annotations
 
@@ -22,26 +27,25 @@ import torch
 from torch import nn
 
 from ditgraft.bench.common import (check_counts, environment, format_table, grid_for_tokens, param_count,
-                                   resolve_clock, resolve_device_dtype, round_robin, summarize, synchronizer)
+                                   profile_call, resolve_clock, resolve_device_dtype, round_robin, summarize,
+                                   synchronizer)
 from ditgraft.flops import count_flops
+from ditgraft.graft.layers import layers_from_text, selector_names
 from ditgraft.models.dit import DiTBlock
 from ditgraft.operators import build_operator, operator_flops, operator_names
 
-LAYER_SETS = ("interleave", "interleave75", "all")
+# the recipes' selectors that need no analysis or probe run (``interleave75`` = ``interleave:0.75``)
+LAYER_SETS = selector_names(needing_nothing=True) + ("interleave75",)
 
 __all__ = ["bench_model", "select_layers", "BlockStack", "format_table", "LAYER_SETS"]
 
 
 def select_layers(layers, blocks: int) -> list[int]:
-    """Block indices to replace: "interleave" (50%: odd blocks 1, 3, ...), "interleave75" (all but 0, 4, 8, ...),
-    "all", or an explicit list of indices. The sets are the recipes' own (ditgraft.eval.layer_select)."""
-    from ditgraft.eval.layer_select import select_layers as recipe_select
-
+    """Block indices to replace: a layer set of the recipes' selectors as ``ditgraft.graft.layers.layers_from_text``
+    reads it ("interleave": odd blocks, "interleave:0.75" or "interleave75", "all", "deepest:0.25", "1,3", ...) or an
+    explicit list of indices."""
     if isinstance(layers, str):
-        fractions = {"interleave": 0.5, "interleave75": 0.75, "all": 1.0}
-        if layers not in fractions:
-            raise ValueError(f"layers={layers!r} is not allowed; use one of {LAYER_SETS} or a list of block indices")
-        return recipe_select("interleave", blocks, fraction=fractions[layers])
+        return layers_from_text("interleave:0.75" if layers == "interleave75" else layers, blocks)
     idx = sorted({int(i) for i in layers})
     if not idx or idx[0] < 0 or idx[-1] >= blocks:
         raise ValueError(f"layers={list(layers)!r} is not allowed: give indices in [0, {blocks - 1}] (blocks={blocks})")
@@ -70,33 +74,11 @@ def graft(stack: BlockStack, operator: str, layers: list[int], dim: int, heads: 
     return out
 
 
-def _profile(fn, device: torch.device, row_limit: int = 15) -> dict:
-    """One call of ``fn`` under torch.profiler: the top operators by self time (CPU time; device time on CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        fn()
-    events = prof.key_averages()
-    key = "self_cpu_time_total"
-    if device.type == "cuda":
-        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    table = events.table(sort_by=key, row_limit=row_limit)
-    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:row_limit]
-    total = sum(getattr(e, key) for e in events) or 1.0
-    return {
-        "sort_by": key,
-        "table": table,
-        "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3,
-                 "share": getattr(e, key) / total} for e in top],
-    }
-
-
 def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096, 16384), operator: str = "hyena_x",
                 layers="interleave", batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
-                dtype: str = "fp32", profile: bool = False, *, mlp_ratio: float = 4.0, options: dict | None = None,
-                clock="wall", seed: int = 0) -> dict:
-    """Teacher (all MHA) vs candidate (``operator`` in ``layers``) forward time at each N in ``tokens``.
+                dtype: str = "fp32", profile: bool = False, backward: bool = False, *, mlp_ratio: float = 4.0,
+                options: dict | None = None, clock="wall", seed: int = 0) -> dict:
+    """Teacher (all MHA) vs candidate (``operator`` in ``layers``) forward (or forward + backward) time at each N.
 
     Returns ``{"config", "env", "rows": [one per N], "profile": {N: {"teacher", "candidate"}}}`` (profile only when
     asked). ``warmup`` counts the FLOP-counting forward: at least one untimed forward of each stack always runs.
@@ -119,6 +101,7 @@ def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096,
     config = dict(dim=dim, heads=heads, blocks=blocks, tokens=tokens, operator=operator, options=options,
                   layers=layers if isinstance(layers, str) else list(replaced), replaced=replaced, batch=batch,
                   repeats=repeats, warmup=warmup, device=str(dev), dtype=dtype, mlp_ratio=mlp_ratio,
+                  mode="fwd+bwd" if backward else "fwd",
                   clock=clock if isinstance(clock, str) else "custom")
     result = {"config": config, "env": environment(dev), "rows": []}
     if profile:
@@ -130,7 +113,7 @@ def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096,
         teacher = BlockStack(dim, heads, blocks, grid, mlp_ratio)
         torch.manual_seed(seed + 1)
         candidate = graft(teacher, operator, replaced, dim, heads, grid, options)
-        stacks = {"teacher": teacher.to(dev, dt).eval(), "candidate": candidate.to(dev, dt).eval()}
+        stacks = {"teacher": teacher.to(dev, dt).train(backward), "candidate": candidate.to(dev, dt).train(backward)}
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, n, dim, generator=gen).to(dev, dt)
         c = torch.randn(batch, dim, generator=gen).to(dev, dt)
@@ -141,11 +124,25 @@ def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096,
                     stack(x, c)
             return forward
 
-        calls = {name: forward_fn(s) for name, s in stacks.items()}
+        def step_fn(stack):
+            xg = x.detach().clone().requires_grad_()
+            grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2)).to(dev, dt)
+
+            def forward_backward():
+                xg.grad = None
+                stack.zero_grad(set_to_none=True)
+                stack(xg, c).backward(grad_out)
+            return forward_backward
+
+        calls = {name: (step_fn if backward else forward_fn)(s) for name, s in stacks.items()}
         flops = {}
         for name, stack in stacks.items():  # the counted forward is also the first warm-up round
             with torch.no_grad():
                 flops[name] = count_flops(stack, x, c)
+            sync()
+        if backward:
+            for call in calls.values():  # the counted forward did not warm up the backward
+                call()
             sync()
         times = round_robin(calls, repeats, max(warmup - 1, 0), sync=sync, clock=timer)
         t_ms = {name: summarize(times[name]) for name in stacks}
@@ -157,10 +154,11 @@ def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096,
 
         speedup = t_ms["teacher"]["time_ms"] / t_ms["candidate"]["time_ms"]
         flop_speedup = flops["teacher"] / flops["candidate"]
+        factor = 3 if backward else 1
         result["rows"].append({
-            "tokens": n, "grid": list(grid), "candidate": operator, "replaced": replaced,
+            "tokens": n, "mode": config["mode"], "grid": list(grid), "candidate": operator, "replaced": replaced,
             "teacher_params": param_count(teacher), "candidate_params": param_count(candidate),
-            "teacher_gflops": flops["teacher"] / 1e9, "candidate_gflops": flops["candidate"] / 1e9,
+            "teacher_gflops": factor * flops["teacher"] / 1e9, "candidate_gflops": factor * flops["candidate"] / 1e9,
             "teacher_ms": t_ms["teacher"]["time_ms"], "candidate_ms": t_ms["candidate"]["time_ms"],
             "teacher_samples_ms": t_ms["teacher"]["samples_ms"],
             "candidate_samples_ms": t_ms["candidate"]["samples_ms"],
@@ -169,6 +167,6 @@ def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096,
             "efficiency_formula": speedup / (flops["teacher"] / formula_candidate),
         })
         if profile:
-            result["profile"][str(n)] = {name: _profile(calls[name], dev) for name in stacks}
+            result["profile"][str(n)] = {name: profile_call(calls[name], dev) for name in stacks}
         del stacks, teacher, candidate, calls, x, c
     return result

@@ -21,7 +21,8 @@ import math
 import torch
 
 from ditgraft.bench.common import (check_counts, environment, format_table, grid_for_tokens, param_count,
-                                   resolve_clock, resolve_device_dtype, round_robin, summarize, synchronizer)
+                                   profile_call, resolve_clock, resolve_device_dtype, round_robin, summarize,
+                                   synchronizer)
 from ditgraft.operators import build_operator, operator_flops, operator_names
 
 BASELINE = "mha"
@@ -59,13 +60,15 @@ def _make_call(op: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int], back
 def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, batch: int = 1, backward: bool = False,
               repeats: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "fp32",
               options: dict[str, dict] | None = None, *, grid: tuple[int, int] | None = None,
-              clock="wall", seed: int = 0) -> list[dict]:
+              clock="wall", seed: int = 0, profile: bool = False) -> list[dict]:
     """Time MHA and ``ops`` (default: all token mixers) at one shape; one row per operator, MHA first.
 
     ``options`` maps an operator name to its build options, e.g. ``{"swa": {"window": 8}}``. ``grid`` defaults to
     ``grid_for_tokens(tokens)``. An operator that fails to build or run gets a row with ``error`` and no times
     (the baseline failing is an error). ``clock``: "wall" (default), "cpu" (process CPU time, for loaded machines;
-    see ``common.resolve_clock``) or a callable returning seconds (tests).
+    see ``common.resolve_clock``) or a callable returning seconds (tests). ``profile=True`` adds to each timed row
+    ``profile``: a torch.profiler table of the top aten operators by self time in one more call (with ``backward``,
+    where the backward's time goes).
     """
     check_counts(dim=(dim, 1), tokens=(tokens, 1), heads=(heads, 1), batch=(batch, 1))
     check_counts(repeats=(repeats, 1), warmup=(warmup, 0))
@@ -126,6 +129,8 @@ def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, b
         row["flop_speedup"] = base_gflops / row["gflops"]
         row["efficiency"] = row["speedup"] / row["flop_speedup"]
         row["env"] = env
+        if profile:
+            row["profile"] = profile_call(calls[name], dev)
     for row in rows.values():
         row.setdefault("env", env)
     return list(rows.values())

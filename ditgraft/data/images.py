@@ -20,6 +20,9 @@ import os
 import numpy as np
 import torch
 
+from ditgraft.data.latents import load_latents
+from ditgraft.data.mnist5k import load_mnist5k
+
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "center_crop_arr", "load_image_folder", "load_dataset"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -154,8 +157,6 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: got {limit!r}; use None (everything) or an integer >= 1")
     if spec == "mnist5k" or spec.startswith("mnist5k:"):
-        from ditgraft.data.mnist5k import load_mnist5k
-
         x, y = load_mnist5k(spec.partition(":")[2] or "train")
     elif os.path.isdir(spec):
         if image_size is None:
@@ -169,8 +170,6 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
             x, y = x[:limit], tuple(c[:limit] for c in y)
         return x, y
     elif spec.lower().endswith((".npy", ".npz")):
-        from ditgraft.data.latents import load_latents
-
         x, y = load_latents(spec, labels_path=labels_path, scale=latent_scale)
     elif os.path.exists(spec):
         raise ValueError(f"data {spec!r} is a file but not .npy/.npz; allowed: 'mnist5k[:train|val|all]', "
@@ -181,3 +180,29 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+def check_data_fits(x: torch.Tensor, y, model, spec: str) -> None:
+    """Refuse data a model cannot train on (before any step): [N, C, H, W] with the model's channels and size
+    (families that take any size: a multiple of the patch size), finite values, one conditioning row per sample,
+    and integer labels in [0, num_classes) for a class-conditional model."""
+    from ditgraft.models.families import family_of
+    from ditgraft.models.families.base import cond_len
+
+    family = family_of(model)
+    want = tuple(family.sample_shape(model, 1)[1:])
+    p = family.patch_size(model)
+    fits = x.ndim == 4 and x.shape[1] == want[0] and (
+        tuple(x.shape[2:]) == want[1:] if family.name == "dit" else x.shape[2] % p == 0 and x.shape[3] % p == 0)
+    if not fits:
+        raise ValueError(f"data {spec!r}: samples of shape {tuple(x.shape[1:])} do not fit the model; allowed: "
+                         f"{want} (its channels, height, width)")
+    if cond_len(y) != len(x):
+        raise ValueError(f"data {spec!r}: {cond_len(y)} labels for {len(x)} samples; one label per sample is needed")
+    num_classes = getattr(model, "num_classes", None) if isinstance(y, torch.Tensor) else None
+    if num_classes is not None and len(y) and (y.is_floating_point() or int(y.min()) < 0
+                                               or int(y.max()) >= num_classes):
+        raise ValueError(f"data {spec!r}: labels span [{y.min().item()}, {y.max().item()}]; allowed: integers in "
+                         f"[0, {num_classes - 1}] (the model's {num_classes} classes)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"data {spec!r}: holds NaN/Inf values")

@@ -119,8 +119,9 @@ def load_latents(path: str, labels_path: str | None = None,
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def save_latents(path: str, latents, labels=None) -> None:
-    """Write ``latents`` [N, C, H, W] (float) and ``labels`` [N] (int; default zeros) to an ``.npz`` file."""
+def save_latents(path: str, latents, labels=None, classes=None) -> None:
+    """Write ``latents`` [N, C, H, W] (float) and ``labels`` [N] (int; default zeros) to an ``.npz`` file;
+    ``classes`` (optional, strings): the name of every class id, stored as ``classes`` (readers ignore it)."""
     path = os.fspath(path)
     if not path.endswith(".npz"):
         raise ValueError(f"path {path!r}: save_latents writes .npz files; end the name with .npz")
@@ -133,4 +134,5 @@ def save_latents(path: str, latents, labels=None) -> None:
         lab = _check_labels(lab, len(lat), "labels")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, latents=lat, labels=lab.astype(np.int64))
+            extra = {} if classes is None else {"classes": np.asarray(classes, dtype=np.str_)}
+            np.savez(f, latents=lat, labels=lab.astype(np.int64), **extra)

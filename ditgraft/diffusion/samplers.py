@@ -28,8 +28,10 @@ class SamplingConfig:
             raise ValueError(f"sampler={self.sampler!r} is not allowed; use one of {SAMPLERS}")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.cfg_scale < 1.0:
-            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 1 (1 = no guidance)")
+        if not self.cfg_scale >= 1.0:  # also refuses NaN
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be a finite number >= 1 (1 = no guidance)")
+        if self.cfg_scale == float("inf") or self.eta != self.eta:
+            raise ValueError(f"cfg_scale={self.cfg_scale}, eta={self.eta} must be finite")
 
 
 def guided_model(model, cfg_scale: float, cfg_channels: int):

@@ -11,7 +11,7 @@ Architecture (``TestbedClassifier``), input [N, 1, 32, 32] in [-1, 1]:
 BatchNorm is always used in eval mode here, so features of an image do not depend on the rest of its batch.
 
 The shipped weights live in ditgraft/assets/testbed/classifier.safetensors (made by
-``ditgraft.eval.train_classifier.train_classifier``; see CLASSIFIER.md beside them). Nothing is downloaded.
+``ditgraft.train.classifier.train_classifier``; see CLASSIFIER.md beside them). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+
+from ditgraft.models.checkpoints import read_metadata
 
 __all__ = [
     "TestbedClassifier",
@@ -73,16 +76,12 @@ class TestbedClassifier(nn.Module):
 
 def load_testbed_classifier(device: str | torch.device = "cpu", path: str | None = None) -> TestbedClassifier:
     """The shipped classifier in eval mode with frozen parameters (``path`` overrides the shipped file)."""
-    from safetensors.torch import load_file
-
-    from ditgraft.models.checkpoints import read_metadata
-
     path = path or CLASSIFIER_PATH
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"testbed classifier weights not found at {path}; they ship with ditgraft "
             "(reinstall the package) or can be rebuilt with "
-            "`python -m ditgraft.eval.train_classifier --out <path>`")
+            "`python -m ditgraft.train.classifier --out <path>`")
     meta = read_metadata(path)
     model = TestbedClassifier(widths=tuple(meta.get("widths", (32, 64, 128))),
                               feature_dim=int(meta.get("feature_dim", FEATURE_DIM)),

@@ -20,7 +20,7 @@ import torch
 
 from ditgraft.diffusion.samplers import SamplingConfig
 from ditgraft.eval import adm, metrics
-from ditgraft.eval.sampling import generate, save_grid
+from ditgraft.eval.sampling import gather_samples, generate, save_grid
 from ditgraft.utils import atomic_write_json
 
 
@@ -40,6 +40,8 @@ class Protocol:
 
 
 TESTBED_PROTOCOL = Protocol()
+# The paper's ImageNet protocol (DiT, ADM): 50k samples, 250 DDPM steps, cfg 1.5, no clipping of latents.
+ADM_PROTOCOL = Protocol(num=50_000, sampler="ddpm", steps=250, cfg_scale=1.5, clip_denoised=False, batch_size=125)
 FEATURES = ("testbed", "inception")
 
 
@@ -56,7 +58,11 @@ def _testbed_reference(split: str = "train") -> dict:
 
 def testbed_metrics(images: np.ndarray, labels: np.ndarray | None) -> dict:
     """Metrics of uint8 NHWC testbed images against the training digits."""
-    from ditgraft.eval.classifier import testbed_features
+    from ditgraft.eval.classifier import NUM_CLASSES, testbed_features
+
+    if labels is not None and len(labels) and (np.min(labels) < 0 or np.max(labels) >= NUM_CLASSES):
+        raise ValueError(f"labels span [{np.min(labels)}, {np.max(labels)}]; allowed: [0, {NUM_CLASSES - 1}] (the "
+                         f"testbed classifier's {NUM_CLASSES} classes; the class accuracy would be meaningless)")
 
     ref = _testbed_reference("train")
     got = testbed_features(images)
@@ -81,60 +87,126 @@ def real_data_floor() -> dict:
     return testbed_metrics(to_uint8(x), y.numpy())
 
 
-def inception_metrics(images: np.ndarray, reference: str, weights: str | None = None, device="cpu") -> dict:
-    """FID, sFID, IS, precision/recall of RGB uint8 images against an ADM reference batch (its arr_0 images)."""
+def inception_network(weights: str | None = None, device="cpu"):
+    """The FID Inception network from the user's weights file (see eval/inception.py), on ``device``."""
     from ditgraft.eval.inception import InceptionFeatures
 
-    net = InceptionFeatures.from_file(weights, device=device)
-    ref = adm.load_reference_batch(reference)
-    if "arr_0" not in ref:
-        raise ValueError(f"reference={reference!r} has no arr_0 images; ditgraft computes reference features itself")
-    a, b = net.extract(ref["arr_0"]), net.extract(images)
+    return InceptionFeatures.from_file(weights, device=device)
+
+
+def inception_metrics(images, reference: str, weights: str | None = None, device="cpu", net=None,
+                      batch_size: int = 250) -> dict:
+    """FID, sFID, IS, precision/recall of RGB uint8 images against an ADM reference batch (its arr_0 images).
+
+    ``images``: uint8 NHWC array, or an iterable of such batches (``adm.iter_npz_batches``: a 50k-sample file is
+    never held in memory); the reference images are streamed the same way. ``net``: any network with
+    ``extract(images) -> {"pool", "logits", "spatial"}`` (default: the FID Inception from ``weights`` on ``device``).
+    """
+    if net is None:
+        net = inception_network(weights, device)
+    a = net.extract(adm.iter_npz_batches(reference, "arr_0", batch_size))
+    return inception_scores(a, net.extract(images if isinstance(images, np.ndarray) else iter(images)))
+
+
+def inception_scores(a: dict, b: dict) -> dict:
+    """The metrics from reference features ``a`` and sample features ``b`` (``extract`` outputs)."""
     pr = metrics.precision_recall(a["pool"], b["pool"], k=3)
     return {
-        "num": int(len(images)),
+        "num": int(len(b["pool"])),
         "fid": metrics.fid_from_features(a["pool"], b["pool"]),
         "sfid": metrics.fid_from_features(a["spatial"], b["spatial"]),
-        "inception_score": metrics.inception_score(metrics.probs_from_logits(b["logits"]))[0],
-        "kid_x1000": 1000 * metrics.kid(a["pool"], b["pool"])[0],
+        "inception_score": metrics.inception_score(metrics.probs_from_logits(b["logits"]),
+                                                   splits=min(10, len(b["logits"])))[0],
+        "kid_x1000": 1000 * metrics.kid(a["pool"], b["pool"], subset_size=min(1000, len(a["pool"]),
+                                                                              len(b["pool"])))[0],
         "precision": pr[0],
         "recall": pr[1],
     }
 
 
 def evaluate_samples(path: str, features: str = "testbed", reference: str | None = None,
-                     inception_weights: str | None = None) -> dict:
-    """Metrics of a sample .npz (ADM layout: arr_0 images, arr_1 labels)."""
+                     inception_weights: str | None = None, device="cpu", net=None) -> dict:
+    """Metrics of a sample .npz (ADM layout: arr_0 images, arr_1 labels). Inception features stream the file."""
     if features not in FEATURES:
         raise ValueError(f"features={features!r} is not allowed; use one of {FEATURES}")
-    images, labels = adm.load_samples_npz(path)
     if features == "testbed":
+        images, labels = adm.load_samples_npz(path)
         return testbed_metrics(images, labels)
     if reference is None:
         raise ValueError("features='inception' needs reference=PATH (an ADM reference batch .npz)")
-    return inception_metrics(images, reference, inception_weights)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"samples file {path!r} does not exist")
+    return inception_metrics(adm.iter_npz_batches(path, "arr_0", 250), reference, inception_weights, device, net)
+
+
+def eval_hooks(model, vae: str | None = None, features: str = "testbed", reference: str | None = None,
+               inception_weights: str | None = None, device="cpu", net=None) -> dict:
+    """``decode`` / ``evaluate`` for ``sample_and_evaluate``: latent models (channels other than 1 or 3) decode
+    with the VAE; ``features='inception'`` scores against an ADM reference batch. Empty for the testbed."""
+    hooks = {}
+    if model.in_channels not in (1, 3):
+        if vae is None:
+            raise ValueError(f"eval.vae is missing: the model works on {model.in_channels}-channel latents, so its "
+                             "samples must be decoded; name a VAE folder or hub id (e.g. stabilityai/sd-vae-ft-ema)")
+        from ditgraft.data.vae import latent_decoder, load_vae
+
+        hooks["decode"] = latent_decoder(load_vae(vae, device=device))
+    if features not in FEATURES:
+        raise ValueError(f"features={features!r} is not allowed; use one of {FEATURES}")
+    if features == "inception":
+        if reference is None:
+            raise ValueError("eval.reference is missing: inception features need an ADM reference batch .npz")
+        if net is None:
+            net = inception_network(inception_weights, device)
+        ref: dict = {}
+
+        def evaluate(images, labels):  # the reference features once for every model evaluated
+            if not ref:
+                ref.update(net.extract(adm.iter_npz_batches(reference, "arr_0", 250)))
+            return inception_scores(ref, net.extract(images))
+
+        hooks["evaluate"] = evaluate
+    return hooks
 
 
 def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOCOL, device="cpu",
-                        progress: bool = True, tag: str = "samples") -> dict:
+                        progress: bool = True, tag: str = "samples", decode=None, evaluate=None) -> dict:
     """Run the protocol: write ``{tag}.npz``, ``{tag}.png`` (first 100) and ``{tag}_metrics.json`` in out_dir.
-    Skipped (metrics read back) when the metrics file exists for the same protocol."""
+    Skipped (metrics read back) when the metrics file exists for the same protocol. ``decode`` (latents -> images)
+    and ``evaluate`` ((images, labels) -> metrics; default the testbed metrics) come from ``eval_hooks``. Under
+    torchrun the sample batches are shared out over the ranks and gathered on rank 0, which alone writes; every rank
+    returns the metrics."""
+    from ditgraft.distributed import on_main, rank_world
+
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
-    if os.path.exists(metrics_path):
+
+    def cached() -> dict | None:
         from ditgraft.utils import read_json
 
-        cached = read_json(metrics_path)
-        if cached.get("protocol") == asdict(protocol):
-            return cached
+        row = read_json(metrics_path) if os.path.exists(metrics_path) else {}
+        return row if row.get("protocol") == asdict(protocol) else None
+
+    done = on_main(cached)
+    if done is not None:
+        return done
+    rank, world = rank_world()
     t0 = time.time()
     images, labels = generate(model, protocol.num, protocol.sampling(), seed=protocol.seed,
-                              batch_size=protocol.batch_size, device=device, progress=progress)
+                              batch_size=protocol.batch_size, device=device, rank=rank, world=world, decode=decode,
+                              progress=progress and rank == 0)
     wall = time.time() - t0
+    gathered = gather_samples(out_dir, images, labels, protocol.batch_size)
+    return on_main(lambda: _write_evaluation(out_dir, tag, *gathered, protocol, wall, evaluate))
+
+
+def _write_evaluation(out_dir: str, tag: str, images: np.ndarray, labels: np.ndarray, protocol: Protocol,
+                      wall: float, evaluate=None) -> dict:
+    metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
     adm.save_samples_npz(os.path.join(out_dir, f"{tag}.npz"), images, labels)
     order = np.argsort(labels[:100] if len(labels) >= 100 else labels, kind="stable")
     save_grid(os.path.join(out_dir, f"{tag}.png"), images[:100][order])
-    result = testbed_metrics(images, labels)
+    result = (evaluate or testbed_metrics)(images, labels)
     result.update({"protocol": asdict(protocol), "sampling_seconds": wall})
     atomic_write_json(metrics_path, result)
     return result

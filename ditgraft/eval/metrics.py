@@ -4,7 +4,7 @@ Everything here is plain numpy/scipy on arrays of features (rows = samples) and 
 Where the features come from (Inception pool_3, the testbed classifier, ...) is the caller's business.
 
 Conventions follow the ADM evaluator (guided-diffusion `evaluations/evaluator.py`), which produced the
-published DiT / grafting numbers (REFERENCE.md section 8):
+published DiT / grafting numbers:
 - FID:   ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); covariance with ddof=1 (np.cov).
 - sFID:  the same FID on "spatial" features (first 7 channels of Inception `mixed_6/conv`, 17x17x7 = 2023
          dims, flattened in HWC order). Nothing special is needed: `fid_from_features(spatial_a, spatial_b)`,

@@ -14,22 +14,31 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import yaml
 
-from ditgraft.eval.evaluate import Protocol, sample_and_evaluate
+from ditgraft.analysis.locality import analyze_model, write_analysis_report
+from ditgraft.data.images import load_dataset
+from ditgraft.distributed import on_main, rank_world
+from ditgraft.eval.decision import Targets, decision_eval, format_decision
+from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
+from ditgraft.graft.layers import selector_needs
+from ditgraft.graft.report import build_report, write_report
 from ditgraft.graft.stage1 import load_best_operators, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
 from ditgraft.models.adapters import get_slot, model_dims
-from ditgraft.models.checkpoints import load_dit
+from ditgraft.models.checkpoints import ASSETS, load_dit
 from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, load_diffusers
 from ditgraft.models.families.base import cond_rows
-from ditgraft.recipe import LayerSelector, Recipe
-from ditgraft.utils import atomic_write_json, atomic_write_text, read_json, resolve_device
+from ditgraft.recipe import Data, Recipe
+from ditgraft.train.memory import format_stage2_memory
+from ditgraft.utils import (atomic_write_json, atomic_write_text, ensure_writable, read_json, resolve_device,
+                            run_lock)
 
 STAGES = ("stage1", "stage2", "eval", "report")
 
@@ -42,18 +51,26 @@ def load_teacher(recipe: Recipe, device) -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
-def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def load_data(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples (x, y) of a recipe's ``data``, its options passed to the loader."""
+    if data.source == "mnist5k":
+        return load_dataset(data.text())
+    return load_dataset(data.path, image_size=data.image_size, channels=data.channels, latent_scale=data.scale,
+                        labels_path=data.labels)
+
+
+def load_split(data: Data | str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows.
     Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class). y is labels, or a tuple
     (caption embeddings, masks) for caption data."""
-    from ditgraft.data.images import load_dataset
-
-    if spec == "mnist5k":
+    data = Data.model_validate(data)
+    if data.source == "mnist5k" and data.split is None:
         (x, y), (xv, yv) = load_dataset("mnist5k:train"), load_dataset("mnist5k:val")
     else:
-        x_all, y_all = load_dataset(spec)
+        x_all, y_all = load_data(data)
         if len(x_all) <= n_val:
-            raise ValueError(f"data={spec!r} has {len(x_all)} samples; need more than val_samples={n_val}")
+            raise ValueError(f"data={data.text() or data.path!r} has {len(x_all)} samples; need more than "
+                             f"val_samples={n_val}")
         x, y = x_all[:-n_val], cond_rows(y_all, slice(None, -n_val))
         xv, yv = x_all[-n_val:], cond_rows(y_all, slice(len(x_all) - n_val, None))
     g = torch.Generator().manual_seed(seed)
@@ -62,35 +79,39 @@ def load_split(spec: str, n_train: int, n_val: int, seed: int = 0) -> tuple[torc
     return x[keep], cond_rows(y, keep), xv[keep_val], cond_rows(yv, keep_val)
 
 
-def _needs(recipe: Recipe, *selects: str) -> bool:
-    return any(isinstance(g.layers, LayerSelector) and g.layers.select in selects for g in recipe.grafts)
+def _needs(recipe: Recipe, need: str) -> bool:
+    """Whether some graft's layer selector needs ``need`` (``ditgraft.graft.layers.NEEDS``) prepared."""
+    return any(need in selector_needs(g.layers) for g in recipe.grafts)
 
 
 def _analysis(teacher, run_dir: str, device, log) -> dict:
-    from ditgraft.eval.analysis import analyze_model, write_analysis_report
-
     path = os.path.join(run_dir, "analysis", "analysis.json")
-    if os.path.exists(path):
-        return read_json(path)
-    log("analysis: attention locality of the teacher (for the layer selectors)")
-    result = analyze_model(teacher, num_samples=50, steps=10, device=device)
-    write_analysis_report(result, os.path.join(run_dir, "analysis"))
-    return result
+
+    def run() -> dict:  # rank 0's analysis, shared with the other ranks
+        if os.path.exists(path):
+            return read_json(path)
+        log("analysis: attention locality of the teacher (for the layer selectors)")
+        result = analyze_model(teacher, num_samples=50, steps=10, device=device)
+        write_analysis_report(result, os.path.join(run_dir, "analysis"))
+        return result
+
+    return on_main(run)
 
 
 def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[int, dict[int, float]]:
-    """auto selector: distil the candidate operator into every layer briefly; relative val MSE per layer."""
+    """Selectors that need probe losses: distil the candidate operator into every layer briefly; relative val MSE
+    per layer."""
     out = {}
     depth = model_dims(teacher).depth
     for gi, g in enumerate(recipe.grafts):
-        if not (isinstance(g.layers, LayerSelector) and g.layers.select == "auto" and g.layers.by == "stage1_loss"):
+        if "probe_losses" not in selector_needs(g.layers):
             continue
         probe = [ResolvedGraft(g.slot, i, g.operator, dict(g.options), g.loss, g.huber_delta, g.init)
                  for i in range(depth)]
         cfg = recipe.stage1.model_copy(update={"steps": g.layers.probe_steps,
                                                "eval_every": g.layers.probe_steps})
         x, y, xv, yv = load_split(cfg.data, cfg.samples, cfg.val_samples, recipe.seed)
-        log(f"auto selector: probing {g.operator} in all {depth} {g.slot} slots for {cfg.steps} steps")
+        log(f"{g.layers.select} selector: probing {g.operator} in all {depth} {g.slot} slots for {cfg.steps} steps")
         res = run_stage1(teacher, probe, cfg, x, y, xv, yv, os.path.join(run_dir, f"probe{gi}"), recipe.seed,
                          device, log=log)
         out[gi] = {s["layer"]: s["val_rel_mse"] for s in res["operators"].values()}
@@ -99,14 +120,12 @@ def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[in
 
 def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> list[ResolvedGraft]:
     path = os.path.join(run_dir, "plan.json")
-    if os.path.exists(path):
+    if on_main(lambda: os.path.exists(path)):
         return [ResolvedGraft(**g) for g in read_json(path)["grafts"]]
-    analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "most_local", "least_local") or any(
-        isinstance(g.layers, LayerSelector) and g.layers.select == "auto" and g.layers.by == "locality"
-        for g in recipe.grafts) else None
-    probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "auto") else None
+    analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "analysis") else None
+    probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "probe_losses") else None
     grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
-    atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes})
+    on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))
     return grafts
 
 
@@ -127,7 +146,10 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
             with torch.no_grad():
                 per = 3 * count_flops(op, x) // 2  # training = 3 x forward, as for the DiT
             op_train += per * s1.steps * s1.batch_size
-    s2_step = dit_train_flops_per_sample(student) * recipe.stage2.batch_size
+    s2_per_sample = dit_train_flops_per_sample(student)
+    if recipe.stage2.distill_weight > 0:  # output distillation: one teacher forward per sample
+        s2_per_sample += dit_forward_flops_per_sample(teacher)
+    s2_step = s2_per_sample * recipe.stage2.batch_size
     s2 = s2_step * recipe.stage2.steps if recipe.stage2.enabled else 0
     pre = (teacher_meta.get("pretrain") or {}).get("train_flops")
     total = extraction + op_train + s2
@@ -142,8 +164,6 @@ def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, stud
 def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
     """The shipped testbed teacher's metrics under ``protocol``, from its model card (None for another teacher or
     a protocol the card did not measure)."""
-    from ditgraft.models.checkpoints import ASSETS
-
     if source != "testbed":
         return None
 
@@ -155,94 +175,233 @@ def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
     return None
 
 
-def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool) -> dict:
+def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool,
+                     **hooks) -> dict:
     """The teacher under the same protocol; the shipped testbed teacher's numbers are read from its card."""
     row = _testbed_card_metrics(source, protocol)
     if row is not None:
         return row
-    return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher")
+    return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher",
+                               **hooks)
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: the recipe, its run directory, the teacher and the resolved grafts."""
+    recipe: Recipe
+    run_dir: str
+    stages: tuple[str, ...]
+    device: torch.device
+    progress: bool
+    log: Callable
+    teacher: torch.nn.Module
+    teacher_meta: dict
+    grafts: list[ResolvedGraft]
+    timings: dict
+    evals: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    def timed(self, name: str, fn: Callable):
+        """``fn()``, its wall time added to timings.json under ``name``."""
+        t0 = time.time()
+        out = fn()
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+        on_main(lambda: atomic_write_json(self.path("timings.json"), self.timings))
+        return out
+
+    @functools.cached_property
+    def accounting(self) -> dict:  # one surgery + FLOP count, shared by the random-init baseline and the report
+        return compute_accounting(self.teacher, self.teacher_meta, self.grafts, self.recipe,
+                                  graft_model(self.teacher, self.grafts, self.recipe.seed))
+
+    @property
+    def protocol(self) -> Protocol:
+        e = self.recipe.eval
+        return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed,
+                        clip_denoised=family_of(self.teacher).in_channels(self.teacher) in (1, 3))  # latents are not clipped (DiT)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of ``run_graft``: it runs when its name is among the requested stages and ``done`` is False."""
+    name: str  # one of STAGES
+    done: Callable[[Run], bool]  # complete on disk, or not asked for by the recipe
+    run: Callable[[Run], None]
+
+
+def _stage1(r: Run) -> None:
+    c = r.recipe.stage1
+    x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, r.recipe.seed)
+    r.timed("stage1", lambda: run_stage1(r.teacher, r.grafts, c, x, y, xv, yv, r.path("stage1"), r.recipe.seed,
+                                         r.device, progress=r.progress, log=r.log))
+
+
+def _stage2(r: Run) -> None:
+    if r.recipe.stage2.enabled:
+        r.log(format_stage2_memory(r.teacher, r.recipe.stage2, rank_world()[1]))
+    student = _train_student(r, r.run_dir, r.path("stage1") if r.recipe.stage1.enabled else None, "stage2")
+    on_main(lambda: save_grafted(r.path("student.safetensors"), student, r.grafts, r.recipe.to_dict(),
+                                 r.teacher_meta))
+
+
+def _random_init_baseline(r: Run) -> None:
+    steps = r.accounting["random_init_stage2_steps"]
+    r.log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
+    student = _train_student(r, r.path("baseline_random"), None, "baseline_random", steps=steps)
+    on_main(lambda: save_grafted(r.path("baseline_random", "student.safetensors"), student, r.grafts,
+                                 r.recipe.to_dict(), r.teacher_meta))
+
+
+def _evaluate(r: Run) -> None:
+    out, ev = r.path("eval"), r.recipe.eval
+    hooks = eval_hooks(r.teacher, vae=ev.vae, features=ev.features, reference=ev.reference,
+                       inception_weights=ev.inception_weights, device=r.device)
+    student, _ = load_grafted(r.path("student.safetensors"), r.device)
+    r.evals["grafted"] = r.timed("eval", lambda: sample_and_evaluate(student, out, r.protocol, r.device, r.progress,
+                                                                      tag="grafted", **hooks))
+    if "teacher" in ev.baselines:
+        r.evals["teacher"] = _teacher_metrics(r.teacher, r.recipe.teacher.source, r.protocol, r.run_dir, r.device,
+                                              r.progress, **hooks)
+    if "random_init" in ev.baselines:
+        base, _ = load_grafted(r.path("baseline_random", "student.safetensors"), r.device)
+        r.evals["random_init"] = sample_and_evaluate(base, out, r.protocol, r.device, r.progress, tag="random_init",
+                                                     **hooks)
+    if ev.protocol == "decision":
+        r.timed("eval_decision", lambda: _decision(r.recipe, r.run_dir, r.protocol, student, r.teacher, r.device,
+                                                   r.progress, r.log))
+
+
+def _report(r: Run) -> None:
+    evals = r.evals
+    if "eval" not in r.stages:  # e.g. the report alone: use the evaluations already on disk
+        evals = _evaluations_on_disk(r.run_dir, r.protocol)
+        card = _testbed_card_metrics(r.recipe.teacher.source, r.protocol)
+        if "teacher" in r.recipe.eval.baselines and card is not None:
+            evals["teacher"] = card
+    s1_path = r.path("stage1", "summary.json")
+    stage1 = read_json(s1_path) if os.path.exists(s1_path) else None
+    r.report = build_report(r.recipe, r.grafts, stage1, evals, r.accounting, r.timings)
+    on_main(lambda: write_report(r.run_dir, r.report))
+
+
+PIPELINE = (
+    Stage("stage1", lambda r: not r.recipe.stage1.enabled or os.path.exists(r.path("stage1", "summary.json")),
+          _stage1),
+    Stage("stage2", lambda r: os.path.exists(r.path("student.safetensors")), _stage2),
+    Stage("stage2", lambda r: "random_init" not in r.recipe.eval.baselines
+          or os.path.exists(r.path("baseline_random", "student.safetensors")), _random_init_baseline),
+    Stage("eval", lambda r: not r.recipe.eval.enabled or not os.path.exists(r.path("student.safetensors")),
+          _evaluate),
+    Stage("report", lambda r: False, _report),
+)
 
 
 def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
               log=print) -> dict:
-    """Run the recipe's stages in ``run_dir``; returns the report dict."""
+    """Run the recipe's stages (``PIPELINE``, those named in ``stages``) in ``run_dir``, locked for the call;
+    returns the report dict.
+
+    Under torchrun every rank runs this: the training stages are data parallel, sampling is shared out, and rank 0
+    alone writes files (and holds the lock) while the others wait (``on_main``); whether a stage is complete is
+    rank 0's view of the run directory, so every rank skips or resumes the same stages."""
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"stage={s!r} is not allowed; use some of {STAGES}")
     dev = resolve_device(device or recipe.device)
-    os.makedirs(run_dir, exist_ok=True)
+    ensure_writable(run_dir, "run directory")
+    with run_lock(run_dir, f"ditgraft graft {recipe.name}"):
+        return _run_graft(recipe, run_dir, stages, dev, progress, log)
+
+
+def _yaml_file(path: str):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _start_recording(recipe: Recipe, run_dir: str) -> bool:
+    """True when ``run_dir`` already records this recipe; refuses a different one. An unrecorded directory (a
+    failed or killed first attempt) keeps its planning results only if they were made for this same recipe."""
     recipe_path = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe_path):
-        with open(recipe_path) as f:
-            previous = yaml.safe_load(f)
-        if previous != recipe.to_dict():
+        if _yaml_file(recipe_path) != recipe.to_dict():
             raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
-    else:
-        atomic_write_text(recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        return True
+    on_main(lambda: _forget_other_attempt(recipe, run_dir))
+    return False
+
+
+def _forget_other_attempt(recipe: Recipe, run_dir: str) -> None:
+    """Drop the planning results of an unrecorded attempt with another recipe; note this recipe as pending."""
+    import glob
+    import shutil
+
+    pending = os.path.join(run_dir, "recipe.pending.yaml")
+    if os.path.exists(pending) and _yaml_file(pending) != recipe.to_dict():
+        for stale in [os.path.join(run_dir, "plan.json"), os.path.join(run_dir, "analysis"),
+                      *glob.glob(os.path.join(run_dir, "probe*"))]:
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+            elif os.path.exists(stale):
+                os.remove(stale)
+    atomic_write_text(pending, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _record_recipe(recipe: Recipe, run_dir: str) -> None:
+    """Layers, teacher and data resolved: only now is the run directory this recipe's."""
+    atomic_write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    os.remove(os.path.join(run_dir, "recipe.pending.yaml"))
+
+
+def _check_data(recipe: Recipe, teacher) -> None:
+    """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels)."""
+    from ditgraft.data.images import check_data_fits
+
+    for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples), ("stage2", recipe.stage2, 10**9)):
+        if c.enabled:
+            x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)
+            check_data_fits(x, y, teacher, f"{name}.data = {c.data}")
+            check_data_fits(xv, yv, teacher, f"{name}.data = {c.data} (validation rows)")
+
+
+def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -> dict:
+    recorded = _start_recording(recipe, run_dir)
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
+    if not recorded:
+        _check_data(recipe, teacher)
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
+    if not recorded:
+        on_main(lambda: _record_recipe(recipe, run_dir))
     log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
-    timings = read_json(os.path.join(run_dir, "timings.json")) if os.path.exists(
-        os.path.join(run_dir, "timings.json")) else {}
-    student_path = os.path.join(run_dir, "student.safetensors")
+    timings_path = os.path.join(run_dir, "timings.json")
+    timings = read_json(timings_path) if os.path.exists(timings_path) else {}
+    run = Run(recipe, run_dir, tuple(stages), dev, progress, log, teacher, teacher_meta, grafts, timings)
+    for stage in PIPELINE:
+        if stage.name in run.stages and not on_main(lambda: stage.done(run)):
+            stage.run(run)
+    return run.report
 
-    def timed(name, fn):
-        t0 = time.time()
-        out = fn()
-        timings[name] = timings.get(name, 0.0) + time.time() - t0
-        atomic_write_json(os.path.join(run_dir, "timings.json"), timings)
-        return out
 
-    @functools.cache
-    def accounting() -> dict:  # one surgery + FLOP count, shared by the random-init baseline and the report
-        return compute_accounting(teacher, teacher_meta, grafts, recipe, graft_model(teacher, grafts, recipe.seed))
-
-    s1_dir = os.path.join(run_dir, "stage1")
-    if "stage1" in stages and recipe.stage1.enabled and not os.path.exists(os.path.join(s1_dir, "summary.json")):
-        c = recipe.stage1
-        x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, recipe.seed)
-        timed("stage1", lambda: run_stage1(teacher, grafts, c, x, y, xv, yv, s1_dir, recipe.seed, dev,
-                                           progress=progress, log=log))
-    if "stage2" in stages and not os.path.exists(student_path):
-        student = _train_student(recipe, teacher, grafts, run_dir, dev, progress,
-                                 s1_dir if recipe.stage1.enabled else None, timed, "stage2")
-        save_grafted(student_path, student, grafts, recipe.to_dict(), teacher_meta)
-    if "random_init" in recipe.eval.baselines and "stage2" in stages:
-        path = os.path.join(run_dir, "baseline_random", "student.safetensors")
-        if not os.path.exists(path):
-            steps = accounting()["random_init_stage2_steps"]
-            log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
-            student = _train_student(recipe, teacher, grafts, os.path.join(run_dir, "baseline_random"), dev,
-                                     progress, None, timed, "baseline_random", steps=steps)
-            save_grafted(path, student, grafts, recipe.to_dict(), teacher_meta)
-    evals = {}
-    protocol = Protocol(num=recipe.eval.num, sampler=recipe.eval.sampler, steps=recipe.eval.steps,
-                        cfg_scale=recipe.eval.cfg_scale, seed=recipe.eval.seed)
-    if "eval" not in stages:  # e.g. the report alone: use the evaluations already on disk
-        evals = _evaluations_on_disk(run_dir, protocol)
-        card = _testbed_card_metrics(recipe.teacher.source, protocol)
-        if "teacher" in recipe.eval.baselines and card is not None:
-            evals["teacher"] = card
-    if "eval" in stages and recipe.eval.enabled and os.path.exists(student_path):
-        if family_of(teacher).in_channels(teacher) not in (1, 3):
-            log("eval: latent-space model; sample with `ditgraft sample` and a VAE, then `ditgraft eval`")
-        else:
-            student, _ = load_grafted(student_path, dev)
-            evals["grafted"] = timed("eval", lambda: sample_and_evaluate(
-                student, os.path.join(run_dir, "eval"), protocol, dev, progress, tag="grafted"))
-            if "teacher" in recipe.eval.baselines:
-                evals["teacher"] = _teacher_metrics(teacher, recipe.teacher.source, protocol, run_dir, dev, progress)
-            if "random_init" in recipe.eval.baselines:
-                base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
-                evals["random_init"] = sample_and_evaluate(base, os.path.join(run_dir, "eval"), protocol, dev,
-                                                           progress, tag="random_init")
-    report = {}
-    if "report" in stages:
-        from ditgraft.graft.report import write_report
-
-        report = write_report(run_dir, recipe, grafts, evals, accounting(), timings)
-    return report
+def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log) -> None:
+    """The decision protocol over ``recipe.eval.seeds``: student vs teacher (with the recipe's targets) and, when
+    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt."""
+    e, out = recipe.eval, os.path.join(run_dir, "eval")
+    kw = dict(seeds=e.seeds, protocol=protocol, against_dir=out, resamples=e.resamples, device=dev,
+              progress=progress)
+    res = decision_eval(student, out, against=teacher, tag="grafted", against_tag="teacher",
+                        targets=Targets(e.target_ratio, e.target_gap), **kw)
+    text = [format_decision(res, "grafted", "teacher")]
+    if "random_init" in e.baselines:
+        base, _ = load_grafted(os.path.join(run_dir, "baseline_random", "student.safetensors"), dev)
+        res = decision_eval(base, out, against=student, tag="random_init", against_tag="grafted",
+                            targets=Targets(1.0, 0.0), **kw)
+        text.append(format_decision(res, "random_init", "grafted")
+                    + "\n  (random init worse than grafting, beyond doubt: both verdicts 'missed')")
+    on_main(lambda: atomic_write_text(os.path.join(out, "decision.txt"), "\n".join(text) + "\n"))
+    log("\n".join(text))
 
 
 def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
@@ -256,17 +415,18 @@ def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
     return out
 
 
-def _train_student(recipe, teacher, grafts, out_dir: str, dev, progress, stage1_dir: str | None, timed,
-                   timing_key: str, steps: int | None = None):
+def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str, steps: int | None = None):
     """Student = surgery (+ stage 1's best operators when ``stage1_dir``), then stage 2 in ``out_dir/stage2``
     (``steps`` overrides the recipe's stage-2 step count: the random-init baseline's matched budget)."""
-    student = graft_model(teacher, grafts, recipe.seed).to(dev)
+    recipe = r.recipe
+    student = graft_model(r.teacher, r.grafts, recipe.seed).to(r.device)
     if stage1_dir is not None:
-        load_best_operators(student, grafts, stage1_dir)
+        load_best_operators(student, r.grafts, stage1_dir)
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
     x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
-    student, _ = timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
-                                                      recipe.seed, progress, grafts=grafts))
+    student, _ = r.timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
+                                                        recipe.seed, r.progress, teacher=r.teacher,
+                                                        grafts=r.grafts))
     return student

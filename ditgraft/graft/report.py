@@ -68,33 +68,40 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
-def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timings: dict) -> dict:
-    s1_path = os.path.join(run_dir, "stage1", "summary.json")
-    stage1 = read_json(s1_path) if os.path.exists(s1_path) else None
-    plots = plot_curves(run_dir)
-    report = {
+def build_report(recipe, grafts, stage1: dict | None, evals: dict, compute: dict, timings: dict) -> dict:
+    """The report's numbers (report.json): the recipe, the resolved grafts, stage 1's summary, the evaluations (each
+    with its FID relative to the teacher's, when the teacher was evaluated), the compute accounting and timings.
+    The arguments are left unchanged."""
+    teacher_fid = evals.get("teacher", {}).get("fid")
+    if teacher_fid:
+        evals = {name: {**row, "fid_ratio_to_teacher": row["fid"] / teacher_fid} for name, row in evals.items()}
+    else:
+        evals = {name: dict(row) for name, row in evals.items()}
+    return {
         "recipe": recipe.to_dict(),
         "grafts": [dict(slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss) for g in grafts],
         "stage1": stage1,
         "eval": evals,
-        "compute": compute,
-        "timings_seconds": timings,
+        "compute": dict(compute),
+        "timings_seconds": dict(timings),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if "teacher" in evals and evals["teacher"].get("fid"):
-        for row in evals.values():
-            row["fid_ratio_to_teacher"] = row["fid"] / evals["teacher"]["fid"]
-    md = [f"# ditgraft run: {recipe.name}", ""]
-    if recipe.description:
-        md += [recipe.description, ""]
-    md += [f"Teacher: `{recipe.teacher.source}`. Date {report['date']}; torch {torch.__version__}, "
+
+
+def render_markdown(report: dict, plots: dict[str, str], run_dir: str) -> str:
+    """report.md from a ``build_report`` dict: the tables a person reads, the sample grids and the curves."""
+    recipe, stage1, evals, timings = report["recipe"], report["stage1"], report["eval"], report["timings_seconds"]
+    md = [f"# ditgraft run: {recipe['name']}", ""]
+    if recipe["description"]:
+        md += [recipe["description"], ""]
+    md += [f"Teacher: `{recipe['teacher']['source']}`. Date {report['date']}; torch {report['machine']['torch']}, "
            f"{report['machine']['threads']} threads, {'CUDA' if report['machine']['cuda'] else 'CPU'}.", ""]
     md += ["## Grafts (resolved layers)", "", "| slot | layers | operator | stage-1 loss |", "|---|---|---|---|"]
     by_op: dict[tuple, list[int]] = {}
-    for g in grafts:
-        by_op.setdefault((g.slot, g.operator, g.loss), []).append(g.layer)
+    for g in report["grafts"]:
+        by_op.setdefault((g["slot"], g["operator"], g["loss"]), []).append(g["layer"])
     for (slot, op, loss), layers in by_op.items():
         md.append(f"| {slot} | {', '.join(map(str, layers))} | {op} | {loss} |")
     if stage1:
@@ -120,7 +127,7 @@ def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timin
         for name in evals:
             if os.path.exists(os.path.join(run_dir, "eval", f"{name}.png")):
                 md.append(f"\n{name} samples (one row per class order):\n\n![{name}](eval/{name}.png)")
-    c = compute
+    c = report["compute"]
     md += ["", "## Compute", "", "| part | FLOPs |", "|---|---|",
            f"| stage 1: teacher forwards (extraction) | {_fmt(float(c['stage1_extraction_flops']))} |",
            f"| stage 1: operator training | {_fmt(float(c['stage1_operator_flops']))} |",
@@ -130,13 +137,19 @@ def write_report(run_dir: str, recipe, grafts, evals: dict, compute: dict, timin
     if c.get("share_of_pretraining") is not None:
         md.append(f"\nGrafting cost: **{100 * c['share_of_pretraining']:.2f}%** of the teacher's pretraining FLOPs "
                   f"(stage 2 alone {100 * c['stage2_share_of_pretraining']:.2f}%).")
-    if "random_init" in recipe.eval.baselines:
+    if "random_init" in recipe["eval"]["baselines"]:
         md.append(f"\nThe random-init baseline (no stage 1) spends the same total FLOPs on stage 2 alone: "
-                  f"{c['random_init_stage2_steps']} steps instead of {recipe.stage2.steps}.")
+                  f"{c['random_init_stage2_steps']} steps instead of {recipe['stage2']['steps']}.")
     if timings:
         md += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     for name, path in plots.items():
         md.append(f"\n![{name}]({os.path.basename(path)})")
-    atomic_write_text(os.path.join(run_dir, "report.md"), "\n".join(md) + "\n")
+    return "\n".join(md) + "\n"
+
+
+def write_report(run_dir: str, report: dict) -> dict:
+    """Render a ``build_report`` dict into ``run_dir``: report.json, the loss-curve PNGs and report.md."""
+    plots = plot_curves(run_dir)
+    atomic_write_text(os.path.join(run_dir, "report.md"), render_markdown(report, plots, run_dir))
     atomic_write_json(os.path.join(run_dir, "report.json"), report)
     return report

@@ -1,6 +1,6 @@
 """Stage 1, activation distillation: each new operator learns to reproduce the teacher operator it replaces.
 
-Done right (REFERENCE section 2, unlike the released extraction script):
+How it is done (unlike the released extraction script):
 - inputs are noised latents x_t = q_sample(x_0, t, eps) with t ~ U{0..999}, and the teacher is called with its own
   conditioning y (class labels, or caption embeddings and masks) through its model family;
 - forward hooks capture each grafted slot's input (the normalised, modulated stream) and its output before the gate;
@@ -12,14 +12,24 @@ Done right (REFERENCE section 2, unlike the released extraction script):
 
 Activations are cached (in memory, or as .npy shards on disk when the plan exceeds the RAM budget) or streamed from
 the teacher each step (``cache: stream``: no memory beyond one batch, a teacher forward per step).
+
+Under torchrun (DDP) every operator is trained data-parallel on all ranks, not one operator per rank: the shared loop
+gives each rank its share ``rows[rank::world]`` of every global batch and DDP averages the gradients, so N ranks
+train exactly what one rank trains with the same global batch (up to float reduction order), whatever the number of
+operators. The extraction is sharded: each rank runs the teacher on its contiguous share of the cached samples (and
+of the validation samples), then the shares are gathered so that every rank holds every row (memory cache: an
+all-gather; disk cache: each rank writes its rows into the shared .npy files). In stream mode each rank runs the
+teacher on its own share of each global batch, with its own t and noise. Validation and the best weights are rank
+0's; it alone writes files, the other ranks read the best weights back from disk after the loop's last barrier.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -28,11 +38,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.distributed import all_gather_rows, barrier, on_main, rank_world, shard_bounds
 from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.families import model_call
 from ditgraft.models.families.base import cond_len, cond_pack, cond_rows, cond_to, cond_tuple
-from ditgraft.train.loop import LoopConfig, train
+from ditgraft.recipe import Stage1
+from ditgraft.train.loop import TrainingDiverged, train
 from ditgraft.utils import atomic_path, atomic_write_json
 
 
@@ -81,24 +93,41 @@ def noised_inputs(x0: torch.Tensor, y, seed: int) -> Stage1Inputs:
     return Stage1Inputs(diffusion.q_sample(x0, t, noise), t, y)
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where stage 1 keeps the activations it distils from (summary.json holds it as a mapping)."""
+    mode: str  # memory | disk | stream
+    bytes_per_slot: int  # one slot's input and output for every train and validation sample
+    bytes_total: int
+    budget_bytes: int
+    slots: int
+    samples: int
+    val_samples: int
+    dtype: str  # of the cached activations: float32 | float16
+    copies: int = 1  # processes on this host holding the in-memory cache (torchrun ranks)
+
+
 def memory_plan(grafts: list[ResolvedGraft], dims, samples: int, val_samples: int, dtype: str,
-                budget_gb: float, mode: str) -> dict:
-    """Bytes needed to cache every slot's input and output; picks memory or disk when mode is 'auto'."""
+                budget_gb: float, mode: str, copies: int = 1) -> MemoryPlan:
+    """Bytes needed to cache every slot's input and output; picks memory or disk when mode is 'auto'.
+    ``copies``: processes on this host that each hold the whole in-memory cache (torchrun's ranks per node; the
+    disk cache is one set of files whose pages they share)."""
     el = 2 if dtype == "float16" else 4
     per_slot = (samples + val_samples) * dims.grid[0] * dims.grid[1] * dims.dim * 2 * el
     total = per_slot * len(grafts)
     chosen = mode
     if mode == "auto":
-        chosen = "memory" if total <= budget_gb * 2**30 else "disk"
-    return {"mode": chosen, "bytes_per_slot": per_slot, "bytes_total": total, "budget_bytes": int(budget_gb * 2**30),
-            "slots": len(grafts), "samples": samples, "val_samples": val_samples, "dtype": dtype}
+        chosen = "memory" if total * copies <= budget_gb * 2**30 else "disk"
+    return MemoryPlan(chosen, per_slot, total, int(budget_gb * 2**30), len(grafts), samples, val_samples, dtype,
+                      copies)
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(plan: MemoryPlan) -> str:
     gb = 2**30
-    return (f"stage 1 plan: {plan['slots']} slots x {plan['samples']}+{plan['val_samples']} samples, "
-            f"{plan['bytes_per_slot'] / gb:.2f} GiB per slot ({plan['dtype']}), {plan['bytes_total'] / gb:.2f} GiB "
-            f"in all vs budget {plan['budget_bytes'] / gb:.2f} GiB -> {plan['mode']}")
+    copies = f" x {plan.copies} ranks on this host in memory" if plan.copies > 1 else ""
+    return (f"stage 1 plan: {plan.slots} slots x {plan.samples}+{plan.val_samples} samples, "
+            f"{plan.bytes_per_slot / gb:.2f} GiB per slot ({plan.dtype}), {plan.bytes_total / gb:.2f} GiB "
+            f"in all{copies} vs budget {plan.budget_bytes / gb:.2f} GiB -> {plan.mode}")
 
 
 @torch.no_grad()
@@ -107,43 +136,56 @@ def extract(teacher: nn.Module, grafts: list[ResolvedGraft], inputs: Stage1Input
     """Run the teacher once over ``inputs`` and keep every grafted slot's (input, output).
 
     With ``out_dir`` the arrays are .npy files (memory-mapped, written batch by batch, marked complete at the end,
-    reused when complete); otherwise tensors in memory.
+    reused when complete); otherwise tensors in memory. Under torchrun each rank runs the teacher on its contiguous
+    share of the rows (``shard_bounds``): into the shared .npy files (rank 0 creates them), or in memory followed
+    by an all-gather, so that every rank ends with all rows.
     """
     dims = model_dims(teacher)
     n, shape = len(inputs.t), (len(inputs.t), dims.grid[0] * dims.grid[1], dims.dim)
     if cond_len(inputs.y) != n:
         raise ValueError(f"conditioning has {cond_len(inputs.y)} rows for {n} samples")
+    rank, world = rank_world()
+    lo, hi = shard_bounds(n, rank, world)
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     done_marker = os.path.join(out_dir, "complete.json") if out_dir else None
-    if done_marker and os.path.exists(done_marker):
+    if done_marker and on_main(lambda: os.path.exists(done_marker)):
         return _open_cache(out_dir, grafts)
     store = {}
-    for g in grafts:
-        if out_dir:
+    if out_dir:
+        def create():
             os.makedirs(out_dir, exist_ok=True)
-            store[g.key] = tuple(np.lib.format.open_memmap(os.path.join(out_dir, f"{g.key}_{io}.npy"), mode="w+",
-                                                           dtype=np_dtype, shape=shape) for io in ("in", "out"))
-        else:
-            store[g.key] = (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+            for g in grafts:
+                for io in ("in", "out"):
+                    np.lib.format.open_memmap(os.path.join(out_dir, f"{g.key}_{io}.npy"), mode="w+",
+                                              dtype=np_dtype, shape=shape).flush()
+
+        on_main(create)
+        for g in grafts:
+            store[g.key] = tuple(np.load(os.path.join(out_dir, f"{g.key}_{io}.npy"), mmap_mode="r+")
+                                 for io in ("in", "out"))
+    else:
+        local = (hi - lo,) + shape[1:]
+        store = {g.key: (torch.empty(local, dtype=dtype), torch.empty(local, dtype=dtype)) for g in grafts}
     teacher.eval()
     call = model_call(teacher)
     with capture_slots(teacher, grafts) as captured:
-        for s in range(0, n, batch_size):
-            sl = slice(s, min(s + batch_size, n))
+        for s in range(lo, hi, batch_size):
+            sl = slice(s, min(s + batch_size, hi))
             call(inputs.x_t[sl].to(device), inputs.t[sl].to(device), cond_to(cond_rows(inputs.y, sl), device))
             for key, (a, b) in captured.items():
                 for dst, src in zip(store[key], (a, b)):
                     if out_dir:
                         dst[sl] = src.cpu().numpy().astype(np_dtype)
                     else:
-                        dst[sl] = src.cpu().to(dtype)
+                        dst[sl.start - lo:sl.stop - lo] = src.cpu().to(dtype)
     if out_dir:
         for arrays in store.values():
             for arr in arrays:
                 arr.flush()
-        atomic_write_json(done_marker, {"samples": n, "slots": [g.key for g in grafts]})
+        barrier()  # every rank's rows are on disk
+        on_main(lambda: atomic_write_json(done_marker, {"samples": n, "slots": [g.key for g in grafts]}))
         return _open_cache(out_dir, grafts)
-    return store
+    return {key: tuple(all_gather_rows(t, n) for t in pair) for key, pair in store.items()}
 
 
 def _open_cache(out_dir: str, grafts: list[ResolvedGraft]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -180,6 +222,8 @@ class BestKeeper:
                     self.best[name[:-5]] = json.load(f)
 
     def offer(self, key: str, module: nn.Module, step: int, val_mse: float, rel: float) -> None:
+        if not math.isfinite(val_mse):  # a diverged operator is never the best one
+            return
         if key in self.best and val_mse >= self.best[key]["val_mse"]:
             return
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -192,7 +236,7 @@ class BestKeeper:
         module.load_state_dict(load_file(os.path.join(self.folder, f"{key}.safetensors")))
 
 
-def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.Tensor, y,
+def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0: torch.Tensor, y,
                x0_val: torch.Tensor, y_val, run_dir: str, seed: int, device,
                progress: bool = True, log=print) -> dict:
     """Distil every grafted operator; returns {key: best stats} and leaves the best weights in run_dir/best.
@@ -200,7 +244,8 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
     dims = model_dims(teacher)
-    plan = memory_plan(grafts, dims, len(x0), len(x0_val), cfg.cache_dtype, cfg.ram_budget_gb, cfg.cache)
+    plan = memory_plan(grafts, dims, len(x0), len(x0_val), cfg.cache_dtype, cfg.ram_budget_gb, cfg.cache,
+                       copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
     log(format_plan(plan))
     dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
     val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2)
@@ -225,7 +270,7 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
         return out
 
     keys = [g.key for g in grafts]
-    if plan["mode"] == "stream":
+    if plan.mode == "stream":
         diffusion = GaussianDiffusion.dit_default()
         data = (x0, *cond_tuple(y))
         call = model_call(teacher)
@@ -239,7 +284,7 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
             return _bank_losses(model, {k: captured[k] for k in keys}, losses)
     else:
         train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1)
-        cache_dir = os.path.join(run_dir, "cache") if plan["mode"] == "disk" else None
+        cache_dir = os.path.join(run_dir, "cache") if plan.mode == "disk" else None
         acts = extract(teacher, grafts, train_inputs, cfg.extract_batch_size, cache_dir, dtype, device)
         data = tuple(t for k in keys for t in acts[k])
 
@@ -247,20 +292,23 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg, x0: torch.T
             pairs = {k: (batch[2 * i].float(), batch[2 * i + 1].float()) for i, k in enumerate(keys)}
             return _bank_losses(model, pairs, losses)
 
-    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, ema_decay=None, grad_clip=cfg.grad_clip,
-                      ckpt_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 5), seed=seed, progress=progress)
+    loop = cfg.loop_config(seed, progress)
     clip_groups = [list(op.parameters()) for op in bank.ops.values()]
     result = train(bank, step_fn, data, loop, os.path.join(run_dir, "loop"), desc="stage1",
                    clip_groups=clip_groups, evaluate=evaluate, eval_every=cfg.eval_every)
+    keeper = BestKeeper(keeper.folder)  # rank 0 evaluated and wrote best/; every rank reads it back
     summary = {}
     for g in grafts:
+        if g.key not in keeper.best:
+            raise TrainingDiverged(f"stage1: {g.key} never reached a finite validation MSE in {loop.steps} steps; "
+                                   "lower stage1.lr and run again")
         final = [r for r in result.history if "loss/" + g.key in r]
         summary[g.key] = dict(keeper.best[g.key], slot=g.slot, layer=g.layer, operator=g.operator, loss=g.loss,
                               final_train_loss=final[-1]["loss/" + g.key] if final else None,
                               target_var=val_var[g.key])
-    atomic_write_json(os.path.join(run_dir, "summary.json"), {"plan": plan, "operators": summary})
-    return {"plan": plan, "operators": summary, "history": result.history}
+    on_main(lambda: atomic_write_json(os.path.join(run_dir, "summary.json"),
+                                      {"plan": asdict(plan), "operators": summary}))
+    return {"plan": asdict(plan), "operators": summary, "history": result.history}
 
 
 def _bank_losses(model, pairs: dict, losses: dict) -> dict:

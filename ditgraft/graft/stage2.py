@@ -11,24 +11,60 @@ import torch
 from torch import nn
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
-from ditgraft.models.families import family_of
+from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_tuple
-from ditgraft.train.loop import LoopConfig, train
-from ditgraft.train.pretrain import diffusion_step_fn
+from ditgraft.recipe import Stage2
+from ditgraft.train.loop import train
+from ditgraft.train.pretrain import diffusion_losses, diffusion_step_fn
 
 
-def stage2_loop_config(cfg, seed: int, progress: bool = True) -> LoopConfig:
-    return LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps, ema_decay=cfg.ema_decay,
-                      grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every,
-                      log_every=max(1, min(10, cfg.steps // 20)), seed=seed, progress=progress)
+def distill_step_fn(diffusion: GaussianDiffusion, teacher: nn.Module, weight: float):
+    """DiT's training step plus output distillation: loss = diffusion loss + weight * MSE(student output, teacher
+    output), the frozen teacher seeing the student's noised input, timestep and conditioning (labels after label
+    dropout where the family drops them inside the model), as CLEAR distils its linear-attention students. Both
+    models are called through their family. Logged as "distill"."""
+
+    def step(model, batch):
+        seen = {}
+        call = model_call(model)
+        table = family_of(model).dropped_labels_module(model)  # its input: the labels after dropout
+        hook = table.register_forward_hook(lambda _m, args, _out: seen.__setitem__("y", args[0])) if table else None
+
+        def student(x, t, y):
+            seen["x"], seen["t"], seen["out"] = x, t, call(x, t, y)
+            seen.setdefault("y", y)
+            return seen["out"]
+
+        try:
+            terms = diffusion_losses(diffusion, student, batch)
+        finally:
+            if hook is not None:
+                hook.remove()
+        with torch.no_grad():
+            target = model_call(teacher)(seen["x"], seen["t"], seen["y"])
+        terms["distill"] = ((seen["out"] - target) ** 2).mean()
+        terms["loss"] = terms["loss"] + weight * terms["distill"]
+        return terms
+
+    return step
 
 
-def run_stage2(student: nn.Module, cfg, x0: torch.Tensor, y, run_dir: str, seed: int,
-               progress: bool = True, grafts=None) -> tuple[nn.Module, list[dict]]:
+def stage2_step_fn(diffusion: GaussianDiffusion, cfg: Stage2, teacher: nn.Module | None = None):
+    """The diffusion loss, plus output distillation from ``teacher`` when ``cfg.distill_weight`` > 0."""
+    if not cfg.distill_weight:
+        return diffusion_step_fn(diffusion)
+    if teacher is None:
+        raise ValueError(f"stage2.distill_weight = {cfg.distill_weight} needs the teacher; pass teacher=")
+    teacher.eval()  # no label dropout: it sees the labels the student saw
+    return distill_step_fn(diffusion, teacher, cfg.distill_weight)
+
+
+def run_stage2(student: nn.Module, cfg: Stage2, x0: torch.Tensor, y, run_dir: str, seed: int,
+               progress: bool = True, teacher: nn.Module | None = None, grafts=None) -> tuple[nn.Module, list[dict]]:
     """Finetune the student on (x0, y) (y: labels or a tuple such as caption embeddings and masks); returns the
-    weights to keep (EMA when enabled) and the loss history. With ``cfg.lora`` the grafted slots in ``grafts``
-    train fully and the rest through LoRA adapters, merged into plain weights before returning."""
+    weights to keep (EMA when enabled) and the loss history. ``teacher`` is needed when ``cfg.distill_weight`` > 0
+    (output distillation). With ``cfg.lora`` the grafted slots in ``grafts`` train fully and the rest through LoRA
+    adapters, merged into plain weights before returning."""
     family = family_of(student)
     diffusion = GaussianDiffusion.dit_default(learn_sigma=family.learn_sigma(student))
     lora = getattr(cfg, "lora", None)
@@ -41,7 +77,8 @@ def run_stage2(student: nn.Module, cfg, x0: torch.Tensor, y, run_dir: str, seed:
         student.requires_grad_(True)
         for p in family.frozen_parameters(student):
             p.requires_grad_(False)
-    result = train(student, diffusion_step_fn(diffusion), (x0, *cond_tuple(y)), stage2_loop_config(cfg, seed, progress),
+    result = train(student, stage2_step_fn(diffusion, cfg, teacher), (x0, *cond_tuple(y)),
+                   cfg.loop_config(seed, progress),
                    os.path.join(run_dir, "loop"), desc="stage2")
     out = result.ema if result.ema is not None else result.model
     if lora is not None:

@@ -8,15 +8,18 @@ rebuilds it alone; a grafted diffusers model rebuilds as its diffusers class wit
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from ditgraft.graft.layers import resolve_layers
 from ditgraft.models.adapters import model_dims, set_slot
-from ditgraft.models.checkpoints import read_metadata, save_safetensors
-from ditgraft.models.families import family_of, get_family
+from ditgraft.models.checkpoints import (build_from_config, load_dit, load_state_strict, load_weights,
+                                         read_metadata, save_safetensors)
+from ditgraft.models.diffusers_dit import is_diffusers_source
+from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, get_family, load_diffusers
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
 
@@ -38,8 +41,6 @@ class ResolvedGraft:
 
 def resolve_grafts(recipe, depth: int, analysis=None, probe_losses=None) -> list[ResolvedGraft]:
     """Expand every graft's layer selector; a slot may be grafted once."""
-    from ditgraft.recipe import resolve_layers
-
     out, seen = [], {}
     for gi, g in enumerate(recipe.grafts):
         probe = probe_losses.get(gi) if probe_losses else None
@@ -115,25 +116,28 @@ def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recip
 def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a grafted (or plain) ditgraft checkpoint from its file alone."""
     meta = read_metadata(path)
-    model = get_family(meta.get("family", "dit")).build(meta["model_config"])
-    grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
+    config, family = meta.get("model_config"), meta.get("family", "dit")
+    if family == "dit":
+        model = build_from_config(config, path)
+    else:
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: its metadata has no model_config mapping (got {config!r})")
+        model = get_family(family).build(config)
+    try:
+        grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
+    except TypeError as err:
+        raise ValueError(f"{path}: its grafts metadata is malformed ({err})") from None
     for g in grafts:
         set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
-    model.load_state_dict(load_file(path, device=str(map_location)), strict=True)
+    load_state_strict(model, load_weights(path, map_location), path)
     return model.eval(), meta
 
 
 def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """A teacher name/path or a grafted checkpoint or a run directory -> (model, metadata)."""
-    import os
-
-    from ditgraft.models.checkpoints import load_dit
-
-    from ditgraft.models.families import DIFFUSERS_PREFIX, load_diffusers
-
     if source.startswith(DIFFUSERS_PREFIX):
         return load_diffusers(source[len(DIFFUSERS_PREFIX):]).to(map_location), {}
-    if os.path.isdir(source):
+    if os.path.isdir(source) and not is_diffusers_source(source):
         for name in ("student.safetensors", "model.safetensors"):
             if os.path.exists(os.path.join(source, name)):
                 return load_any(os.path.join(source, name), map_location)

@@ -8,16 +8,20 @@ Sources a user can name (``load_dit``):
   loaded strictly with ``torch.load(weights_only=True)``; the size comes from ``model`` (default DiT-XL/2) and
   ``image_size`` (latent = image / 8);
 - ``hf://owner/repo/path/in/repo.safetensors`` (or .pt): fetched with huggingface_hub when a network exists;
-  with HF_HUB_OFFLINE=1 it resolves from the local cache.
+  with HF_HUB_OFFLINE=1 it resolves from the local cache;
+- a diffusers ``DiTTransformer2DModel`` folder (``save_pretrained`` output), a ``DiTPipeline`` folder, or a hub repo
+  id ``owner/name`` (e.g. ``facebook/DiT-XL-2-256``): see models/diffusers_dit.py (needs the ``diffusers`` extra).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pickle
+import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,13 +40,76 @@ def save_safetensors(path: str, model: nn.Module, metadata: dict) -> None:
         save_file(state, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
 
 
+def _unreadable(path: str, err: Exception) -> ValueError:
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    what = "empty" if size == 0 else "truncated or corrupt"
+    return ValueError(f"{path} is not a readable safetensors file ({what}, {size} bytes: {err}); "
+                      "re-create or re-download it")
+
+
 def read_metadata(path: str) -> dict:
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
     if METADATA_KEY not in meta:
         raise ValueError(f"{path} has no ditgraft metadata; is it a ditgraft checkpoint? "
                          "(official DiT .pt files load with model=<size> instead)")
-    return json.loads(meta[METADATA_KEY])
+    try:
+        out = json.loads(meta[METADATA_KEY])
+    except ValueError as err:
+        raise ValueError(f"{path}: its ditgraft metadata is not valid JSON ({err})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: its ditgraft metadata is not a JSON mapping; not a ditgraft checkpoint")
+    return out
+
+
+def load_weights(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a ValueError naming the file when it is empty/truncated/corrupt."""
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with one readable ValueError for missing keys, unexpected keys
+    and shape mismatches (the first few of each, naming ``source``)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise ValueError(f"{source} does not match the model it describes: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def build_from_config(config: dict | None, source: str) -> DiT:
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: its metadata has no model_config mapping (got {config!r}); "
+                         "not a ditgraft model checkpoint")
+    try:
+        return DiT(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: model_config {config} cannot build a DiT ({err})") from None
+
+
+def require_finite(model: nn.Module, source: str) -> nn.Module:
+    """Refuse a model with NaN/Inf weights (a diverged run) before spending time sampling or evaluating it."""
+    from ditgraft.train.loop import non_finite_tensors
+
+    bad = non_finite_tensors(model)
+    if bad:
+        raise ValueError(f"{source} has non-finite weights (NaN/Inf in {len(bad)} tensors, e.g. {', '.join(bad[:3])}); "
+                         "it comes from a diverged run and cannot be sampled or evaluated")
+    return model
 
 
 def resolve_hub(source: str) -> str:
@@ -60,7 +127,19 @@ def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
     """An official DiT .pt: a plain state dict, or a training checkpoint {model, ema, opt, args} (ema is used)."""
     # DiT's train.py stores args as an argparse.Namespace: allow exactly that class, nothing else.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            text = str(err)
+            found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) ([\w.]+)", text)
+            if found:
+                raise ValueError(f"{path} was refused: it is a pickle naming {found.group(1)} (Python code, not "
+                                 "weights); ditgraft loads only plain tensors, never code") from None
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{text.strip().splitlines()[-3 if len(text.splitlines()) > 2 else -1][:120]})") from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -77,14 +156,21 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
         source = TESTBED_TEACHER
     if source.startswith("hf://"):
         source = resolve_hub(source)
+    from ditgraft.models.diffusers_dit import is_diffusers_source, load_diffusers_dit
+
+    if is_diffusers_source(source):
+        net, meta = load_diffusers_dit(source)
+        return net.to(map_location).eval(), meta
     if not os.path.exists(source):
-        raise FileNotFoundError(f"teacher={source!r}: no such file (use 'testbed', a .safetensors/.pt path or hf://...)")
+        raise FileNotFoundError(f"model {source!r}: no such file; allowed: 'testbed', a .safetensors/.pt path, "
+                                "hf://owner/repo/file, a diffusers folder or hub repo id")
     if source.endswith(".safetensors"):
         meta = read_metadata(source)
-        if meta.get("recipe"):
-            raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.load_grafted")
-        net = DiT(**meta["model_config"])
-        net.load_state_dict(load_file(source, device=str(map_location)), strict=True)
+        if meta.get("recipe") or meta.get("grafts"):
+            raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.surgery.load_grafted "
+                             "(or ditgraft.load_model, which loads any source)")
+        net = build_from_config(meta.get("model_config"), source)
+        load_state_strict(net, load_weights(source, map_location), source)
         return net.eval(), meta
     name = model or "DiT-XL/2"
     if name not in DIT_CONFIGS:
@@ -94,6 +180,7 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
         if image_size % 8:
             raise ValueError(f"image_size={image_size} must be divisible by 8 (the SD VAE downsamples by 8)")
         overrides["input_size"] = image_size // 8
+    state = load_official_state_dict(source)  # a bad file fails before a large model is built
     net = build_dit(name, **overrides)
-    net.load_state_dict(load_official_state_dict(source), strict=True)
+    load_state_strict(net, state, f"{source} (as {name})")
     return net.eval(), {"model_config": net.config, "source": source}

@@ -8,6 +8,12 @@ Differences from upstream, all opt-in or invisible to the official configs:
 - ``cfg_channels``: how many output channels classifier-free guidance mixes. Upstream guides the first 3 channels
   regardless of ``in_channels`` (harmless for its 4-channel latents: it leaves one eps channel unguided). The official
   registry entries keep 3 to match upstream exactly; other models default to ``in_channels``.
+- ``timestep_freq_shift`` and ``mlp_norm_eps``: the two places where diffusers' ``DiTTransformer2DModel`` computes
+  differently from upstream for the same weights. diffusers' timestep sinusoids use ``downscale_freq_shift=1``
+  (frequencies exp(-ln(1e4) i / (half - 1)); upstream divides by half: shift 0) and its pre-MLP LayerNorm uses
+  ``norm_eps`` (1e-5 in converted checkpoints; upstream 1e-6). The defaults are upstream's; a model loaded from a
+  diffusers folder sets diffusers' values, so it reproduces diffusers' output. Both are part of the config, so
+  checkpoints carry them.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ditgraft.operators.attention import MHA
 from ditgraft.operators.mlp import MLP
@@ -46,8 +53,9 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -56,10 +64,12 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-        """Sinusoid features [cos, sin] with freqs exp(-ln(max_period) * i / half), i < half (upstream DiT)."""
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, freq_shift: int = 0) -> torch.Tensor:
+        """Sinusoid features [cos, sin] with freqs exp(-ln(max_period) * i / (half - freq_shift)), i < half
+        (upstream DiT: shift 0; diffusers: 1)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                          / (half - freq_shift))
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -67,7 +77,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift))
 
 
 class LabelEmbedder(nn.Module):
@@ -96,11 +106,12 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x += gate1 * attn(mod(norm1(x))); x += gate2 * mlp(mod(norm2(x)))."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, grid: tuple[int, int] = (0, 0)):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, grid: tuple[int, int] = (0, 0),
+                 mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = MHA(hidden_size, num_heads, grid=grid, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = MLP(hidden_size, grid=grid, hidden=int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -139,6 +150,8 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         cfg_channels: int | None = None,
+        timestep_freq_shift: int = 0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
         self.config = dict(
@@ -146,7 +159,13 @@ class DiT(nn.Module):
             patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, cfg_channels=cfg_channels,
+            timestep_freq_shift=timestep_freq_shift, mlp_norm_eps=mlp_norm_eps,
         )
+        if timestep_freq_shift not in (0, 1):
+            raise ValueError(f"timestep_freq_shift={timestep_freq_shift!r} is not allowed; "
+                             "use 0 (DiT) or 1 (diffusers)")
+        if not mlp_norm_eps > 0:
+            raise ValueError(f"mlp_norm_eps={mlp_norm_eps!r} is not allowed; use a positive number (DiT 1e-6)")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -157,15 +176,17 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.grid = self.x_embedder.grid_size
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding, stored as a frozen parameter as upstream does (it is in the state dict).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, grid=self.grid) for _ in range(depth)]
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, grid=self.grid, mlp_norm_eps=mlp_norm_eps)
+             for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False  # training only: recompute each block in backward instead of storing it
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -209,8 +230,9 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] noised input, t: [B] timesteps, y: [B] class labels -> [B, out_channels, H, W]."""
         tokens, c = self.embed(x, t, y)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = checkpoint(block, tokens, c, use_reentrant=False) if recompute else block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:

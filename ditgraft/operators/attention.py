@@ -15,15 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditgraft.operators.common import check_choice, check_heads, projection_flops, split_heads
 from ditgraft.operators.registry import register
 
 IMPLS = ("sdpa", "reference")
 
 
 def check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not allowed; use one of {IMPLS}")
-    return impl
+    return check_choice("impl", impl, IMPLS)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
@@ -47,18 +46,14 @@ class MHA(nn.Module):
     def __init__(self, dim: int, heads: int, grid: tuple[int, int] = (0, 0), qkv_bias: bool = True,
                  impl: str = "sdpa"):
         super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
         self.dim, self.heads, self.grid = dim, heads, tuple(grid)
-        self.head_dim = dim // heads
+        self.head_dim = check_heads(dim, heads)
         self.impl = check_impl(impl)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def split_heads(self, x: torch.Tensor):
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)
+        return split_heads(self.qkv(x), self.heads)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -72,7 +67,7 @@ class MHA(nn.Module):
     @staticmethod
     def flops(dim: int, heads: int, grid: tuple[int, int], **_) -> int:
         n = grid[0] * grid[1]
-        return 2 * n * dim * 3 * dim + 2 * n * dim * dim + 2 * 2 * n * n * dim
+        return projection_flops(n, dim) + 2 * 2 * n * n * dim
 
 
 # ----------------------------------------------------------------------------------------------------------------------

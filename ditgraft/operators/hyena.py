@@ -27,9 +27,10 @@ so tap ``k - 1`` multiplies the current token; the inner filter starts as the id
   ``(k - 1) // 2`` before, the rest after (for even k the window reaches one more row/column forward). The inner filter's
   identity tap is the centre ``[(k - 1) // 2, (k - 1) // 2]``.
 
-``impl="fast"`` runs the convs as one grouped ``F.conv2d`` on a channels-last view of the ``[B, N, C]`` activations (no
-transposes copied: measured about 5x faster than ``F.conv1d`` on a ``[B, C, N]`` transpose at N = 16384, C = 3456 on
-CPU); ``impl="reference"`` is a plain sum over taps of shifted copies. Tests compare both, outputs and gradients.
+``impl="fast"`` runs the token-axis convs as ``TapConvTokens`` (a multiply-add per tap with its own backward: the CPU
+depthwise conv's backward costs ~50x its forward at N = 16384, C = 3456) and the 2-D convs as one grouped ``F.conv2d``
+on a channels-last view of the ``[B, N, C]`` activations (no transposes copied); ``impl="reference"`` is a plain sum
+over taps of shifted copies. Tests compare both, outputs and gradients.
 """
 from __future__ import annotations
 
@@ -37,40 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditgraft.operators.common import TapConvTokens, check_choice, projection_flops, reference_conv_tokens
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
 DIRECTIONS = ("causal", "bidirectional", "2d")
 
 
-def check_choice(field: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not allowed; use one of {allowed}")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Depthwise convolutions over tokens. weight [C, T]: y[:, t, c] = bias[c] + sum_i weight[c, i] * x[:, t + i - left, c]
-# (zeros outside the sequence). Causal k-tap conv: T = k, left = k - 1.
+# Depthwise k x k convolutions over the token grid (the token-axis ones are in common.py).
 # ---------------------------------------------------------------------------------------------------------------------
-def reference_conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, left: int) -> torch.Tensor:
-    """Plain sum over taps of shifted copies of x [B, N, C]."""
-    B, N, C = x.shape
-    T = weight.shape[-1]
-    xpad = F.pad(x, (0, 0, left, T - 1 - left))  # xpad[:, j] = x[:, j - left]
-    y = sum(weight[:, i] * xpad[:, i:i + N] for i in range(T))
-    return y if bias is None else y + bias
-
-
-def fast_conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, left: int) -> torch.Tensor:
-    """Same as ``reference_conv_tokens`` with one grouped conv2d on the channels-last view [B, C, 1, N] of x."""
-    B, N, C = x.shape
-    T = weight.shape[-1]
-    pad = max(left, T - 1 - left)
-    out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.reshape(C, 1, 1, T), bias, padding=(0, pad), groups=C)
-    start = pad - left
-    return out[:, :, 0, start:start + N].transpose(1, 2)
-
-
 def grid_pads(k: int) -> tuple[int, int]:
     """'Same' padding for a k-tap window: (before, after)."""
     return (k - 1) // 2, k - 1 - (k - 1) // 2
@@ -167,11 +144,12 @@ class _Hyena(nn.Module):
         k = self.kernel_size
         w = filt.weight[:, 0]
         if self.direction == "causal":
-            f = fast_conv_tokens if fast else reference_conv_tokens
-            return f(x, w, filt.bias, left=k - 1)
+            if fast:
+                return TapConvTokens.apply(x, w, filt.bias, k - 1)
+            return reference_conv_tokens(x, w, filt.bias, left=k - 1)
         w_rev = getattr(self, name + "_rev").weight[:, 0]
         if fast:  # one centred conv of 2k - 1 taps: offsets -(k-1)..0 from w, 1..k-1 from w_rev
-            return fast_conv_tokens(x, torch.cat([w, w_rev], dim=1), filt.bias, left=k - 1)
+            return TapConvTokens.apply(x, torch.cat([w, w_rev], dim=1), filt.bias, k - 1)
         causal = reference_conv_tokens(x, w, filt.bias, left=k - 1)
         anti = reference_conv_tokens(x, torch.cat([torch.zeros_like(w_rev[:, :1]), w_rev], dim=1), None, left=0)
         return causal + anti
@@ -198,7 +176,7 @@ class _Hyena(nn.Module):
     def _flops(cls, dim: int, grid: tuple[int, int], kernel_size: int = 4, direction: str = "causal") -> int:
         n = grid[0] * grid[1]
         taps = {"causal": kernel_size, "bidirectional": 2 * kernel_size - 1, "2d": kernel_size ** 2}[direction]
-        flops = 2 * n * dim * 3 * dim + 2 * n * dim * dim  # in_proj, out_proj
+        flops = projection_flops(n, dim)  # in_proj, out_proj
         flops += 2 * n * dim  # the two gates
         if cls.has_featurizer:
             flops += 2 * taps * 3 * dim * n

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditgraft.operators.attention import MHA
+from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
 from ditgraft.operators.registry import register
 
 LINEAR_IMPLS = ("fast", "reference")
@@ -59,16 +60,13 @@ class LinearAttention(nn.Module):
     def __init__(self, dim: int, heads: int, grid: tuple[int, int] = (0, 0), conv: int = 0, eps: float = 1e-6,
                  impl: str = "fast"):
         super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        if conv not in CONV_SIZES:
-            raise ValueError(f"conv={conv!r} is not allowed; use one of {CONV_SIZES}")
-        if impl not in LINEAR_IMPLS:
-            raise ValueError(f"impl={impl!r} is not allowed; use one of {LINEAR_IMPLS}")
+        head_dim = check_heads(dim, heads)
+        check_choice("conv", conv, CONV_SIZES)
+        check_choice("impl", impl, LINEAR_IMPLS)
         if not eps > 0:
             raise ValueError(f"eps={eps} must be > 0")
         self.dim, self.heads, self.grid = dim, heads, tuple(grid)
-        self.head_dim = dim // heads
+        self.head_dim = head_dim
         self.conv, self.eps, self.impl = int(conv), float(eps), impl
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -80,7 +78,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x)
-        q, k, v = qkv.reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(qkv, self.heads)
         attend = relu_linear_attention if self.impl == "fast" else reference_linear_attention
         out = attend(q, k, v, self.eps).transpose(1, 2).reshape(B, N, C)
         if self.conv:
@@ -94,15 +92,12 @@ class LinearAttention(nn.Module):
     @classmethod
     def from_mha(cls, mha: MHA, **options) -> "LinearAttention":
         """Linear attention with the teacher's qkv / proj weights (dwconv, if any, stays at its zero init)."""
-        op = cls(mha.dim, mha.heads, mha.grid, **options).to(mha.proj.weight.device, mha.proj.weight.dtype)
-        op.qkv.load_state_dict(mha.qkv.state_dict())
-        op.proj.load_state_dict(mha.proj.state_dict())
-        return op
+        return from_mha(cls, mha, {"qkv": "qkv", "proj": "proj"}, **options)
 
     @staticmethod
     def flops(dim: int, heads: int, grid: tuple[int, int], conv: int = 0, **_) -> int:
         n = grid[0] * grid[1]
         d = dim // heads
-        projections = 2 * n * dim * 3 * dim + 2 * n * dim * dim
+        projections = projection_flops(n, dim)
         kernel = 2 * 2 * n * dim * (d + 1)  # phi(K)^T [V, 1] and phi(Q) (that), per head: 2 * N * d * (d+1) each
         return projections + kernel + 2 * n * dim * conv * conv

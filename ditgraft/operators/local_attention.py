@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention
+from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
 from ditgraft.operators.registry import register
 
 LOCAL_IMPLS = ("auto", "tiled", "reference")
@@ -120,12 +121,6 @@ def make_plan(pattern, grid: tuple[int, int], tile: tuple[int, int], reach: tupl
     return TilePlan(q_idx.to(device), k_idx.to(device), (~allowed).to(device), inv.to(device), raster)
 
 
-def _check_impl(impl: str) -> str:
-    if impl not in LOCAL_IMPLS:
-        raise ValueError(f"impl={impl!r} is not allowed; use one of {LOCAL_IMPLS}")
-    return impl
-
-
 def _check_grid(grid, n: int) -> tuple[int, int]:
     H, W = int(grid[0]), int(grid[1])
     if H * W != n:
@@ -138,11 +133,9 @@ class _LocalAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, grid: tuple[int, int], impl: str):
         super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
         self.dim, self.heads, self.grid = dim, heads, tuple(grid)
-        self.head_dim = dim // heads
-        self.impl = _check_impl(impl)
+        self.head_dim = check_heads(dim, heads)
+        self.impl = check_choice("impl", impl, LOCAL_IMPLS)
         self._plans: dict = {}  # (grid, device) -> TilePlan; not part of the state dict
 
     def _pattern(self, grid):
@@ -169,7 +162,7 @@ class _LocalAttention(nn.Module):
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
         grid = _check_grid(grid or self.grid, N)
-        q, k, v = qkv.reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(qkv, self.heads)
         impl = self.impl
         if impl == "auto":
             impl = "tiled" if N >= TILED_MIN_TOKENS else "reference"
@@ -228,17 +221,14 @@ class SWA(_LocalAttention):
     @classmethod
     def from_mha(cls, mha: MHA, **options) -> "SWA":
         """SWA with the teacher's attention weights (qkv -> Wqkv, proj -> out_proj)."""
-        op = cls(mha.dim, mha.heads, mha.grid, **options).to(mha.proj.weight.device, mha.proj.weight.dtype)
-        op.Wqkv.load_state_dict(mha.qkv.state_dict())
-        op.out_proj.load_state_dict(mha.proj.state_dict())
-        return op
+        return from_mha(cls, mha, {"qkv": "Wqkv", "proj": "out_proj"}, **options)
 
     @staticmethod
     def flops(dim: int, heads: int, grid: tuple[int, int], window: int = 4, **_) -> int:
         n = grid[0] * grid[1]
         reach = min(window, n - 1)
         pairs = n + 2 * sum(n - d for d in range(1, reach + 1))  # exact number of (i, j) with |i - j| <= window
-        return 2 * n * dim * 3 * dim + 2 * n * dim * dim + 2 * 2 * pairs * dim
+        return projection_flops(n, dim) + 2 * 2 * pairs * dim
 
 
 class _GridLocalAttention(_LocalAttention):
@@ -261,9 +251,7 @@ class _GridLocalAttention(_LocalAttention):
     @classmethod
     def from_mha(cls, mha: MHA, **options):
         """The operator with the teacher's attention weights (same parameter names, strict load)."""
-        op = cls(mha.dim, mha.heads, mha.grid, **options).to(mha.proj.weight.device, mha.proj.weight.dtype)
-        op.load_state_dict(mha.state_dict())
-        return op
+        return from_mha(cls, mha, **options)
 
 
 @register("local2d", slot="attn", description="2-D neighbourhood attention, k x k window (NATTEN semantics)")
@@ -298,7 +286,7 @@ class Local2D(_GridLocalAttention):
     def flops(dim: int, heads: int, grid: tuple[int, int], kernel_size: int = 7, **_) -> int:
         n = grid[0] * grid[1]
         keys = min(kernel_size, grid[0]) * min(kernel_size, grid[1])
-        return 2 * n * dim * 3 * dim + 2 * n * dim * dim + 2 * 2 * n * keys * dim
+        return projection_flops(n, dim) + 2 * 2 * n * keys * dim
 
 
 @register("clear", slot="attn", description="CLEAR circular local attention, (dy^2 + dx^2) < radius^2")
@@ -335,4 +323,4 @@ class CLEAR(_GridLocalAttention):
                 if dy * dy + dx * dx < radius * radius:
                     pairs += (H - abs(dy)) * (W - abs(dx))
         n = H * W
-        return 2 * n * dim * 3 * dim + 2 * n * dim * dim + 2 * 2 * pairs * dim
+        return projection_flops(n, dim) + 2 * 2 * pairs * dim

@@ -10,12 +10,37 @@ Block (mamba_ssm ``Mamba2`` with ``rmsnorm=True, norm_before_gate=False, D_has_h
     y = RMSNorm_groups(y * silu(z)) * norm.weight   (eps 1e-5, G groups);   out = out_proj(y)   # no bias
 
 ``impl="reference"`` runs that recurrence token by token (slow, obviously correct; small N only) and the gated norm as
-written above. ``impl="fast"`` is the chunked SSD form (Mamba-2 paper, ``ssd_minimal``): the sequence is zero-padded to
-a multiple of ``chunk_size`` Q; inside each chunk the output is a masked "attention" ``(C B^T * decay) @ (dt x)``,
-vectorised over all chunks and heads; each chunk's end state is likewise computed for all chunks at once; the states
-are then carried across chunk boundaries by a loop over chunks (``carry_states``: one multiply-add of the states per
-chunk, 2 * (N/Q) * H*P*n FLOPs instead of the (N/Q)^2 * H*P*n of ``ssd_minimal``'s all-pairs-of-chunks einsum), and
-finally read out with C; the gated norm uses the fused ``F.rms_norm``.
+written above. ``impl="fast"`` is the chunked SSD form (Mamba-2 paper, ``ssd_minimal``) with its own backward
+(``SSDChunkScan``, the structure of mamba_ssm's kernels), and the short conv as a sum over its taps with its own
+backward (``common.TapConvTokens``); the gated norm uses the fused ``F.rms_norm``.
+
+Chunked scan, per head (A < 0, dt >= 0). The sequence is zero-padded to a multiple of the chunk size Q. With
+xd_t = dt_t x_t and, inside chunk k, a_l = sum_{r <= l in the chunk} dt_r A (so a is non-increasing), g_k = exp(a_last)
+the whole-chunk decay, E_k the state entering chunk k (E_0 = 0) and e_s = exp(a_last - a_s):
+
+    W_ls  = (C_l . B_s) M_ls,  M_ls = exp(a_l - a_s) for s <= l, else 0        (per chunk, [Q, Q])
+    y_l   = sum_s W_ls xd_s + exp(a_l) C_l E_k                                   (intra-chunk + read-out)
+    S_k   = sum_s B_s^T e_s xd_s,   E_{k+1} = g_k E_k + S_k                       (end states, carried over chunks)
+
+The intra-chunk blocks are built a slab of chunks at a time (vectorised over heads), the end states and read-out are
+wide matmuls over all heads of a group, and the carry is one in-place multiply-add per chunk (2 (N/Q) H P n FLOPs
+instead of the (N/Q)^2 H P n of ``ssd_minimal``'s all-pairs-of-chunks einsum). Backward, given dy (G_k is the
+gradient of E_k; dS_k = G_{k+1}):
+
+    G_k    = C^T (exp(a) dy) over chunk k + g_k G_{k+1},  G_c = 0                 (reverse carry, in place)
+    dxd_s  = sum_l W_ls dy_l + e_s B_s dS_k
+    dC_l   = sum_s M_ls (dy_l . xd_s) B_s + exp(a_l) E_k dy_l                     (summed over a group's heads)
+    dB_s   = sum_l M_ls (dy_l . xd_s) C_l + dS_k^T e_s xd_s
+    da_l   = dy_l . y_l - xd_l . dxd_l   (+ sum dS_k * E_{k+1} at l = last)
+
+The da line follows from the others: each exp(a_l - a_s), exp(a_l), e_s, g_k contributes (its gradient x its value)
+with + for a_l and - for a_s; summed over the products they scale, the + terms give dy_l . y_l and the - terms
+xd_s . dxd_s, and the terms in a_last (from e_s and g_k) give S_k + g_k E_k = E_{k+1}. Autograd then takes a back
+through the cumulative sum and the products dt A, dt x. Only the inputs, y and the chunk boundary states are saved;
+the [Q, Q] blocks are recomputed.
+
+On a GPU, ``ssd_chunked`` is the one seam for a fused kernel (mamba_ssm's ``mamba_chunk_scan_combined`` takes the same
+x, dt, A, B, C and chunk size); none is dispatched to here, so every device runs this pure-torch path.
 
 Defaults follow the grafting release config (d_state 64, d_conv 4, expand 2, headdim 16) and mamba_ssm (ngroups 1,
 A_init_range (1, 16), dt in [1e-3, 0.1] with floor 1e-4, D = 1, conv bias, no projection biases). ``chunk_size``
@@ -36,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.hyena import check_choice, fast_conv_tokens, reference_conv_tokens
+from ditgraft.operators.common import TapConvTokens, check_choice, reference_conv_tokens
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
@@ -61,65 +86,194 @@ def ssd_reference(x, dt, A, B, C):
     return torch.stack(ys, dim=1)
 
 
-def carry_states(states: torch.Tensor, log_decay: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    """Exclusive decayed scan over the chunk axis ``dim``: ``out[i] = sum_{j<i} exp(sum_{r=j+1..i-1} log_decay[r])
-    states[j]``, i.e. the state entering chunk i; ``log_decay`` broadcasts against ``states``.
+def decayed_cumsum_(t: torch.Tensor, decay: torch.Tensor, dim: int = -2, reverse: bool = False) -> torch.Tensor:
+    """In place along the chunk axis ``dim``: ``t[i] += decay[i] * t[i - 1]`` for i = 1, 2, ... (``reverse``:
+    ``t[i] += decay[i] * t[i + 1]`` for i = c-2, ..., 0); ``decay`` broadcasts against ``t``. Returns ``t``.
 
-    A loop over the c = N/Q chunks, one fused multiply-add of the states each (c = 512 at N = 16384, Q = 32). On CPU
-    this measured 3-3.5x faster than a vectorised blocked scan (decay-matrix matmuls inside blocks of chunks, recursive
-    across blocks), whose extra passes over the states cost more than the loop's per-step overhead."""
-    decay = torch.exp(log_decay)
-    carry = torch.zeros_like(states.select(dim, 0))
-    entering = []
-    for i in range(states.shape[dim]):
-        entering.append(carry)
-        carry = torch.addcmul(states.select(dim, i), carry, decay.select(dim, i))
-    return torch.stack(entering, dim=dim)
+    Forward, on the chunks' own end states S_k with g_k = exp(a_last of chunk k), it gives I_k = S_k + g_k I_{k-1},
+    the state leaving chunk k (= entering chunk k+1); reversed it carries the state gradients back.
+    A loop over the c = N/Q chunks, one in-place multiply-add each (c = 512 at N = 16384, Q = 32). On CPU this
+    measured 3-3.5x faster than a vectorised blocked scan (decay-matrix matmuls inside blocks of chunks, recursive
+    across blocks), whose extra passes over the states cost more than the loop's per-step overhead. No autograd
+    (used inside ``SSDChunkScan``)."""
+    c = t.shape[dim]
+    order = range(c - 2, -1, -1) if reverse else range(1, c)
+    step = 1 if reverse else -1
+    for i in order:
+        t.select(dim, i).addcmul_(t.select(dim, i + step), decay.select(dim, i))
+    return t
+
+
+class _ChunkLayout:
+    """Views of the scan's tensors in its two layouts (no copies). ``b, L, H, P, G, n, Q`` as in ``ssd_chunked``;
+    c = L / Q chunks, hg = H / G heads per group.
+
+    - head-major ``[b, G, hg, c, Q, .]`` for what differs per head (decays, the intra-chunk part);
+    - token-major ``[b, G, c, Q, hg * P]`` where B or C (shared by a group's heads) multiply, so those products are
+      wide matmuls over all heads of a group at once and B, C are never copied once per head."""
+
+    def __init__(self, b, L, H, P, G, n, Q):
+        self.b, self.c, self.Q, self.G, self.hg, self.P, self.n = b, L // Q, Q, G, H // G, P, n
+
+    def heads(self, t):  # [b, L, H, P] -> [b, G, hg, c, Q, P]
+        return t.view(self.b, self.c, self.Q, self.G, self.hg, self.P).permute(0, 3, 4, 1, 2, 5)
+
+    def tokens(self, t):  # [b, L, H, P] -> [b, G, c, Q, hg * P]
+        return t.view(self.b, self.c, self.Q, self.G, self.hg * self.P).permute(0, 3, 1, 2, 4)
+
+    def groups(self, t):  # [b, L, G, n] -> [b, G, c, Q, n]
+        return t.reshape(self.b, self.c, self.Q, self.G, self.n).permute(0, 3, 1, 2, 4)
+
+    def per_token(self, s):  # a per-head scalar [b, G, hg, c, Q] -> [b, G, c, Q, hg, 1], to scale token-major rows
+        return s.permute(0, 1, 3, 4, 2)[..., None]
+
+    def scale_tokens(self, t, s):  # token-major t [b, G, c, Q, hg * P] times per-head s [b, G, hg, c, Q]
+        return (t.unflatten(-1, (self.hg, self.P)) * self.per_token(s)).flatten(-2)
+
+    def scale_tokens_(self, t, s):  # the same in place (t contiguous)
+        t.unflatten(-1, (self.hg, self.P)).mul_(self.per_token(s))
+        return t
+
+    def head_sum(self, t):  # token-major [b, G, c, Q, hg * P] -> summed over P, head-major [b, G, hg, c, Q]
+        return t.unflatten(-1, (self.hg, self.P)).sum(-1).permute(0, 1, 4, 2, 3)
+
+    def to_tokens(self, t):  # token-major [b, G, c, Q, hg * P] -> [b, L, H, P] (contiguous)
+        return t.permute(0, 2, 3, 1, 4).reshape(self.b, self.c * self.Q, self.G * self.hg, self.P)
+
+    def from_groups(self, t):  # [b, G, c, Q, n] -> [b, L, G, n]
+        return t.permute(0, 2, 3, 1, 4).reshape(self.b, self.c * self.Q, self.G, self.n)
+
+
+def _decay_blocks(a_cum: torch.Tensor) -> torch.Tensor:
+    """M_ls = exp(a_l - a_s) inside each chunk: [..., Q] -> [..., Q, Q] (a_cum spans one chunk only, so the difference
+    is accurate). Valid for s <= l; above the diagonal M is 1, and callers multiply by the lower-triangular C B^T.
+    The exponent is clamped to [-80, 0]: a is non-increasing (dt >= 0, A < 0), so only the entries above the diagonal
+    are raised, and exp(-80) ~ 2e-35 stands in for smaller decays because exp's underflow path is 4-10x slower on
+    CPU than its normal one (a masked -inf costs the same)."""
+    return (a_cum[..., :, None] - a_cum[..., None, :]).clamp_(-80.0, 0.0).exp_()
+
+
+def _lower(Q: int, like: torch.Tensor) -> torch.Tensor:
+    """[Q, Q] lower-triangular ones (s <= l)."""
+    return torch.ones(Q, Q, dtype=like.dtype, device=like.device).tril_()
+
+
+def _masked_cb(Bc: torch.Tensor, Cc: torch.Tensor) -> torch.Tensor:
+    """(C_l . B_s) for s <= l, else 0, per chunk and group: [b, G, c, Q, n] -> [b, G, 1, c, Q, Q] (shared by the
+    group's heads)."""
+    return (Cc @ Bc.transpose(-1, -2)).mul_(_lower(Bc.shape[-2], Bc)).unsqueeze(2)
+
+
+# Intra-chunk [Q, Q] blocks are built for a slab of chunks at a time, about this many elements (512 KiB in fp32): small
+# enough to stay in a core's L2 cache across the few passes over them, and not one large allocation per pass.
+SLAB_ELEMENTS = 1 << 17
+
+
+class SSDChunkScan(torch.autograd.Function):
+    """The chunked SSD scan with its own chunked backward (formulas in the module docstring).
+
+    Inputs: ``xd = dt * x`` [b, L, H, P], ``a_cum`` [b, G, hg, c, Q] (the within-chunk cumulative sum of dt * A),
+    ``B, C`` [b, L, G, n]; L a multiple of ``Q``; output y [b, L, H, P] (no D term). Saves the inputs, the output
+    and the chunk boundary states [b, G, c + 1, n, hg * P] (n P / Q^2 times the size of all the intra-chunk blocks:
+    the same size at the defaults); the [Q, Q] decay blocks are recomputed in the backward, a slab of chunks at a
+    time."""
+
+    @staticmethod
+    def forward(ctx, xd, a_cum, B, C, Q: int):
+        b, L, H, P = xd.shape
+        G, n = B.shape[-2:]
+        lay = _ChunkLayout(b, L, H, P, G, n, Q)
+        xd = xd.contiguous()
+        Bc, Cc = lay.groups(B), lay.groups(C)
+        # 2. each chunk's own end state (from zero), S_k = sum_s B_s^T exp(a_last - a_s) xd_s, stored at index k + 1
+        #    of ``bounds`` [b, G, c + 1, n, hg * P]; 3. carried in place: bounds[k] = E_k, the state entering chunk k
+        bounds = xd.new_empty(b, G, lay.c + 1, n, lay.hg * P)
+        bounds[:, :, 0] = 0
+        torch.matmul(Bc.transpose(-1, -2), lay.scale_tokens(lay.tokens(xd), torch.exp(a_cum[..., -1:] - a_cum)),
+                     out=bounds[:, :, 1:])
+        decayed_cumsum_(bounds[:, :, 1:], _chunk_decay(a_cum, P)[..., None, :], dim=2)
+        # 4. read the entering state out inside each chunk: exp(a_l) C_l . E_k -> [b, G, c, Q, hg * P]
+        y = Cc @ bounds[:, :, :-1]
+        lay.scale_tokens_(y, torch.exp(a_cum))
+        # 1. plus within chunks: y_l += sum_{s <= l} W_ls xd_s with W = M * (C B^T)
+        cb, xh, yv = _masked_cb(Bc, Cc), lay.heads(xd), y.unflatten(-1, (lay.hg, P))
+        for k in _slabs(lay):
+            w = _decay_blocks(a_cum[:, :, :, k]).mul_(cb[:, :, :, k])  # [b, G, hg, slab, Q, Q]
+            yv[:, :, k] += (w @ xh[:, :, :, k]).permute(0, 1, 3, 4, 2, 5)
+        y = lay.to_tokens(y)
+        ctx.save_for_backward(xd, a_cum, B, C, bounds, y)
+        ctx.Q = Q
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd, a_cum, B, C, bounds, y = ctx.saved_tensors
+        b, L, H, P = xd.shape
+        G, n = B.shape[-2:]
+        lay = _ChunkLayout(b, L, H, P, G, n, ctx.Q)
+        dy = dy.contiguous()
+        Bc, Cc = lay.groups(B), lay.groups(C)
+        # 4. read-out: dC_l = (exp(a_l) dy_l) E_k^T;  dE_k = sum_l C_l^T exp(a_l) dy_l, wanted for k >= 1 (E_0 = 0)
+        dy_scaled = lay.scale_tokens(lay.tokens(dy), torch.exp(a_cum))
+        dC = dy_scaled @ bounds[:, :, :-1].transpose(-1, -2)  # [b, G, c, Q, n]
+        # 3. reversed carry, in place: d_states[k] = dS_k = G_{k+1}, with G_k = dE_k + g_k G_{k+1} and G_c = 0
+        d_states = xd.new_empty(b, G, lay.c, n, lay.hg * P)
+        d_states[:, :, -1] = 0
+        torch.matmul(Cc[:, :, 1:].transpose(-1, -2), dy_scaled[:, :, 1:], out=d_states[:, :, :-1])
+        del dy_scaled
+        decay = _chunk_decay(a_cum, P)[..., None, :]
+        decayed_cumsum_(d_states, torch.cat([decay[:, :, 1:], decay[:, :, -1:]], dim=2), dim=2, reverse=True)
+        # 2. end states: d(e_s xd_s) = B_s dS_k,  dB_s = dS_k (e_s xd_s)^T,  with e_s = exp(a_last - a_s)
+        to_end = torch.exp(a_cum[..., -1:] - a_cum)
+        dB = lay.scale_tokens(lay.tokens(xd), to_end) @ d_states.transpose(-1, -2)  # [b, G, c, Q, n]
+        dxd = lay.scale_tokens_(Bc @ d_states, to_end)  # token-major [b, G, c, Q, hg * P]
+        # d a_last^k gets sum_{n,P} dS_k * E_{k+1} (carry and end state together)
+        ends = d_states.mul_(bounds[:, :, 1:]).sum(-2)  # [b, G, c, hg * P]
+        del d_states
+        # 1. intra-chunk, W = M * (C B^T) recomputed per slab: dxd += W^T dy;  d(C B^T) = sum_heads (dy xd^T) * M
+        cb, xh, dyh, dxv = _masked_cb(Bc, Cc), lay.heads(xd), lay.heads(dy), dxd.unflatten(-1, (lay.hg, P))
+        d_cb = xd.new_empty(b, G, lay.c, ctx.Q, ctx.Q)
+        for k in _slabs(lay):
+            m = _decay_blocks(a_cum[:, :, :, k])  # [b, G, hg, slab, Q, Q]
+            w = m * cb[:, :, :, k]
+            dy_k, x_k = dyh[:, :, :, k].contiguous(), xh[:, :, :, k].contiguous()
+            dxv[:, :, k] += (w.transpose(-1, -2) @ dy_k).permute(0, 1, 3, 4, 2, 5)
+            torch.sum(torch.matmul(dy_k, x_k.transpose(-1, -2), out=w).mul_(m), 2, out=d_cb[:, :, k])
+        d_cb.mul_(_lower(ctx.Q, d_cb))  # M is 1 above the diagonal (see _decay_blocks)
+        dC += d_cb @ Bc
+        dB += d_cb.transpose(-1, -2) @ Cc
+        dxd = lay.to_tokens(dxd)
+        # d a_cum = sum_P (dy_l y_l - xd_l dxd_l) at every token, + the end-state term at each chunk's last token
+        da = lay.head_sum(lay.tokens((dy * y).addcmul_(xd, dxd, value=-1)))
+        da[..., -1] += ends.unflatten(-1, (lay.hg, P)).sum(-1).permute(0, 1, 3, 2)
+        return dxd, da, lay.from_groups(dB), lay.from_groups(dC), None
+
+
+def _slabs(lay: _ChunkLayout) -> list[slice]:
+    """Consecutive ranges of chunks whose [b, G, hg, slab, Q, Q] blocks hold about SLAB_ELEMENTS values."""
+    step = max(1, SLAB_ELEMENTS // (lay.b * lay.G * lay.hg * lay.Q * lay.Q))
+    return [slice(k, min(k + step, lay.c)) for k in range(0, lay.c, step)]
+
+
+def _chunk_decay(a_cum: torch.Tensor, P: int) -> torch.Tensor:
+    """Each head's whole-chunk decay g = exp(a_last), spread over its P channels: [b, G, hg, c, Q] -> [b, G, c,
+    hg * P]."""
+    return torch.exp(a_cum[..., -1]).permute(0, 1, 3, 2).repeat_interleave(P, dim=-1)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size: int):
-    """Chunked SSD scan; same result as ``ssd_reference``, vectorised over chunks and heads (see module docstring)."""
+    """Chunked SSD scan; same result as ``ssd_reference`` (see the module docstring). The products x * dt and the
+    within-chunk cumulative sum of dt * A are left to autograd; the scan itself is ``SSDChunkScan``."""
     b, L, H, P = x.shape
-    G, n = B.shape[-2:]
-    hg, Q = H // G, chunk_size
+    G = B.shape[-2]
+    Q = chunk_size
     pad = (-L) % Q
     if pad:  # zero dt and inputs at the end: later tokens never affect earlier outputs
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     c = (L + pad) // Q
-    # Two layouts: head-major [b, G, hg, c, Q, ...] for what differs per head (decays, the intra-chunk part), and
-    # token-major [b, G, c, Q, hg * P] where B or C (shared by a group's heads) multiply, so those products are wide
-    # matmuls over all heads of a group at once and B, C are never copied once per head.
-    a_cum = (dt * A).reshape(b, c, Q, G, hg).permute(0, 3, 4, 1, 2).cumsum(-1)  # [b, G, hg, c, Q]
-    xd = (x * dt[..., None]).reshape(b, c, Q, G, hg, P)
-    xd_heads = xd.permute(0, 3, 4, 1, 2, 5)  # [b, G, hg, c, Q, P]
-    xd_tok = xd.permute(0, 3, 1, 2, 4, 5)  # [b, G, c, Q, hg, P]
-    Bc = B.reshape(b, c, Q, G, n).permute(0, 3, 1, 2, 4)  # [b, G, c, Q, n]
-    Cc = C.reshape(b, c, Q, G, n).permute(0, 3, 1, 2, 4)
-
-    def token_major(t):  # [b, G, hg, c, Q, k] -> [b, G, c, Q, hg, k]
-        return t.permute(0, 1, 3, 4, 2, 5)
-
-    # 1. within chunks: y_l = sum_{s <= l} (C_l . B_s) exp(a_cum_l - a_cum_s) dt_s x_s
-    #    (a_cum spans one chunk only, so the difference is accurate). The [.., Q, Q] per-head buffer is the largest
-    #    here: mask, exp and (without autograd, which needs exp's output) the C B^T product are done in place.
-    upper = torch.ones(Q, Q, dtype=torch.bool, device=x.device).triu(1)
-    w = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
-    cb = (Cc @ Bc.transpose(-1, -2)).unsqueeze(2)  # [b, G, 1, c, Q, Q]: shared by a group's heads
-    w = w * cb if w.requires_grad or cb.requires_grad else w.mul_(cb)
-    y_diag = w @ xd_heads  # [b, G, hg, c, Q, P]
-
-    # 2. each chunk's own end state (from zero): sum_s B_s^T exp(a_cum_last - a_cum_s) dt_s x_s -> [b, G, c, n, hg*P]
-    to_end = token_major(torch.exp(a_cum[..., -1:] - a_cum)[..., None])  # [b, G, c, Q, hg, 1]
-    states = Bc.transpose(-1, -2) @ (xd_tok * to_end).flatten(-2)
-
-    # 3. state entering each chunk, carried across chunk boundaries with each head's whole-chunk decay
-    chunk_decay = a_cum[..., -1].permute(0, 1, 3, 2).repeat_interleave(P, dim=-1)  # [b, G, c, hg*P]
-    entering = carry_states(states, chunk_decay[..., None, :], dim=2)  # [b, G, c, n, hg*P]
-
-    # 4. read the entering state out inside each chunk: exp(a_cum_l) C_l . S, then add the intra-chunk part
-    y = (Cc @ entering).unflatten(-1, (hg, P)) * token_major(torch.exp(a_cum)[..., None])  # [b, G, c, Q, hg, P]
-    y = y.add_(token_major(y_diag))  # in place on a product's output: autograd-safe
-    return y.permute(0, 2, 3, 1, 4, 5).reshape(b, c * Q, H, P)[:, :L]
+    a_cum = (dt * A).reshape(b, c, Q, G, H // G).permute(0, 3, 4, 1, 2).cumsum(-1)  # [b, G, hg, c, Q]
+    y = SSDChunkScan.apply(x * dt[..., None], a_cum, B, C, Q)
+    return y[:, :L]
 
 
 class GatedRMSNorm(nn.Module):
@@ -186,8 +340,8 @@ class Mamba2(nn.Module):
     def scan(self, xBC: torch.Tensor, dt: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         """Conv + SiLU + SSM + D skip on one direction; xBC [b, L, conv_dim], dt [b, L, H] -> [b, L, d_inner]."""
         b, L, _ = xBC.shape
-        conv_fn = fast_conv_tokens if self.impl == "fast" else reference_conv_tokens
-        xBC = F.silu(conv_fn(xBC, conv.weight[:, 0], conv.bias, left=self.d_conv - 1))
+        conv_fn = TapConvTokens.apply if self.impl == "fast" else reference_conv_tokens
+        xBC = F.silu(conv_fn(xBC, conv.weight[:, 0], conv.bias, self.d_conv - 1))
         gn = self.ngroups * self.d_state
         x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))

@@ -4,6 +4,9 @@ Every operator shares one contract: ``op(x: [B, N, D], grid=(H, W)) -> [B, N, D]
 ``(dim, heads, grid, **options)``; the grid given at build time is the default for ``forward``.
 Each registered class also provides ``flops(dim, heads, grid, **options) -> int``: forward FLOPs for one sample
 (a multiply-add counts as 2), so tables and benchmarks can print FLOP ratios.
+
+This module is a leaf: operator modules import ``register`` from it, and ``ditgraft.operators`` imports every
+operator module once, so that importing the package fills the registry.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ from typing import Callable
 
 from torch import nn
 
+from ditgraft.models.slots import SLOTS
+
 
 @dataclass(frozen=True)
 class OperatorSpec:
     name: str
     cls: type
-    slot: str  # "attn" (token mixer) or "mlp" (channel mixer)
+    slot: str  # one of ditgraft.models.adapters.SLOTS: "attn" (token mixer) or "mlp" (channel mixer)
     description: str
 
 
@@ -25,8 +30,8 @@ _REGISTRY: dict[str, OperatorSpec] = {}
 
 
 def register(name: str, slot: str, description: str) -> Callable[[type], type]:
-    if slot not in ("attn", "mlp"):
-        raise ValueError(f"slot={slot!r} is not allowed: use 'attn' or 'mlp'")
+    if slot not in SLOTS:
+        raise ValueError(f"slot={slot!r} is not allowed; use one of {SLOTS}")
 
     def wrap(cls: type) -> type:
         if name in _REGISTRY:
@@ -37,26 +42,11 @@ def register(name: str, slot: str, description: str) -> Callable[[type], type]:
     return wrap
 
 
-def _load_all() -> None:
-    # Importing the modules fills the registry.
-    from ditgraft.operators import attention, mlp  # noqa: F401
-    import importlib
-
-    for mod in ("hyena", "mamba2", "linear_attention", "local_attention"):
-        try:
-            importlib.import_module(f"ditgraft.operators.{mod}")
-        except ModuleNotFoundError as err:  # a family not written yet must not hide the others
-            if err.name != f"ditgraft.operators.{mod}":
-                raise
-
-
 def operator_names(slot: str | None = None) -> list[str]:
-    _load_all()
     return sorted(n for n, s in _REGISTRY.items() if slot is None or s.slot == slot)
 
 
 def get_spec(name: str) -> OperatorSpec:
-    _load_all()
     if name not in _REGISTRY:
         raise KeyError(f"operator={name!r} is unknown; allowed: {', '.join(operator_names())}")
     return _REGISTRY[name]

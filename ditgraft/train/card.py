@@ -13,6 +13,7 @@ import shutil
 from ditgraft.eval.evaluate import protocol_for, real_data_floor, sample_and_evaluate
 from ditgraft.flops import dit_train_flops_per_sample
 from ditgraft.models.checkpoints import ASSETS, load_dit, save_safetensors
+from ditgraft.train.pretrain import stage_flops
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json
 
 CFG_SCALES = (1.5, 4.0)
@@ -24,7 +25,7 @@ def ship_teacher(run_dir: str, out_dir: str | None = None, docs_dir: str = "docs
     info = read_json(os.path.join(run_dir, "pretrain_info.json"))
     per_sample = dit_train_flops_per_sample(model)  # the same rule grafting runs use (3 x forward)
     info["train_flops_per_sample"] = per_sample
-    info["train_flops"] = per_sample * info["loop"]["steps"] * info["loop"]["batch_size"]
+    info["train_flops"] = stage_flops(info.get("stages") or [{"from_step": 0, "loop": info["loop"]}], per_sample)
     path = os.path.join(out_dir, "teacher.safetensors")
     save_safetensors(path, model, {"model_config": model.config, "pretrain": info})
     evals = []
@@ -86,7 +87,7 @@ classifier (`CLASSIFIER.md`) against the 4,500 training digits; accuracy = the c
 
 Sample grids: docs/teacher_cfg1.5.png, docs/teacher_cfg4.0.png.
 
-Class accuracy target of the foundation issue (>= 90% at every scale above): **{status}** (lowest
+Class accuracy target of the testbed (>= 90% at every scale above): **{status}** (lowest
 {lowest:.1%}).{note}
 """
 

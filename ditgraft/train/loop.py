@@ -6,7 +6,13 @@ clipping, EMA, checkpoints every N steps, exact resume, a progress bar and a JSO
 
 Exact resume without saving RNG state: every step seeds the global RNG and picks its batch from a function of
 (seed, step) alone, so steps 0..k-1 then a restart from the checkpoint at k gives the same weights as one run.
-Checkpoints are written to a temporary folder and renamed into place, so a crash never leaves a half-written one.
+Checkpoints are written to a temporary folder and renamed into place (old ones are renamed away before deletion);
+readers take only complete ``step_NNNNNNN`` folders, so a kill at any point leaves a resumable run, and the
+temporaries a kill leaves behind are removed when the next run starts.
+
+Numerical guard: a non-finite loss or gradient norm stops the run with ``TrainingDiverged`` (naming the stage, the
+step and the last good checkpoint); checkpoints are only ever written from finite weights, so the rotation can never
+delete the last finite one.
 """
 from __future__ import annotations
 
@@ -14,8 +20,10 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -25,7 +33,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ditgraft.utils import atomic_write_text
+from ditgraft.utils import atomic_write_text, pause_inside_write, remove_orphan_temporaries
+
+CKPT_NAME = re.compile(r"step_(\d{7})$")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient norm or the weights became non-finite; the run stopped at its last good checkpoint."""
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -45,11 +62,27 @@ class LoopConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    # scale settings (see ``_forward_backward``)
+    precision: str = "fp32"  # or "bf16": bfloat16 autocast on CUDA (weights, gradients and Adam stay fp32)
+    grad_accum_steps: int = 1  # each rank's share of the global batch runs as this many micro-batches
+    activation_checkpointing: bool = False  # recompute each DiT block in backward (model.grad_checkpointing)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("lr", "weight_decay", "ema_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name}={value} must be a finite number")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={tuple(self.betas)} must be two finite numbers in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 or null")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.schedule not in ("constant", "cosine"):
@@ -63,6 +96,10 @@ class LoopConfig:
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) or null")
         self.betas = tuple(self.betas)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not allowed; use one of {PRECISIONS}")
+        if int(self.grad_accum_steps) < 1:
+            raise ValueError(f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
 
     def lr_at(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
@@ -114,14 +151,16 @@ def dist_info() -> tuple[int, int]:
 
 
 def _ckpt_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (``step_NNNNNNN`` folders holding state.json), oldest first; temporaries are ignored."""
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
     out = []
     for name in os.listdir(root):
         path = os.path.join(root, name)
-        if name.startswith("step_") and os.path.exists(os.path.join(path, "state.json")):
-            out.append((int(name[5:]), path))
+        m = CKPT_NAME.match(name)
+        if m and os.path.exists(os.path.join(path, "state.json")):
+            out.append((int(m.group(1)), path))
     return sorted(out)
 
 
@@ -134,7 +173,24 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
+def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
+    """Names of the floating-point parameters/buffers holding NaN or Inf (empty when all are finite)."""
+    bad = []
+    for m in modules:
+        if m is None:
+            continue
+        for name, t in m.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(name)
+    return bad
+
+
 def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, keep: int) -> str:
+    """Write ``checkpoints/step_NNNNNNN`` (temporary folder, then rename: the rename is the commit point), then drop
+    all but the newest ``keep``. Refuses non-finite weights, so every checkpoint on disk is a finite one."""
+    bad = non_finite_tensors(model, ema)
+    if bad:
+        raise TrainingDiverged(f"refusing to checkpoint step {step}: non-finite weights in {bad[:3]}")
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:07d}")
@@ -147,11 +203,21 @@ def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, k
     torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "config": asdict(cfg)}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    for _, old in _ckpt_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    pause_inside_write()
+    _remove_dir(final)
+    os.rename(tmp, final)  # the commit point: before it the previous checkpoints are untouched
+    for _, old in _ckpt_dirs(run_dir)[:-max(1, keep)]:
+        _remove_dir(old)
     return final
+
+
+def _remove_dir(path: str) -> None:
+    """Rename to a temporary name first, so a kill mid-delete never leaves a half-deleted ``step_`` folder."""
+    if os.path.exists(path):
+        doomed = path + ".del.tmp"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: str, model, ema, opt) -> int:
@@ -162,6 +228,24 @@ def load_checkpoint(path: str, model, ema, opt) -> int:
         opt.load_state_dict(torch.load(os.path.join(path, "optim.pt"), weights_only=True))
     with open(os.path.join(path, "state.json")) as f:
         return int(json.load(f)["step"])
+
+
+def _diverged(desc: str, step: int, what: str, run_dir: str) -> TrainingDiverged:
+    last = latest_checkpoint(run_dir)
+    kept = f"last good checkpoint: {last[1]} (step {last[0]})" if last else "no checkpoint was written yet"
+    return TrainingDiverged(f"{desc}: training diverged at step {step}: {what}; {kept}. "
+                            "Lower the learning rate (or clip the gradients) and run again")
+
+
+def _check_finite(out: dict[str, torch.Tensor], desc: str, step: int, run_dir: str, world: int) -> None:
+    """Stop before the optimiser step when any of ``out`` (loss, gradient norm) is NaN/Inf (on any rank)."""
+    watched = list(out)
+    flags = torch.stack([~torch.isfinite(out[k].detach().float()).all() for k in watched]).float()
+    if world > 1:
+        dist.all_reduce(flags)
+    if bool(flags.any()):
+        what = ", ".join(f"{k} = {float(out[k].detach().float().mean())}" for k, f in zip(watched, flags) if f)
+        raise _diverged(desc, step, what or "non-finite on another rank", run_dir)
 
 
 def _read_history(path: str, upto: int) -> list[dict]:
@@ -190,12 +274,16 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     steps and at the end, on rank 0, in eval mode; its numbers are logged with an ``eval/`` prefix.
     """
     rank, world = dist_info()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world}")
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world} times "
+                         f"grad_accum_steps={cfg.grad_accum_steps}")
+    _apply_scale_settings(model, cfg, next(model.parameters()).device)
     n = len(data[0])
     if any(len(d) != n for d in data):
         raise ValueError("all data tensors must have the same length")
     os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        remove_orphan_temporaries(run_dir)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     ema = None
@@ -215,7 +303,9 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
 
     net = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+        net = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
+        if ema is not None and start == 0:
+            ema.load_state_dict(model.state_dict())
     model.train()
     device = next(model.parameters()).device
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress or rank != 0,
@@ -230,17 +320,22 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             batch = tuple(d[rows].to(device) for d in data)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
-            out = step_fn(net, batch)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            out = _forward_backward(net, step_fn, batch, cfg, device)
             if cfg.grad_clip is not None:
                 norms = [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in (clip_groups or [params])]
                 out["grad_norm"] = torch.stack(norms).max()
+                grad_norm = out["grad_norm"]
+            else:  # not logged, only watched
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            _check_finite({"loss": out["loss"], "grad_norm": grad_norm}, desc, step + 1, run_dir, world)
             opt.step()
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay)
             samples_since += cfg.batch_size
             done = step + 1
+            if world > 1 and (done % cfg.log_every == 0 or done == cfg.steps):
+                out = _mean_over_ranks(out)  # log the global batch's numbers, not rank 0's share
             if evaluate is not None and rank == 0 and (done % (eval_every or cfg.ckpt_every) == 0
                                                        or done == cfg.steps):
                 model.eval()
@@ -259,6 +354,9 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             bar.update(1)
             if (done % cfg.ckpt_every == 0 or done == cfg.steps) and rank == 0:
+                bad = non_finite_tensors(model, ema)
+                if bad:
+                    raise _diverged(desc, done, f"non-finite weights ({', '.join(bad[:3])})", run_dir)
                 save_checkpoint(run_dir, done, model, ema, opt, cfg, cfg.keep_checkpoints)
             if world > 1 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
                 dist.barrier()
@@ -268,3 +366,43 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             log.close()
     model.eval()
     return LoopResult(model, ema, cfg.steps - start, start, history)
+
+
+def _apply_scale_settings(model: nn.Module, cfg: LoopConfig, device: torch.device) -> None:
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"precision='bf16' needs a CUDA device, not {device.type!r}: bfloat16 matmuls are far "
+                         "slower than fp32 on CPUs; use precision='fp32'")
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "grad_checkpointing"):
+            raise ValueError(f"activation_checkpointing=True needs a DiT (a model with blocks to recompute), "
+                             f"not {type(model).__name__}")
+        model.grad_checkpointing = True
+
+
+def _forward_backward(net: nn.Module, step_fn: StepFn, batch: tuple, cfg: LoopConfig, device: torch.device) -> dict:
+    """Forward and backward over this rank's share of the global batch, in ``grad_accum_steps`` micro-batches (under
+    bf16 autocast when asked). Each micro-batch's numbers are weighted by its share of the rows, so the gradients
+    and the returned numbers equal one pass over the whole share up to float rounding, for a step function that
+    returns row means (every loss in ditgraft does). DDP all-reduces once, after the last micro-batch. A step
+    function that draws t and noise makes its draws per micro-batch, so those are different draws."""
+    n, k = len(batch[0]), cfg.grad_accum_steps
+    totals: dict[str, torch.Tensor] = {}
+    for i in range(k):
+        lo, hi = n * i // k, n * (i + 1) // k
+        last = i == k - 1
+        sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last else nullcontext()
+        weight = (hi - lo) / n  # 1.0 without accumulation: the plain step, bit for bit
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = step_fn(net, tuple(b[lo:hi] for b in batch))
+            (out["loss"].float() * weight).backward()
+        for key, v in out.items():
+            totals[key] = totals.get(key, 0.0) + v.detach().float() * weight
+    return totals
+
+
+def _mean_over_ranks(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = sorted(out)
+    flat = torch.stack([out[k].detach().float().mean() for k in keys])
+    dist.all_reduce(flat)
+    return dict(zip(keys, flat / dist.get_world_size()))

@@ -8,28 +8,40 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ditgraft.data.images import load_dataset
+from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.distributed import barrier, is_main
 from ditgraft.flops import dit_train_flops_per_sample
 from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.models.dit import build_dit
 from ditgraft.models.families import model_call
 from ditgraft.models.families.base import cond_pack
-from ditgraft.train.loop import LoopConfig, train
-from ditgraft.utils import atomic_write_json
+from ditgraft.train.loop import LoopConfig, latest_checkpoint, train
+from ditgraft.utils import atomic_write_json, read_json, run_lock
+
+
+def diffusion_losses(diffusion: GaussianDiffusion, fn, batch) -> dict:
+    """DiT's training loss on a batch (x0, *cond): t ~ U{0..T-1}, loss = MSE(eps) + VLB, for the model function
+    ``fn(x, t, y)``."""
+    x0, y = batch[0], cond_pack(batch[1:])
+    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+    terms = diffusion.training_losses(fn, x0, t, model_kwargs=dict(y=y))
+    return {k: v.mean() for k, v in terms.items()}
 
 
 def diffusion_step_fn(diffusion: GaussianDiffusion):
-    """DiT's training step: t ~ U{0..T-1}, loss = MSE(eps) + VLB, on a batch (x0, *cond); the model is called
-    through its family (class labels, or caption embeddings and masks)."""
+    """DiT's training step; the model is called through its family (class labels, or caption embeddings and
+    masks)."""
 
     def step(model, batch):
-        x0, y = batch[0], cond_pack(batch[1:])
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-        terms = diffusion.training_losses(model_call(model), x0, t, model_kwargs=dict(y=y))
-        return {k: v.mean() for k, v in terms.items()}
+        return diffusion_losses(diffusion, model_call(model), batch)
 
     return step
+
+
+def _settings(loop: dict) -> str:
+    """Loop settings as they read back from pretrain_info.json (tuples become lists), progress bar aside."""
+    return json.dumps({k: v for k, v in loop.items() if k != "progress"}, sort_keys=True)
 
 
 def record_stage(info: dict, loop: dict, resumed_from: int) -> list[dict]:
@@ -38,11 +50,8 @@ def record_stage(info: dict, loop: dict, resumed_from: int) -> list[dict]:
     A crash and a resume with the same settings stay one stage; a resume with new settings (more steps, another
     LR schedule) is a second command, resumed from the first one's last checkpoint, and the card lists both.
     """
-    def settings(d: dict) -> str:  # as they read back from pretrain_info.json (tuples become lists)
-        return json.dumps({k: v for k, v in d.items() if k != "progress"}, sort_keys=True)
-
     stages = list(info.get("stages") or ([{"from_step": 0, "loop": info["loop"]}] if "loop" in info else []))
-    if not stages or settings(stages[-1]["loop"]) != settings(loop):
+    if not stages or _settings(stages[-1]["loop"]) != _settings(loop):
         # the first stage starts at 0 even when this call resumed a crashed call of the same command
         stages.append({"from_step": resumed_from if stages else 0, "loop": json.loads(json.dumps(loop))})
     return stages
@@ -61,20 +70,52 @@ class PretrainConfig:
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
-    """Train, then write ``run_dir/model.safetensors`` (EMA weights + metadata). Returns its path."""
+    """Train, then write ``run_dir/model.safetensors`` (EMA weights + metadata). Returns its path.
+
+    ``run_dir`` is locked for the call. A run directory trained further than ``cfg.loop.steps``, or finished with
+    other loop settings, is refused: its recorded metadata (steps, training FLOPs) stays what was measured."""
+    with run_lock(run_dir, "ditgraft pretrain"):
+        return _pretrain(cfg, run_dir, device)
+
+
+def _refuse_rewrite(info: dict, loop: dict, run_dir: str) -> None:
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return
+    done = found[0]
+    if done > loop["steps"]:
+        raise ValueError(f"steps={loop['steps']}: {run_dir} is already trained to step {done}; allowed: "
+                         f"steps >= {done} (continue the run) or another --run-dir (a new run)")
+    if done == loop["steps"] and "loop" in info and _settings(info["loop"]) != _settings(loop):
+        raise ValueError(f"{run_dir} finished at step {done} with other loop settings; nothing is left to train "
+                         f"with these; allowed: steps > {done} (a new stage) or another --run-dir")
+
+
+def stage_flops(stages: list[dict], per_sample: int) -> int:
+    """Training FLOPs over the recorded stages: each stage's steps times its own batch size."""
+    total = 0
+    for i, st in enumerate(stages):
+        end = stages[i + 1]["from_step"] if i + 1 < len(stages) else st["loop"]["steps"]
+        total += per_sample * max(0, end - st["from_step"]) * st["loop"]["batch_size"]
+    return total
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
+    info_path = os.path.join(run_dir, "pretrain_info.json")
+    info = read_json(info_path) if os.path.exists(info_path) else {}
+    _refuse_rewrite(info, json.loads(json.dumps(asdict(cfg.loop))), run_dir)
     torch.manual_seed(cfg.loop.seed)
     model = build_dit(cfg.model).to(device)
     x, y = load_dataset(cfg.data)  # mnist5k -> its training split
+    check_data_fits(x, y, model, cfg.data)
     diffusion = GaussianDiffusion.dit_default(learn_sigma=model.learn_sigma)
     t0 = time.time()
     result = train(model, diffusion_step_fn(diffusion), (x, y), cfg.loop, run_dir, desc="pretrain")
     wall = time.time() - t0
-    info_path = os.path.join(run_dir, "pretrain_info.json")
-    info = {}
-    if os.path.exists(info_path):
-        from ditgraft.utils import read_json
-
-        info = read_json(info_path)
+    out = os.path.join(run_dir, "model.safetensors")
+    if not is_main():  # rank 0 alone writes; the loop's logged loss is already the mean over ranks
+        barrier()
+        return out
     flops_per_sample = dit_train_flops_per_sample(model)
     info["stages"] = record_stage(info, asdict(cfg.loop), result.resumed_from)
     info.update({
@@ -83,14 +124,14 @@ def pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
         "loop": asdict(cfg.loop),
         "wall_seconds": info.get("wall_seconds", 0.0) + wall,
         "train_flops_per_sample": flops_per_sample,
-        "train_flops": flops_per_sample * cfg.loop.steps * cfg.loop.batch_size,
+        "train_flops": stage_flops(info["stages"], flops_per_sample),
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "device": str(device),
         "torch": torch.__version__,
         "final_loss": result.history[-1]["loss"] if result.history else None,
     })
     atomic_write_json(info_path, info)
-    out = os.path.join(run_dir, "model.safetensors")
     save_safetensors(out, result.ema if result.ema is not None else model,
                      {"model_config": model.config, "pretrain": info})
+    barrier()
     return out

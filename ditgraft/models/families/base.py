@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SLOTS = ("attn", "mlp")
+from ditgraft.models.slots import SLOTS
 
 Cond = torch.Tensor | tuple
 
@@ -155,6 +155,11 @@ class Family:
     def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
         """The module that goes into a slot for operator ``op`` (the operator itself where the contracts agree)."""
         return op
+
+    def dropped_labels_module(self, model: nn.Module) -> nn.Module | None:
+        """The module whose input is the class labels after the model's own label dropout (so output distillation
+        shows the teacher what the student saw), or None where conditioning reaches the model as given."""
+        return None
 
     def frozen_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters that never train (fixed tables stored as parameters)."""

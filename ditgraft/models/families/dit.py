@@ -42,6 +42,9 @@ class DiTFamily(Family):
     def slot_attr(self, slot: str) -> str:
         return slot
 
+    def dropped_labels_module(self, model: nn.Module) -> nn.Module:
+        return unwrap(model).y_embedder.embedding_table
+
     def frozen_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [model.pos_embed]  # fixed sin-cos table, as in DiT
 

@@ -1,4 +1,4 @@
-"""PNG plots of an analysis result (``ditgraft.eval.analysis.analyze_model``).
+"""PNG plots of an analysis result (``ditgraft.analysis.locality.analyze_model``).
 
 Figures are built with the object API (``matplotlib.figure.Figure``, Agg canvas), never pyplot, so importing this
 module changes no global matplotlib state and needs no display. Every file is written atomically.

@@ -2,7 +2,7 @@
 
 The shipped file ditgraft/assets/testbed/classifier.safetensors was made with
 
-    python -m ditgraft.eval.train_classifier --epochs 12 --seed 0 --out ditgraft/assets/testbed/classifier.safetensors
+    python -m ditgraft.train.classifier --epochs 12 --seed 0 --out ditgraft/assets/testbed/classifier.safetensors
 
 Recipe: train split only (4,500 digits), light augmentation done with plain torch ops (random rotation
 +-10 degrees, scale 0.9..1.1, shift +-2 px, resampled bilinearly with the -1 background outside), AdamW
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ditgraft.data.mnist5k import load_mnist5k
 from ditgraft.eval.classifier import CLASSIFIER_PATH, FEATURE_DIM, NUM_CLASSES, TestbedClassifier
+from ditgraft.models.checkpoints import save_safetensors
 
 __all__ = ["augment", "train_classifier", "evaluate", "main"]
 
@@ -132,8 +133,6 @@ def train_classifier(epochs: int = 12, seed: int = 0, out_path: str | None = Non
         model.eval()
         wall = time.time() - t0
         if out_path is not None:
-            from ditgraft.models.checkpoints import save_safetensors
-
             meta = {"kind": "testbed_classifier", "val_accuracy": val_acc, "val_loss": val_loss, "epochs": epochs,
                     "seed": seed, "feature_dim": FEATURE_DIM, "num_classes": NUM_CLASSES,
                     "widths": list(model.widths), "num_train": len(x_train), "batch_size": batch_size, "lr": lr,

@@ -40,6 +40,7 @@ import time
 import torch
 from torch import nn
 
+from ditgraft.diffusion.samplers import SamplingConfig, sample
 from ditgraft.operators.attention import MHA, attention_probs
 from ditgraft.operators.local_attention import natten_window_start
 from ditgraft.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -346,8 +347,6 @@ def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg
     ``layers`` is ``{"layer", "attn_operator", "mlp_operator", "attention" (None when skipped), "activations":
     {"attn": ..., "mlp": ...}}`` (see the module docstring for the definitions).
     """
-    from ditgraft.diffusion.samplers import SamplingConfig, sample
-
     for name, value in (("num_samples", num_samples), ("steps", steps), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an int >= 1")
@@ -516,7 +515,7 @@ def _join(ids: list[int]) -> str:
 def write_analysis_report(result: dict, out_dir: str) -> dict[str, str]:
     """Write analysis.json, analysis.md and the PNG plots into ``out_dir`` (each file atomically).
     Returns {name: path} of everything written."""
-    from ditgraft.eval import plots
+    from ditgraft.analysis import plots
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "analysis.json")}

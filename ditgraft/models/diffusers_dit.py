@@ -1,0 +1,235 @@
+"""diffusers interop for plain DiTs: ``DiTTransformer2DModel`` folders / hub repos in, ``DiTPipeline`` folders out.
+
+Parameter names (the inverse of diffusers' ``scripts/convert_dit_to_diffusers.py``):
+
+    ditgraft                              diffusers
+    x_embedder.proj                       pos_embed.proj            (the sin-cos table is rebuilt, not stored)
+    t_embedder.mlp.0 / .2                 transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_1 / linear_2
+    y_embedder.embedding_table            transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table
+    blocks.{i}.adaLN_modulation.1         transformer_blocks.{i}.norm1.linear
+    blocks.{i}.attn.qkv (q, k, v rows)    transformer_blocks.{i}.attn1.to_q / to_k / to_v
+    blocks.{i}.attn.proj                  transformer_blocks.{i}.attn1.to_out.0
+    blocks.{i}.mlp.fc1 / fc2              transformer_blocks.{i}.ff.net.0.proj / ff.net.2
+    final_layer.adaLN_modulation.1        proj_out_1
+    final_layer.linear                    proj_out_2
+
+diffusers keeps one copy of the timestep / class embedder per block; they are copies of one shared embedder (the
+conversion writes the same tensors into every block, and diffusers' forward conditions the final layer on block 0's).
+Loading reads block 0's and checks that the others agree.
+
+Numerics: diffusers' DiT computes the timestep sinusoids with ``downscale_freq_shift=1`` and its pre-MLP LayerNorm
+with ``norm_eps`` (see models/dit.py). ``conventions="diffusers"`` (the default) builds the ditgraft model with those
+two options, so it reproduces diffusers' output for the same weights; ``conventions="original"`` builds upstream DiT
+(shift 0, eps 1e-6), the conventions the official DiT weights were trained with. Exporting writes ``norm_eps`` =
+the model's ``mlp_norm_eps`` (exact); diffusers has no option for the timestep shift, so a model with shift 0 (e.g. the
+official weights) runs in diffusers with shift 1 - ``export_diffusers`` warns about it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import torch
+
+from ditgraft.models.dit import DiT
+
+__all__ = ["is_diffusers_source", "load_diffusers_dit", "export_diffusers", "to_diffusers_state_dict",
+           "from_diffusers_state_dict"]
+
+CONVENTIONS = ("diffusers", "original")
+_BLOCK = [("adaLN_modulation.1", "norm1.linear"), ("attn.proj", "attn1.to_out.0"), ("mlp.fc1", "ff.net.0.proj"),
+          ("mlp.fc2", "ff.net.2")]
+_EMB = [("t_embedder.mlp.0", "norm1.emb.timestep_embedder.linear_1"),
+        ("t_embedder.mlp.2", "norm1.emb.timestep_embedder.linear_2"),
+        ("y_embedder.embedding_table", "norm1.emb.class_embedder.embedding_table")]
+_TOP = [("x_embedder.proj", "pos_embed.proj"), ("final_layer.adaLN_modulation.1", "proj_out_1"),
+        ("final_layer.linear", "proj_out_2")]
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError as err:
+        raise ImportError("diffusers interop needs diffusers, which is not installed: "
+                          "pip install -e \".[diffusers]\"") from err
+    return diffusers
+
+
+def _is_hub_id(source: str) -> bool:
+    return (source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
+            and not source.endswith((".pt", ".pth", ".safetensors", ".npz", ".yaml")))
+
+
+def _transformer_subfolder(folder: str) -> str | None:
+    """None when ``folder`` is a DiTTransformer2DModel folder, "transformer" when it is a pipeline folder."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return None
+    if os.path.exists(os.path.join(folder, "transformer", "config.json")):
+        return "transformer"
+    raise FileNotFoundError(f"{folder!r} is not a diffusers DiT folder: no config.json (a DiTTransformer2DModel "
+                            "save_pretrained output) and no transformer/config.json (a DiTPipeline folder)")
+
+
+def is_diffusers_source(source: str) -> bool:
+    """A local diffusers folder (DiTTransformer2DModel or DiTPipeline) or a hub repo id ``owner/name``."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return any(os.path.exists(os.path.join(source, *p)) for p in (("config.json",),
+                                                                       ("transformer", "config.json")))
+    return _is_hub_id(source)
+
+
+def _block_keys(i: int, j: int) -> list[tuple[str, str]]:
+    return [(f"blocks.{i}.{a}", f"transformer_blocks.{j}.{b}") for a, b in _BLOCK]
+
+
+def from_diffusers_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """diffusers DiT state dict -> ditgraft DiT state dict (without ``pos_embed``, which ditgraft rebuilds)."""
+    out = {}
+    for a, b in _TOP:
+        for s in ("weight", "bias"):
+            out[f"{a}.{s}"] = sd[f"{b}.{s}"]
+    for a, b in _EMB:
+        for s in ("weight", "bias"):
+            key = f"transformer_blocks.0.{b}.{s}"
+            if key not in sd:
+                continue
+            out[f"{a}.{s}"] = sd[key]
+            for i in range(1, depth):
+                if not torch.equal(sd[f"transformer_blocks.{i}.{b}.{s}"], sd[key]):
+                    raise ValueError(f"transformer_blocks.{i}.{b}.{s} differs from block 0's: ditgraft's DiT has one "
+                                     "shared timestep/class embedder, as the original DiT")
+    for i in range(depth):
+        pre = f"transformer_blocks.{i}.attn1"
+        for s in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{s}"] = torch.cat([sd[f"{pre}.to_{n}.{s}"] for n in "qkv"], dim=0)
+            for a, b in _block_keys(i, i):
+                out[f"{a}.{s}"] = sd[f"{b}.{s}"]
+    return out
+
+
+def to_diffusers_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """ditgraft DiT state dict -> diffusers DiT state dict (the shared embedder copied into every block)."""
+    out = {}
+    for a, b in _TOP:
+        for s in ("weight", "bias"):
+            out[f"{b}.{s}"] = sd[f"{a}.{s}"]
+    for i in range(depth):
+        for a, b in _EMB:
+            for s in ("weight", "bias"):
+                if f"{a}.{s}" in sd:
+                    out[f"transformer_blocks.{i}.{b}.{s}"] = sd[f"{a}.{s}"].clone()
+        for s in ("weight", "bias"):
+            q, k, v = sd[f"blocks.{i}.attn.qkv.{s}"].chunk(3, dim=0)
+            for n, t in zip("qkv", (q, k, v)):
+                out[f"transformer_blocks.{i}.attn1.to_{n}.{s}"] = t.clone()
+            for a, b in _block_keys(i, i):
+                out[f"{b}.{s}"] = sd[f"{a}.{s}"]
+    return out
+
+
+def load_diffusers_dit(source: str, conventions: str = "diffusers", map_location="cpu") -> tuple[DiT, dict]:
+    """A ``DiTTransformer2DModel`` (folder, pipeline folder or hub repo id) as a ditgraft DiT, with metadata."""
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions={conventions!r} is not allowed; use one of {CONVENTIONS}")
+    diffusers = _diffusers()
+    source = os.fspath(source)
+    sub = _transformer_subfolder(source) if os.path.isdir(source) else None
+    if not os.path.isdir(source) and not _is_hub_id(source):
+        raise FileNotFoundError(f"{source!r}: no such diffusers folder, and not a hub repo id (owner/name)")
+    if sub is None and not os.path.isdir(source):
+        try:  # a hub repo: DiTPipeline repos keep the transformer in transformer/
+            tr = diffusers.DiTTransformer2DModel.from_pretrained(source, subfolder="transformer")
+        except OSError:
+            try:
+                tr = diffusers.DiTTransformer2DModel.from_pretrained(source)
+            except OSError as err:
+                raise FileNotFoundError(f"{source!r}: no such local path, and loading it as a hub repo id failed "
+                                        f"({err})") from err
+    else:
+        tr = diffusers.DiTTransformer2DModel.from_pretrained(source, subfolder=sub)
+    c = tr.config
+    problems = [f"{k}={getattr(c, k)!r} (ditgraft needs {v!r})" for k, v in
+                (("norm_type", "ada_norm_zero"), ("activation_fn", "gelu-approximate"), ("attention_bias", True),
+                 ("norm_elementwise_affine", False), ("upcast_attention", False)) if getattr(c, k) != v]
+    out_channels = c.out_channels if c.out_channels is not None else c.in_channels
+    if out_channels not in (c.in_channels, 2 * c.in_channels):
+        problems.append(f"out_channels={out_channels} (ditgraft needs in_channels or 2 x in_channels)")
+    if problems:
+        raise ValueError(f"{source}: this DiTTransformer2DModel has no ditgraft equivalent: " + "; ".join(problems))
+    sd = tr.state_dict()
+    rows = sd["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"].shape[0]
+    config = dict(input_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
+                  hidden_size=c.num_attention_heads * c.attention_head_dim, depth=c.num_layers,
+                  num_heads=c.num_attention_heads, mlp_ratio=4.0,
+                  class_dropout_prob=0.1 if rows == c.num_embeds_ada_norm + 1 else 0.0,
+                  num_classes=c.num_embeds_ada_norm, learn_sigma=out_channels == 2 * c.in_channels,
+                  timestep_freq_shift=1 if conventions == "diffusers" else 0,
+                  mlp_norm_eps=c.norm_eps if conventions == "diffusers" else 1e-6)
+    net = DiT(**config)
+    state = from_diffusers_state_dict(sd, c.num_layers)
+    state["pos_embed"] = net.pos_embed.detach().clone()
+    net.load_state_dict(state, strict=True)
+    return net.to(map_location).eval(), {"model_config": net.config, "source": source,
+                                         "diffusers": {"conventions": conventions}}
+
+
+def _scheduler():
+    """DDIM over DiT's training process (linear betas 1e-4..0.02, 1000 steps), no clipping of latents."""
+    return _diffusers().DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                      beta_end=0.02, clip_sample=False)
+
+
+def export_diffusers(model: DiT, out: str, vae=None) -> str:
+    """Write ``model`` (a plain DiT) as a DiTPipeline folder: transformer/, scheduler/ (DDIM), model_index.json and,
+    when ``vae`` (a folder, hub id or AutoencoderKL) is given, vae/. Without it load the folder with
+    ``DiTPipeline.from_pretrained(out, vae=...)``."""
+    diffusers = _diffusers()
+    from ditgraft.models.adapters import SLOTS
+
+    c = model.config
+    for i, block in enumerate(model.blocks):
+        for slot in SLOTS:
+            op = getattr(block, slot)
+            if type(op).__name__ != {"attn": "MHA", "mlp": "MLP"}[slot]:
+                raise ValueError(f"blocks.{i}.{slot} is {type(op).__name__}: only plain DiTs (MHA + MLP in every "
+                                 "block) have a diffusers DiTTransformer2DModel equivalent")
+    h, w = (c["input_size"], c["input_size"]) if isinstance(c["input_size"], int) else c["input_size"]
+    problems = []
+    if h != w:
+        problems.append(f"input_size={c['input_size']} (diffusers' DiT is square)")
+    if c["mlp_ratio"] != 4.0:
+        problems.append(f"mlp_ratio={c['mlp_ratio']} (diffusers' DiT uses 4)")
+    if not c["class_dropout_prob"] > 0:
+        problems.append("class_dropout_prob=0 (diffusers' label table has a null-class row)")
+    if any(getattr(b.mlp, "hidden", None) != int(c["hidden_size"] * 4) for b in model.blocks):
+        problems.append("an MLP hidden size other than 4 x hidden_size")
+    if problems:
+        raise ValueError("this DiT has no DiTTransformer2DModel equivalent: " + "; ".join(problems))
+    if c.get("timestep_freq_shift", 0) != 1:
+        warnings.warn("the model computes timestep features as the original DiT (timestep_freq_shift=0); "
+                      "diffusers' DiT uses downscale_freq_shift=1, so the exported model's outputs differ slightly "
+                      "(as the official DiT weights do in diffusers)", stacklevel=2)
+    tr = diffusers.DiTTransformer2DModel(
+        num_attention_heads=c["num_heads"], attention_head_dim=c["hidden_size"] // c["num_heads"],
+        in_channels=c["in_channels"], out_channels=model.out_channels, num_layers=c["depth"], sample_size=h,
+        patch_size=c["patch_size"], num_embeds_ada_norm=c["num_classes"], norm_eps=c.get("mlp_norm_eps", 1e-6))
+    sd = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    tr.load_state_dict(to_diffusers_state_dict(sd, c["depth"]), strict=True)
+    if isinstance(vae, (str, os.PathLike)):
+        from ditgraft.data.vae import load_vae
+
+        vae = load_vae(vae)
+    pipe = diffusers.DiTPipeline(transformer=tr, vae=vae, scheduler=_scheduler())
+    out = os.fspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"out={out!r} exists and is not an empty folder; choose a new folder")
+    tmp = out.rstrip("/") + ".tmp-export"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp)
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,100 @@
+"""Plumbing shared by the operator families: option checks, the multi-head split, the FLOPs of the q/k/v and output
+projections, starting from a teacher MHA's weights, and depthwise convolutions over the token axis."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def check_choice(field: str, value, allowed: tuple):
+    """``value`` if it is one of ``allowed``; otherwise a ValueError naming the field, the value and the choices."""
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; use one of {allowed}")
+    return value
+
+
+def check_heads(dim: int, heads: int) -> int:
+    """The per-head width ``dim // heads``, after checking that the heads divide the width."""
+    if dim % heads != 0:
+        raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+    return dim // heads
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed [B, N, 3D] q, k, v (the output of a qkv linear) -> q, k, v, each [B, heads, N, D / heads]."""
+    B, N, three_d = qkv.shape
+    return qkv.reshape(B, N, 3, heads, three_d // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def projection_flops(tokens: int, dim: int) -> int:
+    """Forward FLOPs of a D -> 3D input projection and a D -> D output projection on ``tokens`` tokens."""
+    return 2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim
+
+
+def from_mha(cls: type, mha: nn.Module, rename: dict[str, str] | None = None, **options) -> nn.Module:
+    """``cls`` built at the MHA's width, heads and grid, starting from the MHA's weights, on its device and dtype.
+
+    ``rename`` maps the MHA's submodules (``qkv``, ``proj``) to the operator's names for them (e.g. flash-attn's
+    ``Wqkv`` / ``out_proj``) and loads just those; without it the whole state dict loads strictly (same names)."""
+    op = cls(mha.dim, mha.heads, mha.grid, **options).to(mha.proj.weight.device, mha.proj.weight.dtype)
+    if rename is None:
+        op.load_state_dict(mha.state_dict())
+    else:
+        for theirs, ours in rename.items():
+            getattr(op, ours).load_state_dict(getattr(mha, theirs).state_dict())
+    return op
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Depthwise convolutions over tokens. weight [C, T]: y[:, t, c] = bias[c] + sum_i weight[c, i] * x[:, t + i - left, c]
+# (zeros outside the sequence). Causal k-tap conv: T = k, left = k - 1.
+# ---------------------------------------------------------------------------------------------------------------------
+def reference_conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, left: int) -> torch.Tensor:
+    """Plain sum over taps of shifted copies of x [B, N, C]."""
+    B, N, C = x.shape
+    T = weight.shape[-1]
+    xpad = F.pad(x, (0, 0, left, T - 1 - left))  # xpad[:, j] = x[:, j - left]
+    y = sum(weight[:, i] * xpad[:, i:i + N] for i in range(T))
+    return y if bias is None else y + bias
+
+
+def _tap_spans(k: int, left: int, N: int) -> tuple[slice, slice]:
+    """Tap k reads x[t + k - left] into y[t]: the output and input token ranges where both exist."""
+    o = k - left
+    return slice(max(0, -o), min(N, N - o)), slice(max(0, o), min(N, N + o))
+
+
+class TapConvTokens(torch.autograd.Function):
+    """Same as ``reference_conv_tokens`` (bias may be None): a grouped convolution forward, and a backward as a sum
+    over the taps.
+
+    The CPU depthwise convolution's backward costs 10-50x its forward (5.8 s vs 0.12 s at N = 16384, C = 3456); with a
+    few taps these are a few multiply-adds per element each way:
+    dx[t] = sum_k weight[:, k] * dy[t - k + left],  dweight[:, k] = sum_t dy[t] * x[t + k - left],  dbias = sum_t dy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, left: int):
+        # the forward is one grouped conv2d on the channels-last view [B, C, 1, N] of x: as fast as the taps on the
+        # CPU, and a convolution that FLOP counters see
+        B, N, C = x.shape
+        T = weight.shape[-1]
+        pad = max(left, T - 1 - left)
+        out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.reshape(C, 1, 1, T), bias, padding=(0, pad), groups=C)
+        ctx.save_for_backward(x, weight)
+        ctx.left = left
+        start = pad - left
+        return out[:, :, 0, start:start + N].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        N, T = x.shape[1], weight.shape[1]
+        dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        dweight = torch.empty_like(weight)
+        for k in range(T):
+            out, inp = _tap_spans(k, ctx.left, N)
+            dx[:, inp].addcmul_(dy[:, out], weight[:, k])
+            dweight[:, k] = torch.linalg.vecdot(dy[:, out], x[:, inp], dim=1).sum(0)
+        dbias = dy.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None
