@@ -9,7 +9,7 @@ def _peft():
     try:
         import peft
     except ModuleNotFoundError as err:  # pragma: no cover - depends on the install
-        raise ModuleNotFoundError("stage2.lora needs peft: pip install 'ditgraft[lora]'") from err
+        raise ModuleNotFoundError("stage2.lora needs peft: pip install 'ditgraft[diffusers]'") from err
     return peft
 
 
