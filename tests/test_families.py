@@ -267,3 +267,23 @@ def test_pixart_stage1_streaming_uses_the_captions(tmp_path):
                      str(tmp_path), 0, "cpu", progress=False, log=lambda *_: None)
     assert res["plan"]["mode"] == "stream" and res["operators"]["attn1"]["step"] == 2
     assert seen == [(4, TOKENS, 16)] * 3  # one validation extraction + two streamed steps
+
+
+def test_output_distillation_through_the_pixart_family():
+    """stage 2's output distillation calls student and teacher through the family with the captions: a copy of the
+    teacher has zero distillation loss, a grafted student a positive one."""
+    import copy
+
+    from ditgraft.diffusion.gaussian import GaussianDiffusion
+    from ditgraft.graft.stage2 import stage2_step_fn
+
+    teacher = tiny_pixart().eval()
+    diffusion = GaussianDiffusion.dit_default(learn_sigma=family_of(teacher).learn_sigma(teacher))
+    step = stage2_step_fn(diffusion, Stage2(distill_weight=1.0), teacher)
+    emb, mask = captions(4, 1)
+    batch = (latents(4, 0), emb, mask)
+    torch.manual_seed(0)
+    assert step(copy.deepcopy(teacher), batch)["distill"].item() == 0.0
+    student = graft_model(teacher, [ResolvedGraft("attn", 1, "hyena_x")], 0)
+    terms = step(student, batch)
+    assert terms["distill"].item() > 0 and torch.isfinite(terms["loss"])
