@@ -9,7 +9,7 @@
     ditgraft export-diffusers MODEL    a plain DiT as a folder that diffusers' DiTPipeline loads
     ditgraft eval SAMPLES.npz|MODEL    FID/KID/precision/recall/accuracy (testbed) or Inception metrics
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
-    ditgraft synth MODEL               synthetic training data from a teacher (samples + labels)
+    ditgraft synth MODEL               synthetic training data from a teacher (samples + labels; or captions)
     ditgraft ops                       operator table: parameters and FLOPs at (dim, tokens)
     ditgraft bench ops|model|stage1    side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
@@ -326,6 +326,9 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_synth(args) -> None:
+    if args.prompts:
+        return _synth_captions(args)
+
     from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.utils import ensure_writable, run_lock
 
@@ -347,6 +350,20 @@ def _synth(args, model, cfg, device, out: str) -> None:
                                device=device, raw=True)
     save_latents(out, latents, labels)
     print(f"{args.num_samples} synthetic samples (model space, with labels): {out}; use it as `data:` in a recipe")
+
+
+def _synth_captions(args) -> None:
+    from ditgraft.data.captions import load_t2i_pipeline, read_prompts, synth_captions
+    from ditgraft.utils import ensure_writable, run_lock
+
+    prompts = read_prompts(args.prompts)
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    ensure_writable(out, "--out", folder=False)
+    with run_lock(out, "ditgraft synth"):
+        pipe = load_t2i_pipeline(args.model, _device(args))
+        synth_captions(pipe, prompts, out, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.cfg,
+                       batch_size=args.batch_size, seed=args.seed, max_sequence_length=args.max_tokens)
+    print(f"synthetic image-caption pairs (latents + caption embeddings): {out}; use it as `data:` in a recipe")
 
 
 def cmd_ops(args) -> None:
@@ -452,9 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the folder to write (transformer/, scheduler/, model_index.json)")
     s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/")
 
-    s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels)")
-    s.add_argument("model")
+    s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels, or "
+                                 "image-caption pairs from a text-to-image pipeline with --prompts)")
+    s.add_argument("model", help="a class-conditional model, or with --prompts a diffusers pipeline (PixArt)")
     s.add_argument("--out", default="runs/synth.npz")
+    s.add_argument("--prompts", default=None,
+                   help="text file, one prompt per line: caption latents + embeddings (cycled to --num-samples)")
+    s.add_argument("--max-tokens", type=int, default=300, help="caption tokens with --prompts (PixArt-Sigma: 300)")
     sampling_args(s, num=1000)
 
     s = add("eval", cmd_eval, "metrics of a sample .npz, or run the testbed protocol on a model")

@@ -36,10 +36,13 @@ def dit_train_flops_per_sample(model, batch: int = 2) -> int:
 
 
 def dit_forward_flops_per_sample(model, batch: int = 2) -> int:
+    """Forward FLOPs of one sample of any model family, on random inputs of the model's sample shape."""
+    from ditgraft.models.families import family_of
+
+    family = family_of(model)
     device = next(model.parameters()).device
-    h, w = model.grid[0] * model.patch_size, model.grid[1] * model.patch_size
-    x = torch.randn(batch, model.in_channels, h, w, device=device)
+    x = torch.randn(family.sample_shape(model, batch), device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
-    y = torch.randint(0, model.num_classes, (batch,), device=device)
+    cond = family.example_cond(model, batch, device)
     with torch.no_grad():
-        return count_flops(model, x, t, y) // batch
+        return count_flops(family.forward, model, x, t, cond) // batch

@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from ditgraft.graft.layers import selector_names
-from ditgraft.models.adapters import SLOTS
+from ditgraft.models.slots import SLOTS
 from ditgraft.operators import get_spec, operator_names
 from ditgraft.train.loop import LoopConfig
 
@@ -126,7 +126,8 @@ class Restructure(Strict):
 
 
 class Teacher(Strict):
-    source: str = "testbed"  # testbed | path to .safetensors / .pt | hf://owner/repo/file
+    # testbed | path to .safetensors / .pt | hf://owner/repo/file | diffusers:<model or pipeline dir, or hub repo>
+    source: str = "testbed"
     model: str | None = None  # size name for official .pt files (default DiT-XL/2)
     image_size: int | None = None  # for official .pt files (latent = image / 8)
 
@@ -228,6 +229,16 @@ class Stage1(Strict):
                           precision=self.precision, grad_accum_steps=self.grad_accum_steps)
 
 
+class Lora(Strict):
+    """Stage 2 through LoRA adapters (peft) instead of all parameters; grafted operators still train fully."""
+    rank: int = Field(default=64, ge=1)
+    alpha: float = Field(default=64.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # module names (suffixes) that get adapters; defaults: diffusers attention and feed-forward layers
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                                               "ff.net.2"], min_length=1)
+
+
 class Stage2(Strict):
     enabled: bool = True
     data: Data = Field(default_factory=Data)
@@ -247,6 +258,7 @@ class Stage2(Strict):
     activation_checkpointing: bool = False
     # output distillation: + distill_weight * MSE(student output, teacher output) on the same noised input
     distill_weight: float = Field(default=0.0, ge=0)
+    lora: Lora | None = None  # None: finetune all parameters
 
     @model_validator(mode="after")
     def _decay_fits(self):

@@ -32,7 +32,7 @@ def add_bench_arguments(parser) -> None:
 
     def stack(p, tokens: list[int]) -> None:
         p.add_argument("--tokens", type=int, nargs="+", default=tokens, help=f"sequence lengths (default {tokens})")
-        p.add_argument("--blocks", type=int, default=4)
+        p.add_argument("--blocks", type=int, default=None, help="blocks (default 4; with --family its depth)")
         p.add_argument("--operator", default="hyena_x", help="operator put into the replaced blocks (default hyena_x)")
         p.add_argument("--layers", default="interleave",
                        help="blocks to replace: a selector (" + ", ".join(LAYER_SETS) + "; e.g. interleave:0.75 or "
@@ -52,6 +52,11 @@ def add_bench_arguments(parser) -> None:
     stack(m, [4096, 16384])
     m.add_argument("--backward", action="store_true", help="time forward + backward (a training step's compute)")
     m.add_argument("--profile", action="store_true", help="print the top torch ops by self time for each stack")
+    m.add_argument("--family", default=None, choices=["pixart"],
+                   help="time a whole model of this family instead (pixart: PixArt-Sigma XL/2 shape, 28 blocks, "
+                        "width 1152; --tokens N image tokens, --text-tokens caption tokens; default layers: the "
+                        "paper's 14)")
+    m.add_argument("--text-tokens", type=int, default=300, help="caption tokens with --family pixart (default 300)")
 
     t = sub.add_parser("stage1", help="a stage-1 training step (stream mode) vs teacher forward + each operator's "
                                       "fwd+bwd alone: the engine's overhead")
@@ -84,23 +89,38 @@ def run_bench(args) -> dict:
                     print(f"\n## profile N={n} {r['operator']} {r['mode']} (top ops by {r['profile']['sort_by']})\n"
                           f"{r['profile']['table']}")
         result = {"command": "bench ops", "env": envs, "rows": rows}
+    elif getattr(args, "family", None):
+        from ditgraft.bench.family import bench_family
+        from ditgraft.bench.model import select_layers
+
+        blocks = args.blocks or 28  # PixArt-Sigma XL/2's depth
+        layers = None if args.layers == "interleave" else select_layers(args.layers, blocks)
+        rows = []
+        for n in args.tokens:
+            part = bench_family(args.family, blocks=blocks, heads=args.heads, head_dim=args.dim // args.heads,
+                                tokens=n, text_tokens=args.text_tokens, operator=args.operator, layers=layers,
+                                batch=args.batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                                dtype=args.dtype, options=options.get(args.operator), clock=args.clock)
+            rows += part["rows"]
+            print(format_table(part["rows"]), flush=True)
+        result = {"command": "bench model --family", "config": part["config"], "env": part["env"], "rows": rows}
     else:
         unknown = set(options) - {args.operator}
         if unknown:
             raise ValueError(f"--option for {sorted(unknown)}: bench {args.bench_command} only builds "
                              f"--operator={args.operator!r}")
-        layers = args.layers
+        layers, blocks = args.layers, args.blocks or 4
         common = dict(batch=args.batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
                       dtype=args.dtype, options=options.get(args.operator), clock=args.clock)
         if args.bench_command == "model":
             from ditgraft.bench.model import bench_model
 
-            result = bench_model(args.dim, args.heads, args.blocks, args.tokens, args.operator, layers,
+            result = bench_model(args.dim, args.heads, blocks, args.tokens, args.operator, layers,
                                  profile=args.profile, backward=args.backward, **common)
         else:
             from ditgraft.bench.stage1 import bench_stage1
 
-            result = bench_stage1(args.dim, args.heads, args.blocks, args.tokens, args.operator, layers, **common)
+            result = bench_stage1(args.dim, args.heads, blocks, args.tokens, args.operator, layers, **common)
         result["command"] = f"bench {args.bench_command}"
         print(format_table(result["rows"]))
         for n, stacks in result.get("profile", {}).items():

@@ -137,6 +137,12 @@ def load_image_folder(root: str, image_size: int, channels: int = 3,
     return x, torch.tensor(ds.labels[:n], dtype=torch.int64)
 
 
+def _is_caption_file(spec: str) -> bool:
+    from ditgraft.data.captions import is_caption_file
+
+    return is_caption_file(spec)
+
+
 def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, latent_scale: float | None = None,
                  labels_path: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Data spec -> (x [N, C, H, W] float32, y [N] int64).
@@ -144,7 +150,8 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     ``spec`` is one of:
       ``mnist5k`` / ``mnist5k:train`` / ``mnist5k:val`` / ``mnist5k:all``  the testbed digits ([-1, 1], 1x32x32);
       a folder                      images (``image_size`` required, ``channels`` 3 or 1), see ImageFolderDataset;
-      a ``.npy`` or ``.npz`` file   precomputed latents (``latent_scale``, ``labels_path``), see data/latents.py.
+      a ``.npy`` or ``.npz`` file   precomputed latents (``latent_scale``, ``labels_path``), see data/latents.py;
+      a caption ``.npz``            latents with caption embeddings: y is (embeddings, masks), see data/captions.py.
     """
     spec = os.fspath(spec)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -155,6 +162,13 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
         if image_size is None:
             raise ValueError(f"data {spec!r} is an image folder: pass image_size (pixels per side, e.g. 256)")
         return load_image_folder(spec, image_size, channels, limit)
+    elif spec.lower().endswith(".npz") and _is_caption_file(spec):
+        from ditgraft.data.captions import load_caption_latents
+
+        x, y = load_caption_latents(spec)  # y = (caption embeddings, masks)
+        if limit is not None:
+            x, y = x[:limit], tuple(c[:limit] for c in y)
+        return x, y
     elif spec.lower().endswith((".npy", ".npz")):
         x, y = load_latents(spec, labels_path=labels_path, scale=latent_scale)
     elif os.path.exists(spec):
@@ -168,17 +182,27 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
     return x, y
 
 
-def check_data_fits(x: torch.Tensor, y: torch.Tensor, model, spec: str) -> None:
-    """Refuse data a model cannot train on (before any step): [N, C, H, W] with the model's channels and size,
-    finite values, and integer labels in [0, num_classes)."""
-    want_hw = (model.grid[0] * model.patch_size, model.grid[1] * model.patch_size)
-    if x.ndim != 4 or x.shape[1] != model.in_channels or tuple(x.shape[2:]) != want_hw:
+def check_data_fits(x: torch.Tensor, y, model, spec: str) -> None:
+    """Refuse data a model cannot train on (before any step): [N, C, H, W] with the model's channels and size
+    (families that take any size: a multiple of the patch size), finite values, one conditioning row per sample,
+    and integer labels in [0, num_classes) for a class-conditional model."""
+    from ditgraft.models.families import family_of
+    from ditgraft.models.families.base import cond_len
+
+    family = family_of(model)
+    want = tuple(family.sample_shape(model, 1)[1:])
+    p = family.patch_size(model)
+    fits = x.ndim == 4 and x.shape[1] == want[0] and (
+        tuple(x.shape[2:]) == want[1:] if family.name == "dit" else x.shape[2] % p == 0 and x.shape[3] % p == 0)
+    if not fits:
         raise ValueError(f"data {spec!r}: samples of shape {tuple(x.shape[1:])} do not fit the model; allowed: "
-                         f"({model.in_channels}, {want_hw[0]}, {want_hw[1]}) (its channels, height, width)")
-    if len(y) != len(x):
-        raise ValueError(f"data {spec!r}: {len(y)} labels for {len(x)} samples; one label per sample is needed")
-    if len(y) and (y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= model.num_classes):
+                         f"{want} (its channels, height, width)")
+    if cond_len(y) != len(x):
+        raise ValueError(f"data {spec!r}: {cond_len(y)} labels for {len(x)} samples; one label per sample is needed")
+    num_classes = getattr(model, "num_classes", None) if isinstance(y, torch.Tensor) else None
+    if num_classes is not None and len(y) and (y.is_floating_point() or int(y.min()) < 0
+                                               or int(y.max()) >= num_classes):
         raise ValueError(f"data {spec!r}: labels span [{y.min().item()}, {y.max().item()}]; allowed: integers in "
-                         f"[0, {model.num_classes - 1}] (the model's {model.num_classes} classes)")
+                         f"[0, {num_classes - 1}] (the model's {num_classes} classes)")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"data {spec!r}: holds NaN/Inf values")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.models.families.base import cond_cat, cond_len, cond_to
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -34,7 +35,8 @@ class SamplingConfig:
 
 
 def guided_model(model, cfg_scale: float, cfg_channels: int):
-    """Model fn for [cond; uncond] batches: guides the first ``cfg_channels`` output channels of both halves.
+    """Model fn ``fn(x, t, y)`` for [cond; uncond] batches: guides the first ``cfg_channels`` output channels of
+    both halves.
 
     As upstream's forward_with_cfg, only the first half of ``x`` is used (duplicated), so the halves cannot drift
     apart when a stochastic sampler adds independent noise to each.
@@ -52,29 +54,47 @@ def guided_model(model, cfg_scale: float, cfg_channels: int):
 
 
 @torch.no_grad()
-def sample(model, labels: torch.Tensor, shape: tuple[int, ...], cfg: SamplingConfig = SamplingConfig(),
+def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = SamplingConfig(),
            generator: torch.Generator | None = None, diffusion: GaussianDiffusion | None = None,
-           null_class: int | None = None, cfg_channels: int | None = None, learn_sigma: bool = True) -> torch.Tensor:
-    """Draw samples x_0 of ``shape`` = (B, C, H, W) for class ``labels`` [B].
+           null_class: int | None = None, cfg_channels: int | None = None, learn_sigma: bool = True,
+           null_cond=None) -> torch.Tensor:
+    """Draw samples x_0 of ``shape`` = (B, C, H, W) for conditioning ``labels`` (class labels [B], or a tuple
+    such as caption embeddings and masks).
 
-    ``model(x, t, y)`` returns eps (and variance values when learn_sigma). Noise comes from ``generator`` (CPU
-    generator; tensors are moved to the labels' device), so results do not depend on the global RNG.
+    A model of a known family is called through it (``ditgraft.models.families``); any other callable as
+    ``model(x, t, y)``; it returns eps (and variance values when learn_sigma). Guidance mixes in ``null_cond``
+    (default: the family's null conditioning, or labels ``null_class``). Noise comes from ``generator`` (CPU
+    generator; tensors are moved to the conditioning's device), so results do not depend on the global RNG.
     """
-    device = labels.device
+    from ditgraft.models.families import family_of, model_call
+
+    try:
+        family = family_of(model)
+    except TypeError:
+        family = None
+    device = labels[0].device if isinstance(labels, (tuple, list)) else labels.device
     steps = f"ddim{cfg.steps}" if cfg.sampler == "ddim" else str(cfg.steps)
     diffusion = diffusion or GaussianDiffusion.dit_default(steps=steps, learn_sigma=learn_sigma)
-    null_class = getattr(model, "num_classes", None) if null_class is None else null_class
-    cfg_channels = getattr(model, "cfg_channels", shape[1]) if cfg_channels is None else cfg_channels
+    if cfg_channels is None:
+        cfg_channels = family.cfg_channels(model) if family else getattr(model, "cfg_channels", shape[1])
     guided = cfg.cfg_scale > 1.0
     x = torch.randn(shape, generator=generator).to(device)
     y = labels
-    fn = model
+    fn = model_call(model) if family else model
     if guided:
-        if null_class is None:
-            raise ValueError("cfg_scale > 1 needs null_class (the model's num_classes)")
+        if null_class is None and family is None:
+            null_class = getattr(model, "num_classes", None)
+        if null_cond is None and null_class is not None:
+            null_cond = torch.full_like(labels, null_class)
+        if null_cond is None:
+            if family is None:
+                raise ValueError("cfg_scale > 1 needs null_class (the model's num_classes) or null_cond")
+            null_cond = family.null_cond(model, labels)
+        if cond_len(null_cond) != cond_len(labels):
+            raise ValueError(f"null_cond has {cond_len(null_cond)} rows; the conditioning has {cond_len(labels)}")
         x = torch.cat([x, x], dim=0)
-        y = torch.cat([labels, torch.full_like(labels, null_class)], dim=0)
-        fn = guided_model(model, cfg.cfg_scale, cfg_channels)
+        y = cond_cat(labels, cond_to(null_cond, device))
+        fn = guided_model(fn, cfg.cfg_scale, cfg_channels)
     stochastic = cfg.sampler == "ddpm" or cfg.eta > 0
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
@@ -84,7 +104,7 @@ def sample(model, labels: torch.Tensor, shape: tuple[int, ...], cfg: SamplingCon
             x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise
         else:
             x = ddim_step(diffusion, x, t, i, out, cfg.eta, noise)
-    return x[: len(labels)]
+    return x[: cond_len(labels)]
 
 
 def ddim_step(diffusion: GaussianDiffusion, x, t, i: int, out: dict, eta: float, noise) -> torch.Tensor:

@@ -38,6 +38,8 @@ from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.checkpoints import ASSETS, load_dit
+from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, load_diffusers
+from ditgraft.models.families.base import cond_rows
 from ditgraft.recipe import Data, Recipe
 from ditgraft.train.memory import format_stage2_memory
 from ditgraft.utils import (atomic_write_json, atomic_write_text, ensure_writable, read_json, resolve_device,
@@ -48,6 +50,8 @@ STAGES = ("stage1", "stage2", "eval", "report")
 
 def load_teacher(recipe: Recipe, device) -> tuple[torch.nn.Module, dict]:
     t = recipe.teacher
+    if t.source.startswith(DIFFUSERS_PREFIX):
+        return load_diffusers(t.source[len(DIFFUSERS_PREFIX):]).to(device).eval(), {}
     model, meta = load_dit(t.source, model=t.model, image_size=t.image_size)
     return model.to(device).eval(), meta
 
@@ -62,7 +66,8 @@ def load_data(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_split(data: Data | str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows.
-    Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class)."""
+    Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class). y is labels, or a tuple
+    (caption embeddings, masks) for caption data."""
     data = Data.model_validate(data)
     if data.source == "mnist5k" and data.split is None:
         (x, y), (xv, yv) = load_dataset("mnist5k:train"), load_dataset("mnist5k:val")
@@ -71,11 +76,12 @@ def load_split(data: Data | str, n_train: int, n_val: int, seed: int = 0) -> tup
         if len(x_all) <= n_val:
             raise ValueError(f"data={data.text() or data.path!r} has {len(x_all)} samples; need more than "
                              f"val_samples={n_val}")
-        x, y, xv, yv = x_all[:-n_val], y_all[:-n_val], x_all[-n_val:], y_all[-n_val:]
+        x, y = x_all[:-n_val], cond_rows(y_all, slice(None, -n_val))
+        xv, yv = x_all[-n_val:], cond_rows(y_all, slice(len(x_all) - n_val, None))
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(x), generator=g)[:n_train].sort().values
     keep_val = torch.randperm(len(xv), generator=g)[:n_val].sort().values
-    return x[keep], y[keep], xv[keep_val], yv[keep_val]
+    return x[keep], cond_rows(y, keep), xv[keep_val], cond_rows(yv, keep_val)
 
 
 def _needs(recipe: Recipe, need: str) -> bool:
@@ -240,7 +246,7 @@ class Run:
     def protocol(self) -> Protocol:
         e = self.recipe.eval
         return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed,
-                        clip_denoised=self.teacher.in_channels in (1, 3))  # latents are not clipped (DiT)
+                        clip_denoised=family_of(self.teacher).in_channels(self.teacher) in (1, 3))  # latents are not clipped (DiT)
 
 
 @dataclass(frozen=True)
@@ -509,5 +515,6 @@ def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
     x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
     student, _ = r.timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
-                                                        recipe.seed, r.progress, teacher=r.teacher))
+                                                        recipe.seed, r.progress, teacher=r.teacher,
+                                                        grafts=r.grafts))
     return student

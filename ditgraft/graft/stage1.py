@@ -1,7 +1,8 @@
 """Stage 1, activation distillation: each new operator learns to reproduce the teacher operator it replaces.
 
 How it is done (unlike the released extraction script):
-- inputs are noised latents x_t = q_sample(x_0, t, eps) with t ~ U{0..999}, and the teacher is called model(x_t, t, y);
+- inputs are noised latents x_t = q_sample(x_0, t, eps) with t ~ U{0..999}, and the teacher is called with its own
+  conditioning y (class labels, or caption embeddings and masks) through its model family;
 - forward hooks capture each grafted slot's input (the normalised, modulated stream) and its output before the gate;
 - one teacher forward per batch feeds every grafted slot;
 - every operator regresses its own target from the original teacher (never a partly grafted model). The operators are
@@ -40,6 +41,8 @@ from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.distributed import all_gather_rows, barrier, on_main, rank_world, shard_bounds
 from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
+from ditgraft.models.families import model_call
+from ditgraft.models.families.base import cond_len, cond_pack, cond_rows, cond_to, cond_tuple
 from ditgraft.recipe import Stage1
 from ditgraft.train.loop import TrainingDiverged, train
 from ditgraft.utils import atomic_path, atomic_write_json
@@ -74,13 +77,14 @@ def capture_slots(model: nn.Module, grafts: list[ResolvedGraft]):
 
 @dataclass
 class Stage1Inputs:
-    """Noised teacher inputs: x_t, model timestep t, labels y (a fixed set for caching and validation)."""
+    """Noised teacher inputs: x_t, model timestep t, conditioning y (labels, or a tuple such as caption embeddings
+    and masks; a fixed set for caching and validation)."""
     x_t: torch.Tensor
     t: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | tuple
 
 
-def noised_inputs(x0: torch.Tensor, y: torch.Tensor, seed: int) -> Stage1Inputs:
+def noised_inputs(x0: torch.Tensor, y, seed: int) -> Stage1Inputs:
     """Each sample gets its own t ~ U{0..999} and noise from a generator seeded by ``seed``."""
     diffusion = GaussianDiffusion.dit_default()
     g = torch.Generator().manual_seed(seed)
@@ -138,6 +142,8 @@ def extract(teacher: nn.Module, grafts: list[ResolvedGraft], inputs: Stage1Input
     """
     dims = model_dims(teacher)
     n, shape = len(inputs.t), (len(inputs.t), dims.grid[0] * dims.grid[1], dims.dim)
+    if cond_len(inputs.y) != n:
+        raise ValueError(f"conditioning has {cond_len(inputs.y)} rows for {n} samples")
     rank, world = rank_world()
     lo, hi = shard_bounds(n, rank, world)
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
@@ -161,10 +167,11 @@ def extract(teacher: nn.Module, grafts: list[ResolvedGraft], inputs: Stage1Input
         local = (hi - lo,) + shape[1:]
         store = {g.key: (torch.empty(local, dtype=dtype), torch.empty(local, dtype=dtype)) for g in grafts}
     teacher.eval()
+    call = model_call(teacher)
     with capture_slots(teacher, grafts) as captured:
         for s in range(lo, hi, batch_size):
             sl = slice(s, min(s + batch_size, hi))
-            teacher(inputs.x_t[sl].to(device), inputs.t[sl].to(device), inputs.y[sl].to(device))
+            call(inputs.x_t[sl].to(device), inputs.t[sl].to(device), cond_to(cond_rows(inputs.y, sl), device))
             for key, (a, b) in captured.items():
                 for dst, src in zip(store[key], (a, b)):
                     if out_dir:
@@ -229,10 +236,11 @@ class BestKeeper:
         module.load_state_dict(load_file(os.path.join(self.folder, f"{key}.safetensors")))
 
 
-def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0: torch.Tensor, y: torch.Tensor,
-               x0_val: torch.Tensor, y_val: torch.Tensor, run_dir: str, seed: int, device,
+def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0: torch.Tensor, y,
+               x0_val: torch.Tensor, y_val, run_dir: str, seed: int, device,
                progress: bool = True, log=print) -> dict:
-    """Distil every grafted operator; returns {key: best stats} and leaves the best weights in run_dir/best."""
+    """Distil every grafted operator; returns {key: best stats} and leaves the best weights in run_dir/best.
+    ``y`` / ``y_val``: the teacher's conditioning per sample (labels, or a tuple of tensors)."""
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
     dims = model_dims(teacher)
@@ -264,14 +272,15 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
     keys = [g.key for g in grafts]
     if plan.mode == "stream":
         diffusion = GaussianDiffusion.dit_default()
-        data = (x0, y)
+        data = (x0, *cond_tuple(y))
+        call = model_call(teacher)
 
         def step_fn(model, batch):
-            xb, yb = batch
+            xb, yb = batch[0], cond_pack(batch[1:])
             t = torch.randint(0, diffusion.num_timesteps, (len(xb),), device=xb.device)
             x_t = diffusion.q_sample(xb, t, torch.randn_like(xb))
             with torch.no_grad(), capture_slots(teacher, grafts) as captured:
-                teacher(x_t, t, yb)
+                call(x_t, t, yb)
             return _bank_losses(model, {k: captured[k] for k in keys}, losses)
     else:
         train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1)

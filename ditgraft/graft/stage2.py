@@ -1,4 +1,8 @@
-"""Stage 2: lightweight end-to-end finetuning of the grafted student with the DiT loss (the shared loop)."""
+"""Stage 2: lightweight end-to-end finetuning of the grafted student with the DiT loss (the shared loop).
+
+All parameters train, or (``cfg.lora``) low-rank adapters through peft on the chosen modules plus the grafted
+operators; the adapters are merged at the end, so the result is a plain model of the teacher's class.
+"""
 from __future__ import annotations
 
 import os
@@ -7,32 +11,37 @@ import torch
 from torch import nn
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.models.families import family_of, model_call
+from ditgraft.models.families.base import cond_tuple
 from ditgraft.recipe import Stage2
 from ditgraft.train.loop import train
-from ditgraft.train.pretrain import diffusion_step_fn
+from ditgraft.train.pretrain import diffusion_losses, diffusion_step_fn
 
 
 def distill_step_fn(diffusion: GaussianDiffusion, teacher: nn.Module, weight: float):
     """DiT's training step plus output distillation: loss = diffusion loss + weight * MSE(student output, teacher
-    output), the frozen teacher seeing the student's noised input, timestep and labels (after label dropout), as
-    CLEAR distils its linear-attention students. Logged as "distill"."""
-    base = diffusion_step_fn(diffusion)
+    output), the frozen teacher seeing the student's noised input, timestep and conditioning (labels after label
+    dropout where the family drops them inside the model), as CLEAR distils its linear-attention students. Both
+    models are called through their family. Logged as "distill"."""
 
     def step(model, batch):
         seen = {}
-        table = getattr(model, "module", model).y_embedder.embedding_table  # its input: the labels after dropout
-        hook = table.register_forward_hook(lambda _m, args, _out: seen.__setitem__("y", args[0]))
+        call = model_call(model)
+        table = family_of(model).dropped_labels_module(model)  # its input: the labels after dropout
+        hook = table.register_forward_hook(lambda _m, args, _out: seen.__setitem__("y", args[0])) if table else None
 
-        def student(x, t, **kwargs):
-            seen["x"], seen["t"], seen["out"] = x, t, model(x, t, **kwargs)
+        def student(x, t, y):
+            seen["x"], seen["t"], seen["out"] = x, t, call(x, t, y)
+            seen.setdefault("y", y)
             return seen["out"]
 
         try:
-            terms = base(student, batch)
+            terms = diffusion_losses(diffusion, student, batch)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         with torch.no_grad():
-            target = teacher(seen["x"], seen["t"], seen["y"])
+            target = model_call(teacher)(seen["x"], seen["t"], seen["y"])
         terms["distill"] = ((seen["out"] - target) ** 2).mean()
         terms["loss"] = terms["loss"] + weight * terms["distill"]
         return terms
@@ -50,13 +59,28 @@ def stage2_step_fn(diffusion: GaussianDiffusion, cfg: Stage2, teacher: nn.Module
     return distill_step_fn(diffusion, teacher, cfg.distill_weight)
 
 
-def run_stage2(student: nn.Module, cfg: Stage2, x0: torch.Tensor, y: torch.Tensor, run_dir: str, seed: int,
-               progress: bool = True, teacher: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
-    """Finetune all parameters; returns the weights to keep (EMA when enabled) and the loss history.
-    ``teacher`` is needed when ``cfg.distill_weight`` > 0 (output distillation)."""
-    diffusion = GaussianDiffusion.dit_default(learn_sigma=student.learn_sigma)
-    student.requires_grad_(True)
-    student.pos_embed.requires_grad_(False)  # fixed sin-cos table, as in DiT
-    result = train(student, stage2_step_fn(diffusion, cfg, teacher), (x0, y), cfg.loop_config(seed, progress),
+def run_stage2(student: nn.Module, cfg: Stage2, x0: torch.Tensor, y, run_dir: str, seed: int,
+               progress: bool = True, teacher: nn.Module | None = None, grafts=None) -> tuple[nn.Module, list[dict]]:
+    """Finetune the student on (x0, y) (y: labels or a tuple such as caption embeddings and masks); returns the
+    weights to keep (EMA when enabled) and the loss history. ``teacher`` is needed when ``cfg.distill_weight`` > 0
+    (output distillation). With ``cfg.lora`` the grafted slots in ``grafts`` train fully and the rest through LoRA
+    adapters, merged into plain weights before returning."""
+    family = family_of(student)
+    diffusion = GaussianDiffusion.dit_default(learn_sigma=family.learn_sigma(student))
+    lora = getattr(cfg, "lora", None)
+    if lora is not None:
+        from ditgraft.train.lora import add_lora, merge_lora
+
+        student = add_lora(student, lora, trainable=[family.get_slot(student, g.layer, g.slot)
+                                                     for g in (grafts or [])])
+    else:
+        student.requires_grad_(True)
+        for p in family.frozen_parameters(student):
+            p.requires_grad_(False)
+    result = train(student, stage2_step_fn(diffusion, cfg, teacher), (x0, *cond_tuple(y)),
+                   cfg.loop_config(seed, progress),
                    os.path.join(run_dir, "loop"), desc="stage2")
-    return (result.ema if result.ema is not None else result.model).eval(), result.history
+    out = result.ema if result.ema is not None else result.model
+    if lora is not None:
+        out = merge_lora(out)
+    return out.eval(), result.history

@@ -2,7 +2,8 @@
 
 The student is a deep copy of the teacher with new operators in place of the chosen ``attn`` / ``mlp`` slots;
 everything else keeps the teacher's values. A grafted checkpoint is a safetensors file whose metadata holds the
-teacher's model config and the resolved grafts (plus the recipe), so ``load_grafted`` rebuilds it alone.
+teacher's model config (and its model family) and the resolved grafts (plus the recipe), so ``load_grafted``
+rebuilds it alone; a grafted diffusers model rebuilds as its diffusers class with the operators in its slots.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from torch import nn
 
 from ditgraft.graft.layers import resolve_layers
 from ditgraft.graft.restructure import restructure
-from ditgraft.models.adapters import get_slot, model_dims, set_slot
+from ditgraft.models.adapters import model_dims, set_slot
 from ditgraft.models.checkpoints import (build_from_config, load_dit, load_state_strict, load_weights,
                                          read_metadata, save_safetensors)
 from ditgraft.models.diffusers_dit import is_diffusers_source
+from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, get_family, load_diffusers
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
 
@@ -86,7 +88,8 @@ def make_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -
             torch.manual_seed(seed * 1000 + i)
             op = build_graft_operator(teacher, g)
             if g.init == "teacher":
-                op = init_from_teacher(op, get_slot(teacher, g.layer, g.slot), g.options)
+                op = init_from_teacher(op, family_of(teacher).teacher_operator(teacher, g.layer, g.slot),
+                                       g.options)
             ops[g.key] = op.to(device)
     finally:
         torch.random.set_rng_state(state)
@@ -103,7 +106,9 @@ def graft_model(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int = 0) 
 
 def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recipe: dict | None,
                  teacher_meta: dict | None = None, extra: dict | None = None) -> None:
-    meta = {"model_config": model.config, "grafts": [asdict(g) for g in grafts], "recipe": recipe or {},
+    family = family_of(model)
+    meta = {"model_config": family.config(model), "family": family.name, "grafts": [asdict(g) for g in grafts],
+            "recipe": recipe or {},
             "teacher": {k: v for k, v in (teacher_meta or {}).items() if k != "model_config"}}
     meta.update(extra or {})
     save_safetensors(path, model, meta)
@@ -112,7 +117,13 @@ def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recip
 def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a grafted and/or restructured (or plain) ditgraft checkpoint from its file alone."""
     meta = read_metadata(path)
-    model = build_from_config(meta.get("model_config"), path)
+    config, family = meta.get("model_config"), meta.get("family", "dit")
+    if family == "dit":
+        model = build_from_config(config, path)
+    else:
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: its metadata has no model_config mapping (got {config!r})")
+        model = get_family(family).build(config)
     try:
         grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
     except TypeError as err:
@@ -127,6 +138,8 @@ def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
 
 def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """A teacher name/path or a grafted checkpoint or a run directory -> (model, metadata)."""
+    if source.startswith(DIFFUSERS_PREFIX):
+        return load_diffusers(source[len(DIFFUSERS_PREFIX):]).to(map_location), {}
     if os.path.isdir(source) and not is_diffusers_source(source):
         for name in ("student.safetensors", "model.safetensors"):
             if os.path.exists(os.path.join(source, name)):

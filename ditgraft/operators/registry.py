@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from ditgraft.models.adapters import SLOTS
+from ditgraft.models.slots import SLOTS
 
 
 @dataclass(frozen=True)

@@ -58,12 +58,13 @@ def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
     """The estimate for a recipe's stage 2 (``cfg``) on ``world`` GPUs; also returns the micro-batch per GPU.
     ``student`` may be the teacher (or its architecture on the meta device): the operators change the parameter
     count by a few percent."""
-    from ditgraft.models.adapters import model_dims
+    from ditgraft.models.families import family_of
 
-    dims = model_dims(student)
+    family = family_of(student)
+    dims = family.dims(student)
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
     params = sum(p.numel() for p in student.parameters())
-    trainable = params - student.pos_embed.numel()  # the fixed sin-cos table is not trained
+    trainable = params - sum(p.numel() for p in family.frozen_parameters(student))  # e.g. DiT's sin-cos table
     est = dit_training_memory(params, trainable, dims.grid[0] * dims.grid[1], dims.dim, dims.depth, micro,
                               cfg.precision, cfg.activation_checkpointing, ema=cfg.ema_decay is not None)
     return est, micro

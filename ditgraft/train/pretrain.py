@@ -14,18 +14,27 @@ from ditgraft.distributed import barrier, is_main
 from ditgraft.flops import dit_train_flops_per_sample
 from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.models.dit import build_dit
+from ditgraft.models.families import model_call
+from ditgraft.models.families.base import cond_pack
 from ditgraft.train.loop import LoopConfig, latest_checkpoint, train
 from ditgraft.utils import atomic_write_json, read_json, run_lock
 
 
+def diffusion_losses(diffusion: GaussianDiffusion, fn, batch) -> dict:
+    """DiT's training loss on a batch (x0, *cond): t ~ U{0..T-1}, loss = MSE(eps) + VLB, for the model function
+    ``fn(x, t, y)``."""
+    x0, y = batch[0], cond_pack(batch[1:])
+    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+    terms = diffusion.training_losses(fn, x0, t, model_kwargs=dict(y=y))
+    return {k: v.mean() for k, v in terms.items()}
+
+
 def diffusion_step_fn(diffusion: GaussianDiffusion):
-    """DiT's training step: t ~ U{0..T-1}, loss = MSE(eps) + VLB, on a batch (x0, y)."""
+    """DiT's training step; the model is called through its family (class labels, or caption embeddings and
+    masks)."""
 
     def step(model, batch):
-        x0, y = batch
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-        terms = diffusion.training_losses(model, x0, t, model_kwargs=dict(y=y))
-        return {k: v.mean() for k, v in terms.items()}
+        return diffusion_losses(diffusion, model_call(model), batch)
 
     return step
 

@@ -1,0 +1,73 @@
+"""Model families: one ``Family`` object per kind of diffusion transformer (see ``base.py``).
+
+Adding a family: write ``families/<name>.py`` with a ``Family`` subclass (``matches``, ``dims``, the slot
+locations, ``forward``, the conditioning and config hooks; diffusers transformers subclass ``DiffusersFamily``),
+then add one line to ``_FAMILIES`` below.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ditgraft.models.families.base import Family, ModelDims, SlotAdapter, unwrap
+from ditgraft.models.families.diffusers_dit import DiffusersDiTFamily
+from ditgraft.models.families.dit import DiTFamily
+from ditgraft.models.families.pixart import PixArtFamily
+
+_FAMILIES: dict[str, Family] = {f.name: f for f in (
+    DiTFamily(),
+    DiffusersDiTFamily(),
+    PixArtFamily(),
+)}
+
+
+def family_names() -> list[str]:
+    return list(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    if name not in _FAMILIES:
+        raise ValueError(f"family={name!r} is unknown; allowed: {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def family_of(model: nn.Module) -> Family:
+    model = unwrap(model)
+    for family in _FAMILIES.values():
+        if family.matches(model):
+            return family
+    raise TypeError(f"{type(model).__name__} is not a supported model family (known: {', '.join(_FAMILIES)})")
+
+
+DIFFUSERS_PREFIX = "diffusers:"
+
+
+def load_diffusers(source: str, subfolder: str | None = None) -> nn.Module:
+    """A diffusers transformer of a known family from a model or pipeline directory (or, with a network, a hub
+    repo id): ``diffusers:<dir or repo>`` in a recipe's teacher.source. A pipeline's ``transformer/`` is used."""
+    import os
+
+    from diffusers import AutoModel
+
+    if subfolder is None and os.path.isdir(os.path.join(source, "transformer")):
+        subfolder = "transformer"
+    if subfolder is None and not os.path.isdir(source):
+        subfolder = "transformer"  # hub pipelines keep the transformer there
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    model = AutoModel.from_pretrained(source, **kwargs)
+    family_of(model)  # a clear error for a class no family handles
+    return model.eval()
+
+
+def model_call(model: nn.Module):
+    """``fn(x, t, cond)`` calling ``model`` (or its DDP wrapper) the way its family needs: ditgraft's model-fn
+    convention for the diffusion code."""
+    family = family_of(model)
+
+    def fn(x, t, y):
+        return family.forward(model, x, t, y)
+
+    return fn
+
+
+__all__ = ["DIFFUSERS_PREFIX", "Family", "ModelDims", "SlotAdapter", "family_names", "family_of", "get_family",
+           "load_diffusers", "model_call"]

@@ -1,0 +1,186 @@
+"""The model-family seam: what grafting needs to know about one kind of diffusion transformer.
+
+A ``Family`` knows a model's blocks and slots (list, get, set), how to call the model the way ditgraft's diffusion
+code does (``forward(model, x_t, t, cond)``), the conditioning a forward takes, the sample shape, whether the model
+learns its variance, how to count its FLOPs and how to save and rebuild its config. Everything else in ditgraft
+(stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model through its family.
+
+Conditioning (``cond``) is one tensor (class labels) or a tuple of tensors with the batch first (caption
+embeddings and their mask); ``cond_tuple`` / ``cond_cat`` / ``cond_rows`` treat both alike.
+
+Slots use ditgraft's vocabulary: ``attn`` (token mixer) and ``mlp`` (channel mixer). An operator follows the
+contract ``op(x: [B, N, D], grid) -> [B, N, D]``; a family whose slots are called differently (diffusers calls
+``attn1(hidden_states, encoder_hidden_states=None, attention_mask=None, **kw)``) puts a ``SlotAdapter`` around it.
+``get_slot`` returns the operator itself (never the adapter), so its state dict is the operator's own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ditgraft.models.slots import SLOTS
+
+Cond = torch.Tensor | tuple
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    depth: int
+    dim: int
+    heads: int
+    grid: tuple[int, int]
+
+
+def cond_tuple(cond) -> tuple:
+    return tuple(cond) if isinstance(cond, (tuple, list)) else (cond,)
+
+
+def cond_pack(tensors) -> Cond:
+    """Inverse of ``cond_tuple``: one tensor stays a tensor."""
+    tensors = tuple(tensors)
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def cond_rows(cond, rows) -> Cond:
+    return cond_pack(c[rows] for c in cond_tuple(cond))
+
+
+def cond_to(cond, device) -> Cond:
+    return cond_pack(c.to(device) for c in cond_tuple(cond))
+
+
+def cond_cat(a, b) -> Cond:
+    return cond_pack(torch.cat([x, y], dim=0) for x, y in zip(cond_tuple(a), cond_tuple(b), strict=True))
+
+
+def cond_len(cond) -> int:
+    return len(cond_tuple(cond)[0])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DistributedDataParallel (or similar ``.module``) wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class SlotAdapter(nn.Module):
+    """Lets an operator ``op(x, grid)`` sit where the family calls ``slot(hidden_states, *args, **kwargs)``.
+
+    Extra arguments (``encoder_hidden_states=None``, ``attention_mask=None``, processor kwargs) are those of a
+    self-attention call and carry nothing the operator needs. The grid is the patch grid of the current model call
+    (``call_grid``, set by the family's pre-hook on the model), else the build-time grid when the token count
+    matches it, else the square grid of N tokens.
+    """
+
+    def __init__(self, op: nn.Module, grid: tuple[int, int]):
+        super().__init__()
+        self.op = op
+        self.grid = tuple(grid)
+        self.call_grid: tuple[int, int] | None = None  # the patch grid of the current model call, when known
+
+    def grid_for(self, n: int) -> tuple[int, int]:
+        for grid in (self.call_grid, self.grid):
+            if grid is not None and n == grid[0] * grid[1]:
+                return grid
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"a grafted slot got {n} tokens: neither the model's grid {self.grid} nor a square grid")
+        return (side, side)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if encoder_hidden_states is not None:
+            raise ValueError("a grafted self-attention slot was called with encoder_hidden_states (cross-attention)")
+        return self.op(hidden_states, grid=self.grid_for(hidden_states.shape[1]))
+
+
+class Family:
+    """Base class; subclasses fill in the model-specific parts (see ``dit.py`` and ``diffusers_common.py``)."""
+
+    name: str = ""
+
+    # ---- recognising and describing a model -----------------------------------------------------------------
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def dims(self, model: nn.Module) -> ModelDims:
+        raise NotImplementedError
+
+    def learn_sigma(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def in_channels(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def cfg_channels(self, model: nn.Module) -> int:
+        """Output channels that classifier-free guidance mixes (the eps channels)."""
+        return self.in_channels(model)
+
+    def sample_shape(self, model: nn.Module, batch: int) -> tuple[int, ...]:
+        dims = self.dims(model)
+        p = self.patch_size(model)
+        return (batch, self.in_channels(model), dims.grid[0] * p, dims.grid[1] * p)
+
+    def patch_size(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    # ---- slots ----------------------------------------------------------------------------------------------
+    def slot_parent(self, model: nn.Module, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def slot_attr(self, slot: str) -> str:
+        raise NotImplementedError
+
+    def check(self, model: nn.Module, layer: int, slot: str) -> None:
+        if slot not in SLOTS:
+            raise ValueError(f"slot={slot!r} is not allowed; use one of {SLOTS}")
+        depth = self.dims(model).depth
+        if not isinstance(layer, int) or not 0 <= layer < depth:
+            raise ValueError(f"layer={layer} is out of range for a depth-{depth} model")
+
+    def get_slot(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
+        self.check(model, layer, slot)
+        module = getattr(self.slot_parent(model, layer), self.slot_attr(slot))
+        return module.op if isinstance(module, SlotAdapter) else module
+
+    def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
+        self.check(model, layer, slot)
+        setattr(self.slot_parent(model, layer), self.slot_attr(slot), self.adapt(model, module))
+
+    def teacher_operator(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
+        """The slot's current module as a ditgraft operator (what ``init: teacher`` copies from)."""
+        return self.get_slot(model, layer, slot)
+
+    def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
+        """The module that goes into a slot for operator ``op`` (the operator itself where the contracts agree)."""
+        return op
+
+    def dropped_labels_module(self, model: nn.Module) -> nn.Module | None:
+        """The module whose input is the class labels after the model's own label dropout (so output distillation
+        shows the teacher what the student saw), or None where conditioning reaches the model as given."""
+        return None
+
+    def frozen_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters that never train (fixed tables stored as parameters)."""
+        return []
+
+    # ---- calling the model ----------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The model output [B, out_channels, H, W] for noised input ``x``, timesteps ``t`` (0..999), ``cond``."""
+        raise NotImplementedError
+
+    def null_cond(self, model: nn.Module, cond):
+        """The unconditional ``cond`` for classifier-free guidance (same batch as ``cond``)."""
+        raise NotImplementedError
+
+    def example_cond(self, model: nn.Module, batch: int, device) -> Cond:
+        """Random conditioning of the right shapes (FLOP counting, benchmarks)."""
+        raise NotImplementedError
+
+    # ---- saving and rebuilding ------------------------------------------------------------------------------
+    def config(self, model: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def build(self, config: dict) -> nn.Module:
+        raise NotImplementedError
