@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ditgraft.models.families import family_of
+
 
 def _cpu_flash_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     b, h, n, d = query_shape
@@ -37,8 +39,6 @@ def dit_train_flops_per_sample(model, batch: int = 2) -> int:
 
 def dit_forward_flops_per_sample(model, batch: int = 2) -> int:
     """Forward FLOPs of one sample of any model family, on random inputs of the model's sample shape."""
-    from ditgraft.models.families import family_of
-
     family = family_of(model)
     device = next(model.parameters()).device
     x = torch.randn(family.sample_shape(model, batch), device=device)

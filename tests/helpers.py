@@ -1,6 +1,9 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
+import os
+
 import torch
 
+from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.models.dit import DiT
 
 
@@ -15,6 +18,14 @@ def tiny_dit(depth: int = 2, seed: int = 0, **kw):
             if p.requires_grad:
                 p.normal_(0, 0.05)
     return model
+
+
+def save_mnist_teacher(directory: str) -> str:
+    """A tiny mnist5k-shaped teacher (32x32x1, 16 tokens) saved as ``directory``/teacher.safetensors; its path."""
+    model = tiny_dit(depth=2, input_size=32, patch_size=8)
+    path = os.path.join(directory, "teacher.safetensors")
+    save_safetensors(path, model, {"model_config": model.config, "pretrain": {"train_flops": 1e13}})
+    return path
 
 
 class Crash(RuntimeError):

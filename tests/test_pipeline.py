@@ -5,18 +5,14 @@ import os
 
 import pytest
 
-from helpers import tiny_dit
+from helpers import save_mnist_teacher
 from ditgraft.graft.pipeline import PIPELINE, STAGES, run_graft
-from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.recipe import parse_recipe
 
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    model = tiny_dit(depth=2, input_size=32, patch_size=8)  # mnist5k-shaped: 32x32x1, 16 tokens
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.safetensors")
-    save_safetensors(path, model, {"model_config": model.config, "pretrain": {"train_flops": 1e13}})
-    return path
+    return save_mnist_teacher(str(tmp_path_factory.mktemp("teacher")))
 
 
 @pytest.fixture(scope="module")

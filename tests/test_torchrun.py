@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_dit
-from ditgraft.models.checkpoints import save_safetensors
+from helpers import save_mnist_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,10 +83,7 @@ def test_sample_shards_seeds_and_matches_one_process(pretrained, tmp_path):
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    model = tiny_dit(depth=2, input_size=32, patch_size=8)  # mnist5k-shaped: 32x32x1, 16 tokens
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.safetensors")
-    save_safetensors(path, model, {"model_config": model.config, "pretrain": {"train_flops": 1e13}})
-    return path
+    return save_mnist_teacher(str(tmp_path_factory.mktemp("teacher")))
 
 
 def recipe_dict(teacher_file: str, cache: str, grad_accum_steps: int = 1) -> dict:

@@ -74,16 +74,10 @@ def graft(stack: BlockStack, operator: str, layers: list[int], dim: int, heads: 
     return out
 
 
-def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096, 16384), operator: str = "hyena_x",
-                layers="interleave", batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
-                dtype: str = "fp32", profile: bool = False, backward: bool = False, *, mlp_ratio: float = 4.0,
-                options: dict | None = None, clock="wall", seed: int = 0) -> dict:
-    """Teacher (all MHA) vs candidate (``operator`` in ``layers``) forward (or forward + backward) time at each N.
-
-    Returns ``{"config", "env", "rows": [one per N], "profile": {N: {"teacher", "candidate"}}}`` (profile only when
-    asked). ``warmup`` counts the FLOP-counting forward: at least one untimed forward of each stack always runs.
-    ``clock``: "wall" (default), "cpu" (process CPU time; see ``common.resolve_clock``) or a callable (tests).
-    """
+def check_stack_args(tokens, dim: int, heads: int, blocks: int, batch: int, repeats: int, warmup: int,
+                     operator: str, layers) -> tuple[list[int], list[int]]:
+    """The argument checks shared by the DiT-stack benches (``bench model``, ``bench stage1``): counts, a non-empty
+    ``tokens``, ``heads`` dividing ``dim``, a token-mixer ``operator``. Returns (tokens as a list, replaced layers)."""
     tokens = [tokens] if isinstance(tokens, int) else list(tokens)
     check_counts(dim=(dim, 1), heads=(heads, 1), blocks=(blocks, 1), batch=(batch, 1),
                  repeats=(repeats, 1), warmup=(warmup, 0))
@@ -94,6 +88,20 @@ def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096,
     if operator not in operator_names("attn"):
         raise ValueError(f"operator={operator!r} is not a token mixer; allowed: {', '.join(operator_names('attn'))}")
     replaced = select_layers(layers, blocks)
+    return tokens, replaced
+
+
+def bench_model(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096, 16384), operator: str = "hyena_x",
+                layers="interleave", batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
+                dtype: str = "fp32", profile: bool = False, backward: bool = False, *, mlp_ratio: float = 4.0,
+                options: dict | None = None, clock="wall", seed: int = 0) -> dict:
+    """Teacher (all MHA) vs candidate (``operator`` in ``layers``) forward (or forward + backward) time at each N.
+
+    Returns ``{"config", "env", "rows": [one per N], "profile": {N: {"teacher", "candidate"}}}`` (profile only when
+    asked). ``warmup`` counts the FLOP-counting forward: at least one untimed forward of each stack always runs.
+    ``clock``: "wall" (default), "cpu" (process CPU time; see ``common.resolve_clock``) or a callable (tests).
+    """
+    tokens, replaced = check_stack_args(tokens, dim, heads, blocks, batch, repeats, warmup, operator, layers)
     dev, dt = resolve_device_dtype(device, dtype)
     sync = synchronizer(dev)
     timer = resolve_clock(clock, dev)

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from ditgraft.bench.common import (check_counts, environment, format_table, grid_for_tokens, param_count,
+from ditgraft.bench.common import (environment, format_table, grid_for_tokens, param_count,
                                    resolve_clock, resolve_device_dtype, round_robin, summarize, synchronizer)
-from ditgraft.bench.model import select_layers
-from ditgraft.operators import operator_names
+from ditgraft.bench.model import check_stack_args
+from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.graft.stage1 import OperatorBank, _bank_losses, capture_slots
+from ditgraft.graft.surgery import ResolvedGraft, make_operators
+from ditgraft.models.dit import DiT
 
 __all__ = ["bench_stage1", "format_table"]
 
@@ -31,21 +34,7 @@ def bench_stage1(dim: int = 1152, heads: int = 16, blocks: int = 4, tokens=(4096
                  grad_clip: float = 1.0, lr: float = 1e-4) -> dict:
     """A measured stage-1 step vs its parts at each N in ``tokens``; one row per N (see the module docstring).
     ``warmup`` untimed rounds come after one untimed call of each (so the optimizer state exists)."""
-    from ditgraft.diffusion.gaussian import GaussianDiffusion
-    from ditgraft.graft.stage1 import OperatorBank, _bank_losses, capture_slots
-    from ditgraft.graft.surgery import ResolvedGraft, make_operators
-    from ditgraft.models.dit import DiT
-
-    tokens = [tokens] if isinstance(tokens, int) else list(tokens)
-    check_counts(dim=(dim, 1), heads=(heads, 1), blocks=(blocks, 1), batch=(batch, 1),
-                 repeats=(repeats, 1), warmup=(warmup, 0))
-    if not tokens:
-        raise ValueError("tokens=[] is not allowed: give at least one token count")
-    if dim % heads:
-        raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-    if operator not in operator_names("attn"):
-        raise ValueError(f"operator={operator!r} is not a token mixer; allowed: {', '.join(operator_names('attn'))}")
-    replaced = select_layers(layers, blocks)
+    tokens, replaced = check_stack_args(tokens, dim, heads, blocks, batch, repeats, warmup, operator, layers)
     dev, dt = resolve_device_dtype(device, dtype)
     if dt != torch.float32:
         raise ValueError(f"dtype={dtype!r} is not allowed for bench stage1: stage 1 trains in fp32; use dtype='fp32'")

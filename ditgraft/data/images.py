@@ -20,8 +20,11 @@ import os
 import numpy as np
 import torch
 
+from ditgraft.data.captions import is_caption_file, load_caption_latents
 from ditgraft.data.latents import load_latents
 from ditgraft.data.mnist5k import load_mnist5k
+from ditgraft.models.families import family_of
+from ditgraft.models.families.base import cond_len
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "center_crop_arr", "load_image_folder", "load_dataset"]
 
@@ -137,12 +140,6 @@ def load_image_folder(root: str, image_size: int, channels: int = 3,
     return x, torch.tensor(ds.labels[:n], dtype=torch.int64)
 
 
-def _is_caption_file(spec: str) -> bool:
-    from ditgraft.data.captions import is_caption_file
-
-    return is_caption_file(spec)
-
-
 def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, latent_scale: float | None = None,
                  labels_path: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Data spec -> (x [N, C, H, W] float32, y [N] int64).
@@ -162,9 +159,7 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int = 3, la
         if image_size is None:
             raise ValueError(f"data {spec!r} is an image folder: pass image_size (pixels per side, e.g. 256)")
         return load_image_folder(spec, image_size, channels, limit)
-    elif spec.lower().endswith(".npz") and _is_caption_file(spec):
-        from ditgraft.data.captions import load_caption_latents
-
+    elif spec.lower().endswith(".npz") and is_caption_file(spec):
         x, y = load_caption_latents(spec)  # y = (caption embeddings, masks)
         if limit is not None:
             x, y = x[:limit], tuple(c[:limit] for c in y)
@@ -186,9 +181,6 @@ def check_data_fits(x: torch.Tensor, y, model, spec: str) -> None:
     """Refuse data a model cannot train on (before any step): [N, C, H, W] with the model's channels and size
     (families that take any size: a multiple of the patch size), finite values, one conditioning row per sample,
     and integer labels in [0, num_classes) for a class-conditional model."""
-    from ditgraft.models.families import family_of
-    from ditgraft.models.families.base import cond_len
-
     family = family_of(model)
     want = tuple(family.sample_shape(model, 1)[1:])
     p = family.patch_size(model)

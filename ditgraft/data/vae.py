@@ -23,7 +23,9 @@ import os
 import numpy as np
 import torch
 
+from ditgraft.data.images import ImageFolderDataset
 from ditgraft.data.latents import SD_VAE_SCALE, save_latents
+from ditgraft.utils import atomic_path
 
 __all__ = ["load_vae", "encode_images", "decode_latents", "latent_decoder", "encode_folder"]
 
@@ -127,9 +129,6 @@ def encode_folder(image_dir: str, vae, out: str, image_size: int = 256, flip: bo
     """Encode the images of ``image_dir`` (all, or the first ``per_class`` of every class in file-name order, e.g.
     130 for the paper's 10% of ImageNet) into ``out`` (.npz); see the module docstring. Returns the path written
     (on rank 0; other ranks return None once rank 0 has written it)."""
-    from ditgraft.data.images import ImageFolderDataset
-    from ditgraft.utils import atomic_path
-
     out = os.fspath(out)
     if not out.endswith(".npz"):
         raise ValueError(f"out={out!r}: the latents file is an .npz; end the name with .npz")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_cat, cond_len, cond_to
 
 SAMPLERS = ("ddpm", "ddim")
@@ -66,8 +67,6 @@ def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = Sampling
     (default: the family's null conditioning, or labels ``null_class``). Noise comes from ``generator`` (CPU
     generator; tensors are moved to the conditioning's device), so results do not depend on the global RNG.
     """
-    from ditgraft.models.families import family_of, model_call
-
     try:
         family = family_of(model)
     except TypeError:

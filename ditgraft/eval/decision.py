@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from ditgraft.eval import adm, metrics
+from ditgraft.eval import adm, evaluate, metrics
+from ditgraft.eval.classifier import testbed_features
 from ditgraft.eval.evaluate import TESTBED_PROTOCOL, Protocol, sample_and_evaluate
 from ditgraft.utils import atomic_write_json
 
@@ -176,10 +177,8 @@ def testbed_floor(n: int) -> dict:
     The validation digits come from the training digits' distribution, so their FID is small-sample bias alone;
     only 500 exist, and the bias falls as 1/n, so the floor at n is FID(500 validation digits) * 500 / n.
     """
-    from ditgraft.eval.evaluate import _testbed_reference
-
-    val = _testbed_reference("val")
-    f = metrics.fid_from_features(_testbed_reference("train")["features"], val["features"])
+    val = evaluate._testbed_reference("val")
+    f = metrics.fid_from_features(evaluate._testbed_reference("train")["features"], val["features"])
     m = len(val["features"])
     return {"fid": float(f * m / n), "fid_at_val_size": float(f), "val_size": m,
             "accuracy": float((val["pred"] == val["labels"]).mean())}
@@ -190,13 +189,10 @@ def decision_eval(model, out_dir: str, seeds=DEFAULT_SEEDS, protocol: Protocol =
                   against_tag: str = "samples", targets: Targets = Targets(), resamples: int = DEFAULT_RESAMPLES,
                   device="cpu", progress: bool = True) -> dict:
     """The decision protocol on testbed models: writes ``{tag}_decision.json`` in out_dir and returns it."""
-    from ditgraft.eval.classifier import testbed_features
-    from ditgraft.eval.evaluate import _testbed_reference
-
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds}: need one or more distinct seeds")
-    ref_feats = _testbed_reference("train")["features"]
+    ref_feats = evaluate._testbed_reference("train")["features"]
     ref = metrics.feature_stats(ref_feats)
 
     def features(m, d, t):

@@ -18,10 +18,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ditgraft.data.mnist5k import load_mnist5k, to_uint8
+from ditgraft.data.vae import latent_decoder, load_vae
 from ditgraft.diffusion.samplers import SamplingConfig
+from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval import adm, metrics
+from ditgraft.eval.classifier import NUM_CLASSES, testbed_features
+from ditgraft.eval.inception import InceptionFeatures
 from ditgraft.eval.sampling import gather_samples, generate, save_grid
-from ditgraft.utils import atomic_write_json
+from ditgraft.utils import atomic_write_json, read_json
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,6 @@ FEATURES = ("testbed", "inception")
 
 @functools.lru_cache(maxsize=2)
 def _testbed_reference(split: str = "train") -> dict:
-    from ditgraft.data.mnist5k import load_mnist5k
-    from ditgraft.eval.classifier import testbed_features
-
     x, y = load_mnist5k(split)
     out = testbed_features(x)
     out["labels"] = y.numpy()
@@ -58,8 +60,6 @@ def _testbed_reference(split: str = "train") -> dict:
 
 def testbed_metrics(images: np.ndarray, labels: np.ndarray | None) -> dict:
     """Metrics of uint8 NHWC testbed images against the training digits."""
-    from ditgraft.eval.classifier import NUM_CLASSES, testbed_features
-
     if labels is not None and len(labels) and (np.min(labels) < 0 or np.max(labels) >= NUM_CLASSES):
         raise ValueError(f"labels span [{np.min(labels)}, {np.max(labels)}]; allowed: [0, {NUM_CLASSES - 1}] (the "
                          f"testbed classifier's {NUM_CLASSES} classes; the class accuracy would be meaningless)")
@@ -81,16 +81,12 @@ def testbed_metrics(images: np.ndarray, labels: np.ndarray | None) -> dict:
 
 def real_data_floor() -> dict:
     """The testbed metrics of the 500 real validation digits (what a perfect model would score, same bias)."""
-    from ditgraft.data.mnist5k import load_mnist5k, to_uint8
-
     x, y = load_mnist5k("val")
     return testbed_metrics(to_uint8(x), y.numpy())
 
 
 def inception_network(weights: str | None = None, device="cpu"):
     """The FID Inception network from the user's weights file (see eval/inception.py), on ``device``."""
-    from ditgraft.eval.inception import InceptionFeatures
-
     return InceptionFeatures.from_file(weights, device=device)
 
 
@@ -148,8 +144,6 @@ def eval_hooks(model, vae: str | None = None, features: str = "testbed", referen
         if vae is None:
             raise ValueError(f"eval.vae is missing: the model works on {model.in_channels}-channel latents, so its "
                              "samples must be decoded; name a VAE folder or hub id (e.g. stabilityai/sd-vae-ft-ema)")
-        from ditgraft.data.vae import latent_decoder, load_vae
-
         hooks["decode"] = latent_decoder(load_vae(vae, device=device))
     if features not in FEATURES:
         raise ValueError(f"features={features!r} is not allowed; use one of {FEATURES}")
@@ -176,14 +170,10 @@ def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOC
     and ``evaluate`` ((images, labels) -> metrics; default the testbed metrics) come from ``eval_hooks``. Under
     torchrun the sample batches are shared out over the ranks and gathered on rank 0, which alone writes; every rank
     returns the metrics."""
-    from ditgraft.distributed import on_main, rank_world
-
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
 
     def cached() -> dict | None:
-        from ditgraft.utils import read_json
-
         row = read_json(metrics_path) if os.path.exists(metrics_path) else {}
         return row if row.get("protocol") == asdict(protocol) else None
 

@@ -13,6 +13,8 @@ import torch
 
 from ditgraft.data.mnist5k import to_uint8
 from ditgraft.diffusion.samplers import SamplingConfig, sample
+from ditgraft.distributed import barrier, rank_world
+from ditgraft.eval.adm import load_samples_npz, save_samples_npz
 from ditgraft.utils import atomic_path
 
 
@@ -55,9 +57,6 @@ def gather_samples(out_dir: str, images: np.ndarray, labels: np.ndarray, batch_s
     """Under torchrun, the batches of ``generate`` from every rank back in batch order on rank 0 (None on the
     others). Each rank writes ``part{rank}.npz`` in ``out_dir`` (no large objects through the process group);
     rank 0 merges and removes them. One process: (images, labels) as given."""
-    from ditgraft.distributed import barrier, rank_world
-    from ditgraft.eval.adm import load_samples_npz, save_samples_npz
-
     rank, world = rank_world()
     if world == 1:
         return images, labels
@@ -106,8 +105,6 @@ def save_pngs(folder: str, images: np.ndarray, labels: np.ndarray | None = None,
     """One PNG per image (``{index:06d}.png``, or ``{index:06d}_{label}.png``): the folder layout that torch-fidelity
     and clean-fid read. Returns the number written."""
     from PIL import Image
-
-    from ditgraft.utils import atomic_path
 
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(images):

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from ditgraft.analysis.locality import analyze_model, write_analysis_report
-from ditgraft.data.images import load_dataset
+from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
@@ -439,8 +439,6 @@ def _record_recipe(recipe: Recipe, run_dir: str) -> None:
 
 def _check_data(recipe: Recipe, teacher) -> None:
     """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels)."""
-    from ditgraft.data.images import check_data_fits
-
     for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples), ("stage2", recipe.stage2, 10**9)):
         if c.enabled:
             x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)

@@ -15,6 +15,7 @@ from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_tuple
 from ditgraft.recipe import Stage2
 from ditgraft.train.loop import train
+from ditgraft.train.lora import add_lora, merge_lora
 from ditgraft.train.pretrain import diffusion_losses, diffusion_step_fn
 
 
@@ -69,8 +70,6 @@ def run_stage2(student: nn.Module, cfg: Stage2, x0: torch.Tensor, y, run_dir: st
     diffusion = GaussianDiffusion.dit_default(learn_sigma=family.learn_sigma(student))
     lora = getattr(cfg, "lora", None)
     if lora is not None:
-        from ditgraft.train.lora import add_lora, merge_lora
-
         student = add_lora(student, lora, trainable=[family.get_slot(student, g.layer, g.slot)
                                                      for g in (grafts or [])])
     else:

@@ -25,7 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ditgraft.models.diffusers_dit import is_diffusers_source, load_diffusers_dit
 from ditgraft.models.dit import DIT_CONFIGS, DiT, build_dit
+from ditgraft.train.loop import non_finite_tensors
 from ditgraft.utils import atomic_path
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
@@ -103,8 +105,6 @@ def build_from_config(config: dict | None, source: str) -> DiT:
 
 def require_finite(model: nn.Module, source: str) -> nn.Module:
     """Refuse a model with NaN/Inf weights (a diverged run) before spending time sampling or evaluating it."""
-    from ditgraft.train.loop import non_finite_tensors
-
     bad = non_finite_tensors(model)
     if bad:
         raise ValueError(f"{source} has non-finite weights (NaN/Inf in {len(bad)} tensors, e.g. {', '.join(bad[:3])}); "
@@ -156,8 +156,6 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
         source = TESTBED_TEACHER
     if source.startswith("hf://"):
         source = resolve_hub(source)
-    from ditgraft.models.diffusers_dit import is_diffusers_source, load_diffusers_dit
-
     if is_diffusers_source(source):
         net, meta = load_diffusers_dit(source)
         return net.to(map_location).eval(), meta

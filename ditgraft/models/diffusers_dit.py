@@ -32,6 +32,8 @@ import warnings
 
 import torch
 
+from ditgraft.data.vae import load_vae
+from ditgraft.models.adapters import SLOTS
 from ditgraft.models.dit import DiT
 
 __all__ = ["is_diffusers_source", "load_diffusers_dit", "export_diffusers", "to_diffusers_state_dict",
@@ -186,8 +188,6 @@ def export_diffusers(model: DiT, out: str, vae=None) -> str:
     when ``vae`` (a folder, hub id or AutoencoderKL) is given, vae/. Without it load the folder with
     ``DiTPipeline.from_pretrained(out, vae=...)``."""
     diffusers = _diffusers()
-    from ditgraft.models.adapters import SLOTS
-
     c = model.config
     for i, block in enumerate(model.blocks):
         for slot in SLOTS:
@@ -218,8 +218,6 @@ def export_diffusers(model: DiT, out: str, vae=None) -> str:
     sd = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
     tr.load_state_dict(to_diffusers_state_dict(sd, c["depth"]), strict=True)
     if isinstance(vae, (str, os.PathLike)):
-        from ditgraft.data.vae import load_vae
-
         vae = load_vae(vae)
     pipe = diffusers.DiTPipeline(transformer=tr, vae=vae, scheduler=_scheduler())
     out = os.fspath(out)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ditgraft.models.families import family_of
+
 ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK = {"fp32": 84, "bf16": 50}
 CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL_BLOCK = 4
 GIB = 2**30
@@ -58,8 +60,6 @@ def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
     """The estimate for a recipe's stage 2 (``cfg``) on ``world`` GPUs; also returns the micro-batch per GPU.
     ``student`` may be the teacher (or its architecture on the meta device): the operators change the parameter
     count by a few percent."""
-    from ditgraft.models.families import family_of
-
     family = family_of(student)
     dims = family.dims(student)
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ditgraft.models.families.base import Family, ModelDims, SlotAdapter, unwrap
+from ditgraft.operators.attention import MHA
+from ditgraft.operators.mlp import MLP
 
 SLOT_ATTRS = {"attn": "attn1", "mlp": "ff"}
 
@@ -82,8 +84,6 @@ class DiffusersFamily(Family):
 
 
 def _mha_from_diffusers(attn: nn.Module, where: str) -> nn.Module:
-    from ditgraft.operators.attention import MHA
-
     plain = (not attn.is_cross_attention and attn.norm_q is None and attn.norm_k is None
              and not attn.residual_connection and attn.rescale_output_factor == 1.0 and attn.spatial_norm is None
              and abs(attn.scale - (attn.inner_dim // attn.heads) ** -0.5) < 1e-12 and attn.to_out[0].bias is not None)
@@ -102,8 +102,6 @@ def _mha_from_diffusers(attn: nn.Module, where: str) -> nn.Module:
 
 def _mlp_from_diffusers(ff: nn.Module, where: str) -> nn.Module:
     from diffusers.models.activations import GELU
-
-    from ditgraft.operators.mlp import MLP
 
     act = ff.net[0]
     if not (isinstance(act, GELU) and act.approximate == "tanh" and len(ff.net) == 3):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditgraft.models.dit import DiT
 from ditgraft.models.families.base import Family, ModelDims, cond_tuple, unwrap
 
 
@@ -15,8 +16,6 @@ class DiTFamily(Family):
     name = "dit"
 
     def matches(self, model: nn.Module) -> bool:
-        from ditgraft.models.dit import DiT
-
         return isinstance(model, DiT) or (hasattr(model, "blocks") and hasattr(model, "grid")
                                           and hasattr(model, "num_heads"))
 
@@ -62,6 +61,4 @@ class DiTFamily(Family):
         return dict(model.config)
 
     def build(self, config: dict) -> nn.Module:
-        from ditgraft.models.dit import DiT
-
         return DiT(**config)
