@@ -14,7 +14,9 @@ that was interrupted resumes from its last checkpoint, so re-running the command
 from __future__ import annotations
 
 import functools
+import glob
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -417,9 +419,6 @@ def _start_recording(recipe: Recipe, run_dir: str) -> bool:
 
 def _forget_other_attempt(recipe: Recipe, run_dir: str) -> None:
     """Drop the planning results of an unrecorded attempt with another recipe; note this recipe as pending."""
-    import glob
-    import shutil
-
     pending = os.path.join(run_dir, "recipe.pending.yaml")
     if os.path.exists(pending) and _yaml_file(pending) != recipe.to_dict():
         for stale in [os.path.join(run_dir, "plan.json"), os.path.join(run_dir, "analysis"),
