@@ -202,8 +202,10 @@ class Data(Strict):
 class Stage1(Strict):
     enabled: bool = True
     data: Data = Field(default_factory=Data)  # also the source of the validation samples
-    samples: int = Field(default=2000, ge=1)
+    samples: int = Field(default=2000, ge=1)  # noised samples; more than the data's images: noised copies
     val_samples: int = Field(default=256, ge=1)
+    # share of samples whose conditioning is the unconditional one (the teacher's label dropout; DiT trains with 0.1)
+    cond_dropout: float = Field(default=0.0, ge=0, lt=1)
     steps: int = Field(default=300, ge=1)  # per operator
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-3, gt=0)
@@ -256,7 +258,9 @@ class Stage2(Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = Field(default=1, ge=1)
     activation_checkpointing: bool = False
-    # output distillation: + distill_weight * MSE(student output, teacher output) on the same noised input
+    # loss = diffusion_weight * DiT's diffusion loss + distill_weight * MSE(student output, teacher output) on the
+    # same noised input (output distillation; diffusion_weight 0 and distill_weight > 0: distillation alone)
+    diffusion_weight: float = Field(default=1.0, ge=0)
     distill_weight: float = Field(default=0.0, ge=0)
     lora: Lora | None = None  # None: finetune all parameters
 
@@ -265,6 +269,11 @@ class Stage2(Strict):
         room = max(0, self.steps - self.warmup_steps)
         if self.decay_steps > room:
             raise ValueError(f"decay_steps = {self.decay_steps} must be in [0, steps - warmup_steps] = [0, {room}]")
+        if self.diffusion_weight == 0 and self.distill_weight == 0:
+            raise ValueError("diffusion_weight = 0 and distill_weight = 0 leave stage 2 no loss; give one of them > 0")
+        if self.distill_weight == 0 and self.diffusion_weight != 1.0:
+            raise ValueError(f"diffusion_weight = {self.diffusion_weight} without distillation only rescales the loss "
+                             "(use lr); it weighs the diffusion loss against distill_weight > 0")
         return self
 
     def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:

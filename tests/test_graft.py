@@ -55,9 +55,12 @@ def test_init_from_teacher_maps_names():
     swa = build_operator("swa", 32, 2, (4, 4))
     swa = init_from_teacher(swa, mha)
     assert torch.equal(swa.Wqkv.weight, mha.qkv.weight) and torch.equal(swa.out_proj.bias, mha.proj.bias)
-    hyena = build_operator("hyena_x", 32, 2, (4, 4))
+    hyena = init_from_teacher(build_operator("hyena_x", 32, 2, (4, 4), kernel_size=3), mha, {"kernel_size": 3})
+    assert torch.equal(hyena.in_proj.weight, mha.qkv.weight) and torch.equal(hyena.out_proj.bias, mha.proj.bias)
+    assert hyena.kernel_size == 3
+    mamba = build_operator("mamba2", 32, 2, (4, 4))
     with pytest.raises(ValueError, match="init='teacher' is not possible"):
-        init_from_teacher(hyena, mha)
+        init_from_teacher(mamba, mha)
 
 
 def test_capture_is_attn_input_and_ungated_output():
@@ -204,3 +207,40 @@ def test_stage2_output_distillation_adds_a_teacher_term_with_student_only_gradie
     assert any(not torch.allclose(grads[0.0][n], grads[2.0][n]) for n in grads[0.0])
     with pytest.raises(ValueError, match="distill_weight"):
         stage2.stage2_step_fn(diffusion, Stage2(distill_weight=1.0), None)
+
+
+def test_stage2_distillation_alone_has_the_distillation_gradient_only():
+    """diffusion_weight 0: the loss is distill_weight x the output MSE against the teacher; the recipe refuses a
+    stage 2 with no loss and a diffusion weight that would only rescale the plain loss."""
+    from ditgraft.diffusion.gaussian import GaussianDiffusion
+    from ditgraft.graft import stage2
+
+    teacher = tiny_dit(depth=2)
+    diffusion = GaussianDiffusion.dit_default(learn_sigma=teacher.learn_sigma)
+    x0, y = _data(8)
+    student = graft_model(teacher, GRAFTS, seed=0).train()
+    torch.manual_seed(0)
+    out = stage2.stage2_step_fn(diffusion, Stage2(diffusion_weight=0.0, distill_weight=3.0), teacher)(student, (x0, y))
+    assert out["loss"].item() == pytest.approx(3.0 * out["distill"].item(), rel=1e-6)
+    assert out["diffusion"].item() > 0  # still logged
+    with pytest.raises(ValueError, match="no loss"):
+        Stage2(diffusion_weight=0.0)
+    with pytest.raises(ValueError, match="only rescales"):
+        Stage2(diffusion_weight=0.5)
+
+
+def test_stage1_samples_beyond_the_images_are_noised_copies():
+    """stage1.samples larger than the data: the draw cycles through the images, each copy
+    with its own timestep and noise."""
+    from ditgraft.graft.pipeline import load_split, stage1_split
+
+    cfg = Stage1(data="mnist5k", samples=10_000, val_samples=50)
+    x, y, xv, yv = stage1_split(cfg, seed=0)
+    base, _, _, _ = load_split(cfg.data, 10**9, 50, 0)
+    assert len(x) == len(y) == 10_000 and len(xv) == 50
+    assert torch.equal(x[:len(base)], base) and torch.equal(x[len(base):2 * len(base)], base)
+    inputs = noised_inputs(x, y, seed=1)
+    n = len(base)
+    assert (inputs.t[:n] != inputs.t[n:2 * n]).float().mean() > 0.9  # the copies are noised at other timesteps
+    small = stage1_split(Stage1(data="mnist5k", samples=100, val_samples=50), seed=0)[0]
+    assert len(small) == 100  # fewer samples than images: a draw, as before

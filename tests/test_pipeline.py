@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from helpers import save_mnist_teacher
 from ditgraft.graft.pipeline import PIPELINE, STAGES, run_graft
@@ -97,3 +98,26 @@ def test_rerun_skips_every_complete_stage(run):
     assert os.path.getmtime(os.path.join(folder, "eval", "grafted.npz")) == npz  # nothing sampled again
     assert again["compute"] == alone["compute"]
     assert {k: v["fid"] for k, v in again["eval"].items()} == {k: v["fid"] for k, v in alone["eval"].items()}
+
+
+def test_random_init_baseline_is_random_when_the_recipe_starts_from_the_teacher(teacher_file, tmp_path):
+    """init: teacher starts the grafted operators from the teacher's attention; the random-init baseline still
+    starts them from random weights (its name and its purpose: grafting vs no grafting at the same FLOPs)."""
+    from safetensors.torch import load_file
+    from ditgraft.api import load_model
+
+    r = parse_recipe({
+        "name": "tiny", "teacher": {"source": teacher_file},
+        "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x", "init": "teacher"}],
+        "stage1": {"enabled": False},
+        "stage2": {"steps": 1, "batch_size": 4, "lr": 1e-12, "ckpt_every": 1},
+        "eval": {"enabled": False, "baselines": ["random_init"]},
+    })
+    folder = str(tmp_path / "run")
+    run_graft(r, folder, stages=("stage2",), progress=False, log=lambda *_: None)
+    qkv = load_model(teacher_file).blocks[1].attn.qkv.weight
+    key = "blocks.1.attn.in_proj.weight"
+    grafted = load_file(os.path.join(folder, "student.safetensors"))[key]
+    baseline = load_file(os.path.join(folder, "baseline_random", "student.safetensors"))[key]
+    assert torch.allclose(grafted, qkv, atol=1e-6)  # lr 1e-12: still the teacher's weights
+    assert not torch.allclose(baseline, qkv, atol=1e-2)

@@ -18,7 +18,7 @@ import glob
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -86,6 +86,20 @@ def load_split(data: Data | str, n_train: int, n_val: int, seed: int = 0) -> tup
     return x[keep], cond_rows(y, keep), xv[keep_val], cond_rows(yv, keep_val)
 
 
+def stage1_split(cfg, seed: int, log=None) -> tuple[torch.Tensor, ...]:
+    """Stage 1's (x, y, x_val, y_val): ``cfg.samples`` training rows. When the data holds fewer images, every image
+    appears more than once (the draw cycles through them), and each copy gets its own timestep and noise in stage
+    1, so the paper's 8k noised samples can come from a smaller set of images."""
+    x, y, xv, yv = load_split(cfg.data, cfg.samples, cfg.val_samples, seed)
+    if cfg.samples > len(x):
+        if log is not None:
+            log(f"stage 1: {cfg.samples} noised samples from {len(x)} images ({cfg.samples / len(x):.2f} noised "
+                "copies of each, each copy with its own timestep and noise)")
+        rows = torch.arange(cfg.samples) % len(x)
+        x, y = x[rows], cond_rows(y, rows)
+    return x, y, xv, yv
+
+
 def _needs(recipe: Recipe, need: str) -> bool:
     """Whether some graft's layer selector needs ``need`` (``ditgraft.graft.layers.NEEDS``) prepared."""
     return any(need in selector_needs(g.layers) for g in recipe.grafts)
@@ -117,7 +131,7 @@ def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[in
                  for i in range(depth)]
         cfg = recipe.stage1.model_copy(update={"steps": g.layers.probe_steps,
                                                "eval_every": g.layers.probe_steps})
-        x, y, xv, yv = load_split(cfg.data, cfg.samples, cfg.val_samples, recipe.seed)
+        x, y, xv, yv = stage1_split(cfg, recipe.seed)
         log(f"{g.layers.select} selector: probing {g.operator} in all {depth} {g.slot} slots for {cfg.steps} steps")
         res = run_stage1(teacher, probe, cfg, x, y, xv, yv, os.path.join(run_dir, f"probe{gi}"), recipe.seed,
                          device, log=log)
@@ -261,14 +275,14 @@ class Stage:
 
 def _stage1(r: Run) -> None:
     c = r.recipe.stage1
-    x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, r.recipe.seed)
+    x, y, xv, yv = stage1_split(c, r.recipe.seed, r.log)
     r.timed("stage1", lambda: run_stage1(r.teacher, r.grafts, c, x, y, xv, yv, r.path("stage1"), r.recipe.seed,
                                          r.device, progress=r.progress, log=r.log))
 
 
 def _stage1_units(r: Run) -> None:
     c = r.recipe.stage1
-    x, y, xv, yv = load_split(c.data, c.samples, c.val_samples, r.recipe.seed)
+    x, y, xv, yv = stage1_split(c, r.recipe.seed, r.log)
     r.timed("stage1_units", lambda: run_unit_stage1(r.teacher, r.spec, c, r.recipe.restructure, x, y, xv, yv,
                                                     r.units_dir, r.recipe.seed, r.device, progress=r.progress,
                                                     log=r.log))
@@ -283,10 +297,13 @@ def _stage2(r: Run) -> None:
 
 
 def _random_init_baseline(r: Run) -> None:
+    """The same operators from random initialisation (also where the recipe starts them from the teacher's
+    weights), no stage 1, stage 2 with the grafted run's total FLOPs."""
     steps = r.accounting["random_init_stage2_steps"]
     r.log(f"random-init baseline: {steps} stage-2 steps (the grafted run's stage 1 + stage 2 FLOPs)")
-    student = _train_student(r, r.path("baseline_random"), None, "baseline_random", steps=steps)
-    r.save_student(r.path("baseline_random", "student.safetensors"), student, r.grafts)
+    grafts = [replace(g, init="random") for g in r.grafts]
+    student = _train_student(r, r.path("baseline_random"), None, "baseline_random", steps=steps, grafts=grafts)
+    r.save_student(r.path("baseline_random", "student.safetensors"), student, grafts)
 
 
 def _restructure_baseline(name: str) -> Callable[[Run], None]:
@@ -498,15 +515,16 @@ def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
 
 
 def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str, steps: int | None = None,
-                   units: str | None = None):
+                   units: str | None = None, grafts: list[ResolvedGraft] | None = None):
     """Student = surgery (+ stage 1's best operators when ``stage1_dir``), restructured (+ stage 1's best units
     when ``units``), then stage 2 in ``out_dir/stage2`` (``steps`` overrides the recipe's stage-2 step count: the
-    random-init baseline's matched budget)."""
+    random-init baseline's matched budget; ``grafts`` overrides the run's grafts)."""
     recipe = r.recipe
-    student = graft_model(r.teacher, r.grafts, recipe.seed).to(r.device)
+    grafts = r.grafts if grafts is None else grafts
+    student = graft_model(r.teacher, grafts, recipe.seed).to(r.device)
     if stage1_dir is not None:
-        load_best_operators(student, r.grafts, stage1_dir)
-    student = restructure_student(student, r.spec, r.grafts, units)
+        load_best_operators(student, grafts, stage1_dir)
+    student = restructure_student(student, r.spec, grafts, units)
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})

@@ -41,7 +41,7 @@ from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.distributed import all_gather_rows, barrier, on_main, rank_world, shard_bounds
 from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
-from ditgraft.models.families import model_call
+from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_len, cond_pack, cond_rows, cond_to, cond_tuple
 from ditgraft.recipe import Stage1
 from ditgraft.train.loop import TrainingDiverged, train
@@ -84,13 +84,25 @@ class Stage1Inputs:
     y: torch.Tensor | tuple
 
 
-def noised_inputs(x0: torch.Tensor, y, seed: int) -> Stage1Inputs:
-    """Each sample gets its own t ~ U{0..999} and noise from a generator seeded by ``seed``."""
+def drop_cond(y, null, p: float, generator: torch.Generator | None = None):
+    """``y`` with each row replaced by the unconditional ``null`` row with probability ``p``: the teacher's own
+    label dropout, so that the new operators also learn the activations of classifier-free guidance's
+    unconditional branch (which the sampler weighs by 1 - cfg_scale)."""
+    if not p:
+        return y
+    drop = torch.rand(cond_len(y), generator=generator) < p
+    return cond_pack(torch.where(drop.to(c.device).view(-1, *[1] * (c.dim() - 1)), n, c)
+                     for c, n in zip(cond_tuple(y), cond_tuple(null), strict=True))
+
+
+def noised_inputs(x0: torch.Tensor, y, seed: int, null=None, cond_dropout: float = 0.0) -> Stage1Inputs:
+    """Each sample gets its own t ~ U{0..999} and noise from a generator seeded by ``seed``; with ``cond_dropout``
+    a share of the rows gets the unconditional conditioning ``null`` instead of its own (``drop_cond``)."""
     diffusion = GaussianDiffusion.dit_default()
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    return Stage1Inputs(diffusion.q_sample(x0, t, noise), t, y)
+    return Stage1Inputs(diffusion.q_sample(x0, t, noise), t, drop_cond(y, null, cond_dropout, g))
 
 
 @dataclass(frozen=True)
@@ -248,7 +260,9 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
                        copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
     log(format_plan(plan))
     dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
-    val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2)
+    family = family_of(teacher)
+    null = (lambda cond: family.null_cond(teacher, cond)) if cfg.cond_dropout else (lambda cond: None)
+    val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2, null=null(y_val), cond_dropout=cfg.cond_dropout)
     val = extract(teacher, grafts, val_inputs, cfg.extract_batch_size, None, torch.float32, device)
     val_var = {k: float(out.var()) for k, (_, out) in val.items()}
     bank = OperatorBank(make_operators(teacher, grafts, seed)).to(device)
@@ -277,13 +291,14 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
 
         def step_fn(model, batch):
             xb, yb = batch[0], cond_pack(batch[1:])
+            yb = drop_cond(yb, null(yb), cfg.cond_dropout)
             t = torch.randint(0, diffusion.num_timesteps, (len(xb),), device=xb.device)
             x_t = diffusion.q_sample(xb, t, torch.randn_like(xb))
             with torch.no_grad(), capture_slots(teacher, grafts) as captured:
                 call(x_t, t, yb)
             return _bank_losses(model, {k: captured[k] for k in keys}, losses)
     else:
-        train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1)
+        train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1, null=null(y), cond_dropout=cfg.cond_dropout)
         cache_dir = os.path.join(run_dir, "cache") if plan.mode == "disk" else None
         acts = extract(teacher, grafts, train_inputs, cfg.extract_batch_size, cache_dir, dtype, device)
         data = tuple(t for k in keys for t in acts[k])

@@ -19,9 +19,10 @@ from ditgraft.train.lora import add_lora, merge_lora
 from ditgraft.train.pretrain import diffusion_losses, diffusion_step_fn
 
 
-def distill_step_fn(diffusion: GaussianDiffusion, teacher: nn.Module, weight: float):
-    """DiT's training step plus output distillation: loss = diffusion loss + weight * MSE(student output, teacher
-    output), the frozen teacher seeing the student's noised input, timestep and conditioning (labels after label
+def distill_step_fn(diffusion: GaussianDiffusion, teacher: nn.Module, weight: float,
+                    diffusion_weight: float = 1.0):
+    """DiT's training step with output distillation: loss = diffusion_weight * diffusion loss + weight * MSE(student
+    output, teacher output), the frozen teacher seeing the student's noised input, timestep and conditioning (labels after label
     dropout where the family drops them inside the model), as CLEAR distils its linear-attention students. Both
     models are called through their family. Logged as "distill"."""
 
@@ -44,20 +45,22 @@ def distill_step_fn(diffusion: GaussianDiffusion, teacher: nn.Module, weight: fl
         with torch.no_grad():
             target = model_call(teacher)(seen["x"], seen["t"], seen["y"])
         terms["distill"] = ((seen["out"] - target) ** 2).mean()
-        terms["loss"] = terms["loss"] + weight * terms["distill"]
+        terms["diffusion"] = terms["loss"].detach()
+        terms["loss"] = diffusion_weight * terms["loss"] + weight * terms["distill"]
         return terms
 
     return step
 
 
 def stage2_step_fn(diffusion: GaussianDiffusion, cfg: Stage2, teacher: nn.Module | None = None):
-    """The diffusion loss, plus output distillation from ``teacher`` when ``cfg.distill_weight`` > 0."""
+    """The diffusion loss, plus output distillation from ``teacher`` when ``cfg.distill_weight`` > 0 (each term
+    weighted by its recipe weight; distillation alone with ``cfg.diffusion_weight`` = 0)."""
     if not cfg.distill_weight:
         return diffusion_step_fn(diffusion)
     if teacher is None:
         raise ValueError(f"stage2.distill_weight = {cfg.distill_weight} needs the teacher; pass teacher=")
     teacher.eval()  # no label dropout: it sees the labels the student saw
-    return distill_step_fn(diffusion, teacher, cfg.distill_weight)
+    return distill_step_fn(diffusion, teacher, cfg.distill_weight, cfg.diffusion_weight)
 
 
 def run_stage2(student: nn.Module, cfg: Stage2, x0: torch.Tensor, y, run_dir: str, seed: int,

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.common import TapConvTokens, check_choice, projection_flops, reference_conv_tokens
+from ditgraft.operators.common import (TapConvTokens, check_choice, from_mha, projection_flops,
+                                      reference_conv_tokens)
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
@@ -110,6 +111,12 @@ class _Hyena(nn.Module):
             self.reset_inner_filter()
             if direction == "bidirectional":
                 self.inner_filter_rev = self._make_rev_conv(dim)
+
+    @classmethod
+    def from_mha(cls, mha: nn.Module, **options) -> "_Hyena":
+        """Built from a teacher's attention (``init: teacher``): ``in_proj`` takes MHA's ``qkv`` (q, k, v in the
+        same order and shapes) and ``out_proj`` its ``proj``; the convolutions keep their own init."""
+        return from_mha(cls, mha, {"qkv": "in_proj", "proj": "out_proj"}, **options)
 
     def _make_conv(self, channels: int) -> nn.Module:
         k = self.kernel_size
