@@ -102,11 +102,12 @@ def test_disk_cache_matches_memory(tmp_path):
     assert os.path.exists(tmp_path / "complete.json")
 
 
-def _stage1(run_dir, cache="memory", crash_at=None, monkeypatch=None):
+def _stage1(run_dir, cache="memory", crash_at=None, monkeypatch=None, cond_dropout=0.0):
     teacher = tiny_dit(depth=2)
     x0, y = _data(48)
     xv, yv = _data(16, seed=1)
-    cfg = Stage1(samples=48, val_samples=16, steps=12, batch_size=8, eval_every=4, cache=cache)
+    cfg = Stage1(samples=48, val_samples=16, steps=12, batch_size=8, eval_every=4, cache=cache,
+                 cond_dropout=cond_dropout)
     if crash_at is not None:
         import ditgraft.graft.stage1 as s1
 
@@ -244,3 +245,24 @@ def test_stage1_samples_beyond_the_images_are_noised_copies():
     assert (inputs.t[:n] != inputs.t[n:2 * n]).float().mean() > 0.9  # the copies are noised at other timesteps
     small = stage1_split(Stage1(data="mnist5k", samples=100, val_samples=50), seed=0)[0]
     assert len(small) == 100  # fewer samples than images: a draw, as before
+
+
+def test_stage1_cond_dropout_gives_a_share_of_rows_the_unconditional_label():
+    """cond_dropout p: about p of the rows get the null label; t and the noise are those of p = 0 (drawn first)."""
+    x0, y = _data(400)
+    plain = noised_inputs(x0, y, seed=3)
+    dropped = noised_inputs(x0, y, seed=3, null=torch.full_like(y, 10), cond_dropout=0.3)
+    assert torch.equal(plain.t, dropped.t) and torch.equal(plain.x_t, dropped.x_t)
+    changed = dropped.y != y
+    assert torch.all(dropped.y[changed] == 10) and torch.equal(dropped.y[~changed], y[~changed])
+    assert 0.2 < changed.float().mean() < 0.4
+    assert torch.equal(noised_inputs(x0, y, seed=3, null=None, cond_dropout=0.0).y, y)
+
+
+@pytest.mark.parametrize("cache", ["memory", "stream"])
+def test_stage1_with_cond_dropout_runs_through_the_family_null_label(tmp_path, cache):
+    """cond_dropout in both cache modes: the teacher's null label comes from its family; the result differs from
+    stage 1 without it (other rows are seen unconditionally)."""
+    a = _stage1(str(tmp_path / "a"), cache, cond_dropout=0.5)["operators"]["attn1"]["val_mse"]
+    b = _stage1(str(tmp_path / "b"), cache)["operators"]["attn1"]["val_mse"]
+    assert a != b
