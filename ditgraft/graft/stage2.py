@@ -22,9 +22,9 @@ from ditgraft.train.pretrain import diffusion_losses, diffusion_step_fn
 def distill_step_fn(diffusion: GaussianDiffusion, teacher: nn.Module, weight: float,
                     diffusion_weight: float = 1.0):
     """DiT's training step with output distillation: loss = diffusion_weight * diffusion loss + weight * MSE(student
-    output, teacher output), the frozen teacher seeing the student's noised input, timestep and conditioning (labels after label
-    dropout where the family drops them inside the model), as CLEAR distils its linear-attention students. Both
-    models are called through their family. Logged as "distill"."""
+    output, teacher output), the frozen teacher seeing the student's noised input, timestep and conditioning (labels
+    after label dropout where the family drops them inside the model), as CLEAR distils its linear-attention
+    students. Both models are called through their family. Logged as "distill" and "diffusion"."""
 
     def step(model, batch):
         seen = {}
