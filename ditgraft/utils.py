@@ -113,7 +113,8 @@ def ensure_writable(path: str, what: str, folder: bool = True) -> None:
         raise ValueError(f"{what}={path!r} is a folder; a file path is expected here")
     try:
         os.makedirs(target, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=target, prefix=".ditgraft-write-check.", suffix=".tmp")
+        # not a ".tmp" name: another rank's orphan sweep must not take a probe that is still in use
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".ditgraft-write-check.", suffix=".probe")
         os.close(fd)
         os.remove(probe)
     except OSError as err:

@@ -54,7 +54,7 @@ def run(args: list[str]) -> float:
 def _temporaries(folder: str) -> list[str]:
     found = glob.glob(os.path.join(folder, "**", "*.tmp"), recursive=True)
     found += glob.glob(os.path.join(folder, "**", ".*.tmp"), recursive=True)
-    return sorted({f for f in found if ".ditgraft-write-check." not in f})
+    return sorted(set(found))
 
 
 def kill_after(args: list[str], delay: float) -> str:

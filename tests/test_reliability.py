@@ -398,6 +398,26 @@ def test_orphan_cleanup_removes_only_its_own_temporaries(tmp_path):
     assert all((tmp_path / rel).exists() for rel in theirs)
 
 
+def test_orphan_cleanup_spares_another_ranks_write_probe(tmp_path, monkeypatch):
+    """Under torchrun every rank checks the run folder while rank 0 sweeps it: the sweep must not take a probe."""
+    import tempfile
+
+    from ditgraft import utils
+
+    probes = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_sweep(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        probes.append(path)
+        utils.remove_orphan_temporaries(str(tmp_path))  # rank 0's sweep lands between create and remove
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_sweep)
+    utils.ensure_writable(str(tmp_path), "--run-dir")
+    assert len(probes) == 1 and not os.path.exists(probes[0])
+
+
 def test_stale_lock_of_a_dead_process_is_reported_and_taken_over(d, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
