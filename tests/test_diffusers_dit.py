@@ -93,3 +93,34 @@ def test_export_refuses_grafted_models_and_warns_about_original_conventions(tmp_
     student = graft_model(model, [ResolvedGraft("attn", 1, "hyena_x")])
     with pytest.raises(ValueError, match="blocks.1.attn is HyenaX"):
         export_diffusers(student, str(tmp_path / "grafted"))
+
+
+class _Recorder:
+    """A stand-in diffusers class: records how ``from_pretrained`` is called; "no transformer/" on a hub repo."""
+    calls: list = []
+
+    @classmethod
+    def from_pretrained(cls, source, subfolder=None):
+        cls.calls.append((source, subfolder))
+        if subfolder == "transformer" and not source.startswith(("/", ".")):
+            raise OSError("no transformer/ in this repo")
+        return "model"
+
+
+def test_transformer_located_in_model_pipeline_and_hub_sources(tmp_path):
+    from ditgraft.models.families.diffusers_common import load_transformer
+
+    model, pipe = tmp_path / "model", tmp_path / "pipe" / "transformer"
+    for folder in (model, pipe):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    _Recorder.calls = []
+    load_transformer(_Recorder, str(model))
+    load_transformer(_Recorder, str(pipe.parent))
+    load_transformer(_Recorder, "owner/name")  # a hub model repo: transformer/ tried first, then the root
+    assert _Recorder.calls == [(str(model), None), (str(pipe.parent), "transformer"),
+                               ("owner/name", "transformer"), ("owner/name", None)]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_transformer(_Recorder, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a hub repo id"):
+        load_transformer(_Recorder, str(tmp_path / "missing" / "model.safetensors"))

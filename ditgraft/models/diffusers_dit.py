@@ -35,6 +35,7 @@ import torch
 from ditgraft.data.vae import load_vae
 from ditgraft.models.adapters import SLOTS
 from ditgraft.models.dit import DiT
+from ditgraft.models.families.diffusers_common import is_hub_id, load_transformer
 
 __all__ = ["is_diffusers_source", "load_diffusers_dit", "export_diffusers", "to_diffusers_state_dict",
            "from_diffusers_state_dict"]
@@ -58,28 +59,13 @@ def _diffusers():
     return diffusers
 
 
-def _is_hub_id(source: str) -> bool:
-    return (source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
-            and not source.endswith((".pt", ".pth", ".safetensors", ".npz", ".yaml")))
-
-
-def _transformer_subfolder(folder: str) -> str | None:
-    """None when ``folder`` is a DiTTransformer2DModel folder, "transformer" when it is a pipeline folder."""
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return None
-    if os.path.exists(os.path.join(folder, "transformer", "config.json")):
-        return "transformer"
-    raise FileNotFoundError(f"{folder!r} is not a diffusers DiT folder: no config.json (a DiTTransformer2DModel "
-                            "save_pretrained output) and no transformer/config.json (a DiTPipeline folder)")
-
-
 def is_diffusers_source(source: str) -> bool:
     """A local diffusers folder (DiTTransformer2DModel or DiTPipeline) or a hub repo id ``owner/name``."""
     source = os.fspath(source)
     if os.path.isdir(source):
         return any(os.path.exists(os.path.join(source, *p)) for p in (("config.json",),
                                                                        ("transformer", "config.json")))
-    return _is_hub_id(source)
+    return is_hub_id(source)
 
 
 def _block_keys(i: int, j: int) -> list[tuple[str, str]]:
@@ -136,21 +122,7 @@ def load_diffusers_dit(source: str, conventions: str = "diffusers", map_location
     if conventions not in CONVENTIONS:
         raise ValueError(f"conventions={conventions!r} is not allowed; use one of {CONVENTIONS}")
     diffusers = _diffusers()
-    source = os.fspath(source)
-    sub = _transformer_subfolder(source) if os.path.isdir(source) else None
-    if not os.path.isdir(source) and not _is_hub_id(source):
-        raise FileNotFoundError(f"{source!r}: no such diffusers folder, and not a hub repo id (owner/name)")
-    if sub is None and not os.path.isdir(source):
-        try:  # a hub repo: DiTPipeline repos keep the transformer in transformer/
-            tr = diffusers.DiTTransformer2DModel.from_pretrained(source, subfolder="transformer")
-        except OSError:
-            try:
-                tr = diffusers.DiTTransformer2DModel.from_pretrained(source)
-            except OSError as err:
-                raise FileNotFoundError(f"{source!r}: no such local path, and loading it as a hub repo id failed "
-                                        f"({err})") from err
-    else:
-        tr = diffusers.DiTTransformer2DModel.from_pretrained(source, subfolder=sub)
+    tr = load_transformer(diffusers.DiTTransformer2DModel, source)
     c = tr.config
     problems = [f"{k}={getattr(c, k)!r} (ditgraft needs {v!r})" for k, v in
                 (("norm_type", "ada_norm_zero"), ("activation_fn", "gelu-approximate"), ("attention_bias", True),

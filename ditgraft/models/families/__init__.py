@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ditgraft.models.families.base import Family, ModelDims, SlotAdapter, unwrap
+from ditgraft.models.families.diffusers_common import load_transformer
 from ditgraft.models.families.diffusers_dit import DiffusersDiTFamily
 from ditgraft.models.families.dit import DiTFamily
 from ditgraft.models.families.pixart import PixArtFamily
@@ -41,19 +42,12 @@ def family_of(model: nn.Module) -> Family:
 DIFFUSERS_PREFIX = "diffusers:"
 
 
-def load_diffusers(source: str, subfolder: str | None = None) -> nn.Module:
+def load_diffusers(source: str) -> nn.Module:
     """A diffusers transformer of a known family from a model or pipeline directory (or, with a network, a hub
     repo id): ``diffusers:<dir or repo>`` in a recipe's teacher.source. A pipeline's ``transformer/`` is used."""
-    import os
-
     from diffusers import AutoModel
 
-    if subfolder is None and os.path.isdir(os.path.join(source, "transformer")):
-        subfolder = "transformer"
-    if subfolder is None and not os.path.isdir(source):
-        subfolder = "transformer"  # hub pipelines keep the transformer there
-    kwargs = {"subfolder": subfolder} if subfolder else {}
-    model = AutoModel.from_pretrained(source, **kwargs)
+    model = load_transformer(AutoModel, source)
     family_of(model)  # a clear error for a class no family handles
     return model.eval()
 

@@ -4,6 +4,8 @@ the slots, a grafted operator sits in a ``SlotAdapter``, and the config is the m
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -12,6 +14,35 @@ from ditgraft.operators.attention import MHA
 from ditgraft.operators.mlp import MLP
 
 SLOT_ATTRS = {"attn": "attn1", "mlp": "ff"}
+
+
+def is_hub_id(source: str) -> bool:
+    """``owner/name`` that is no local path and has no checkpoint file's suffix."""
+    return (source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
+            and not source.endswith((".pt", ".pth", ".safetensors", ".npz", ".yaml")))
+
+
+def load_transformer(cls, source: str) -> nn.Module:
+    """``cls.from_pretrained`` on the transformer of ``source``: a model folder (its ``config.json``), a pipeline
+    folder (its ``transformer/``) or, with a network, a hub repo id (its ``transformer/`` when it is a pipeline)."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        if os.path.exists(os.path.join(source, "config.json")):
+            return cls.from_pretrained(source)
+        if os.path.exists(os.path.join(source, "transformer", "config.json")):
+            return cls.from_pretrained(source, subfolder="transformer")
+        raise FileNotFoundError(f"{source!r} is not a diffusers model folder: no config.json (a model's "
+                                "save_pretrained output) and no transformer/config.json (a pipeline folder)")
+    if not is_hub_id(source):
+        raise FileNotFoundError(f"{source!r}: no such diffusers folder, and not a hub repo id (owner/name)")
+    try:
+        return cls.from_pretrained(source, subfolder="transformer")
+    except OSError:
+        try:
+            return cls.from_pretrained(source)
+        except OSError as err:
+            raise FileNotFoundError(f"{source!r}: no such local path, and loading it as a hub repo id failed "
+                                    f"({err})") from err
 
 
 def _set_call_grid(model: nn.Module, args: tuple, kwargs: dict) -> None:
