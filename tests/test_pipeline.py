@@ -113,8 +113,9 @@ def test_random_init_baseline_is_random_when_the_recipe_starts_from_the_teacher(
         "stage2": {"steps": 1, "batch_size": 4, "lr": 1e-12, "ckpt_every": 1},
         "eval": {"enabled": False, "baselines": ["random_init"]},
     })
-    folder = str(tmp_path / "run")
-    run_graft(r, folder, stages=("stage2",), progress=False, log=lambda *_: None)
+    folder, lines = str(tmp_path / "run"), []
+    run_graft(r, folder, stages=("stage2",), progress=False, log=lines.append)
+    assert any("GiB per CPU process" in line and "/ 1 CPU process(s)" in line for line in lines)  # not "per GPU"
     qkv = load_model(teacher_file).blocks[1].attn.qkv.weight
     key = "blocks.1.attn.in_proj.weight"
     grafted = load_file(os.path.join(folder, "student.safetensors"))[key]

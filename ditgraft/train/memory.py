@@ -31,10 +31,10 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.grads + self.adam + self.ema + self.activations
 
-    def format(self) -> str:
+    def format(self, unit: str = "GPU") -> str:
         parts = ", ".join(f"{name} {getattr(self, name) / GIB:.1f}"
                           for name in ("weights", "grads", "adam", "ema", "activations"))
-        return f"{self.total / GIB:.1f} GiB per GPU ({parts})"
+        return f"{self.total / GIB:.1f} GiB per {unit} ({parts})"
 
 
 def dit_training_memory(params: int, trainable: int, tokens: int, dim: int, depth: int, micro_batch: int,
@@ -70,8 +70,9 @@ def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
     return est, micro
 
 
-def format_stage2_memory(student, cfg, world: int) -> str:
+def format_stage2_memory(student, cfg, world: int, unit: str = "GPU") -> str:
+    """One line for the log; ``unit`` names what each of the ``world`` ranks runs on ("GPU", "CPU process")."""
     est, micro = stage2_memory(student, cfg, world)
-    return (f"stage 2 expected memory: {est.format()}; micro-batch {micro} = batch {cfg.batch_size} / {world} GPU(s)"
-            f" / grad_accum_steps {cfg.grad_accum_steps}, {cfg.precision}, activation checkpointing "
+    return (f"stage 2 expected memory: {est.format(unit)}; micro-batch {micro} = batch {cfg.batch_size} / {world} "
+            f"{unit}(s) / grad_accum_steps {cfg.grad_accum_steps}, {cfg.precision}, activation checkpointing "
             f"{'on' if cfg.activation_checkpointing else 'off'}")
