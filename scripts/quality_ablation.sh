@@ -1,9 +1,9 @@
 #!/bin/bash
-# Reproduces the quality ablation rows of docs/RESULTS.md: for each recipe in docs/experiments/quality (or the names
-# given: a file there or a bundled recipe such as testbed_hyena_x_50), stage 1 and stage 2 in runs/quality/NAME, then the decision protocol against the shipped teacher (seeds 0-2,
-# 1,500 samples per model; the teacher's samples are drawn once in runs/quality/eval/testbed and reused), and, where
-# the recipe trains the random-init baseline, the same protocol for it against the grafted student.
-# About 4-12 min per row on a 2-core CPU; run one at a time.
+# Reproduces the quality ablation rows of docs/RESULTS.md. For each recipe in docs/experiments/quality (or the names
+# given: a file there or a bundled recipe such as testbed_hyena_x_50): stage 1 and stage 2 in runs/quality/NAME, then
+# the decision protocol against the shipped teacher (seeds 0-2, 1,500 samples per model; the teacher's samples are
+# drawn once in runs/quality/eval/testbed and reused), and, where the recipe trains the random-init baseline, the same
+# protocol for it against the grafted student. About 4-12 min per row on a 2-core CPU; run one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/quality

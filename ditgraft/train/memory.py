@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ditgraft.models.families import family_of
 
 ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK = {"fp32": 84, "bf16": 50}
@@ -70,8 +72,10 @@ def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
     return est, micro
 
 
-def format_stage2_memory(student, cfg, world: int, unit: str = "GPU") -> str:
-    """One line for the log; ``unit`` names what each of the ``world`` ranks runs on ("GPU", "CPU process")."""
+def format_stage2_memory(student, cfg, world: int, device: torch.device | None = None) -> str:
+    """One line for the log, per rank: "GPU" when ``device`` is CUDA or None (planning for GPUs), else "CPU
+    process" (or the device type's name)."""
+    unit = "GPU" if device is None or device.type == "cuda" else f"{device.type.upper()} process"
     est, micro = stage2_memory(student, cfg, world)
     return (f"stage 2 expected memory: {est.format(unit)}; micro-batch {micro} = batch {cfg.batch_size} / {world} "
             f"{unit}(s) / grad_accum_steps {cfg.grad_accum_steps}, {cfg.precision}, activation checkpointing "
