@@ -13,6 +13,7 @@
     ditgraft ops                       operator table: parameters and FLOPs at (dim, tokens)
     ditgraft bench ops|model|stage1    side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
+    ditgraft sweep SWEEP.yaml          a sweep over recipe fields: every point a run directory, one table and plots
 
 Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed) or a run directory in
 use; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept); 130 / 143 interrupted
@@ -145,6 +146,28 @@ def _print_summary(run_dir: str) -> None:
         if share is not None:
             print(f"  grafting cost: {100 * share:.2f}% of the teacher's pretraining FLOPs")
     print(f"report: {os.path.join(run_dir, 'report.md')}")
+
+
+def cmd_sweep(args) -> None:
+    from ditgraft.explore.spec import load_sweep
+    from ditgraft.explore.sweep import default_dir, format_status, run_sweep, sweep_status
+    from ditgraft.explore.table import write_table
+
+    sweep = load_sweep(args.sweep)
+    out = args.out or default_dir(sweep)
+    if args.status:
+        print(format_status(sweep_status(sweep, out)))
+        return
+    if args.table:
+        if not os.path.exists(os.path.join(out, "points.json")):
+            raise FileNotFoundError(f"{out}: no sweep directory (points.json); run `ditgraft sweep {args.sweep}` first")
+        write_table(out)
+    else:
+        scheduler = {k: v for k, v in (("timeout_min", args.timeout_min), ("slurm_partition", args.partition))
+                     if v is not None}
+        run_sweep(sweep, out, jobs=args.jobs, launcher=args.launcher, device=args.device, threads=args.threads,
+                  gpus=args.gpus_per_point, cluster=args.cluster, scheduler=scheduler)
+    print(f"table: {os.path.join(out, 'results.md')}")
 
 
 def cmd_demo(args) -> None:
@@ -401,6 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default=None, help="comma list of stage1,stage2,eval,report (default all)")
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
+
+    from ditgraft.explore.launchers import LAUNCHERS
+
+    s = add("sweep", cmd_sweep, "run a sweep: a base recipe and axes over its fields; one table and plots")
+    s.add_argument("sweep", help="the sweep .yaml (base recipe, grid / zip / points, baseline)")
+    s.add_argument("--out", default=None, help="the sweep directory (default sweeps/<sweep name>)")
+    s.add_argument("--jobs", type=positive_int, default=1,
+                   help="local launcher: points run at once; the CPU threads are split between them (default 1)")
+    s.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                   help="local processes, or submitit (Slurm, or --cluster local)")
+    s.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                   help="submitit's executor (default: Slurm where it exists)")
+    s.add_argument("--gpus-per-point", type=nonneg_int, default=0, help="GPUs per point (> 1: a torchrun job)")
+    s.add_argument("--partition", default=None, help="submitit: the Slurm partition")
+    s.add_argument("--timeout-min", type=positive_int, default=None, help="submitit: time limit per point")
+    s.add_argument("--device", default=None, help="overrides the recipes' device")
+    s.add_argument("--status", action="store_true", help="print every point's state and exit")
+    s.add_argument("--table", action="store_true", help="rebuild the table and plots from the directory only")
 
     s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
                                     "expected stage-2 memory per GPU")

@@ -187,8 +187,9 @@ def testbed_floor(n: int) -> dict:
 def decision_eval(model, out_dir: str, seeds=DEFAULT_SEEDS, protocol: Protocol = TESTBED_PROTOCOL,
                   against=None, against_dir: str | None = None, tag: str = "samples",
                   against_tag: str = "samples", targets: Targets = Targets(), resamples: int = DEFAULT_RESAMPLES,
-                  device="cpu", progress: bool = True) -> dict:
-    """The decision protocol on testbed models: writes ``{tag}_decision.json`` in out_dir and returns it."""
+                  device="cpu", progress: bool = True, name: str | None = None) -> dict:
+    """The decision protocol on testbed models: writes ``{name or tag}_decision.json`` in out_dir and returns it
+    (``name``: a comparison of the same samples with another baseline)."""
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds}: need one or more distinct seeds")
@@ -218,7 +219,7 @@ def decision_eval(model, out_dir: str, seeds=DEFAULT_SEEDS, protocol: Protocol =
                                       for s, r in zip(seeds, a_rows)]
     out["seeds"] = seeds
     out["protocol"] = {k: v for k, v in asdict(protocol).items() if k != "seed"}
-    atomic_write_json(os.path.join(out_dir, f"{tag}_decision.json"), out)
+    atomic_write_json(os.path.join(out_dir, f"{name or tag}_decision.json"), out)
     return out
 
 

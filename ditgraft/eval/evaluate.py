@@ -11,8 +11,10 @@ only numbers from this same protocol (the floor shows the bias).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,10 +25,10 @@ from ditgraft.data.vae import latent_decoder, load_vae
 from ditgraft.diffusion.samplers import SamplingConfig
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval import adm, metrics
-from ditgraft.eval.classifier import NUM_CLASSES, testbed_features
+from ditgraft.eval.classifier import CLASSIFIER_PATH, NUM_CLASSES, testbed_features
 from ditgraft.eval.inception import InceptionFeatures
 from ditgraft.eval.sampling import gather_samples, generate, save_grid
-from ditgraft.utils import atomic_write_json, read_json
+from ditgraft.utils import atomic_path, atomic_write_json, read_json
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,35 @@ ADM_PROTOCOL = Protocol(num=50_000, sampler="ddpm", steps=250, cfg_scale=1.5, cl
 FEATURES = ("testbed", "inception")
 
 
+def cache_dir() -> str:
+    """Where ditgraft keeps derived data that any run may reuse: $DITGRAFT_CACHE, else ~/.cache/ditgraft."""
+    return os.environ.get("DITGRAFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ditgraft")
+
+
 @functools.lru_cache(maxsize=2)
 def _testbed_reference(split: str = "train") -> dict:
+    """The testbed classifier's outputs on the real digits of ``split``, computed once per machine: kept in the
+    cache folder under a key of the classifier's weights and the digits themselves, so a changed classifier or
+    data set never reads stale features."""
     x, y = load_mnist5k(split)
+    h = hashlib.sha256(x.numpy().tobytes())
+    with open(CLASSIFIER_PATH, "rb") as f:
+        h.update(f.read())
+    path = os.path.join(cache_dir(), f"testbed_reference_{split}_{h.hexdigest()[:16]}.npz")
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # not cached yet, or unreadable: compute it again
     out = testbed_features(x)
     out["labels"] = y.numpy()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **out)
+    except OSError:
+        pass  # a read-only home: compute it each time
     return out
 
 

@@ -1,0 +1,75 @@
+"""Where a sweep's points run: local processes, or a cluster scheduler through submitit (Slurm, or its local
+executor). Either way a point is one ordinary command (``ditgraft graft RECIPE --run-dir DIR``, or the same under
+``torchrun`` on GPUs) whose output goes to the point's ``sweep.log``; the launcher returns its exit code."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+LAUNCHERS = ("local", "submitit")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    command: list[str]
+    log_path: str
+    threads: int | None  # CPU threads of the point's process (None: torch's choice)
+
+
+def run_job(job: Job) -> int:
+    """Run one point's command to its end; its output is appended to ``job.log_path``. Returns the exit code
+    (negative: killed by that signal). A top-level function, so submitit can pickle it."""
+    env = dict(os.environ)
+    if job.threads:
+        env.update({v: str(job.threads) for v in THREAD_VARS})
+    os.makedirs(os.path.dirname(job.log_path), exist_ok=True)
+    with open(job.log_path, "a") as log:
+        log.write(f"$ {' '.join(job.command)}\n")
+        log.flush()
+        return subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def point_command(recipe_path: str, run_dir: str, device: str | None = None, gpus: int = 0) -> list[str]:
+    """The command that runs one point; with ``gpus`` > 1 a torchrun job over that many local GPUs."""
+    graft = ["-m", "ditgraft.cli", "graft", recipe_path, "--run-dir", run_dir, "--quiet"]
+    if device:
+        graft += ["--device", device]
+    if gpus > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *graft]
+    return [sys.executable, *graft]
+
+
+def run_local(jobs: list[Job], workers: int, on_done) -> None:
+    """Run ``jobs`` as local processes, ``workers`` at a time; ``on_done(job, exit_code)`` after each one."""
+    def one(job: Job) -> None:
+        on_done(job, run_job(job))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for f in [pool.submit(one, j) for j in jobs]:
+            f.result()
+
+
+def run_submitit(jobs: list[Job], folder: str, on_done, cluster: str | None = None, **parameters) -> None:
+    """Submit ``jobs`` through submitit (``cluster``: None picks Slurm where it exists, 'local' runs them as local
+    processes, 'slurm' requires it); ``parameters`` go to ``executor.update_parameters`` (timeout_min,
+    slurm_partition, gpus_per_node, cpus_per_task, ...). Waits for every job."""
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError("launcher = 'submitit' needs the submitit package: pip install submitit") from None
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor.update_parameters(**parameters)
+    submitted = [(job, executor.submit(run_job, job)) for job in jobs]
+    for job, handle in submitted:
+        try:
+            code = handle.result()
+        except Exception as err:  # the scheduler lost or killed the job: report it as the point's failure
+            with open(job.log_path, "a") as log:
+                log.write(f"submitit: {type(err).__name__}: {err}\n")
+            code = 1
+        on_done(job, code)
