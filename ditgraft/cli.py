@@ -14,6 +14,7 @@
     ditgraft bench ops|model|stage1    side-by-side timings with FLOP-bound ratios
     ditgraft recipes                   list the bundled recipes
     ditgraft sweep SWEEP.yaml          a sweep over recipe fields: every point a run directory, one table and plots
+    ditgraft search SEARCH.yaml        an operator per layer under a cost budget: cheap signals, exact choice, verify
 
 Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed) or a run directory in
 use; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept); 130 / 143 interrupted
@@ -168,6 +169,12 @@ def cmd_sweep(args) -> None:
         run_sweep(sweep, out, jobs=args.jobs, launcher=args.launcher, device=args.device, threads=args.threads,
                   gpus=args.gpus_per_point, cluster=args.cluster, scheduler=scheduler)
     print(f"table: {os.path.join(out, 'results.md')}")
+
+
+def cmd_search(args) -> None:
+    from ditgraft.explore.search import run_search
+
+    run_search(args.search, args.out, jobs=args.jobs, device=args.device)
 
 
 def cmd_demo(args) -> None:
@@ -442,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="overrides the recipes' device")
     s.add_argument("--status", action="store_true", help="print every point's state and exit")
     s.add_argument("--table", action="store_true", help="rebuild the table and plots from the directory only")
+
+    s = add("search", cmd_search, "choose an operator per layer under a FLOP or latency budget, then verify the "
+                                   "best designs as a sweep")
+    s.add_argument("search", help="the search .yaml (base recipe, slot, candidates, budget, verify)")
+    s.add_argument("--out", default=None, help="the search directory (default searches/<search name>)")
+    s.add_argument("--jobs", type=positive_int, default=1, help="verified designs run at once (local processes)")
+    s.add_argument("--device", default=None)
 
     s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
                                     "expected stage-2 memory per GPU")

@@ -9,8 +9,8 @@
     zip:                                # axes stepped together (equal lengths), crossed with the grid
       stage1.steps: [100, 200]
       stage1.eval_every: [50, 100]
-    points:                             # explicit points, added to the grid's (each a mapping of paths)
-      - {grafts.0.operator: mamba2, grafts.0.options: {}}
+    points:                             # explicit points, added to the grid's (each a mapping of paths;
+      - {grafts.0.operator: mamba2, grafts.0.options: {}}   #  `point: NAME` names one)
     baseline: teacher                   # what each point's quality is compared with: teacher or a point's name
 
 A path walks the validated recipe (every field present with its default): mapping keys by name, list items by
@@ -142,7 +142,8 @@ def point_name(overrides: dict, short: dict[str, str]) -> str:
     return text
 
 
-def _combinations(f: SweepFile, source: str) -> list[dict]:
+def _combinations(f: SweepFile, source: str) -> list[tuple[str | None, dict]]:
+    """(explicit name or None, overrides) of every point."""
     for kind in ("grid", "zip"):
         for path, values in getattr(f, kind).items():
             if not values:
@@ -153,11 +154,15 @@ def _combinations(f: SweepFile, source: str) -> list[dict]:
             raise _err(source, f"zip axes must have equal lengths, got {lengths}")
     grid = [dict(zip(f.grid, vals)) for vals in itertools.product(*f.grid.values())] if f.grid else [{}]
     rows = [dict(zip(f.zip, vals)) for vals in zip(*f.zip.values())] if f.zip else [{}]
-    combos = [{**g, **r} for g in grid for r in rows] if (f.grid or f.zip) else []
+    combos = [(None, {**g, **r}) for g in grid for r in rows] if (f.grid or f.zip) else []
     for i, p in enumerate(f.points):
-        if not p:
+        p = dict(p)
+        name = p.pop("point", None)
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", str(name)):
+            raise _err(source, f"points[{i}].point = {name!r}: use letters, digits and . _ = , + -")
+        if not p and name is None:
             raise _err(source, f"points[{i}] is empty; give at least one field path and value")
-        combos.append(dict(p))
+        combos.append((None if name is None else str(name), p))
     if not combos:
         raise _err(source, "no points: give grid or zip axes, or a points list")
     both = set(f.grid) & set(f.zip)
@@ -191,15 +196,15 @@ def build_sweep(data: dict, source: str = "<dict>", folder: str | None = None) -
         raise _err(source, f"name = {name!r}: use letters, digits, '.', '_' and '-' (it names the sweep directory)")
 
     combos = _combinations(f, source)
-    axes = tuple(dict.fromkeys(k for c in combos for k in c))
+    axes = tuple(dict.fromkeys(k for _, c in combos for k in c))
     short = _short_names(axes)
     points, seen = [], {}
-    for overrides in combos:
+    for given, overrides in combos:
         d = copy.deepcopy(base_recipe)
         for path, value in {**f.set, **overrides}.items():
             set_path(d, path, value, source)
-        pname = point_name(overrides, short)
-        d["name"] = f"{name}.{pname}" if re.fullmatch(r"[A-Za-z0-9._=,+-]+", pname) else name
+        pname = given or point_name(overrides, short)
+        d["name"] = f"{name}.{pname}"
         try:
             recipe = parse_recipe(d, f"{source}, point {pname}")
         except ValueError as err:
