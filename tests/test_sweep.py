@@ -180,3 +180,24 @@ def test_pareto_front_keeps_the_undominated_points():
             {"name": "c", "forward_flops": 3, "ratio": 2.5}, {"name": "d", "forward_flops": 4, "ratio": 1.0},
             {"name": "e", "forward_flops": 5, "ratio": None}]
     assert pareto_front(rows) == ["a", "b", "d"]
+
+
+def test_a_point_as_the_baseline_is_compared_under_the_decision_protocol(sweep_file, tmp_path):
+    spec = yaml.safe_load(open(sweep_file))
+    spec.update(name="vs_point", grid={"grafts.0.operator": ["hyena_x", "swa"]}, points=[],
+                baseline="operator=hyena_x")
+    spec["base"]["eval"] = {"num": 10, "steps": 2, "protocol": "decision", "seeds": [0, 1], "resamples": 10,
+                            "target_ratio": 1.5, "target_gap": 0.5}
+    path = tmp_path / "vs_point.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = str(tmp_path / "sweep")
+    proc = _cli(["sweep", str(path), "--jobs", "2", "--out", out], cwd=str(tmp_path))
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    dec = json.load(open(os.path.join(out, "points", "operator=swa", "eval", "sweep_baseline_decision.json")))
+    assert dec["against_point"] == "operator=hyena_x" and dec["num"] == 20  # two seeds pooled, paired
+    rows = {r["name"]: r for r in build_table(out)["rows"]}
+    assert rows["operator=hyena_x"]["ratio"] == 1.0
+    swa = rows["operator=swa"]
+    assert swa["ratio"] == pytest.approx(dec["ratio"]["value"]) and swa["ratio_ci"] == dec["ratio"]["ci"]
+    assert swa["protocol"].startswith("decision (seeds 0,1")

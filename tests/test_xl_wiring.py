@@ -1,8 +1,6 @@
-"""The paper's DiT-XL/2 recipes are wired end to end: a DiT-XL/2-shaped model (random weights, no download) goes
-through surgery, one step of stage 1 and one step of stage 2 on CPU with a tiny batch."""
-import gc
-import shutil
-
+"""The paper's DiT-XL/2 recipes are wired end to end: DiT-XL/2 itself on the meta device (its size, no memory), and
+a narrow stand-in of its depth, patch, heads and latent shape (random weights, no download) through surgery, one step
+of stage 1 (disk cache) and one step of stage 2 on CPU with a tiny batch."""
 import torch
 
 from ditgraft.graft.stage1 import run_stage1
@@ -14,9 +12,13 @@ from ditgraft.recipe import load_recipe
 
 def test_dit_xl2_recipe_end_to_end(tmp_path):
     recipe = load_recipe("dit_xl2_hyena_x_50")
+    with torch.device("meta"):
+        xl = build_dit(recipe.teacher.model, input_size=recipe.teacher.image_size // 8)
+    assert sum(p.numel() for p in xl.parameters()) == 675_129_632
     torch.manual_seed(0)
-    teacher = build_dit(recipe.teacher.model, input_size=recipe.teacher.image_size // 8).eval()
-    assert sum(p.numel() for p in teacher.parameters()) == 675_129_632
+    # XL's depth, patch size, heads, classes and latent shape; width 1152 -> 64 (head size 72 -> 4)
+    teacher = build_dit(recipe.teacher.model, input_size=recipe.teacher.image_size // 8, hidden_size=64).eval()
+    assert (len(teacher.blocks), teacher.patch_size, teacher.num_heads) == (len(xl.blocks), 2, 16)
     grafts = resolve_grafts(recipe, len(teacher.blocks))
     assert [g.layer for g in grafts] == list(range(1, 28, 2))
     g = torch.Generator().manual_seed(0)
@@ -29,8 +31,6 @@ def test_dit_xl2_recipe_end_to_end(tmp_path):
     assert res["plan"]["mode"] == "disk" and len(res["operators"]) == 14
     assert all(torch.isfinite(torch.tensor(o["val_mse"])) for o in res["operators"].values())
     student = graft_model(teacher, grafts, seed=0)
-    del teacher
-    gc.collect()
     # the recipe's GPU scale settings (bf16 autocast, 2 micro-batches per step) do not apply to one sample on a CPU
     s2 = recipe.stage2.model_copy(update={"steps": 1, "batch_size": 1, "ema_decay": None, "ckpt_every": 1,
                                           "precision": "fp32", "grad_accum_steps": 1})
@@ -39,4 +39,3 @@ def test_dit_xl2_recipe_end_to_end(tmp_path):
     trained, history = run_stage2(student, s2, x0[:1], y[:1], str(tmp_path / "s2"), 0, progress=False)
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
     assert not torch.equal(before, trained.final_layer.linear.weight)
-    shutil.rmtree(tmp_path)  # an XL checkpoint with its optimiser state is about 8 GB: pytest keeps three runs
