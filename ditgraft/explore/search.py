@@ -138,17 +138,19 @@ def _candidate_module(teacher, slot: str, op: str, options: dict, layer: int = 0
 
 @torch.no_grad()
 def operator_costs(teacher, slot: str, candidates: dict, cost: str) -> dict[str, float]:
-    """Each candidate's cost in one layer relative to the teacher's own operator: forward FLOPs (counted), or
-    forward latency measured side by side (candidates take turns; median of 7)."""
-    from ditgraft.flops import count_flops
+    """Each candidate's cost in one layer relative to the teacher's own operator: forward FLOPs by the operators'
+    formulas (``ditgraft ops``: what the operator needs, e.g. a band for sliding-window attention, not what a dense
+    fallback executes), or forward latency measured side by side (candidates take turns; median of 7)."""
+    from ditgraft.models.adapters import model_dims
+    from ditgraft.operators.registry import operator_flops
 
-    mods = {op: _candidate_module(teacher, slot, op, opts).eval() for op, opts in candidates.items()}
     keep = KEEP[slot]
-    mods.setdefault(keep, _candidate_module(teacher, slot, keep, {}).eval())
     if cost == "flops":
-        x = _slot_input(teacher)
-        raw = {op: float(count_flops(m, x)) for op, m in mods.items()}
+        d = model_dims(teacher)
+        raw = {op: float(operator_flops(op, d.dim, d.heads, d.grid, **opts))
+               for op, opts in {keep: {}, **candidates}.items()}
     else:
+        mods = {op: _candidate_module(teacher, slot, op, opts).eval() for op, opts in {keep: {}, **candidates}.items()}
         x = _slot_input(teacher, batch=8)
         times: dict[str, list[float]] = {op: [] for op in mods}
         for m in mods.values():
