@@ -1,5 +1,6 @@
-"""Restructuring (graft/restructure.py, graft/restructure_train.py): parallel units of block pairs, dropped blocks, their recipes, stage 1 of
-units, self-describing checkpoints, and the DiT-XL/2 parameter count of the paper's 14-unit model."""
+"""Restructuring (graft/restructure.py, graft/restructure_train.py): parallel units of block pairs, dropped blocks,
+their recipes, stage 1 of units (the stage-1 engine with PairTarget targets), self-describing checkpoints, and the
+DiT-XL/2 parameter count of the paper's 14-unit model."""
 import copy
 import os
 
@@ -8,7 +9,7 @@ import torch
 
 from ditgraft.graft import restructure as rs
 from ditgraft.graft import restructure_train as rt
-from ditgraft.graft.stage1 import noised_inputs
+from ditgraft.graft.stage1 import PairTarget, capture, extract, noised_inputs, pair_targets, run_stage1
 from ditgraft.graft.surgery import load_any, save_grafted
 from ditgraft.recipe import parse_recipe
 from helpers import tiny_dit
@@ -102,10 +103,10 @@ def test_recipe_restructure_section_validates_and_composes_with_grafts():
         assert message in str(err.value)
 
 
-def test_capture_pairs_sees_the_sequential_pair():
+def test_pair_target_captures_the_sequential_pair():
     teacher = tiny_dit(depth=4).eval()
     x, t, y = _inputs(teacher)
-    with rt.capture_pairs(teacher, [[2, 3]]) as got:
+    with capture(teacher, [PairTarget([2, 3])]) as got:
         teacher(x, t, y)
     xin, c, out = got["pair2_3"]
     torch.testing.assert_close(teacher.blocks[3](teacher.blocks[2](xin, c), c), out)
@@ -120,16 +121,17 @@ def test_unit_stage1_trains_the_chosen_parameters_and_loads_into_the_student(tmp
                           "stage1": {"samples": 40, "val_samples": 8, "steps": 6, "batch_size": 8, "eval_every": 3,
                                      "lr": 3e-3}})
         run = str(tmp_path / train)
-        out = rt.run_unit_stage1(teacher, spec, r.stage1, r.restructure, x0[:40], y[:40], x0[40:], y[40:], run, 0,
-                                 "cpu", progress=False, log=lambda *_: None)
-        assert set(out["units"]) == {"pair0_1", "pair2_3"} and out["mode"] == "memory"
+        out = run_stage1(teacher, pair_targets(spec, r.restructure), r.stage1, x0[:40], y[:40], x0[40:], y[40:],
+                         run, 0, "cpu", progress=False, log=lambda *_: None)
+        assert set(out["units"]) == {"pair0_1", "pair2_3"} and out["plan"]["mode"] == "memory"
         student = rt.restructure_student(copy.deepcopy(teacher), spec, [], run)
         unit, fresh = student.blocks[0], rt.make_units(teacher, spec)["pair0_1"]
         merge_moved = not torch.equal(unit.merge.weight, fresh.merge.weight)
         blocks_moved = not torch.equal(unit.pair[1].mlp.fc2.weight, fresh.pair[1].mlp.fc2.weight)
         assert merge_moved and blocks_moved == (train == "unit")
         # the best weights reproduce the recorded validation error
-        val = rt.extract_pairs(teacher, spec["parallel_pairs"], noised_inputs(x0[40:], y[40:], seed=2), 8, "cpu")
+        val = extract(teacher, pair_targets(spec, r.restructure), noised_inputs(x0[40:], y[40:], seed=2), 8, None,
+                      torch.float32, "cpu")
         xin, c, target = val["pair0_1"]
         with torch.no_grad():
             mse = float((unit(xin, c) - target).square().mean())
@@ -178,9 +180,9 @@ def test_dit_xl2_parallel_recipe_is_wired(tmp_path):
     x0, y = torch.randn(3, 4, 32, 32, generator=g), torch.randint(0, 1000, (3,), generator=g)
     s1 = recipe.stage1.model_copy(update={"samples": 2, "val_samples": 1, "steps": 1, "batch_size": 2,
                                           "eval_every": 1, "extract_batch_size": 2, "ram_budget_gb": 0.001})
-    out = rt.run_unit_stage1(teacher, spec, s1, recipe.restructure, x0[:2], y[:2], x0[2:], y[2:],
-                             str(tmp_path / "s1"), 0, "cpu", progress=False, log=lambda *_: None)
-    assert out["mode"] == "stream" and list(out["units"]) == ["pair0_1"]
+    out = run_stage1(teacher, pair_targets(spec, recipe.restructure), s1, x0[:2], y[:2], x0[2:], y[2:],
+                     str(tmp_path / "s1"), 0, "cpu", progress=False, log=lambda *_: None)
+    assert out["plan"]["mode"] == "stream" and list(out["units"]) == ["pair0_1"]
     assert all(torch.isfinite(torch.tensor(u["val_mse"])) for u in out["units"].values())
     student = rt.restructure_student(teacher, spec, [], str(tmp_path / "s1"))
     s2 = recipe.stage2.model_copy(update={"steps": 1, "batch_size": 2, "ema_decay": None, "ckpt_every": 1,
@@ -216,7 +218,7 @@ def test_pipeline_restructure_with_baselines_at_matched_flops(tmp_path):
     assert set(report["eval"]) == {"grafted", "depth_pruned", "from_scratch"}
     student, meta = load_any(os.path.join(run, "student.safetensors"))
     assert meta["restructure"]["parallel_pairs"] == [[0, 1]] and isinstance(student.blocks[0], rs.ParallelPair)
-    for name in rt.BASELINES:
+    for name in rs.BASELINES:
         model, _ = load_any(os.path.join(run, f"baseline_{name}", "student.safetensors"))
         assert len(model.blocks) == 1
         steps = c[f"{name}_stage2_steps"]
@@ -224,7 +226,7 @@ def test_pipeline_restructure_with_baselines_at_matched_flops(tmp_path):
         with open(os.path.join(run, f"baseline_{name}", "stage2", "loop", "metrics.jsonl")) as f:
             assert max(json.loads(line)["step"] for line in f) == steps
     lat = json.load(open(os.path.join(run, "eval", "latency.json")))
-    assert lat["depth_bound"] == 0.5 and set(lat["models"]) == {"teacher", "grafted", *rt.BASELINES}
+    assert lat["depth_bound"] == 0.5 and set(lat["models"]) == {"teacher", "grafted", *rs.BASELINES}
     assert "## Restructuring" in open(os.path.join(run, "report.md")).read()
 
 
