@@ -260,3 +260,37 @@ def test_grafts_compose_with_restructure_and_reload(tmp_path):
     loaded, _ = load_any(path)
     x, t, y = _inputs(student)
     torch.testing.assert_close(loaded(x, t, y), student.eval()(x, t, y))
+
+
+def test_accounting_counts_each_stage1_run_and_matches_baselines_by_one_step_rule():
+    """graft/accounting.py: a stage-1 run (operators, units) costs one teacher pass over the cached rows; a
+    restructure that only drops blocks runs no stage 1 and costs none; every baseline's step costs what its own
+    stage 2 runs (with output distillation: plus the teacher's forward per row)."""
+    from ditgraft.flops import dit_forward_flops_per_sample, dit_train_flops_per_sample
+    from ditgraft.graft.accounting import compute_accounting, stage2_step_flops
+    from ditgraft.graft.surgery import graft_model, resolve_grafts
+
+    teacher = tiny_dit(depth=4)
+    s1 = {"samples": 20, "val_samples": 4, "steps": 3, "batch_size": 4}
+
+    def account(**sections):
+        r = parse_recipe({"stage1": s1, "stage2": {"steps": 5, "batch_size": 4}, **sections})
+        grafts = resolve_grafts(r, 4)
+        return compute_accounting(teacher, {}, grafts, r, graft_model(teacher, grafts, 0), rt.recipe_spec(r, teacher))
+
+    fwd = dit_forward_flops_per_sample(teacher)
+    drop = account(restructure={"drop": [3]})
+    assert drop["stage1_extraction_flops"] == 0 and drop["stage1_operator_flops"] == 0
+    both = account(grafts=[{"slot": "attn", "layers": [2], "operator": "hyena_x"}],
+                   restructure={"parallel_pairs": [[0, 1]]})
+    assert both["stage1_extraction_flops"] == 2 * fwd * 24  # the operators' pass and the units' pass
+    units = account(restructure={"parallel_pairs": [[0, 1]]})
+    assert units["stage1_extraction_flops"] == fwd * 24
+    assert both["stage1_operator_flops"] > units["stage1_operator_flops"] > 0
+    r = parse_recipe({"restructure": {"parallel_pairs": "all"}, "stage1": s1,
+                      "stage2": {"steps": 5, "batch_size": 4, "distill_weight": 1.0}})
+    acc = compute_accounting(teacher, {}, [], r, graft_model(teacher, [], 0), rt.recipe_spec(r, teacher))
+    pruned = rs.baseline_model("depth_pruned", teacher, rt.recipe_spec(r, teacher), 0)
+    step = stage2_step_flops(pruned, teacher, r.stage2)
+    assert step == (dit_train_flops_per_sample(pruned) + fwd) * 4
+    assert acc["depth_pruned_stage2_steps"] == round(acc["total_flops"] / step)
