@@ -138,6 +138,39 @@ def test_unit_stage1_trains_the_chosen_parameters_and_loads_into_the_student(tmp
         assert mse == pytest.approx(out["units"]["pair0_1"]["val_mse"], rel=1e-4)
 
 
+def test_unit_stage1_disk_cache_and_resume_match_one_uninterrupted_memory_run(tmp_path, monkeypatch):
+    """The engine's caches and resume serve units as they serve grafted slots: units distilled from the disk cache,
+    killed mid-way and resumed, end with the same best weights and summary as one uninterrupted run from memory."""
+    from safetensors.torch import load_file
+
+    import ditgraft.graft.stage1 as s1
+    from helpers import Crash, crash_on_call
+
+    teacher = tiny_dit(depth=4, input_size=32, patch_size=8)
+    x0, y = torch.randn(30, 1, 32, 32), torch.randint(0, 10, (30,))
+    r = parse_recipe({"restructure": {"parallel_pairs": "all", "loss": "huber"},
+                      "stage1": {"samples": 24, "val_samples": 6, "steps": 6, "batch_size": 8, "eval_every": 2}})
+    spec = rs.resolve_restructure(r.restructure, 4)
+
+    def run(name, cache):
+        cfg = r.stage1.model_copy(update={"cache": cache})
+        return run_stage1(teacher, pair_targets(spec, r.restructure), cfg, x0[:24], y[:24], x0[24:], y[24:],
+                          str(tmp_path / name), 0, "cpu", progress=False, log=lambda *_: None, desc="stage1-units")
+
+    want = run("memory", "memory")
+    monkeypatch.setattr(s1, "_bank_losses", crash_on_call(s1._bank_losses, 5))
+    with pytest.raises(Crash):
+        run("disk", "disk")
+    monkeypatch.undo()
+    got = run("disk", "disk")
+    assert got["plan"]["mode"] == "disk" and os.path.exists(tmp_path / "disk" / "cache" / "pair2_3_c.npy")
+    assert got["units"] == want["units"] and set(got["units"]) == {"pair0_1", "pair2_3"}
+    for key in got["units"]:
+        a = load_file(str(tmp_path / "memory" / "best" / f"{key}.safetensors"))
+        b = load_file(str(tmp_path / "disk" / "best" / f"{key}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_merge_init_study_sum_is_exact_for_independent_blocks():
     """With block b's MLP and attention gated off (adaLN gate 0), b is the identity: sum and first are exact."""
     teacher = tiny_dit(depth=2)
