@@ -21,10 +21,10 @@ How it is done (unlike the released extraction script):
 Activations are cached (in memory, or as .npy shards on disk when the plan exceeds the RAM budget) or streamed from
 the teacher each step (``cache: stream``: no memory beyond one batch, a teacher forward per step).
 
-Under torchrun (DDP) every operator is trained data-parallel on all ranks, not one operator per rank: the shared loop
+Under torchrun (DDP) every module is trained data-parallel on all ranks, not one module per rank: the shared loop
 gives each rank its share ``rows[rank::world]`` of every global batch and DDP averages the gradients, so N ranks
 train exactly what one rank trains with the same global batch (up to float reduction order), whatever the number of
-operators. The extraction is sharded: each rank runs the teacher on its contiguous share of the cached samples (and
+targets. The extraction is sharded: each rank runs the teacher on its contiguous share of the cached samples (and
 of the validation samples), then the shares are gathered so that every rank holds every row (memory cache: an
 all-gather; disk cache: each rank writes its rows into the shared .npy files). In stream mode each rank runs the
 teacher on its own share of each global batch, with its own t and noise. Validation and the best weights are rank
