@@ -323,6 +323,30 @@ def test_diverging_graft_exits_3_and_writes_no_student(d, tmp_path, capsys):
     assert not (tmp_path / "run" / "student.safetensors").exists()
 
 
+def test_restructure_unit_never_finite_exits_3_and_writes_no_student(d, tmp_path, capsys, monkeypatch):
+    """A parallel unit whose validation output is non-finite (its training loss stays finite) never gets a best
+    checkpoint: stage 1 stops with the divergence error naming the unit, exit code 3, and stage 2 never starts."""
+    from ditgraft.graft.restructure import ParallelPair
+
+    forward = ParallelPair.forward
+
+    def nan_in_eval(self, x, c):
+        out = forward(self, x, c)
+        return out if self.training else out * float("nan")
+
+    monkeypatch.setattr(ParallelPair, "forward", nan_in_eval)
+    recipe = _recipe(tmp_path / "r.yaml", os.path.join(d, "tiny.safetensors"), grafts=[],
+                     restructure={"parallel_pairs": "all"})
+    code = main(["graft", str(recipe), "--run-dir", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "stage1-units: pair0_1 never reached a finite validation MSE in 2 steps" in err
+    assert "Traceback" not in err
+    assert os.path.exists(tmp_path / "run" / "stage1_units" / "loop")  # it trained, and kept no best weights
+    assert not os.listdir(tmp_path / "run" / "stage1_units" / "best")
+    assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
 # --- recording and re-runs -------------------------------------------------------------------------------------
 
 def test_failed_graft_does_not_block_its_corrected_rerun(d, tmp_path, capsys):

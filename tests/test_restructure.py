@@ -1,5 +1,6 @@
-"""Restructuring (graft/restructure.py, graft/restructure_train.py): parallel units of block pairs, dropped blocks, their recipes, stage 1 of
-units, self-describing checkpoints, and the DiT-XL/2 parameter count of the paper's 14-unit model."""
+"""Restructuring (graft/restructure.py, graft/restructure_train.py): parallel units of block pairs, dropped blocks,
+their recipes, stage 1 of units (the stage-1 engine with PairTarget targets), self-describing checkpoints, and the
+DiT-XL/2 parameter count of the paper's 14-unit model."""
 import copy
 import os
 
@@ -8,7 +9,7 @@ import torch
 
 from ditgraft.graft import restructure as rs
 from ditgraft.graft import restructure_train as rt
-from ditgraft.graft.stage1 import noised_inputs
+from ditgraft.graft.stage1 import PairTarget, capture, extract, noised_inputs, pair_targets, run_stage1
 from ditgraft.graft.surgery import load_any, save_grafted
 from ditgraft.recipe import parse_recipe
 from helpers import tiny_dit
@@ -102,10 +103,10 @@ def test_recipe_restructure_section_validates_and_composes_with_grafts():
         assert message in str(err.value)
 
 
-def test_capture_pairs_sees_the_sequential_pair():
+def test_pair_target_captures_the_sequential_pair():
     teacher = tiny_dit(depth=4).eval()
     x, t, y = _inputs(teacher)
-    with rt.capture_pairs(teacher, [[2, 3]]) as got:
+    with capture(teacher, [PairTarget([2, 3])]) as got:
         teacher(x, t, y)
     xin, c, out = got["pair2_3"]
     torch.testing.assert_close(teacher.blocks[3](teacher.blocks[2](xin, c), c), out)
@@ -120,20 +121,54 @@ def test_unit_stage1_trains_the_chosen_parameters_and_loads_into_the_student(tmp
                           "stage1": {"samples": 40, "val_samples": 8, "steps": 6, "batch_size": 8, "eval_every": 3,
                                      "lr": 3e-3}})
         run = str(tmp_path / train)
-        out = rt.run_unit_stage1(teacher, spec, r.stage1, r.restructure, x0[:40], y[:40], x0[40:], y[40:], run, 0,
-                                 "cpu", progress=False, log=lambda *_: None)
-        assert set(out["units"]) == {"pair0_1", "pair2_3"} and out["mode"] == "memory"
+        out = run_stage1(teacher, pair_targets(spec, r.restructure), r.stage1, x0[:40], y[:40], x0[40:], y[40:],
+                         run, 0, "cpu", progress=False, log=lambda *_: None)
+        assert set(out["units"]) == {"pair0_1", "pair2_3"} and out["plan"]["mode"] == "memory"
         student = rt.restructure_student(copy.deepcopy(teacher), spec, [], run)
         unit, fresh = student.blocks[0], rt.make_units(teacher, spec)["pair0_1"]
         merge_moved = not torch.equal(unit.merge.weight, fresh.merge.weight)
         blocks_moved = not torch.equal(unit.pair[1].mlp.fc2.weight, fresh.pair[1].mlp.fc2.weight)
         assert merge_moved and blocks_moved == (train == "unit")
         # the best weights reproduce the recorded validation error
-        val = rt.extract_pairs(teacher, spec["parallel_pairs"], noised_inputs(x0[40:], y[40:], seed=2), 8, "cpu")
+        val = extract(teacher, pair_targets(spec, r.restructure), noised_inputs(x0[40:], y[40:], seed=2), 8, None,
+                      torch.float32, "cpu")
         xin, c, target = val["pair0_1"]
         with torch.no_grad():
             mse = float((unit(xin, c) - target).square().mean())
         assert mse == pytest.approx(out["units"]["pair0_1"]["val_mse"], rel=1e-4)
+
+
+def test_unit_stage1_disk_cache_and_resume_match_one_uninterrupted_memory_run(tmp_path, monkeypatch):
+    """The engine's caches and resume serve units as they serve grafted slots: units distilled from the disk cache,
+    killed mid-way and resumed, end with the same best weights and summary as one uninterrupted run from memory."""
+    from safetensors.torch import load_file
+
+    import ditgraft.graft.stage1 as s1
+    from helpers import Crash, crash_on_call
+
+    teacher = tiny_dit(depth=4, input_size=32, patch_size=8)
+    x0, y = torch.randn(30, 1, 32, 32), torch.randint(0, 10, (30,))
+    r = parse_recipe({"restructure": {"parallel_pairs": "all", "loss": "huber"},
+                      "stage1": {"samples": 24, "val_samples": 6, "steps": 6, "batch_size": 8, "eval_every": 2}})
+    spec = rs.resolve_restructure(r.restructure, 4)
+
+    def run(name, cache):
+        cfg = r.stage1.model_copy(update={"cache": cache})
+        return run_stage1(teacher, pair_targets(spec, r.restructure), cfg, x0[:24], y[:24], x0[24:], y[24:],
+                          str(tmp_path / name), 0, "cpu", progress=False, log=lambda *_: None, desc="stage1-units")
+
+    want = run("memory", "memory")
+    monkeypatch.setattr(s1, "_bank_losses", crash_on_call(s1._bank_losses, 5))
+    with pytest.raises(Crash):
+        run("disk", "disk")
+    monkeypatch.undo()
+    got = run("disk", "disk")
+    assert got["plan"]["mode"] == "disk" and os.path.exists(tmp_path / "disk" / "cache" / "pair2_3_c.npy")
+    assert got["units"] == want["units"] and set(got["units"]) == {"pair0_1", "pair2_3"}
+    for key in got["units"]:
+        a = load_file(str(tmp_path / "memory" / "best" / f"{key}.safetensors"))
+        b = load_file(str(tmp_path / "disk" / "best" / f"{key}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_merge_init_study_sum_is_exact_for_independent_blocks():
@@ -178,9 +213,9 @@ def test_dit_xl2_parallel_recipe_is_wired(tmp_path):
     x0, y = torch.randn(3, 4, 32, 32, generator=g), torch.randint(0, 1000, (3,), generator=g)
     s1 = recipe.stage1.model_copy(update={"samples": 2, "val_samples": 1, "steps": 1, "batch_size": 2,
                                           "eval_every": 1, "extract_batch_size": 2, "ram_budget_gb": 0.001})
-    out = rt.run_unit_stage1(teacher, spec, s1, recipe.restructure, x0[:2], y[:2], x0[2:], y[2:],
-                             str(tmp_path / "s1"), 0, "cpu", progress=False, log=lambda *_: None)
-    assert out["mode"] == "stream" and list(out["units"]) == ["pair0_1"]
+    out = run_stage1(teacher, pair_targets(spec, recipe.restructure), s1, x0[:2], y[:2], x0[2:], y[2:],
+                     str(tmp_path / "s1"), 0, "cpu", progress=False, log=lambda *_: None)
+    assert out["plan"]["mode"] == "stream" and list(out["units"]) == ["pair0_1"]
     assert all(torch.isfinite(torch.tensor(u["val_mse"])) for u in out["units"].values())
     student = rt.restructure_student(teacher, spec, [], str(tmp_path / "s1"))
     s2 = recipe.stage2.model_copy(update={"steps": 1, "batch_size": 2, "ema_decay": None, "ckpt_every": 1,
@@ -216,7 +251,7 @@ def test_pipeline_restructure_with_baselines_at_matched_flops(tmp_path):
     assert set(report["eval"]) == {"grafted", "depth_pruned", "from_scratch"}
     student, meta = load_any(os.path.join(run, "student.safetensors"))
     assert meta["restructure"]["parallel_pairs"] == [[0, 1]] and isinstance(student.blocks[0], rs.ParallelPair)
-    for name in rt.BASELINES:
+    for name in rs.BASELINES:
         model, _ = load_any(os.path.join(run, f"baseline_{name}", "student.safetensors"))
         assert len(model.blocks) == 1
         steps = c[f"{name}_stage2_steps"]
@@ -224,7 +259,7 @@ def test_pipeline_restructure_with_baselines_at_matched_flops(tmp_path):
         with open(os.path.join(run, f"baseline_{name}", "stage2", "loop", "metrics.jsonl")) as f:
             assert max(json.loads(line)["step"] for line in f) == steps
     lat = json.load(open(os.path.join(run, "eval", "latency.json")))
-    assert lat["depth_bound"] == 0.5 and set(lat["models"]) == {"teacher", "grafted", *rt.BASELINES}
+    assert lat["depth_bound"] == 0.5 and set(lat["models"]) == {"teacher", "grafted", *rs.BASELINES}
     assert "## Restructuring" in open(os.path.join(run, "report.md")).read()
 
 
@@ -258,3 +293,37 @@ def test_grafts_compose_with_restructure_and_reload(tmp_path):
     loaded, _ = load_any(path)
     x, t, y = _inputs(student)
     torch.testing.assert_close(loaded(x, t, y), student.eval()(x, t, y))
+
+
+def test_accounting_counts_each_stage1_run_and_matches_baselines_by_one_step_rule():
+    """graft/accounting.py: a stage-1 run (operators, units) costs one teacher pass over the cached rows; a
+    restructure that only drops blocks runs no stage 1 and costs none; every baseline's step costs what its own
+    stage 2 runs (with output distillation: plus the teacher's forward per row)."""
+    from ditgraft.flops import dit_forward_flops_per_sample, dit_train_flops_per_sample
+    from ditgraft.graft.accounting import compute_accounting, stage2_step_flops
+    from ditgraft.graft.surgery import graft_model, resolve_grafts
+
+    teacher = tiny_dit(depth=4)
+    s1 = {"samples": 20, "val_samples": 4, "steps": 3, "batch_size": 4}
+
+    def account(**sections):
+        r = parse_recipe({"stage1": s1, "stage2": {"steps": 5, "batch_size": 4}, **sections})
+        grafts = resolve_grafts(r, 4)
+        return compute_accounting(teacher, {}, grafts, r, graft_model(teacher, grafts, 0), rt.recipe_spec(r, teacher))
+
+    fwd = dit_forward_flops_per_sample(teacher)
+    drop = account(restructure={"drop": [3]})
+    assert drop["stage1_extraction_flops"] == 0 and drop["stage1_operator_flops"] == 0
+    both = account(grafts=[{"slot": "attn", "layers": [2], "operator": "hyena_x"}],
+                   restructure={"parallel_pairs": [[0, 1]]})
+    assert both["stage1_extraction_flops"] == 2 * fwd * 24  # the operators' pass and the units' pass
+    units = account(restructure={"parallel_pairs": [[0, 1]]})
+    assert units["stage1_extraction_flops"] == fwd * 24
+    assert both["stage1_operator_flops"] > units["stage1_operator_flops"] > 0
+    r = parse_recipe({"restructure": {"parallel_pairs": "all"}, "stage1": s1,
+                      "stage2": {"steps": 5, "batch_size": 4, "distill_weight": 1.0}})
+    acc = compute_accounting(teacher, {}, [], r, graft_model(teacher, [], 0), rt.recipe_spec(r, teacher))
+    pruned = rs.baseline_model("depth_pruned", teacher, rt.recipe_spec(r, teacher), 0)
+    step = stage2_step_flops(pruned, teacher, r.stage2)
+    assert step == (dit_train_flops_per_sample(pruned) + fwd) * 4
+    assert acc["depth_pruned_stage2_steps"] == round(acc["total_flops"] / step)

@@ -29,16 +29,16 @@ from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
-from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_flops_per_sample
+from ditgraft.graft.accounting import compute_accounting
 from ditgraft.graft.layers import selector_needs
 from ditgraft.graft.report import build_report, write_report
-from ditgraft.graft.restructure import depth_pruned_spec, restructure
-from ditgraft.graft.restructure_train import (BASELINES, accounting, baseline_model, baseline_stage2, latency_table,
-                                              recipe_spec, restructure_student, run_unit_stage1, units_dir)
-from ditgraft.graft.stage1 import load_best_operators, run_stage1
+from ditgraft.graft.restructure import BASELINES, baseline_model, depth_pruned_spec
+from ditgraft.graft.restructure_train import (baseline_stage2, latency_table, recipe_spec, restructure_student,
+                                              units_dir)
+from ditgraft.graft.stage1 import load_best_operators, pair_targets, run_stage1
 from ditgraft.graft.stage2 import run_stage2
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
-from ditgraft.models.adapters import get_slot, model_dims
+from ditgraft.models.adapters import model_dims
 from ditgraft.models.checkpoints import ASSETS, load_dit
 from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, load_diffusers
 from ditgraft.models.families.base import cond_rows
@@ -150,38 +150,6 @@ def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> lis
     return grafts
 
 
-def compute_accounting(teacher, teacher_meta: dict, grafts, recipe: Recipe, student) -> dict:
-    """Training FLOPs of stage 1 (teacher extraction forwards + operator training) and stage 2, and their share
-    of the teacher's pretraining FLOPs (from its model card metadata)."""
-    dims = model_dims(teacher)
-    s1 = recipe.stage1
-    extraction = 0
-    op_train = 0
-    if s1.enabled:
-        fwd = dit_forward_flops_per_sample(teacher)
-        stream = s1.cache == "stream"
-        extraction = fwd * ((s1.steps * s1.batch_size) if stream else (s1.samples + s1.val_samples))
-        for g in grafts:
-            op = get_slot(student, g.layer, g.slot)
-            x = torch.randn(2, dims.grid[0] * dims.grid[1], dims.dim, device=next(op.parameters()).device)
-            with torch.no_grad():
-                per = 3 * count_flops(op, x) // 2  # training = 3 x forward, as for the DiT
-            op_train += per * s1.steps * s1.batch_size
-    s2_per_sample = dit_train_flops_per_sample(student)
-    if recipe.stage2.distill_weight > 0:  # output distillation: one teacher forward per sample
-        s2_per_sample += dit_forward_flops_per_sample(teacher)
-    s2_step = s2_per_sample * recipe.stage2.batch_size
-    s2 = s2_step * recipe.stage2.steps if recipe.stage2.enabled else 0
-    pre = (teacher_meta.get("pretrain") or {}).get("train_flops")
-    total = extraction + op_train + s2
-    return {"stage1_extraction_flops": extraction, "stage1_operator_flops": op_train, "stage2_flops": s2,
-            "total_flops": total, "teacher_pretrain_flops": pre,
-            "share_of_pretraining": (total / pre) if pre else None,
-            "stage2_share_of_pretraining": (s2 / pre) if pre else None,
-            # the random-init baseline (no stage 1) spends the same total on stage 2: more steps, same batch
-            "random_init_stage2_steps": max(1, round(total / s2_step))}
-
-
 def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
     """The shipped testbed teacher's metrics under ``protocol``, from its model card (None for another teacher or
     a protocol the card did not measure)."""
@@ -246,11 +214,7 @@ class Run:
     @functools.cached_property
     def accounting(self) -> dict:  # one surgery + FLOP count, shared by the baselines and the report
         student = graft_model(self.teacher, self.grafts, self.recipe.seed)
-        acc = compute_accounting(self.teacher, self.teacher_meta, self.grafts, self.recipe, student)
-        if self.spec is None:
-            return acc
-        return accounting(acc, self.teacher, self.spec, self.recipe, restructure(student, self.spec),
-                          grafted=bool(self.grafts))
+        return compute_accounting(self.teacher, self.teacher_meta, self.grafts, self.recipe, student, self.spec)
 
     def save_student(self, path: str, model, grafts, extra: dict | None = None) -> None:
         """A self-describing checkpoint (recipe, teacher, restructure embedded), written by rank 0."""
@@ -283,9 +247,9 @@ def _stage1(r: Run) -> None:
 def _stage1_units(r: Run) -> None:
     c = r.recipe.stage1
     x, y, xv, yv = stage1_split(c, r.recipe.seed, r.log)
-    r.timed("stage1_units", lambda: run_unit_stage1(r.teacher, r.spec, c, r.recipe.restructure, x, y, xv, yv,
-                                                    r.units_dir, r.recipe.seed, r.device, progress=r.progress,
-                                                    log=r.log))
+    targets = pair_targets(r.spec, r.recipe.restructure)
+    r.timed("stage1_units", lambda: run_stage1(r.teacher, targets, c, x, y, xv, yv, r.units_dir, r.recipe.seed,
+                                               r.device, progress=r.progress, log=r.log, desc="stage1-units"))
 
 
 def _stage2(r: Run) -> None:

@@ -33,9 +33,9 @@ the teacher's output for the whole model; ``python -m ditgraft.graft.restructure
 ``sum`` is the default: the closest untrained parallel model, for every unit and for the whole model (a half
 of the whole-model error of the next best).
 
-Stage 1 (``graft.restructure_train.run_unit_stage1``) regresses each unit's output onto the original sequential pair's output on the same
-input: hooks on the teacher capture the input (and conditioning c) of block 2i and the output of block 2i+1, one
-teacher forward feeding every unit. What trains is ``restructure.stage1_train``: ``unit`` (default: both blocks and
+Stage 1 (``graft.stage1.run_stage1`` with a ``PairTarget`` per unit) regresses each unit's output onto the
+original sequential pair's output on the same input: hooks on the teacher capture the input (and conditioning c) of
+block 2i and the output of block 2i+1, one teacher forward feeding every unit. What trains is ``restructure.stage1_train``: ``unit`` (default: both blocks and
 the merge; the blocks must change to absorb what a linear merge cannot: block b no longer sees block a's update) or
 ``merge`` (the merge alone, the blocks frozen at their pretrained weights). On the testbed, units trained whole
 reached 2.5-5x lower relative MSE than merge-only training (docs/RESULTS.md).
@@ -51,7 +51,10 @@ import copy
 import torch
 from torch import nn
 
+from ditgraft.models.dit import DiT
+
 MERGE_INITS = ("sum", "average", "first")
+BASELINES = ("depth_pruned", "from_scratch")  # restructure baselines of the same depth, at matched training FLOPs
 
 
 class ParallelPair(nn.Module):
@@ -161,3 +164,19 @@ def depth_pruned_spec(spec: dict) -> dict:
     """The depth-pruning baseline of the same depth: each parallel pair's second block is dropped instead."""
     return {"parallel_pairs": [], "drop": sorted(set(spec["drop"]) | {p[1] for p in spec["parallel_pairs"]}),
             "merge_init": spec["merge_init"]}
+
+
+def baseline_model(name: str, teacher, spec: dict, seed: int):
+    """depth_pruned: the teacher with each pair's second block dropped; from_scratch: a freshly initialised DiT of
+    the teacher's config at the restructured depth."""
+    if name == "depth_pruned":
+        return restructured_copy(teacher, depth_pruned_spec(spec))
+    if name == "from_scratch":
+        depth = len(teacher.blocks) - len(spec["drop"]) - len(spec["parallel_pairs"])
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            return DiT(**{**teacher.config, "depth": depth}).to(next(teacher.parameters()).device)
+        finally:
+            torch.random.set_rng_state(state)
+    raise ValueError(f"baseline={name!r} is not allowed; use one of {BASELINES}")
