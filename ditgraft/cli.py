@@ -174,7 +174,7 @@ def cmd_sweep(args) -> None:
 def cmd_search(args) -> None:
     from ditgraft.explore.search import run_search
 
-    run_search(args.search, args.out, jobs=args.jobs, device=args.device)
+    run_search(args.search, args.out, jobs=args.jobs, device=args.device, threads=args.threads)
 
 
 def cmd_demo(args) -> None:

@@ -306,7 +306,8 @@ def _base_design(base: dict, slot: str, depth: int) -> list[str]:
     return design
 
 
-def run_search(path: str, out: str | None = None, jobs: int = 1, device: str | None = None, log=print) -> dict:
+def run_search(path: str, out: str | None = None, jobs: int = 1, device: str | None = None,
+               threads: int | None = None, log=print) -> dict:
     """The whole search: costs and budget check (before anything is written), signals, the exact choice, the
     verification sweep and the report (``report.md``, ``report.json``)."""
     from ditgraft.explore.sweep import run_sweep
@@ -363,7 +364,7 @@ def run_search(path: str, out: str | None = None, jobs: int = 1, device: str | N
             sweep = build_sweep({"name": f"{name}_verify", "base": base, "set": s.verify_set, "points": points},
                                 os.path.join(out, "verify.yaml"))
             atomic_write_text(os.path.join(out, "verify.yaml"), yaml.safe_dump(sweep.spec, sort_keys=False))
-            table = run_sweep(sweep, os.path.join(out, "verify"), jobs=jobs, device=device, log=log)
+            table = run_sweep(sweep, os.path.join(out, "verify"), jobs=jobs, device=device, threads=threads, log=log)
         report = search_report(s, name, rel, signals, designs, base_row, table)
         atomic_write_json(os.path.join(out, "report.json"), report)
         atomic_write_text(os.path.join(out, "report.md"), report_markdown(report))
