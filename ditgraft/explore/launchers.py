@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,9 +22,9 @@ class Job:
     threads: int | None  # CPU threads of the point's process (None: torch's choice)
 
 
-def run_job(job: Job) -> int:
+def run_job(job: Job) -> tuple[int, float]:
     """Run one point's command to its end; its output is appended to ``job.log_path``. Returns the exit code
-    (negative: killed by that signal). A top-level function, so submitit can pickle it."""
+    (negative: killed by that signal) and the seconds it ran. A top-level function, so submitit can pickle it."""
     env = dict(os.environ)
     if job.threads:
         env.update({v: str(job.threads) for v in THREAD_VARS})
@@ -31,7 +32,9 @@ def run_job(job: Job) -> int:
     with open(job.log_path, "a") as log:
         log.write(f"$ {' '.join(job.command)}\n")
         log.flush()
-        return subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        t0 = time.perf_counter()
+        code = subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return code, time.perf_counter() - t0
 
 
 def point_command(recipe_path: str, run_dir: str, device: str | None = None, gpus: int = 0) -> list[str]:
@@ -45,9 +48,9 @@ def point_command(recipe_path: str, run_dir: str, device: str | None = None, gpu
 
 
 def run_local(jobs: list[Job], workers: int, on_done) -> None:
-    """Run ``jobs`` as local processes, ``workers`` at a time; ``on_done(job, exit_code)`` after each one."""
+    """Run ``jobs`` as local processes, ``workers`` at a time; ``on_done(job, exit_code, seconds)`` after each."""
     def one(job: Job) -> None:
-        on_done(job, run_job(job))
+        on_done(job, *run_job(job))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for f in [pool.submit(one, j) for j in jobs]:
@@ -67,9 +70,9 @@ def run_submitit(jobs: list[Job], folder: str, on_done, cluster: str | None = No
     submitted = [(job, executor.submit(run_job, job)) for job in jobs]
     for job, handle in submitted:
         try:
-            code = handle.result()
+            code, seconds = handle.result()
         except Exception as err:  # the scheduler lost or killed the job: report it as the point's failure
             with open(job.log_path, "a") as log:
                 log.write(f"submitit: {type(err).__name__}: {err}\n")
-            code = 1
-        on_done(job, code)
+            code, seconds = 1, None
+        on_done(job, code, seconds)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import torch
 import yaml
@@ -175,7 +176,7 @@ def run_sweep(sweep: Sweep, sweep_dir: str | None = None, jobs: int = 1, launche
               scheduler: dict | None = None, log=print) -> dict:
     """Run every unfinished point of ``sweep`` (``jobs`` at a time with the local launcher), compare with the
     baseline, measure, and write the table; returns the table (``explore.table.build_table``)."""
-    from ditgraft.explore.table import measure_points, compare_with_baseline, write_table
+    from ditgraft.explore.table import compare_with_baseline, measure_points, write_table
 
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher = {launcher!r} is not allowed; use one of {', '.join(LAUNCHERS)}")
@@ -185,55 +186,69 @@ def run_sweep(sweep: Sweep, sweep_dir: str | None = None, jobs: int = 1, launche
         record(sweep, sweep_dir)
         lead = leaders(sweep)
         per_job = max(1, (threads or os.cpu_count() or 1) // max(1, jobs)) if launcher == "local" else threads
-        n, t0 = len(sweep.points), time.time()
+        t0 = time.time()
         for wave, points in enumerate(([p for p in sweep.points if lead[p.name] is None],
                                        [p for p in sweep.points if lead[p.name] is not None]), 1):
             todo = [p for p in points if point_state(sweep_dir, p.name)[0] != "done"]
             if not todo:
                 continue
             for p in todo:
-                if lead[p.name] is not None:
-                    share_stage1(point_dir(sweep_dir, lead[p.name]), point_dir(sweep_dir, p.name))
-                share_teacher_eval(sweep_dir, p, finished=False)
-                status = os.path.join(point_dir(sweep_dir, p.name), "sweep_point.json")
-                if os.path.exists(status):
-                    os.remove(status)  # a failed point is tried again
+                _prepare(sweep_dir, p, lead[p.name])
             log(f"sweep {sweep.name}: wave {wave}: {len(todo)} point(s) to run ({launcher}, "
                 f"{jobs if launcher == 'local' else len(todo)} at a time)")
-            jobs_ = [_job(sweep_dir, p, device, per_job, gpus) for p in todo]
-            started = {j.name: time.time() for j in jobs_}
-
-            def on_done(job: Job, code: int) -> None:
-                wall = time.time() - started[job.name]
-                status = os.path.join(point_dir(sweep_dir, job.name), "sweep_point.json")
-                if code == 0:
-                    share_teacher_eval(sweep_dir, sweep.point(job.name), finished=True)
-                    atomic_write_json(status, {"state": "done", "wall_s": wall, "command": job.command})
-                    log(f"  {job.name}: done ({wall:.0f} s)")
-                elif code in INTERRUPTED:
-                    log(f"  {job.name}: interrupted (exit {code}); run the sweep again to resume it")
-                else:
-                    err = _error_of(job.log_path)
-                    atomic_write_json(status, {"state": "failed", "exit_code": code, "error": err, "wall_s": wall,
-                                               "command": job.command})
-                    log(f"  {job.name}: FAILED (exit {code}): {err}")
-
+            batch = [_job(sweep_dir, p, device, per_job, gpus) for p in todo]
+            recorder = _Recorder(sweep, sweep_dir, log)
             if launcher == "local":
-                run_local(jobs_, jobs, on_done)
+                run_local(batch, jobs, recorder)
             else:
                 params = dict(scheduler or {})
                 if per_job:
                     params.setdefault("cpus_per_task", per_job)
                 if gpus:
                     params.setdefault("gpus_per_node", gpus)
-                run_submitit(jobs_, os.path.join(sweep_dir, "submitit"), on_done, cluster=cluster, **params)
+                run_submitit(batch, os.path.join(sweep_dir, "submitit"), recorder, cluster=cluster, **params)
         compare_with_baseline(sweep, sweep_dir, device, log)
         measure_points(sweep, sweep_dir, device, log)
         table = write_table(sweep_dir)
         states = [point_state(sweep_dir, p.name)[0] for p in sweep.points]
-        log(f"sweep {sweep.name}: {states.count('done')}/{n} points done, {states.count('failed')} failed "
-            f"({time.time() - t0:.0f} s); table: {os.path.join(sweep_dir, 'results.md')}")
+        log(f"sweep {sweep.name}: {states.count('done')}/{len(states)} points done, {states.count('failed')} "
+            f"failed ({time.time() - t0:.0f} s); table: {os.path.join(sweep_dir, 'results.md')}")
         return table
+
+
+def _prepare(sweep_dir: str, p: Point, leader: str | None) -> None:
+    """Before a point runs: its group's stage 1 and the teacher's evaluation copied in, an old failure forgotten
+    (a failed point is tried again)."""
+    if leader is not None:
+        share_stage1(point_dir(sweep_dir, leader), point_dir(sweep_dir, p.name))
+    share_teacher_eval(sweep_dir, p, finished=False)
+    status = os.path.join(point_dir(sweep_dir, p.name), "sweep_point.json")
+    if os.path.exists(status):
+        os.remove(status)
+
+
+class _Recorder:
+    """Called by a launcher (from its worker threads) when a point's command ends: records done / failed, or
+    leaves an interrupted point to be resumed."""
+
+    def __init__(self, sweep: Sweep, sweep_dir: str, log):
+        self.sweep, self.sweep_dir, self.log = sweep, sweep_dir, log
+        self.lock = threading.Lock()
+
+    def __call__(self, job: Job, code: int, wall: float | None) -> None:
+        with self.lock:
+            status = os.path.join(point_dir(self.sweep_dir, job.name), "sweep_point.json")
+            if code == 0:
+                share_teacher_eval(self.sweep_dir, self.sweep.point(job.name), finished=True)
+                atomic_write_json(status, {"state": "done", "wall_s": wall, "command": job.command})
+                self.log(f"  {job.name}: done" + ("" if wall is None else f" ({wall:.0f} s)"))
+            elif code in INTERRUPTED:
+                self.log(f"  {job.name}: interrupted (exit {code}); run the sweep again to resume it")
+            else:
+                err = _error_of(job.log_path)
+                atomic_write_json(status, {"state": "failed", "exit_code": code, "error": err, "wall_s": wall,
+                                           "command": job.command})
+                self.log(f"  {job.name}: FAILED (exit {code}): {err}")
 
 
 def _job(sweep_dir: str, p: Point, device, threads, gpus) -> Job:
