@@ -95,14 +95,17 @@ def drop_cond(y, null, p: float, generator: torch.Generator | None = None):
                      for c, n in zip(cond_tuple(y), cond_tuple(null), strict=True))
 
 
-def noised_inputs(x0: torch.Tensor, y, seed: int, null=None, cond_dropout: float = 0.0) -> Stage1Inputs:
-    """Each sample gets its own t ~ U{0..999} and noise from a generator seeded by ``seed``; with ``cond_dropout``
-    a share of the rows gets the unconditional conditioning ``null`` instead of its own (``drop_cond``)."""
-    diffusion = GaussianDiffusion.dit_default()
+def noised_inputs(x0: torch.Tensor, y, seed: int, null=None, cond_dropout: float = 0.0,
+                  objective=None) -> Stage1Inputs:
+    """Each sample gets its own t and noise from a generator seeded by ``seed``, noised the way the teacher was
+    trained (``objective``, its family's: IDDPM's t ~ U{0..999} by default, or flow matching's path); with
+    ``cond_dropout`` a share of the rows gets the unconditional conditioning ``null`` instead of its own
+    (``drop_cond``)."""
+    objective = objective or GaussianDiffusion.dit_default()
     g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=g)
+    t = objective.sample_t(x0, generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    return Stage1Inputs(diffusion.q_sample(x0, t, noise), t, drop_cond(y, null, cond_dropout, g))
+    return Stage1Inputs(objective.q_sample(x0, t, noise), objective.model_t(t), drop_cond(y, null, cond_dropout, g))
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,9 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
     dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
     family = family_of(teacher)
     null = (lambda cond: family.null_cond(teacher, cond)) if cfg.cond_dropout else (lambda cond: None)
-    val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2, null=null(y_val), cond_dropout=cfg.cond_dropout)
+    objective = family.objective(teacher)
+    val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2, null=null(y_val), cond_dropout=cfg.cond_dropout,
+                               objective=objective)
     val = extract(teacher, grafts, val_inputs, cfg.extract_batch_size, None, torch.float32, device)
     val_var = {k: float(out.var()) for k, (_, out) in val.items()}
     bank = OperatorBank(make_operators(teacher, grafts, seed)).to(device)
@@ -285,20 +290,20 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
 
     keys = [g.key for g in grafts]
     if plan.mode == "stream":
-        diffusion = GaussianDiffusion.dit_default()
         data = (x0, *cond_tuple(y))
         call = model_call(teacher)
 
         def step_fn(model, batch):
             xb, yb = batch[0], cond_pack(batch[1:])
             yb = drop_cond(yb, null(yb), cfg.cond_dropout)
-            t = torch.randint(0, diffusion.num_timesteps, (len(xb),), device=xb.device)
-            x_t = diffusion.q_sample(xb, t, torch.randn_like(xb))
+            t = objective.sample_t(xb)
+            x_t = objective.q_sample(xb, t, torch.randn_like(xb))
             with torch.no_grad(), capture_slots(teacher, grafts) as captured:
-                call(x_t, t, yb)
+                call(x_t, objective.model_t(t), yb)
             return _bank_losses(model, {k: captured[k] for k in keys}, losses)
     else:
-        train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1, null=null(y), cond_dropout=cfg.cond_dropout)
+        train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1, null=null(y), cond_dropout=cfg.cond_dropout,
+                                     objective=objective)
         cache_dir = os.path.join(run_dir, "cache") if plan.mode == "disk" else None
         acts = extract(teacher, grafts, train_inputs, cfg.extract_batch_size, cache_dir, dtype, device)
         data = tuple(t for k in keys for t in acts[k])

@@ -2,7 +2,8 @@
 
 A ``Family`` knows a model's blocks and slots (list, get, set), how to call the model the way ditgraft's diffusion
 code does (``forward(model, x_t, t, cond)``), the conditioning a forward takes, the sample shape, whether the model
-learns its variance, how to count its FLOPs and how to save and rebuild its config. Everything else in ditgraft
+learns its variance, the objective it was trained with (``objective``: IDDPM or flow matching, which stage 1's
+noising, stage 2's loss and the sampler take), how to count its FLOPs and how to save and rebuild its config. Everything else in ditgraft
 (stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model through its family.
 
 Conditioning (``cond``) is one tensor (class labels) or a tuple of tensors with the batch first (caption
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.models.slots import SLOTS
 
 Cond = torch.Tensor | tuple
@@ -112,6 +114,12 @@ class Family:
 
     def in_channels(self, model: nn.Module) -> int:
         raise NotImplementedError
+
+    def objective(self, model: nn.Module):
+        """The teacher's training objective: a ``GaussianDiffusion`` (IDDPM, DiT's 1000-step linear schedule, the
+        default) or a ``FlowMatching``. Stage 1 noises its inputs with it, stage 2 trains with its loss and the
+        sampler follows it."""
+        return GaussianDiffusion.dit_default(learn_sigma=self.learn_sigma(unwrap(model)))
 
     def cfg_channels(self, model: nn.Module) -> int:
         """Output channels that classifier-free guidance mixes (the eps channels)."""
