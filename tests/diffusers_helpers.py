@@ -5,6 +5,7 @@ import diffusers
 import torch
 
 CAPTION_DIM, TOKENS = 16, 6
+POOLED_DIM = 16
 
 
 def _randomize(model, seed: int):
@@ -29,6 +30,20 @@ def tiny_diffusers_dit(depth: int = 4, seed: int = 0):
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=depth, num_attention_heads=2,
         attention_head_dim=8, num_embeds_ada_norm=1000)  # DiTPipeline assumes 1000 classes
     return _randomize(model, seed)
+
+
+def tiny_sd3(depth: int = 2, seed: int = 0):
+    """SD3 MMDiT: joint image-text attention; the last block is context_pre_only."""
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=depth, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=CAPTION_DIM, caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, out_channels=4)
+    return _randomize(model, seed)
+
+
+def sd3_prompts(n: int, seed: int):
+    """(prompt embeddings [n, TOKENS, CAPTION_DIM], pooled embeddings [n, POOLED_DIM])."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, TOKENS, CAPTION_DIM, generator=g), torch.randn(n, POOLED_DIM, generator=g)
 
 
 def tiny_vae():

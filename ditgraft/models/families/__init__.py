@@ -13,11 +13,13 @@ from ditgraft.models.families.diffusers_common import load_transformer
 from ditgraft.models.families.diffusers_dit import DiffusersDiTFamily
 from ditgraft.models.families.dit import DiTFamily
 from ditgraft.models.families.pixart import PixArtFamily
+from ditgraft.models.families.sd3 import SD3Family
 
 _FAMILIES: dict[str, Family] = {f.name: f for f in (
     DiTFamily(),
     DiffusersDiTFamily(),
     PixArtFamily(),
+    SD3Family(),
 )}
 
 
