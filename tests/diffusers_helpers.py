@@ -40,6 +40,17 @@ def tiny_sd3(depth: int = 2, seed: int = 0):
     return _randomize(model, seed)
 
 
+def tiny_flux(depth: int = 2, single: int = 1, guidance: bool = True, seed: int = 0):
+    """FLUX: double-stream and single-stream blocks, RoPE over (0, row, column) ids; 4-channel 8 x 8 latents
+    packed into 16 tokens of 16 channels."""
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=depth, num_single_layers=single, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=CAPTION_DIM, pooled_projection_dim=POOLED_DIM,
+        guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+    model.register_to_config(sample_size=8)  # the latent side the family builds the patch grid for
+    return _randomize(model, seed)
+
+
 def sd3_prompts(n: int, seed: int):
     """(prompt embeddings [n, TOKENS, CAPTION_DIM], pooled embeddings [n, POOLED_DIM])."""
     g = torch.Generator().manual_seed(seed)

@@ -51,6 +51,8 @@ def test_timestep_samplers():
     torch.testing.assert_close(dyn.sample_t(torch.zeros(20_000, 1, 8, 8), g()), time_shift(ln, mu))
     with pytest.raises(ValueError, match="timestep_sampling='mode'"):
         FlowMatching(timestep_sampling="mode")
+    with pytest.raises(ValueError, match="sampling_grid='karras'"):
+        FlowMatching(sampling_grid="karras")
 
 
 def test_resolution_mu_is_the_pipelines_shift():
@@ -81,6 +83,18 @@ def test_sampling_sigmas_equal_diffusers_set_timesteps(kw, steps):
     ours = fm.sampling_sigmas(steps, seq)
     assert torch.equal(ours, sched.sigmas)
     assert torch.equal(ours[:-1] * fm.num_train_timesteps, sched.timesteps)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28])
+@pytest.mark.parametrize("seq", [16, 1024, 4096])
+def test_uniform_grid_equals_the_flux_pipelines_sigmas(steps, seq):
+    """FluxPipeline passes sigmas 1, ..., 1/steps to set_timesteps with mu from the token count."""
+    kw = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    fm = FlowMatching.from_scheduler_config(dict(_scheduler(kw).config), sampling_grid="uniform")
+    sched = _scheduler(kw)
+    sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=fm.mu(seq))
+    ours = fm.sampling_sigmas(steps, seq)
+    assert torch.equal(ours, sched.sigmas) and torch.equal(ours[:-1] * 1000, sched.timesteps)
 
 
 @pytest.mark.parametrize("kw", SCHEDULES)
@@ -190,7 +204,7 @@ def test_flow_noising_for_stage1():
 
 
 def test_families_declare_their_objective():
-    from diffusers_helpers import tiny_diffusers_dit, tiny_pixart, tiny_sd3
+    from diffusers_helpers import tiny_diffusers_dit, tiny_flux, tiny_pixart, tiny_sd3
 
     dit = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=4)
     for model, learn_sigma in ((dit, True), (tiny_diffusers_dit(depth=1), True), (tiny_pixart(depth=1), True)):
@@ -201,6 +215,10 @@ def test_families_declare_their_objective():
     obj = family_of(sd3).objective(sd3)
     assert isinstance(obj, FlowMatching) and obj.shift == 3.0 and obj.timestep_sampling == "logit_normal"
     assert obj.patch_size == sd3.config.patch_size
+    flux = tiny_flux()
+    obj = family_of(flux).objective(flux)
+    assert isinstance(obj, FlowMatching) and obj.use_dynamic_shifting and obj.sampling_grid == "uniform"
+    assert obj.patch_size == 2  # FluxPipeline's 2 x 2 packing: image_seq_len = (H / 2) (W / 2)
 
 
 def test_shift_helpers():

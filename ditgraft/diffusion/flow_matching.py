@@ -25,6 +25,7 @@ from ditgraft.diffusion.gaussian import ModelFn, mean_flat
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 TIME_SHIFT_TYPES = ("exponential", "linear")
+SAMPLING_GRIDS = ("train_levels", "uniform")
 
 
 def shift_sigmas(t, shift: float):
@@ -72,6 +73,7 @@ class FlowMatching:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     patch_size: int = 1
+    sampling_grid: str = "train_levels"
 
     learn_sigma = False
     name = "flow_matching"
@@ -80,6 +82,8 @@ class FlowMatching:
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"timestep_sampling={self.timestep_sampling!r} is not allowed; use one of "
                              f"{TIMESTEP_SAMPLING}")
+        if self.sampling_grid not in SAMPLING_GRIDS:
+            raise ValueError(f"sampling_grid={self.sampling_grid!r} is not allowed; use one of {SAMPLING_GRIDS}")
         if self.time_shift_type not in TIME_SHIFT_TYPES:
             raise ValueError(f"time_shift_type={self.time_shift_type!r} is not allowed; use one of "
                              f"{TIME_SHIFT_TYPES}")
@@ -156,12 +160,17 @@ class FlowMatching:
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def sampling_sigmas(self, steps: int, image_seq_len: int | None = None) -> torch.Tensor:
-        """The t of each Euler step from noise to data, float32, ``steps + 1`` values ending in 0: an even grid
-        from the training schedule's largest to its smallest t (num_train_timesteps levels; the smallest one
-        shifted where the shift is static), then shifted, as ``FlowMatchEulerDiscreteScheduler.set_timesteps``
-        builds it."""
+        """The t of each Euler step from noise to data, float32, ``steps + 1`` values ending in 0, as
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` builds them: ``sampling_grid="train_levels"`` (SD3's
+        pipeline) takes an even grid from the training schedule's largest to its smallest t (num_train_timesteps
+        levels; the smallest one shifted where the shift is static), ``"uniform"`` (Flux's pipeline passes these
+        sigmas) the float32 grid 1, ..., 1/steps; then the grid is shifted."""
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
+        if self.sampling_grid == "uniform":
+            grid = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+            sigmas = torch.from_numpy(np.asarray(self.shifted(grid, image_seq_len))).to(torch.float32)
+            return torch.cat([sigmas, torch.zeros(1)])
         big_t = self.num_train_timesteps
         ends = torch.tensor([float(big_t), 1.0]) / big_t  # the training levels' ends, in float32
         if not self.use_dynamic_shifting:

@@ -12,6 +12,7 @@ from ditgraft.models.families.base import Family, ModelDims, SlotAdapter, unwrap
 from ditgraft.models.families.diffusers_common import load_transformer
 from ditgraft.models.families.diffusers_dit import DiffusersDiTFamily
 from ditgraft.models.families.dit import DiTFamily
+from ditgraft.models.families.flux import FluxFamily
 from ditgraft.models.families.pixart import PixArtFamily
 from ditgraft.models.families.sd3 import SD3Family
 
@@ -20,6 +21,7 @@ _FAMILIES: dict[str, Family] = {f.name: f for f in (
     DiffusersDiTFamily(),
     PixArtFamily(),
     SD3Family(),
+    FluxFamily(),
 )}
 
 
