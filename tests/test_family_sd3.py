@@ -13,7 +13,7 @@ from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, sav
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.families import family_of
 from ditgraft.models.families.base import SlotAdapter
-from ditgraft.models.families.sd3 import JointSplitAttention
+from ditgraft.models.families.sd3 import JointSplitAttention, capture_joint_attention
 from ditgraft.recipe import Stage1, Stage2
 
 diffusers = pytest.importorskip("diffusers")
@@ -185,3 +185,41 @@ def test_sd3_euler_sampling_through_the_family():
                  generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
     assert isinstance(family_of(model).objective(model), FlowMatching)
+
+
+def test_split_slot_distils_from_the_captured_joint_attention(tmp_path):
+    """The split slot's distillation target is well defined: a random MHA in the image-to-image part, trained with
+    the shared loop on the teacher's captured joint-attention inputs and image outputs (flow-matching noised
+    latents), approaches the teacher's image outputs while the text part stays the teacher's."""
+    import copy
+
+    from ditgraft.graft.stage1 import noised_inputs
+    from ditgraft.operators import build_operator
+    from ditgraft.train.loop import LoopConfig, train
+
+    teacher = tiny_sd3()
+    fam = family_of(teacher)
+    inputs = noised_inputs(latents(64, 0), sd3_prompts(64, 1), seed=0, objective=fam.objective(teacher))
+    with capture_joint_attention(teacher, [0]) as seen:
+        _call(teacher, inputs.x_t, inputs.t, inputs.y)
+    hs, ehs, target = seen[0]
+    assert hs.shape == (64, 16, 16) and ehs.shape == (64, 6, 16) and target.shape == (64, 16, 16)
+    dims = model_dims(teacher)
+    torch.manual_seed(0)
+    split = JointSplitAttention(build_operator("mha", dims.dim, dims.heads, dims.grid), dims.grid,
+                                copy.deepcopy(teacher.transformer_blocks[0].attn).requires_grad_(False))
+
+    def rel_err():
+        with torch.no_grad():
+            return float((split(hs, ehs)[0] - target).square().mean() / target.var())
+
+    def step(model, batch):
+        return {"loss": (model(batch[0], batch[1])[0] - batch[2]).square().mean()}
+
+    before = rel_err()
+    train(split, step, (hs, ehs, target), LoopConfig(steps=50, batch_size=16, lr=1e-2, ema_decay=None,
+                                                     ckpt_every=50, progress=False), str(tmp_path))
+    after = rel_err()
+    assert after < 0.1 * before, (before, after)
+    assert all(not p.requires_grad for p in split.joint.parameters())
+    torch.testing.assert_close(split(hs, ehs)[1], teacher.transformer_blocks[0].attn(hs, ehs)[1])

@@ -19,6 +19,8 @@ separate MLPs ``ff`` (image) and ``ff_context`` (text). The slots:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,6 +100,27 @@ class JointSplitAttention(SlotAdapter):
         w = torch.sigmoid(lse_img - lse_txt)[..., None]
         img = self.op.proj(_merge(w * img_part)) + F.linear(_merge((1 - w) * txt_part), a.to_out[0].weight)
         return a.to_out[1](img), txt
+
+
+@contextmanager
+def capture_joint_attention(model: nn.Module, layers: list[int]):
+    """Forward hooks on ``transformer_blocks[layer].attn`` for each layer; yields {layer: (hidden_states,
+    encoder_hidden_states, image output)}, filled by each forward: what a split slot's distillation regresses
+    (the image-token outputs from both token streams)."""
+    store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for layer in layers:
+        def hook(_module, args, kwargs, output, layer=layer):
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            store[layer] = (hs.detach(), ehs.detach(), output[0].detach())
+
+        handles.append(model.transformer_blocks[layer].attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class SD3Family(DiffusersFamily):
