@@ -120,7 +120,7 @@ def test_euler_sampler_matches_diffusers_step_by_step(kw, cfg_scale):
     y, null = torch.tensor([0.5, -0.25]), torch.zeros(2)
     g = torch.Generator().manual_seed(3)
     cfg = SamplingConfig(sampler="euler", steps=steps, cfg_scale=cfg_scale)
-    out = sample(recording(ours_calls), y, (B, 4, 8, 8), cfg, generator=g, objective=fm, null_cond=null,
+    out = sample(recording(ours_calls), y, (B, 4, 8, 8), cfg, generator=g, diffusion=fm, null_cond=null,
                  cfg_channels=4)
 
     sched = _scheduler(kw)
@@ -154,7 +154,7 @@ def test_euler_recovers_a_point_mass_with_guidance():
     for cfg_scale in (1.0, 3.0):
         cfg = SamplingConfig(sampler="euler", steps=5, cfg_scale=cfg_scale)
         out = sample(model, torch.zeros(3), (3, 2, 4, 4), cfg, generator=torch.Generator().manual_seed(1),
-                     objective=fm, null_cond=torch.ones(3), cfg_channels=2)
+                     diffusion=fm, null_cond=torch.ones(3), cfg_channels=2)
         torch.testing.assert_close(out, target.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
 
 
@@ -164,7 +164,7 @@ def test_sampler_and_objective_must_agree():
         sample(dit, torch.tensor([0]), (1, 1, 8, 8), SamplingConfig(sampler="euler", steps=2))
     with pytest.raises(ValueError, match="sampler='ddim' does not sample a flow-matching model"):
         sample(lambda x, t, y: x, torch.tensor([0]), (1, 1, 8, 8), SamplingConfig(steps=2),
-               objective=FlowMatching())
+               diffusion=FlowMatching())
     with pytest.raises(ValueError, match="eta=0.5"):
         SamplingConfig(sampler="euler", eta=0.5)
 

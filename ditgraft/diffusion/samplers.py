@@ -61,9 +61,9 @@ def guided_model(model, cfg_scale: float, cfg_channels: int):
 
 @torch.no_grad()
 def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = SamplingConfig(),
-           generator: torch.Generator | None = None, diffusion: GaussianDiffusion | None = None,
+           generator: torch.Generator | None = None, diffusion: GaussianDiffusion | FlowMatching | None = None,
            null_class: int | None = None, cfg_channels: int | None = None, learn_sigma: bool = True,
-           null_cond=None, objective: FlowMatching | None = None) -> torch.Tensor:
+           null_cond=None) -> torch.Tensor:
     """Draw samples x_0 of ``shape`` = (B, C, H, W) for conditioning ``labels`` (class labels [B], or a tuple
     such as caption embeddings and masks).
 
@@ -72,15 +72,16 @@ def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = Sampling
     (default: the family's null conditioning, or labels ``null_class``). Noise comes from ``generator`` (CPU
     generator; tensors are moved to the conditioning's device), so results do not depend on the global RNG.
 
-    A model whose family trains it with flow matching (or any model with ``objective=FlowMatching(...)``) is
-    sampled with the Euler sampler (``cfg.sampler = "euler"``; the model returns velocities); DDPM and DDIM
-    sample IDDPM models.
+    ``diffusion`` is the process (default: the family's objective; DiT's IDDPM respaced to ``cfg.steps``): a
+    flow-matching one (``FlowMatching``, e.g. the SD3 and Flux families') is sampled with the Euler sampler
+    (``cfg.sampler = "euler"``; the model returns velocities), IDDPM with DDPM or DDIM.
     """
     try:
         family = family_of(model)
     except TypeError:
         family = None
-    if objective is None and diffusion is None and family is not None:
+    objective = diffusion if isinstance(diffusion, FlowMatching) else None
+    if diffusion is None and family is not None:
         declared = family.objective(model)
         objective = declared if isinstance(declared, FlowMatching) else None
     if (objective is not None) != (cfg.sampler in FLOW_SAMPLERS):

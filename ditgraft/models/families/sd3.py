@@ -73,6 +73,10 @@ class JointSplitAttention(SlotAdapter):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, *args,
                 **kwargs):
         a = self.joint
+        if args or kwargs:
+            raise ValueError(f"a joint split attention slot takes hidden_states and encoder_hidden_states only; got "
+                             f"{len(args)} more positional arguments and {sorted(kwargs)} (IP-adapter and other "
+                             "processor arguments are not supported)")
         if encoder_hidden_states is None:
             raise ValueError("a joint split attention slot was called without encoder_hidden_states (text tokens)")
         h, scale, n = a.heads, a.scale, hidden_states.shape[1]
