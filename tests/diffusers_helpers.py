@@ -51,6 +51,16 @@ def tiny_flux(depth: int = 2, single: int = 1, guidance: bool = True, seed: int 
     return _randomize(model, seed)
 
 
+def tiny_wan(depth: int = 2, seed: int = 0):
+    """Wan 2.1: video self-attention with RoPE and qk-norm, cross-attention to text; 16-channel latents of 3 frames
+    x 4 x 4 (9 frames of 32 x 32 px through the tiny Wan VAE) -> 12 tokens."""
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
+        text_dim=CAPTION_DIM, freq_dim=32, ffn_dim=32, num_layers=depth, rope_max_seq_len=32)
+    model.register_to_config(sample_size=[4, 4], num_frames=3)  # the latent video the family builds for
+    return _randomize(model, seed)
+
+
 def sd3_prompts(n: int, seed: int):
     """(prompt embeddings [n, TOKENS, CAPTION_DIM], pooled embeddings [n, POOLED_DIM])."""
     g = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ from ditgraft.models.families.dit import DiTFamily
 from ditgraft.models.families.flux import FluxFamily
 from ditgraft.models.families.pixart import PixArtFamily
 from ditgraft.models.families.sd3 import SD3Family
+from ditgraft.models.families.wan import WanFamily
 
 _FAMILIES: dict[str, Family] = {f.name: f for f in (
     DiTFamily(),
@@ -22,6 +23,7 @@ _FAMILIES: dict[str, Family] = {f.name: f for f in (
     PixArtFamily(),
     SD3Family(),
     FluxFamily(),
+    WanFamily(),
 )}
 
 

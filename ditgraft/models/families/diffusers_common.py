@@ -59,6 +59,9 @@ def _set_call_grid(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 class DiffusersFamily(Family):
     cls_name: str = ""  # the diffusers class this family handles
+    # keys a family reads from the model config that are not constructor arguments (a model without a fixed sample
+    # size records the one it is grafted for with ``register_to_config``); ``build`` registers them again
+    extra_config: tuple[str, ...] = ()
 
     def model_class(self) -> type:
         import diffusers
@@ -111,7 +114,11 @@ class DiffusersFamily(Family):
         return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
 
     def build(self, config: dict) -> nn.Module:
-        return self.model_class().from_config(config)
+        model = self.model_class().from_config({k: v for k, v in config.items() if k not in self.extra_config})
+        extra = {k: config[k] for k in self.extra_config if k in config}
+        if extra:
+            model.register_to_config(**extra)
+        return model
 
 
 def _mha_from_diffusers(attn: nn.Module, where: str) -> nn.Module:

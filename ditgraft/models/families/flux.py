@@ -54,6 +54,7 @@ def image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
 class FluxFamily(DiffusersFamily):
     name = "flux"
     cls_name = "FluxTransformer2DModel"
+    extra_config = ("sample_size",)
 
     def objective(self, model: nn.Module) -> FlowMatching:
         return FlowMatching(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -108,9 +109,3 @@ class FluxFamily(DiffusersFamily):
         cond = (torch.randn(batch, tokens, c.joint_attention_dim, device=device),
                 torch.randn(batch, c.pooled_projection_dim, device=device))
         return cond + ((torch.full((batch,), 3.5, device=device),) if c.guidance_embeds else ())
-
-    def build(self, config: dict) -> nn.Module:
-        model = self.model_class().from_config({k: v for k, v in config.items() if k != "sample_size"})
-        if "sample_size" in config:
-            model.register_to_config(sample_size=config["sample_size"])
-        return model
