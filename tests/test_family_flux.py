@@ -1,5 +1,6 @@
 """The Flux family (diffusers FluxTransformer2DModel): forward parity with FluxPipeline's packing, the mlp slot, the
-flow-matching stages and FluxPipeline with the grafted student (tiny random models, offline)."""
+split attention slot, the flow-matching stages and FluxPipeline with the grafted student (tiny random models,
+offline)."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,30 +43,62 @@ def test_forward_reproduces_diffusers_with_the_pipelines_packing():
                     txt_ids=torch.zeros(emb.shape[1], 3), guidance=g).sample
     assert (out - FluxPipeline._unpack_latents(ref, 64, 64, 8)).abs().max() == 0  # max abs diff 0
     assert get_slot(model, 1, "mlp") is model.transformer_blocks[1].ff
-    with pytest.raises(ValueError, match="slot='attn' is not available for Flux"):
-        get_slot(model, 0, "attn")
+    assert get_slot(model, 0, "attn") is model.transformer_blocks[0].attn
     with pytest.raises(ValueError, match="guidance scale per sample"):
         fam.forward(model, x, t, (emb, pooled))
+
+
+ROPE = {"axes_dims": [2, 2, 4]}  # tiny_flux's axes_dims_rope
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (2, 4, 8, 4)])
+def test_split_attention_identity_graft_reproduces_the_teacher(shape):
+    """Every double-stream joint attention split (image-to-image through a rope_mha copied from the teacher, with
+    its qk-norm and RoPE), text attention kept: the teacher's output, on a square and a non-square latent (the
+    call grid comes from img_ids)."""
+    from ditgraft.models.families.joint import JointSplitAttention
+
+    teacher = tiny_flux()
+    fam = family_of(teacher)
+    grafts = [ResolvedGraft("attn", i, "rope_mha", ROPE, init="teacher") for i in range(2)]
+    grafts += [ResolvedGraft("mlp", i, "mlp", init="teacher") for i in range(2)]
+    student = graft_model(teacher, grafts)
+    assert all(isinstance(b.attn, JointSplitAttention) for b in student.transformer_blocks)
+    x, t, c = torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.tensor([30.0, 870.5]), _cond(2, 1)
+    with torch.no_grad():
+        ref, out = fam.forward(teacher, x, t, c), fam.forward(student, x, t, c)
+    assert (out - ref).abs().max() < 1e-6  # measured 2.4e-7 (8 x 8) and 3.6e-7 (8 x 4) on outputs of about 1.5
+    # a random image-to-image operator changes the output; the first block's text stream stays the teacher's
+    rand = graft_model(teacher, [ResolvedGraft("attn", 0, "rope_mha", ROPE)])
+    seen = {}
+    for name, m in (("teacher", teacher), ("rand", rand)):
+        h = m.transformer_blocks[0].register_forward_hook(lambda mod, a, o, name=name: seen.__setitem__(name, o))
+        with torch.no_grad():
+            fam.forward(m, x, t, c)
+        h.remove()
+    torch.testing.assert_close(seen["rand"][0], seen["teacher"][0], atol=1e-6, rtol=0)
+    assert not torch.allclose(seen["rand"][1], seen["teacher"][1], atol=1e-3)
 
 
 def test_graft_stage1_stage2_reload_flux_pipeline(tmp_path):
     teacher = tiny_flux()
     fam = family_of(teacher)
     grafts = [ResolvedGraft("mlp", 0, "mlp", {"ratio": 2.0}), ResolvedGraft("mlp", 1, "mlp", init="teacher")]
+    split = [ResolvedGraft("attn", 1, "rope_mha", ROPE, init="teacher")]  # trains in stage 2
     x0, cond = latents(16, 0), _cond(16, 1)
     s1 = Stage1(samples=16, val_samples=8, steps=4, batch_size=8, eval_every=2, extract_batch_size=8)
     res = run_stage1(teacher, grafts, s1, x0, cond, latents(8, 2), _cond(8, 3), str(tmp_path / "s1"), 0, "cpu",
                      progress=False, log=lambda *_: None)
     assert set(res["operators"]) == {"mlp0", "mlp1"}
     assert res["operators"]["mlp1"]["val_mse"] < 1e-10  # init: teacher copies the FeedForward exactly
-    student = graft_model(teacher, grafts)
+    student = graft_model(teacher, grafts + split)
     load_best_operators(student, grafts, str(tmp_path / "s1"))
     s2 = Stage2(steps=2, batch_size=4, ckpt_every=2, ema_decay=0.9)
     student, history = run_stage2(student, s2, x0, cond, str(tmp_path / "s2"), 0, progress=False)
     assert history and np.isfinite(history[-1]["loss"])
 
     path = str(tmp_path / "student.safetensors")
-    save_grafted(path, student, grafts, None)
+    save_grafted(path, student, grafts + split, None)
     loaded, meta = load_grafted(path)
     assert type(loaded) is diffusers.FluxTransformer2DModel and meta["family"] == "flux"
     assert model_dims(loaded) == model_dims(teacher)

@@ -13,7 +13,7 @@ from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, sav
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.families import family_of
 from ditgraft.models.families.base import SlotAdapter
-from ditgraft.models.families.sd3 import JointSplitAttention, capture_joint_attention
+from ditgraft.models.families.joint import JointSplitAttention, capture_joint_attention
 from ditgraft.recipe import Stage1, Stage2
 
 diffusers = pytest.importorskip("diffusers")
@@ -90,7 +90,7 @@ def test_split_attention_identity_graft_reproduces_the_teacher():
 def test_split_attention_refuses_operators_without_a_softmax_normaliser():
     teacher = tiny_sd3()
     student = graft_model(teacher, [ResolvedGraft("attn", 0, "hyena_x")])
-    with pytest.raises(ValueError, match="reports its softmax normaliser.*HyenaX"):
+    with pytest.raises(ValueError, match="reports its softmax normaliser; HyenaX"):
         _call(student, *_inputs())
     split = graft_model(teacher, [ResolvedGraft("attn", 0, "mha")]).transformer_blocks[0].attn
     hs, ehs = torch.randn(1, 16, 16), torch.randn(1, 6, 16)
@@ -229,3 +229,20 @@ def test_split_slot_distils_from_the_captured_joint_attention(tmp_path):
     assert after < 0.1 * before, (before, after)
     assert all(not p.requires_grad for p in split.joint.parameters())
     torch.testing.assert_close(split(hs, ehs)[1], teacher.transformer_blocks[0].attn(hs, ehs)[1])
+
+
+def test_sd35_qk_norm_split_identity_with_rope_mha():
+    """SD3.5's joint attention has RMS qk-norm (and an image-only attn2 in dual_attention_layers, kept): its
+    image-to-image part is a rope_mha without RoPE, and the identity split graft reproduces the teacher."""
+    from diffusers_helpers import _randomize
+
+    teacher = _randomize(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        qk_norm="rms_norm", dual_attention_layers=(0,)), 0)
+    student = graft_model(teacher, [ResolvedGraft("attn", i, "rope_mha", init="teacher") for i in range(2)])
+    x, t, cond = _inputs()
+    ref, out = _call(teacher, x, t, cond), _call(student, x, t, cond)
+    assert (out - ref).abs().max() < 1e-6
+    assert student.transformer_blocks[0].attn2 is not None  # kept as the teacher's
+    assert type(family_of(teacher).teacher_operator(teacher, 0, "attn")).__name__ == "RopeMHA"

@@ -12,10 +12,12 @@ samples with.
 The model has no fixed sample size; ``config["sample_size"]`` (a latent side, default 128 = 1024 px) sets the
 patch grid that stage 1 and the operators are built for (``register_to_config(sample_size=...)``).
 
-Slots: ``mlp`` is the image stream's ``transformer_blocks[i].ff`` of the double-stream blocks (``layer`` counts
-them); ``ff_context`` and the single-stream blocks stay. Flux's attention applies RMS qk-norm and RoPE to image and
-text tokens inside one softmax, so a split ``attn`` slot needs an image-to-image operator that takes both (ditgraft's
-operators take neither yet): the ``attn`` slot is refused.
+Slots, in the double-stream blocks (``layer`` counts them; the single-stream blocks stay): ``mlp`` is the image
+stream's ``transformer_blocks[i].ff`` (``ff_context`` stays); ``attn`` is a split slot of the joint attention
+(``joint.JointSplitAttention``): image queries over image keys go through the new operator, attention involving
+text keeps the teacher's qk-norm, RoPE and softmax. The teacher's image-to-image part is a ``rope_mha`` with
+``axes_dims`` = the model's ``axes_dims_rope`` (``init: teacher`` with those options reproduces the teacher); the
+patch grid of each call comes from ``img_ids``.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import torch
 from torch import nn
 
 from ditgraft.diffusion.flow_matching import FlowMatching
-from ditgraft.models.families.base import ModelDims, cond_tuple, unwrap
-from ditgraft.models.families.diffusers_common import DiffusersFamily
+from ditgraft.models.families.base import ModelDims, SlotAdapter, cond_tuple, unwrap
+from ditgraft.models.families.diffusers_common import DiffusersFamily, _mlp_from_diffusers
+from ditgraft.models.families.joint import rope_mha_from_joint, set_split_slot
 
 DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
 PACK = 2  # FluxPipeline packs 2 x 2 latent patches into one token
@@ -49,6 +52,18 @@ def image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
     ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
     return ids.reshape(rows * cols, 3)
+
+
+def _set_call_grid(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the patch grid of this call from the image position ids (rows, columns)."""
+    ids = kwargs.get("img_ids")
+    if ids is None:
+        return
+    ids = ids[0] if ids.ndim == 3 else ids
+    grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+    for m in model.modules():
+        if isinstance(m, SlotAdapter):
+            m.call_grid = grid
 
 
 class FluxFamily(DiffusersFamily):
@@ -76,14 +91,29 @@ class FluxFamily(DiffusersFamily):
     def patch_size(self, model: nn.Module) -> int:
         return PACK * model.config.patch_size
 
-    def check(self, model: nn.Module, layer: int, slot: str) -> None:
-        super().check(model, layer, slot)
-        if slot == "attn":
-            raise ValueError("slot='attn' is not available for Flux: its joint attention applies qk-norm and RoPE "
-                             "inside one softmax and no ditgraft operator takes them yet; allowed: mlp")
-
     def slot_attr(self, slot: str) -> str:
-        return {"mlp": "ff"}[slot]
+        return {"attn": "attn", "mlp": "ff"}[slot]
+
+    def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
+        if slot != "attn":
+            return super().set_slot(model, layer, slot, module)
+        set_split_slot(self, model, layer, module)
+
+    def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
+        if not getattr(model, "_ditgraft_grid_hook", False):
+            model.register_forward_pre_hook(_set_call_grid, with_kwargs=True)
+            model._ditgraft_grid_hook = True
+        return SlotAdapter(op, self.dims(model).grid)
+
+    def teacher_operator(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
+        """The image-to-image part of the joint attention as a ``rope_mha`` (RoPE split ``axes_dims_rope``), or the
+        image stream's ``ff`` as a ditgraft MLP."""
+        module = self.get_slot(model, layer, slot)
+        if type(module).__module__.startswith("ditgraft."):
+            return module
+        if slot == "attn":
+            return rope_mha_from_joint(module, axes_dims=tuple(model.config.axes_dims_rope), theta=10000.0)
+        return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         parts = cond_tuple(cond)
