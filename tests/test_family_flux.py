@@ -128,3 +128,33 @@ def test_graft_stage1_stage2_reload_flux_pipeline(tmp_path):
     torch.testing.assert_close(ours, diffusers.FluxPipeline._unpack_latents(packed, size, size,
                                                                            pipe.vae_scale_factor),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_pipeline_folders_scheduler_sets_the_objective(tmp_path):
+    """A teacher loaded from a pipeline folder takes its scheduler's settings (here FLUX.1-schnell's: static shift
+    1, no resolution shift); they stay with the grafted checkpoint, and ditgraft's sampler gives FluxPipeline's
+    latents under that scheduler."""
+    from ditgraft.models.families import load_diffusers
+
+    folder = tmp_path / "pipe"
+    tiny_flux(guidance=False).save_pretrained(str(folder / "transformer"))
+    schnell = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    schnell.save_pretrained(str(folder / "scheduler"))
+    teacher = load_diffusers(str(folder))
+    obj = family_of(teacher).objective(teacher)
+    assert obj.shift == 1.0 and not obj.use_dynamic_shifting and obj.sampling_grid == "uniform"
+    grafts = [ResolvedGraft("mlp", 0, "mlp")]
+    path = str(tmp_path / "student.safetensors")
+    save_grafted(path, graft_model(teacher, grafts), grafts, None)
+    loaded, _ = load_grafted(path)
+    assert family_of(loaded).objective(loaded) == obj and model_dims(loaded) == model_dims(teacher)
+
+    pipe = diffusers.FluxPipeline(scheduler=schnell, vae=None, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=loaded)
+    emb, pooled = sd3_prompts(2, 7)
+    packed = pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, num_inference_steps=3, height=64, width=64,
+                  output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    ours = sample(loaded, (emb, pooled), (2, 4, 8, 8), SamplingConfig(sampler="euler", steps=3, cfg_scale=1.0),
+                  generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, diffusers.FluxPipeline._unpack_latents(packed, 64, 64, 8), atol=1e-5,
+                               rtol=1e-5)

@@ -47,7 +47,8 @@ def test_forward_reproduces_diffusers_and_slots():
 def test_graft_stage1_stage2_reload_wan_pipeline(tmp_path):
     teacher = tiny_wan()
     fam = family_of(teacher)
-    grafts = [ResolvedGraft("mlp", 0, "mlp", {"ratio": 2.0}), ResolvedGraft("mlp", 1, "mlp", {"ratio": 2.0}, init="teacher")]
+    grafts = [ResolvedGraft("mlp", 0, "mlp", {"ratio": 2.0}),
+              ResolvedGraft("mlp", 1, "mlp", {"ratio": 2.0}, init="teacher")]
     x0, cond = _videos(16, 0), _prompts(16, 1)
     s1 = Stage1(samples=16, val_samples=8, steps=4, batch_size=8, eval_every=2, extract_batch_size=8)
     res = run_stage1(teacher, grafts, s1, x0, cond, _videos(8, 2), _prompts(8, 3), str(tmp_path / "s1"), 0, "cpu",

@@ -96,17 +96,23 @@ class FlowMatching:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
     @classmethod
-    def from_scheduler_config(cls, config: dict, **training) -> FlowMatching:
-        """From a ``FlowMatchEulerDiscreteScheduler`` config (unknown keys ignored) plus training fields
-        (``timestep_sampling``, ``logit_mean``, ``logit_std``, ``patch_size``)."""
-        fields = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
-                  "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+    def from_scheduler_config(cls, config: dict, **fields) -> FlowMatching:
+        """From a ``FlowMatchEulerDiscreteScheduler`` config (or a flow-prediction ``UniPCMultistepScheduler``'s:
+        its ``flow_shift`` is the shift; unknown keys ignored), over ``fields`` (training fields such as
+        ``timestep_sampling`` and ``patch_size``, and defaults for what the config does not set)."""
+        if config.get("prediction_type") not in (None, "flow_prediction"):
+            raise ValueError(f"scheduler config prediction_type={config['prediction_type']!r} is not flow matching")
         for key in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                     "invert_sigmas", "stochastic_sampling"):
             if config.get(key):
                 raise ValueError(f"scheduler config {key}={config[key]!r} is not supported by ditgraft's Euler "
                                  "sampler; supported: the (dynamic) shift")
-        return cls(**{k: config[k] for k in fields if config.get(k) is not None}, **training)
+        names = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                 "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+        given = {k: config[k] for k in names if config.get(k) is not None}
+        if "shift" not in given and config.get("flow_shift") is not None:
+            given["shift"] = config["flow_shift"]
+        return cls(**{**fields, **given})
 
     # ---- the shift ----------------------------------------------------------------------------------------------
     def image_seq_len(self, x: torch.Tensor) -> int:

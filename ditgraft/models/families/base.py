@@ -3,8 +3,9 @@
 A ``Family`` knows a model's blocks and slots (list, get, set), how to call the model the way ditgraft's diffusion
 code does (``forward(model, x_t, t, cond)``), the conditioning a forward takes, the sample shape, whether the model
 learns its variance, the objective it was trained with (``objective``: IDDPM or flow matching, which stage 1's
-noising, stage 2's loss and the sampler take), how to count its FLOPs and how to save and rebuild its config. Everything else in ditgraft
-(stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model through its family.
+noising, stage 2's loss and the sampler take), how to count its FLOPs and how to save and rebuild its config.
+Everything else in ditgraft (stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model
+through its family.
 
 Conditioning (``cond``) is one tensor (class labels) or a tuple of tensors with the batch first (caption
 embeddings and their mask); ``cond_tuple`` / ``cond_cat`` / ``cond_rows`` treat both alike.

@@ -26,7 +26,7 @@ from torch import nn
 
 from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import ModelDims, SlotAdapter, cond_tuple, unwrap
-from ditgraft.models.families.diffusers_common import DiffusersFamily, _mlp_from_diffusers
+from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, DiffusersFamily, _mlp_from_diffusers
 from ditgraft.models.families.joint import rope_mha_from_joint, set_split_slot
 
 DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
@@ -69,12 +69,12 @@ def _set_call_grid(model: nn.Module, args: tuple, kwargs: dict) -> None:
 class FluxFamily(DiffusersFamily):
     name = "flux"
     cls_name = "FluxTransformer2DModel"
-    extra_config = ("sample_size",)
+    extra_config = ("sample_size", SCHEDULER_KEY)
 
     def objective(self, model: nn.Module) -> FlowMatching:
-        return FlowMatching(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                            base_image_seq_len=256, max_image_seq_len=4096, timestep_sampling="logit_normal",
-                            patch_size=PACK, sampling_grid="uniform")
+        return self.flow_objective(model, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                   base_image_seq_len=256, max_image_seq_len=4096, timestep_sampling="logit_normal",
+                                   patch_size=PACK, sampling_grid="uniform")
 
     def dims(self, model: nn.Module) -> ModelDims:
         c = model.config

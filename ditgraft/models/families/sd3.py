@@ -21,7 +21,8 @@ from torch import nn
 
 from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import cond_tuple, unwrap
-from ditgraft.models.families.diffusers_common import DiffusersFamily, _mha_from_diffusers, _mlp_from_diffusers
+from ditgraft.models.families.diffusers_common import (SCHEDULER_KEY, DiffusersFamily, _mha_from_diffusers,
+                                                       _mlp_from_diffusers)
 from ditgraft.models.families.joint import rope_mha_from_joint, set_split_slot
 
 SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler config
@@ -30,10 +31,11 @@ SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler co
 class SD3Family(DiffusersFamily):
     name = "sd3"
     cls_name = "SD3Transformer2DModel"
+    extra_config = (SCHEDULER_KEY,)
 
     def objective(self, model: nn.Module) -> FlowMatching:
-        return FlowMatching(shift=SD3_SHIFT, timestep_sampling="logit_normal",
-                            patch_size=unwrap(model).config.patch_size)
+        return self.flow_objective(model, shift=SD3_SHIFT, timestep_sampling="logit_normal",
+                                   patch_size=unwrap(model).config.patch_size)
 
     def slot_attr(self, slot: str) -> str:
         return {"attn": "attn", "mlp": "ff"}[slot]

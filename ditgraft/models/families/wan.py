@@ -23,7 +23,7 @@ from torch import nn
 
 from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import ModelDims, cond_tuple, unwrap
-from ditgraft.models.families.diffusers_common import DiffusersFamily, _mlp_from_diffusers
+from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, DiffusersFamily, _mlp_from_diffusers
 
 DEFAULT_LATENT_SIZE = (60, 104)  # 480 x 832 px through Wan's 8x spatial VAE
 DEFAULT_LATENT_FRAMES = 21  # 81 frames through its 4x temporal VAE
@@ -33,13 +33,14 @@ WAN_SHIFT = 3.0
 class WanFamily(DiffusersFamily):
     name = "wan"
     cls_name = "WanTransformer3DModel"
-    extra_config = ("sample_size", "num_frames")
+    extra_config = ("sample_size", "num_frames", SCHEDULER_KEY)
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == self.cls_name and hasattr(model, "blocks")
 
     def objective(self, model: nn.Module) -> FlowMatching:
-        return FlowMatching(shift=WAN_SHIFT, timestep_sampling="uniform", patch_size=self.patch_size(unwrap(model)))
+        return self.flow_objective(model, shift=WAN_SHIFT, timestep_sampling="uniform",
+                                   patch_size=self.patch_size(unwrap(model)))
 
     def latent_size(self, model: nn.Module) -> tuple[int, int, int]:
         c = model.config
