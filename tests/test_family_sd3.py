@@ -246,3 +246,11 @@ def test_sd35_qk_norm_split_identity_with_rope_mha():
     assert (out - ref).abs().max() < 1e-6
     assert student.transformer_blocks[0].attn2 is not None  # kept as the teacher's
     assert type(family_of(teacher).teacher_operator(teacher, 0, "attn")).__name__ == "RopeMHA"
+
+
+def test_stage1_refuses_a_split_slot_clearly(tmp_path):
+    teacher = tiny_sd3()
+    s1 = Stage1(samples=8, val_samples=4, steps=2, batch_size=4, eval_every=2, extract_batch_size=4)
+    with pytest.raises(ValueError, match="stage 1 cannot distil a split joint-attention slot"):
+        run_stage1(teacher, [ResolvedGraft("attn", 0, "mha")], s1, latents(8, 0), sd3_prompts(8, 1), latents(4, 2),
+                   sd3_prompts(4, 3), str(tmp_path), 0, "cpu", progress=False, log=lambda *_: None)

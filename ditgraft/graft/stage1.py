@@ -264,6 +264,8 @@ def run_stage1(teacher: nn.Module, grafts: list[ResolvedGraft], cfg: Stage1, x0:
     log(format_plan(plan))
     dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
     family = family_of(teacher)
+    for g in grafts:
+        family.check_distillable(teacher, g.layer, g.slot)
     null = (lambda cond: family.null_cond(teacher, cond)) if cfg.cond_dropout else (lambda cond: None)
     objective = family.objective(teacher)
     val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2, null=null(y_val), cond_dropout=cfg.cond_dropout,

@@ -165,6 +165,9 @@ class Family:
         """The module that goes into a slot for operator ``op`` (the operator itself where the contracts agree)."""
         return op
 
+    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
+        """Raise where stage 1 cannot distil this slot from captured (input, output) pairs of one tensor each."""
+
     def dropped_labels_module(self, model: nn.Module) -> nn.Module | None:
         """The module whose input is the class labels after the model's own label dropout (so output distillation
         shows the teacher what the student saw), or None where conditioning reaches the model as given."""

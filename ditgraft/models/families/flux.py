@@ -27,7 +27,7 @@ from torch import nn
 from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import ModelDims, SlotAdapter, cond_tuple, unwrap
 from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, DiffusersFamily, _mlp_from_diffusers
-from ditgraft.models.families.joint import rope_mha_from_joint, set_split_slot
+from ditgraft.models.families.joint import check_split_distillable, rope_mha_from_joint, set_split_slot
 
 DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
 PACK = 2  # FluxPipeline packs 2 x 2 latent patches into one token
@@ -54,7 +54,7 @@ def image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
     return ids.reshape(rows * cols, 3)
 
 
-def _set_call_grid(model: nn.Module, args: tuple, kwargs: dict) -> None:
+def _set_call_grid_from_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: the patch grid of this call from the image position ids (rows, columns)."""
     ids = kwargs.get("img_ids")
     if ids is None:
@@ -94,6 +94,9 @@ class FluxFamily(DiffusersFamily):
     def slot_attr(self, slot: str) -> str:
         return {"attn": "attn", "mlp": "ff"}[slot]
 
+    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
+        check_split_distillable(slot)
+
     def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
         if slot != "attn":
             return super().set_slot(model, layer, slot, module)
@@ -101,7 +104,7 @@ class FluxFamily(DiffusersFamily):
 
     def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
         if not getattr(model, "_ditgraft_grid_hook", False):
-            model.register_forward_pre_hook(_set_call_grid, with_kwargs=True)
+            model.register_forward_pre_hook(_set_call_grid_from_ids, with_kwargs=True)
             model._ditgraft_grid_hook = True
         return SlotAdapter(op, self.dims(model).grid)
 

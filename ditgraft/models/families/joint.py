@@ -122,6 +122,14 @@ def rope_mha_from_joint(attn: nn.Module, axes_dims=None, theta: float = 10000.0)
     return op.to(attn.to_q.weight.device)
 
 
+def check_split_distillable(slot: str) -> None:
+    """Stage 1 distils a slot from one captured input tensor; a split slot reads two token streams."""
+    if slot == "attn":
+        raise ValueError("stage 1 cannot distil a split joint-attention slot yet (its inputs are the image and the "
+                         "text tokens; ``capture_joint_attention`` gives them): graft it with stage1.enabled false "
+                         "or init: teacher and train it in stage 2")
+
+
 def set_split_slot(family, model: nn.Module, layer: int, module: nn.Module) -> None:
     """Put ``module`` into the image-to-image part of ``transformer_blocks[layer].attn`` (keeping the teacher's
     joint attention around it, also when the slot is grafted again)."""

@@ -23,7 +23,7 @@ from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import cond_tuple, unwrap
 from ditgraft.models.families.diffusers_common import (SCHEDULER_KEY, DiffusersFamily, _mha_from_diffusers,
                                                        _mlp_from_diffusers)
-from ditgraft.models.families.joint import rope_mha_from_joint, set_split_slot
+from ditgraft.models.families.joint import check_split_distillable, rope_mha_from_joint, set_split_slot
 
 SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler config
 
@@ -39,6 +39,9 @@ class SD3Family(DiffusersFamily):
 
     def slot_attr(self, slot: str) -> str:
         return {"attn": "attn", "mlp": "ff"}[slot]
+
+    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
+        check_split_distillable(slot)
 
     def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
         if slot != "attn":
