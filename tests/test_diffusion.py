@@ -260,7 +260,7 @@ def test_fixed_large_variance_matches_upstream(golden):
 # ------------------------------------------------------------------------------------------- samplers
 def test_sampling_config_validation():
     with pytest.raises(ValueError, match="sampler"):
-        SamplingConfig(sampler="euler")
+        SamplingConfig(sampler="heun")
     with pytest.raises(ValueError, match="steps"):
         SamplingConfig(steps=0)
     with pytest.raises(ValueError, match="cfg_scale"):

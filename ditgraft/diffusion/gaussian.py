@@ -89,6 +89,8 @@ class GaussianDiffusion:
     a respaced process calls the model with the original t, exactly like IDDPM's SpacedDiffusion.
     """
 
+    name = "iddpm"
+
     def __init__(self, betas: np.ndarray, learn_sigma: bool = True, timestep_map: list[int] | None = None):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
@@ -126,6 +128,14 @@ class GaussianDiffusion:
             new_betas.append(1 - alphas_cumprod[i] / last)
             last = alphas_cumprod[i]
         return cls(np.array(new_betas), learn_sigma=learn_sigma, timestep_map=keep)
+
+    def sample_t(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step index t ~ U{0..T-1} per sample of ``x0``, from ``generator`` (on its device) or the global RNG
+        (on x0's device)."""
+        if generator is None:
+            return torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device)
+        return torch.randint(0, self.num_timesteps, (len(x0),), generator=generator,
+                             device=generator.device).to(x0.device)
 
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps as the model sees them (original scale)."""

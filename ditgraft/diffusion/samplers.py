@@ -1,4 +1,5 @@
-"""The one sampling entry point: DDPM or DDIM over a (respaced) process, with batched classifier-free guidance.
+"""The one sampling entry point: DDPM or DDIM over a (respaced) IDDPM process, or Euler over a flow-matching one
+(the model's family says which objective it was trained with), with batched classifier-free guidance.
 
 Guidance doubles the batch once per step ([x; x] with labels [y; null]) so the model runs one forward per step.
 The loop keeps everything on the model's device and never syncs with the host inside the loop.
@@ -9,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_cat, cond_len, cond_to
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "euler")
+FLOW_SAMPLERS = ("euler",)  # the samplers of a flow-matching objective; the others are IDDPM's
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class SamplingConfig:
             raise ValueError(f"cfg_scale={self.cfg_scale} must be a finite number >= 1 (1 = no guidance)")
         if self.cfg_scale == float("inf") or self.eta != self.eta:
             raise ValueError(f"cfg_scale={self.cfg_scale}, eta={self.eta} must be finite")
+        if self.sampler in FLOW_SAMPLERS and self.eta:
+            raise ValueError(f"eta={self.eta}: the {self.sampler} sampler is deterministic; use eta=0")
 
 
 def guided_model(model, cfg_scale: float, cfg_channels: int):
@@ -56,7 +61,7 @@ def guided_model(model, cfg_scale: float, cfg_channels: int):
 
 @torch.no_grad()
 def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = SamplingConfig(),
-           generator: torch.Generator | None = None, diffusion: GaussianDiffusion | None = None,
+           generator: torch.Generator | None = None, diffusion: GaussianDiffusion | FlowMatching | None = None,
            null_class: int | None = None, cfg_channels: int | None = None, learn_sigma: bool = True,
            null_cond=None) -> torch.Tensor:
     """Draw samples x_0 of ``shape`` = (B, C, H, W) for conditioning ``labels`` (class labels [B], or a tuple
@@ -66,14 +71,27 @@ def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = Sampling
     ``model(x, t, y)``; it returns eps (and variance values when learn_sigma). Guidance mixes in ``null_cond``
     (default: the family's null conditioning, or labels ``null_class``). Noise comes from ``generator`` (CPU
     generator; tensors are moved to the conditioning's device), so results do not depend on the global RNG.
+
+    ``diffusion`` is the process (default: the family's objective; DiT's IDDPM respaced to ``cfg.steps``): a
+    flow-matching one (``FlowMatching``, e.g. the SD3 and Flux families') is sampled with the Euler sampler
+    (``cfg.sampler = "euler"``; the model returns velocities), IDDPM with DDPM or DDIM.
     """
     try:
         family = family_of(model)
     except TypeError:
         family = None
+    objective = diffusion if isinstance(diffusion, FlowMatching) else None
+    if diffusion is None and family is not None:
+        declared = family.objective(model)
+        objective = declared if isinstance(declared, FlowMatching) else None
+    if (objective is not None) != (cfg.sampler in FLOW_SAMPLERS):
+        kind = "flow-matching" if objective is not None else "IDDPM"
+        allowed = FLOW_SAMPLERS if objective is not None else tuple(x for x in SAMPLERS if x not in FLOW_SAMPLERS)
+        raise ValueError(f"sampler={cfg.sampler!r} does not sample a {kind} model; use one of {allowed}")
     device = labels[0].device if isinstance(labels, (tuple, list)) else labels.device
     steps = f"ddim{cfg.steps}" if cfg.sampler == "ddim" else str(cfg.steps)
-    diffusion = diffusion or GaussianDiffusion.dit_default(steps=steps, learn_sigma=learn_sigma)
+    if objective is None:
+        diffusion = diffusion or GaussianDiffusion.dit_default(steps=steps, learn_sigma=learn_sigma)
     if cfg_channels is None:
         cfg_channels = family.cfg_channels(model) if family else getattr(model, "cfg_channels", shape[1])
     guided = cfg.cfg_scale > 1.0
@@ -94,6 +112,8 @@ def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = Sampling
         x = torch.cat([x, x], dim=0)
         y = cond_cat(labels, cond_to(null_cond, device))
         fn = guided_model(fn, cfg.cfg_scale, cfg_channels)
+    if objective is not None:
+        return euler_loop(objective, fn, x, y, cfg.steps, device)[: cond_len(labels)]
     stochastic = cfg.sampler == "ddpm" or cfg.eta > 0
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
@@ -115,3 +135,13 @@ def ddim_step(diffusion: GaussianDiffusion, x, t, i: int, out: dict, eta: float,
     if i > 0 and sigma > 0:
         mean = mean + sigma * noise
     return mean
+
+
+def euler_loop(objective: FlowMatching, fn, x: torch.Tensor, y, steps: int, device) -> torch.Tensor:
+    """Euler from t = 1 to 0 over ``objective.sampling_sigmas``; ``fn(x, t, y)`` returns the velocity and is
+    called with t * num_train_timesteps, as diffusers' flow-matching pipelines call their transformer."""
+    sigmas = objective.sampling_sigmas(steps, objective.image_seq_len(x)).to(device)
+    for i in range(steps):
+        t = (sigmas[i] * objective.num_train_timesteps).expand(x.shape[0])
+        x = objective.euler_step(x, fn(x, t, y), sigmas[i], sigmas[i + 1])
+    return x

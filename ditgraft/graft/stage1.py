@@ -219,24 +219,26 @@ def drop_cond(y, null, p: float, generator: torch.Generator | None = None):
                      for c, n in zip(cond_tuple(y), cond_tuple(null), strict=True))
 
 
-def noised_inputs(x0: torch.Tensor, y, seed: int, null=None, cond_dropout: float = 0.0) -> Stage1Inputs:
-    """A fixed set (cached or validation rows): each sample gets its own t ~ U{0..999} and noise from a generator
-    seeded by ``seed``; with ``cond_dropout`` a share of the rows gets the unconditional conditioning ``null``
-    instead of its own (``drop_cond``)."""
-    diffusion = GaussianDiffusion.dit_default()
+def noised_inputs(x0: torch.Tensor, y, seed: int, null=None, cond_dropout: float = 0.0,
+                  objective=None) -> Stage1Inputs:
+    """Each sample gets its own t and noise from a generator seeded by ``seed``, noised the way the teacher was
+    trained (``objective``, its family's: IDDPM's t ~ U{0..999} by default, or flow matching's path); with
+    ``cond_dropout`` a share of the rows gets the unconditional conditioning ``null`` instead of its own
+    (``drop_cond``)."""
+    objective = objective or GaussianDiffusion.dit_default()
     g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=g)
+    t = objective.sample_t(x0, generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    return Stage1Inputs(diffusion.q_sample(x0, t, noise), t, drop_cond(y, null, cond_dropout, g))
+    return Stage1Inputs(objective.q_sample(x0, t, noise), objective.model_t(t), drop_cond(y, null, cond_dropout, g))
 
 
-def noised_batch(x0: torch.Tensor, y, null=None, cond_dropout: float = 0.0) -> Stage1Inputs:
+def noised_batch(x0: torch.Tensor, y, null=None, cond_dropout: float = 0.0, objective=None) -> Stage1Inputs:
     """One streamed batch, noised like ``noised_inputs`` from the global RNG (the loop seeds it per step and rank)
     on ``x0``'s device."""
-    diffusion = GaussianDiffusion.dit_default()
+    objective = objective or GaussianDiffusion.dit_default()
     y = drop_cond(y, null, cond_dropout)
-    t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=x0.device)
-    return Stage1Inputs(diffusion.q_sample(x0, t, torch.randn_like(x0)), t, y)
+    t = objective.sample_t(x0)
+    return Stage1Inputs(objective.q_sample(x0, t, torch.randn_like(x0)), objective.model_t(t), y)
 
 
 # ------------------------------------------------------------------------------------------- memory plan
@@ -405,8 +407,13 @@ def run_stage1(teacher: nn.Module, targets: list, cfg: Stage1, x0: torch.Tensor,
     log(format_plan(plan))
     dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
     family = family_of(teacher)
+    for t in targets:
+        if isinstance(t, SlotTarget):
+            family.check_distillable(teacher, t.graft.layer, t.graft.slot)
     null = (lambda cond: family.null_cond(teacher, cond)) if cfg.cond_dropout else (lambda cond: None)
-    val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2, null=null(y_val), cond_dropout=cfg.cond_dropout)
+    objective = family.objective(teacher)
+    val_inputs = noised_inputs(x0_val, y_val, seed=seed * 7 + 2, null=null(y_val), cond_dropout=cfg.cond_dropout,
+                               objective=objective)
     val = extract(teacher, targets, val_inputs, cfg.extract_batch_size, None, torch.float32, device)
     val_var = {t.key: t.target_var(val[t.key]) for t in targets}
     bank = OperatorBank(build_modules(teacher, targets, seed)).to(device)
@@ -434,12 +441,13 @@ def run_stage1(teacher: nn.Module, targets: list, cfg: Stage1, x0: torch.Tensor,
 
         def step_fn(model, batch):
             yb = cond_pack(batch[1:])
-            inp = noised_batch(batch[0], yb, null(yb), cfg.cond_dropout)
+            inp = noised_batch(batch[0], yb, null(yb), cfg.cond_dropout, objective)
             with torch.no_grad(), capture(teacher, targets) as captured:
                 call(inp.x_t, inp.t, inp.y)
             return _bank_losses(model, {k: captured[k] for k in keys}, losses)
     else:
-        train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1, null=null(y), cond_dropout=cfg.cond_dropout)
+        train_inputs = noised_inputs(x0, y, seed=seed * 7 + 1, null=null(y), cond_dropout=cfg.cond_dropout,
+                                     objective=objective)
         cache_dir = os.path.join(run_dir, "cache") if plan.mode == "disk" else None
         acts = extract(teacher, targets, train_inputs, cfg.extract_batch_size, cache_dir, dtype, device)
         data = tuple(a for k in keys for a in acts[k])

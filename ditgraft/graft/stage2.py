@@ -1,4 +1,5 @@
-"""Stage 2: lightweight end-to-end finetuning of the grafted student with the DiT loss (the shared loop).
+"""Stage 2: lightweight end-to-end finetuning of the grafted student with the teacher's own objective (its
+family's: DiT's IDDPM loss, or flow matching's velocity loss) in the shared loop.
 
 All parameters train, or (``cfg.lora``) low-rank adapters through peft on the chosen modules plus the grafted
 operators; the adapters are merged at the end, so the result is a plain model of the teacher's class.
@@ -70,7 +71,7 @@ def run_stage2(student: nn.Module, cfg: Stage2, x0: torch.Tensor, y, run_dir: st
     (output distillation). With ``cfg.lora`` the grafted slots in ``grafts`` train fully and the rest through LoRA
     adapters, merged into plain weights before returning."""
     family = family_of(student)
-    diffusion = GaussianDiffusion.dit_default(learn_sigma=family.learn_sigma(student))
+    diffusion = family.objective(student)
     lora = getattr(cfg, "lora", None)
     if lora is not None:
         student = add_lora(student, lora, trainable=[family.get_slot(student, g.layer, g.slot)

@@ -21,10 +21,10 @@ from ditgraft.utils import atomic_write_json, read_json, run_lock
 
 
 def diffusion_losses(diffusion: GaussianDiffusion, fn, batch) -> dict:
-    """DiT's training loss on a batch (x0, *cond): t ~ U{0..T-1}, loss = MSE(eps) + VLB, for the model function
-    ``fn(x, t, y)``."""
+    """The objective's training loss on a batch (x0, *cond) for the model function ``fn(x, t, y)``: for DiT's
+    IDDPM t ~ U{0..T-1}, loss = MSE(eps) + VLB; for flow matching the velocity MSE at its sampled t."""
     x0, y = batch[0], cond_pack(batch[1:])
-    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+    t = diffusion.sample_t(x0)
     terms = diffusion.training_losses(fn, x0, t, model_kwargs=dict(y=y))
     return {k: v.mean() for k, v in terms.items()}
 

@@ -6,18 +6,27 @@ then add one line to ``_FAMILIES`` below.
 """
 from __future__ import annotations
 
+import json
+import os
+
 from torch import nn
 
 from ditgraft.models.families.base import Family, ModelDims, SlotAdapter, unwrap
-from ditgraft.models.families.diffusers_common import load_transformer
+from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, load_transformer
 from ditgraft.models.families.diffusers_dit import DiffusersDiTFamily
 from ditgraft.models.families.dit import DiTFamily
+from ditgraft.models.families.flux import FluxFamily
 from ditgraft.models.families.pixart import PixArtFamily
+from ditgraft.models.families.sd3 import SD3Family
+from ditgraft.models.families.wan import WanFamily
 
 _FAMILIES: dict[str, Family] = {f.name: f for f in (
     DiTFamily(),
     DiffusersDiTFamily(),
     PixArtFamily(),
+    SD3Family(),
+    FluxFamily(),
+    WanFamily(),
 )}
 
 
@@ -44,11 +53,18 @@ DIFFUSERS_PREFIX = "diffusers:"
 
 def load_diffusers(source: str) -> nn.Module:
     """A diffusers transformer of a known family from a model or pipeline directory (or, with a network, a hub
-    repo id): ``diffusers:<dir or repo>`` in a recipe's teacher.source. A pipeline's ``transformer/`` is used."""
+    repo id): ``diffusers:<dir or repo>`` in a recipe's teacher.source. A pipeline's ``transformer/`` is used, and
+    for a flow-matching family its ``scheduler/scheduler_config.json`` (the shift) is recorded in the model config,
+    so the family's objective is the pipeline's."""
     from diffusers import AutoModel
 
     model = load_transformer(AutoModel, source)
-    family_of(model)  # a clear error for a class no family handles
+    family = family_of(model)  # a clear error for a class no family handles
+    scheduler = os.path.join(source, "scheduler", "scheduler_config.json")
+    if SCHEDULER_KEY in getattr(family, "extra_config", ()) and os.path.isfile(scheduler):
+        with open(scheduler) as f:  # the pipeline's sampler settings (its shift) become the family's objective
+            model.register_to_config(**{SCHEDULER_KEY: {k: v for k, v in json.load(f).items()
+                                                         if not k.startswith("_")}})
     return model.eval()
 
 

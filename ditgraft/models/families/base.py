@@ -2,8 +2,10 @@
 
 A ``Family`` knows a model's blocks and slots (list, get, set), how to call the model the way ditgraft's diffusion
 code does (``forward(model, x_t, t, cond)``), the conditioning a forward takes, the sample shape, whether the model
-learns its variance, how to count its FLOPs and how to save and rebuild its config. Everything else in ditgraft
-(stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model through its family.
+learns its variance, the objective it was trained with (``objective``: IDDPM or flow matching, which stage 1's
+noising, stage 2's loss and the sampler take), how to count its FLOPs and how to save and rebuild its config.
+Everything else in ditgraft (stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model
+through its family.
 
 Conditioning (``cond``) is one tensor (class labels) or a tuple of tensors with the batch first (caption
 embeddings and their mask); ``cond_tuple`` / ``cond_cat`` / ``cond_rows`` treat both alike.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.models.slots import SLOTS
 
 Cond = torch.Tensor | tuple
@@ -113,6 +116,12 @@ class Family:
     def in_channels(self, model: nn.Module) -> int:
         raise NotImplementedError
 
+    def objective(self, model: nn.Module):
+        """The teacher's training objective: a ``GaussianDiffusion`` (IDDPM, DiT's 1000-step linear schedule, the
+        default) or a ``FlowMatching``. Stage 1 noises its inputs with it, stage 2 trains with its loss and the
+        sampler follows it."""
+        return GaussianDiffusion.dit_default(learn_sigma=self.learn_sigma(unwrap(model)))
+
     def cfg_channels(self, model: nn.Module) -> int:
         """Output channels that classifier-free guidance mixes (the eps channels)."""
         return self.in_channels(model)
@@ -155,6 +164,9 @@ class Family:
     def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
         """The module that goes into a slot for operator ``op`` (the operator itself where the contracts agree)."""
         return op
+
+    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
+        """Raise where stage 1 cannot distil this slot from captured (input, output) pairs of one tensor each."""
 
     def dropped_labels_module(self, model: nn.Module) -> nn.Module | None:
         """The module whose input is the class labels after the model's own label dropout (so output distillation

@@ -9,11 +9,13 @@ import os
 import torch
 from torch import nn
 
+from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import Family, ModelDims, SlotAdapter, unwrap
 from ditgraft.operators.attention import MHA
 from ditgraft.operators.mlp import MLP
 
 SLOT_ATTRS = {"attn": "attn1", "mlp": "ff"}
+SCHEDULER_KEY = "ditgraft_scheduler"  # the teacher pipeline's scheduler config, kept in the model config
 
 
 def is_hub_id(source: str) -> bool:
@@ -59,6 +61,18 @@ def _set_call_grid(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 class DiffusersFamily(Family):
     cls_name: str = ""  # the diffusers class this family handles
+    # keys a family reads from the model config that are not constructor arguments (a model without a fixed sample
+    # size records the one it is grafted for with ``register_to_config``); ``build`` registers them again
+    extra_config: tuple[str, ...] = ()
+
+    def flow_objective(self, model: nn.Module, **defaults):
+        """A flow-matching family's objective: ``defaults`` (the published training and sampling settings), with
+        the scheduler fields of the teacher's own scheduler config where the model carries one
+        (``config[SCHEDULER_KEY]``, recorded by ``load_diffusers`` from a pipeline folder)."""
+        scheduler = unwrap(model).config.get(SCHEDULER_KEY)
+        if scheduler:
+            return FlowMatching.from_scheduler_config(dict(scheduler), **defaults)
+        return FlowMatching(**defaults)
 
     def model_class(self) -> type:
         import diffusers
@@ -111,7 +125,11 @@ class DiffusersFamily(Family):
         return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
 
     def build(self, config: dict) -> nn.Module:
-        return self.model_class().from_config(config)
+        model = self.model_class().from_config({k: v for k, v in config.items() if k not in self.extra_config})
+        extra = {k: config[k] for k in self.extra_config if k in config}
+        if extra:
+            model.register_to_config(**extra)
+        return model
 
 
 def _mha_from_diffusers(attn: nn.Module, where: str) -> nn.Module:

@@ -1,0 +1,144 @@
+"""diffusers ``FluxTransformer2DModel`` (FLUX.1): flow matching with a resolution-dependent shift, RoPE.
+
+ditgraft's samples are latents [B, C, H, W]; the family packs each 2 x 2 patch into a token ([B, H/2 * W/2, 4C],
+as ``FluxPipeline`` packs its latents), passes the image tokens' (0, row, column) position ids and zero text ids,
+the timestep t / 1000 (the model scales it back) and unpacks the output velocity. Conditioning is
+``(prompt embeddings [B, L, joint_attention_dim], pooled embeddings [B, pooled_projection_dim])``, plus the
+distilled guidance scale per sample ``[B]`` for guidance-embedding models (FLUX.1-dev, ``guidance_embeds=True``:
+the scale is an input, classifier-free guidance is not run). The objective: rectified flow with logit-normal t,
+the exponential resolution shift (mu from the token count) and the sigmas 1, ..., 1/steps that FluxPipeline
+samples with.
+
+The model has no fixed sample size; ``config["sample_size"]`` (a latent side, default 128 = 1024 px) sets the
+patch grid that stage 1 and the operators are built for (``register_to_config(sample_size=...)``).
+
+Slots, in the double-stream blocks (``layer`` counts them; the single-stream blocks stay): ``mlp`` is the image
+stream's ``transformer_blocks[i].ff`` (``ff_context`` stays); ``attn`` is a split slot of the joint attention
+(``joint.JointSplitAttention``): image queries over image keys go through the new operator, attention involving
+text keeps the teacher's qk-norm, RoPE and softmax. The teacher's image-to-image part is a ``rope_mha`` with
+``axes_dims`` = the model's ``axes_dims_rope`` (``init: teacher`` with those options reproduces the teacher); the
+patch grid of each call comes from ``img_ids``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditgraft.diffusion.flow_matching import FlowMatching
+from ditgraft.models.families.base import ModelDims, SlotAdapter, cond_tuple, unwrap
+from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, DiffusersFamily, _mlp_from_diffusers
+from ditgraft.models.families.joint import check_split_distillable, rope_mha_from_joint, set_split_slot
+
+DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
+PACK = 2  # FluxPipeline packs 2 x 2 latent patches into one token
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    B, C, H, W = x.shape
+    return x.view(B, C, H // PACK, PACK, W // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(
+        B, (H // PACK) * (W // PACK), C * PACK * PACK)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    B, _, D = tokens.shape
+    C = D // (PACK * PACK)
+    return tokens.view(B, height // PACK, width // PACK, C, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(
+        B, C, height, width)
+
+
+def image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
+    """[rows * cols, 3] position ids (0, row, column) of the packed image tokens, row-major."""
+    ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def _set_call_grid_from_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the patch grid of this call from the image position ids (rows, columns)."""
+    ids = kwargs.get("img_ids")
+    if ids is None:
+        return
+    ids = ids[0] if ids.ndim == 3 else ids
+    grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+    for m in model.modules():
+        if isinstance(m, SlotAdapter):
+            m.call_grid = grid
+
+
+class FluxFamily(DiffusersFamily):
+    name = "flux"
+    cls_name = "FluxTransformer2DModel"
+    extra_config = ("sample_size", SCHEDULER_KEY)
+
+    def objective(self, model: nn.Module) -> FlowMatching:
+        return self.flow_objective(model, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                   base_image_seq_len=256, max_image_seq_len=4096, timestep_sampling="logit_normal",
+                                   patch_size=PACK, sampling_grid="uniform")
+
+    def dims(self, model: nn.Module) -> ModelDims:
+        c = model.config
+        side = c.get("sample_size", DEFAULT_LATENT_SIDE) // PACK
+        return ModelDims(len(model.transformer_blocks), c.num_attention_heads * c.attention_head_dim,
+                         c.num_attention_heads, (side, side))
+
+    def learn_sigma(self, model: nn.Module) -> bool:
+        return False
+
+    def in_channels(self, model: nn.Module) -> int:
+        return unwrap(model).config.in_channels // (PACK * PACK)
+
+    def patch_size(self, model: nn.Module) -> int:
+        return PACK * model.config.patch_size
+
+    def slot_attr(self, slot: str) -> str:
+        return {"attn": "attn", "mlp": "ff"}[slot]
+
+    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
+        check_split_distillable(slot)
+
+    def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
+        if slot != "attn":
+            return super().set_slot(model, layer, slot, module)
+        set_split_slot(self, model, layer, module)
+
+    def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
+        if not getattr(model, "_ditgraft_grid_hook", False):
+            model.register_forward_pre_hook(_set_call_grid_from_ids, with_kwargs=True)
+            model._ditgraft_grid_hook = True
+        return SlotAdapter(op, self.dims(model).grid)
+
+    def teacher_operator(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
+        """The image-to-image part of the joint attention as a ``rope_mha`` (RoPE split ``axes_dims_rope``), or the
+        image stream's ``ff`` as a ditgraft MLP."""
+        module = self.get_slot(model, layer, slot)
+        if type(module).__module__.startswith("ditgraft."):
+            return module
+        if slot == "attn":
+            return rope_mha_from_joint(module, axes_dims=tuple(model.config.axes_dims_rope), theta=10000.0)
+        return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
+
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        parts = cond_tuple(cond)
+        guided = bool(unwrap(model).config.guidance_embeds)
+        if len(parts) != 2 + guided:
+            want = "(prompt embeddings, pooled embeddings" + (", guidance scale per sample)" if guided else ")")
+            raise ValueError(f"Flux conditioning is {want}; got {len(parts)} tensors")
+        emb, pooled = parts[0], parts[1]
+        H, W = x.shape[-2:]
+        out = model(hidden_states=pack_latents(x), encoder_hidden_states=emb, pooled_projections=pooled,
+                    timestep=t / 1000, img_ids=image_ids(H // PACK, W // PACK, x.device, x.dtype),
+                    txt_ids=torch.zeros(emb.shape[1], 3, device=x.device, dtype=x.dtype),
+                    guidance=parts[2] if guided else None, return_dict=False)[0]
+        return unpack_latents(out, H, W)
+
+    def null_cond(self, model: nn.Module, cond):
+        raise ValueError("Flux has no null class: true classifier-free guidance needs the negative prompt's "
+                         "embeddings (pass null_cond=(negative_prompt_embeds, negative_pooled_prompt_embeds"
+                         "[, guidance]))")
+
+    def example_cond(self, model: nn.Module, batch: int, device, tokens: int = 512):
+        c = model.config
+        cond = (torch.randn(batch, tokens, c.joint_attention_dim, device=device),
+                torch.randn(batch, c.pooled_projection_dim, device=device))
+        return cond + ((torch.full((batch,), 3.5, device=device),) if c.guidance_embeds else ())

@@ -1,0 +1,96 @@
+"""Softmax attention with per-head RMS qk-norm and axial rotary position embeddings over the patch grid: the attention
+inside FLUX's (and Wan's) blocks, as a ditgraft operator.
+
+Position ids of the token at (row, column) are (0, row, column), Flux's image ids; ``axes_dims`` splits each head's
+channels between the three axes (FLUX.1: 16, 56, 56 of 128) and every axis rotates its channel pairs by
+position x theta^(-2i / axis_dim), the pairs interleaved (channels 2i and 2i + 1), as diffusers' ``FluxPosEmbed``
+and ``apply_rotary_emb`` compute them. Without ``axes_dims`` there is no rotation. Parameter names follow ``mha``
+(``qkv``, ``proj``) plus ``norm_q`` / ``norm_k``, so an ``mha`` state dict loads into it (strict=False) and a Flux
+teacher's attention maps onto it exactly.
+
+``attend_with_lse`` gives the per-head output before ``proj`` and its log-normaliser: what a split image-text
+attention slot needs to mix this operator's image-to-image part with the teacher's attention over text keys.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditgraft.operators.common import check_heads, projection_flops, split_heads
+from ditgraft.operators.registry import register
+
+
+def axial_rope(grid: tuple[int, int], axes_dims: tuple[int, ...], theta: float, device) -> tuple[torch.Tensor, ...]:
+    """(cos, sin), each [N, head_dim], for the tokens of ``grid`` in row-major order, ids (0, row, column)."""
+    if len(axes_dims) != 3:
+        raise ValueError(f"axes_dims={tuple(axes_dims)} must give 3 axes (index, row, column)")
+    rows, cols = grid
+    ids = torch.stack([torch.zeros(rows, cols), *torch.meshgrid(torch.arange(rows), torch.arange(cols),
+                                                                 indexing="ij")], dim=-1).reshape(-1, 3)
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        angles = torch.outer(ids[:, axis].to(torch.float64), freqs)
+        cos.append(angles.cos().repeat_interleave(2, dim=1).float())
+        sin.append(angles.sin().repeat_interleave(2, dim=1).float())
+    return torch.cat(cos, dim=-1).to(device), torch.cat(sin, dim=-1).to(device)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of [B, heads, N, d] by the angles whose cos / sin are [N, d]."""
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    turned = torch.stack([-imag, real], dim=-1).flatten(-2)
+    return (x.float() * cos + turned.float() * sin).to(x.dtype)
+
+
+@register("rope_mha", slot="attn",
+          description="softmax attention with RMS qk-norm and axial RoPE over the patch grid (Flux's attention)")
+class RopeMHA(nn.Module):
+    def __init__(self, dim: int, heads: int, grid: tuple[int, int] = (0, 0), axes_dims: tuple[int, ...] | None = None,
+                 theta: float = 10000.0, qk_norm: bool = True, eps: float = 1e-6, qkv_bias: bool = True):
+        super().__init__()
+        self.dim, self.heads, self.grid = dim, heads, tuple(grid)
+        self.head_dim = check_heads(dim, heads)
+        if axes_dims is not None:
+            axes_dims = tuple(int(a) for a in axes_dims)
+            if sum(axes_dims) != self.head_dim or any(a % 2 for a in axes_dims):
+                raise ValueError(f"axes_dims={axes_dims} must be even numbers summing to the head dim "
+                                 f"{self.head_dim}")
+        self.axes_dims, self.theta = axes_dims, float(theta)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else None
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else None
+        self._rope: dict = {}
+
+    def qkv_heads(self, x: torch.Tensor, grid: tuple[int, int]):
+        q, k, v = split_heads(self.qkv(x), self.heads)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        if self.axes_dims is not None:
+            key = (tuple(grid), x.device)
+            if key not in self._rope:
+                self._rope[key] = axial_rope(grid, self.axes_dims, self.theta, x.device)
+            cos, sin = self._rope[key]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        return q, k, v
+
+    def attend_with_lse(self, x: torch.Tensor, grid: tuple[int, int]):
+        """(per-head output [B, heads, N, d] before ``proj``, log-normaliser [B, heads, N])."""
+        q, k, v = self.qkv_heads(x, grid)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse[..., None]) @ v, lse
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        grid = tuple(grid or self.grid)
+        if grid[0] * grid[1] != N:
+            raise ValueError(f"rope_mha got {N} tokens for the grid {grid}")
+        out = torch.nn.functional.scaled_dot_product_attention(*self.qkv_heads(x, grid))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    @staticmethod
+    def flops(dim: int, heads: int, grid: tuple[int, int], **_) -> int:
+        n = grid[0] * grid[1]
+        return projection_flops(n, dim) + 2 * 2 * n * n * dim
