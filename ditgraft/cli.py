@@ -6,7 +6,8 @@
     ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz (latent models: --vae)
     ditgraft encode IMAGE_DIR --vae V  SD-VAE latents of an image folder (the data file of latent recipes)
     ditgraft import-release MODEL.pt CONFIG.yaml   a released grafted DiT-XL/2 as a ditgraft checkpoint
-    ditgraft export-diffusers MODEL    a plain DiT as a folder that diffusers' DiTPipeline loads
+    ditgraft export MODEL --out DIR    a folder diffusers loads without ditgraft (AutoModel, trust_remote_code)
+    ditgraft push DIR OWNER/NAME       upload an exported folder to the hub (private unless --public)
     ditgraft eval SAMPLES.npz|MODEL    FID/KID/precision/recall/accuracy (testbed) or Inception metrics
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
     ditgraft synth MODEL               synthetic training data from a teacher (samples + labels; or captions)
@@ -244,12 +245,26 @@ def cmd_import_release(args) -> None:
     print(f"grafted checkpoint: {out}")
 
 
-def cmd_export_diffusers(args) -> None:
-    from ditgraft.models.diffusers_dit import export_diffusers
+def cmd_export(args) -> None:
+    if args.native:  # a plain DiT as diffusers' own DiTTransformer2DModel (no remote code)
+        from ditgraft.models.diffusers_dit import export_diffusers
 
-    model, _ = _load_model(args.model, "cpu")
-    out = export_diffusers(model, args.out, vae=args.vae)
-    print(f"diffusers pipeline folder: {out}")
+        model, _ = _load_model(args.model, "cpu")
+        print(f"diffusers pipeline folder: {export_diffusers(model, args.out, vae=args.vae)}")
+        return
+    from ditgraft.export.hf import export_model, run_dir_of
+
+    model, meta = _load_model(args.model, "cpu")
+    out = export_model(model, meta, args.out, vae=args.vae, run_dir=args.run_dir or run_dir_of(args.model))
+    print(f"exported: {out} (diffusers.AutoModel.from_pretrained({out!r}, trust_remote_code=True); "
+          f"model card {os.path.join(out, 'README.md')})")
+
+
+def cmd_push(args) -> None:
+    from ditgraft.export.push import push
+
+    url = push(args.folder, args.repo_id, public=args.public, token=args.token, overwrite=args.overwrite)
+    print(f"uploaded {args.folder} to {url} ({'public' if args.public else 'private'})")
 
 
 def cmd_eval(args) -> None:
@@ -385,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_):
-        s = sub.add_parser(name, help=help_)
+    def add(name, fn, help_, aliases=()):
+        s = sub.add_parser(name, help=help_, aliases=list(aliases))
         s.set_defaults(fn=fn)
         return s
 
@@ -464,10 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-heads", type=positive_int, default=None,
                    help="attention heads (default: from sample_config.dit_model_name, e.g. 16 for DiT-XL/2)")
 
-    s = add("export-diffusers", cmd_export_diffusers, "a plain DiT as a diffusers DiTPipeline folder")
-    s.add_argument("model", help="a plain (ungrafted) DiT: testbed, .safetensors, .pt, or a diffusers folder")
-    s.add_argument("--out", required=True, help="the folder to write (transformer/, scheduler/, model_index.json)")
-    s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/")
+    s = add("export", cmd_export, "a folder that diffusers loads without ditgraft (any model ditgraft loads)",
+            aliases=["export-diffusers"])
+    s.add_argument("model", help="testbed, .safetensors (plain or grafted), .pt, a run directory, a diffusers folder")
+    s.add_argument("--out", required=True, help="the folder to write (config.json, modeling_ditgraft.py, weights, "
+                                                "README.md; DiT: scheduler/, vae/)")
+    s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/ (DiT)")
+    s.add_argument("--run-dir", default=None, help="the run whose report the model card quotes (default: the "
+                                                   "model's run directory, when it has a report.json)")
+    s.add_argument("--native", action="store_true", help="a plain DiT as diffusers' own DiTTransformer2DModel "
+                                                        "(no remote code; timestep features as diffusers computes)")
+
+    s = add("push", cmd_push, "upload an exported folder to the Hugging Face hub (create_repo + upload_folder)")
+    s.add_argument("folder", help="a folder written by `ditgraft export`")
+    s.add_argument("repo_id", help="owner/name")
+    s.add_argument("--public", action="store_true", help="publish (default: a private repository)")
+    s.add_argument("--token", default=None, help="hub token (default: HF_TOKEN or the saved login)")
+    s.add_argument("--overwrite", action="store_true", help="upload into a repository that has other files")
 
     s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels, or "
                                  "image-caption pairs from a text-to-image pipeline with --prompts)")
@@ -535,7 +563,7 @@ def _init_distributed() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _terminate(signum, _frame):

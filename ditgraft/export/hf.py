@@ -125,7 +125,8 @@ def export_model(model: nn.Module, meta: dict | None, out: str, vae=None, run_di
     if family.name == "dit":
         _write_dit_pipeline(tmp, vae)
     if card:
-        atomic_write_text(os.path.join(tmp, "README.md"), model_card(model, meta, cfg, run_dir=run_dir))
+        atomic_write_text(os.path.join(tmp, "README.md"), model_card(model, meta, cfg, run_dir=run_dir,
+                                                                            has_vae=vae is not None))
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)
@@ -153,3 +154,12 @@ def _write_dit_pipeline(folder: str, vae) -> None:
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def run_dir_of(source: str) -> str | None:
+    """The run directory of a model source (the directory itself, or a checkpoint's folder) when it holds a
+    report.json; else None."""
+    for d in (source, os.path.dirname(os.path.abspath(source))):
+        if os.path.isdir(d) and os.path.exists(os.path.join(d, "report.json")):
+            return d
+    return None
