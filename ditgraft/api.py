@@ -81,9 +81,14 @@ def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, p
     """``ditgraft graft``: run a recipe (bundled name, path, dict or Recipe) in ``run_dir``; returns the report.
     Keyword overrides replace recipe sections or update their fields, e.g. ``stage1={"steps": 100}``."""
     from ditgraft.graft.pipeline import STAGES, run_graft
+    from ditgraft.train import tracking
 
-    return run_graft(_recipe(recipe, overrides), os.fspath(run_dir), stages=tuple(stages or STAGES), device=device,
-                     progress=progress, log=print if progress else (lambda *a: None))
+    recipe = _recipe(recipe, overrides)
+    with tracking.session(recipe.log, os.fspath(run_dir)):
+        report = run_graft(recipe, os.fspath(run_dir), stages=tuple(stages or STAGES), device=device,
+                           progress=progress, log=print if progress else (lambda *a: None))
+        tracking.log_results(report, os.fspath(run_dir))
+    return report
 
 
 def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.5, seed: int = 0,

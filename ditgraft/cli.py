@@ -113,7 +113,10 @@ def cmd_pretrain(args) -> None:
 
     device = _device(args)
     ensure_writable(args.run_dir, "--run-dir")
-    out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, device)
+    from ditgraft.train import tracking
+
+    with tracking.session(args.log, args.run_dir):
+        out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, device)
     if is_main():
         print(f"pretrained model (EMA weights): {out}")
 
@@ -127,8 +130,12 @@ def cmd_graft(args) -> None:
     run_dir = args.run_dir or os.path.join("runs", recipe.name)
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     main = is_main()  # under torchrun rank 0 alone prints (and writes)
-    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet and main,
-              log=print if main else lambda *_: None)
+    from ditgraft.train import tracking
+
+    with tracking.session(args.log or recipe.log, run_dir):
+        report = run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet and main,
+                           log=print if main else lambda *_: None)
+        tracking.log_results(report, run_dir)
     if main:
         _print_summary(run_dir)
 
@@ -409,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", default=None, help="default runs/demo")
     s.add_argument("--device", default=None)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--log", choices=("tensorboard", "wandb", "trackio", "none"), default=None,
+                   help="experiment tracker (default: the recipe's log, else none)")
 
     s = add("graft", cmd_graft, "run a grafting recipe")
     s.add_argument("recipe", help="a recipe .yaml path or a bundled recipe name (see `ditgraft recipes`)")
@@ -416,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default=None, help="comma list of stage1,stage2,eval,report (default all)")
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--log", choices=("tensorboard", "wandb", "trackio", "none"), default=None,
+                   help="experiment tracker (default: the recipe's log, else none)")
 
     s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
                                     "expected stage-2 memory per GPU")
@@ -423,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
+    s.add_argument("--log", choices=("tensorboard", "wandb", "trackio", "none"), default=None,
+                   help="experiment tracker (default none)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
     s.add_argument("--data", default="mnist5k", help="mnist5k, an image folder, or latents .npy/.npz")
     s.add_argument("--run-dir", default="runs/pretrain")
