@@ -38,44 +38,49 @@ import torch
 import diffusers
 from diffusers import AutoModel
 
-spec = json.loads(sys.argv[1])
-model = AutoModel.from_pretrained(spec["folder"], trust_remote_code=True).eval()
-io = torch.load(spec["inputs"])
-out = {"class": type(model).__name__, "module": type(model).__module__}
-with torch.no_grad():
-    if spec["kind"] == "dit":
-        out["output"] = model(io["x"], timestep=io["t"], class_labels=io["y"]).sample
-    else:
-        out["output"] = model(io["x"], encoder_hidden_states=io["emb"], encoder_attention_mask=io["mask"],
-                              timestep=io["t"], added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                              return_dict=False)[0]
-if spec.get("pipeline") == "dit":
-    pipe = diffusers.DiTPipeline.from_pretrained(spec["folder"], transformer=model)
-    out["images"] = pipe(class_labels=[0, 1], num_inference_steps=3, guidance_scale=1.5, output_type="np",
-                         generator=torch.Generator().manual_seed(0)).images
-elif spec.get("pipeline") == "pixart":
-    vae = diffusers.AutoencoderKL.from_pretrained(spec["vae"])
-    pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
-                                         scheduler=diffusers.DPMSolverMultistepScheduler())
-    size = model.config.sample_size * pipe.vae_scale_factor
-    out["images"] = pipe(negative_prompt=None, prompt_embeds=io["emb"], prompt_attention_mask=io["mask"],
-                         negative_prompt_embeds=io["neg"][0], negative_prompt_attention_mask=io["neg"][1],
-                         num_inference_steps=2, height=size, width=size, use_resolution_binning=False,
-                         output_type="pt", generator=torch.Generator().manual_seed(0)).images
-torch.save(out, spec["result"])
+def check(spec):
+    model = AutoModel.from_pretrained(spec["folder"], trust_remote_code=True).eval()
+    io = torch.load(spec["inputs"])
+    out = {"class": type(model).__name__, "module": type(model).__module__}
+    with torch.no_grad():
+        if spec["kind"] == "dit":
+            out["output"] = model(io["x"], timestep=io["t"], class_labels=io["y"]).sample
+        else:
+            out["output"] = model(io["x"], encoder_hidden_states=io["emb"], encoder_attention_mask=io["mask"],
+                                  timestep=io["t"], added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                                  return_dict=False)[0]
+    if spec.get("pipeline") == "dit":
+        pipe = diffusers.DiTPipeline.from_pretrained(spec["folder"], transformer=model)
+        out["images"] = pipe(class_labels=[0, 1], num_inference_steps=3, guidance_scale=1.5, output_type="np",
+                             generator=torch.Generator().manual_seed(0)).images
+    elif spec.get("pipeline") == "pixart":
+        vae = diffusers.AutoencoderKL.from_pretrained(spec["vae"])
+        pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
+                                             scheduler=diffusers.DPMSolverMultistepScheduler())
+        size = model.config.sample_size * pipe.vae_scale_factor
+        out["images"] = pipe(negative_prompt=None, prompt_embeds=io["emb"], prompt_attention_mask=io["mask"],
+                             negative_prompt_embeds=io["neg"][0], negative_prompt_attention_mask=io["neg"][1],
+                             num_inference_steps=2, height=size, width=size, use_resolution_binning=False,
+                             output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    return out
+
+
+specs = json.loads(sys.argv[1])
+torch.save([check(s) for s in specs[1:]], specs[0])
 '''
 
 
-def run_without_ditgraft(tmp_path, **spec) -> dict:
+def run_without_ditgraft(tmp_path, *specs: dict) -> list[dict]:
+    """Each spec (folder, inputs, kind, optional pipeline) checked in one ``python -I`` process without ditgraft."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    spec["result"] = str(tmp_path / "result.pt")
+    result = str(tmp_path / "result.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-I", str(script), json.dumps(spec)], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-I", str(script), json.dumps([result, *specs])], cwd=str(tmp_path),
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(spec["result"], weights_only=False)
+    return torch.load(result, weights_only=False)
 
 
 def _perturb(model, seed=0):
@@ -125,7 +130,7 @@ def test_grafted_testbed_loads_without_ditgraft_and_reproduces_it(tmp_path):
         assert absent not in source
     x, t, y = _dit_inputs(student)
     torch.save({"x": x, "t": t, "y": y.clone().masked_fill(y == student.num_classes, 1000)}, tmp_path / "io.pt")
-    got = run_without_ditgraft(tmp_path, folder=out, inputs=str(tmp_path / "io.pt"), kind="dit")
+    (got,) = run_without_ditgraft(tmp_path, dict(folder=out, inputs=str(tmp_path / "io.pt"), kind="dit"))
     assert got["class"] == "DitgraftDiT" and not got["module"].startswith("ditgraft")
     with torch.no_grad():
         want = student(x, t, y)  # label 1000 (DiTPipeline's null class) is this model's null class 10
@@ -142,15 +147,19 @@ def test_restructured_and_plain_testbed_reproduce_ditgraft(tmp_path):
     teacher, meta = load_any("testbed")
     spec = resolve_restructure({"parallel_pairs": [[2, 3]], "drop": [6]}, 8)
     model = _perturb(restructure(load_any("testbed")[0], spec))
-    for name, m, md in (("plain", teacher, meta), ("restructured", model, {"restructure": spec})):
+    cases = {"plain": (teacher, meta), "restructured": (model, {"restructure": spec})}
+    specs, want = [], {}
+    for name, (m, md) in cases.items():
         out = export_model(m, md, str(tmp_path / name))
         source = open(os.path.join(out, "modeling_ditgraft.py")).read()
         assert ("class ParallelPair(" in source) == (name == "restructured")
         x, t, y = _dit_inputs(m)
         torch.save({"x": x, "t": t, "y": y}, tmp_path / f"{name}.pt")
-        got = run_without_ditgraft(tmp_path, folder=out, inputs=str(tmp_path / f"{name}.pt"), kind="dit")
+        specs.append(dict(folder=out, inputs=str(tmp_path / f"{name}.pt"), kind="dit"))
         with torch.no_grad():
-            assert (got["output"] - m(x, t, y)).abs().max().item() == 0.0, name
+            want[name] = m(x, t, y)
+    for name, got in zip(cases, run_without_ditgraft(tmp_path, *specs)):
+        assert (got["output"] - want[name]).abs().max().item() == 0.0, name
 
 
 def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
@@ -168,7 +177,8 @@ def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
     out = export_model(student, meta, str(tmp_path / "export"), vae=str(vae_dir))
     x, t, y = _dit_inputs(student)
     torch.save({"x": x, "t": t, "y": y}, tmp_path / "io.pt")
-    got = run_without_ditgraft(tmp_path, folder=out, inputs=str(tmp_path / "io.pt"), kind="dit", pipeline="dit")
+    (got,) = run_without_ditgraft(tmp_path, dict(folder=out, inputs=str(tmp_path / "io.pt"), kind="dit",
+                                                 pipeline="dit"))
     assert got["images"].shape == (2, 16, 16, 3)
     # the same pipeline in this process on ditgraft's model: the same images
     pipe = DiTPipeline.from_pretrained(out, transformer=build_hub_model(student, meta))
@@ -197,8 +207,8 @@ def test_grafted_pixart_loads_without_ditgraft_and_runs_in_pixart_sigma_pipeline
     tiny_vae().save_pretrained(vae_dir)
     neg = (torch.zeros(2, TOKENS, CAPTION_DIM), torch.ones(2, TOKENS))
     torch.save({"x": x, "t": t, "emb": emb, "mask": mask, "neg": neg}, tmp_path / "io.pt")
-    got = run_without_ditgraft(tmp_path, folder=out, inputs=str(tmp_path / "io.pt"), kind="pixart",
-                               pipeline="pixart", vae=str(vae_dir))
+    (got,) = run_without_ditgraft(tmp_path, dict(folder=out, inputs=str(tmp_path / "io.pt"), kind="pixart",
+                                                 pipeline="pixart", vae=str(vae_dir)))
     with torch.no_grad():
         want = model_call(student)(x, t, (emb, mask))
     assert (got["output"] - want).abs().max().item() == 0.0
@@ -240,7 +250,9 @@ def test_bundle_renames_clashing_names_and_keeps_the_code():
 
     source, names = bundle_source([Mamba2, MHA])
     assert names == {Mamba2: "Mamba2", MHA: "MHA"}
-    assert 'IMPLS = ("fast", "reference")' in source and 'IMPLS__attention = ("sdpa", "reference")' in source
+    # a name several ditgraft modules define gets its module's suffix in every export (diffusers imports every
+    # exported folder's module under one name, so two exports loaded in one process must agree)
+    assert 'IMPLS__mamba2 = ("fast", "reference")' in source and 'IMPLS__attention = ("sdpa", "reference")' in source
     assert 'check_choice("impl", impl, IMPLS__attention)' in source
     namespace: dict = {}
     exec(compile(source, "bundle", "exec"), namespace)  # noqa: S102 - the module we just generated

@@ -6,7 +6,7 @@ a name bound at a ditgraft module's top level (class, function, constant) comes 
 imported from another ditgraft module is followed there, and a name imported from elsewhere (torch, numpy, diffusers)
 keeps the import line of the module that uses it. Decorators from the operator registry are dropped (the bundle has
 no registry), and two ditgraft objects with one name (``IMPLS`` in several operator files) get distinct names in the
-bundle, rewritten where their own module's code reads them. Objects come out in dependency order, texts unchanged
+bundle (the same names in every export: ``shared_names``), rewritten where their own module's code reads them. Objects come out in dependency order, texts unchanged
 apart from those two edits, so comments and docstrings stay.
 
 It refuses (``SelfContainedError``, naming the object and the reason) what it cannot carry over faithfully: an
@@ -16,8 +16,10 @@ function, a renamed global that the function also binds locally.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -128,7 +130,7 @@ class Bundle:
             return self.emitted[key]
         module, name = key
         new = name
-        if new in self.taken and self.taken[new] != key:
+        if name in shared_names() or (new in self.taken and self.taken[new] != key):
             new = f"{name}__{module.rsplit('.', 1)[-1]}"
             if new in self.taken:
                 raise SelfContainedError(f"{module}.{name}: two ditgraft objects would share the name {new}")
@@ -235,6 +237,23 @@ class Bundle:
         if footer:
             parts.append("\n\n" + footer.rstrip() + "\n")
         return "".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def shared_names() -> frozenset[str]:
+    """Top-level names that two or more ditgraft modules define (``IMPLS``, ``DIRECTIONS``): the bundle always gives
+    them their module's suffix, so every export names them alike. (diffusers imports every exported folder's module
+    under one name, ``modeling_ditgraft``: two folders loaded in one process must agree on what each name means.)"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen: dict[str, int] = {}
+    for folder, _dirs, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                with open(os.path.join(folder, f), encoding="utf-8") as fh:
+                    tree = ast.parse(fh.read())
+                for name in {n for node in tree.body for n in _bound_names(node)}:
+                    seen[name] = seen.get(name, 0) + 1
+    return frozenset(n for n, count in seen.items() if count > 1)
 
 
 def _bound_in(fn: ast.AST) -> set[str]:
