@@ -259,10 +259,9 @@ def cmd_export(args) -> None:
         model, _ = _load_model(args.model, "cpu")
         print(f"diffusers pipeline folder: {export_diffusers(model, args.out, vae=args.vae)}")
         return
-    from ditgraft.export.hf import export_model, run_dir_of
+    from ditgraft.api import export_model
 
-    model, meta = _load_model(args.model, "cpu")
-    out = export_model(model, meta, args.out, vae=args.vae, run_dir=args.run_dir or run_dir_of(args.model))
+    out = export_model(args.model, args.out, vae=args.vae, run_dir=args.run_dir)
     print(f"exported: {out} (diffusers.AutoModel.from_pretrained({out!r}, trust_remote_code=True); "
           f"model card {os.path.join(out, 'README.md')})")
 
@@ -576,7 +575,8 @@ def _init_distributed() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                   PermissionError)
 
 
 def _terminate(signum, _frame):

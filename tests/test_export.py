@@ -111,10 +111,10 @@ def _dit_inputs(model, n=3, seed=1):
 
 
 def test_grafted_testbed_loads_without_ditgraft_and_reproduces_it(tmp_path):
-    from ditgraft.export.hf import export_model
+    from ditgraft.export.hf import write_export
 
     student, meta = _grafted_testbed()
-    out = export_model(student, meta, str(tmp_path / "export"))
+    out = write_export(student, meta, str(tmp_path / "export"))
     names = sorted(os.listdir(out))
     assert {"config.json", "modeling_ditgraft.py", "diffusion_pytorch_model.safetensors", "README.md",
             "scheduler", "model_index.json"} <= set(names)
@@ -136,11 +136,11 @@ def test_grafted_testbed_loads_without_ditgraft_and_reproduces_it(tmp_path):
         want = student(x, t, y)  # label 1000 (DiTPipeline's null class) is this model's null class 10
     assert (got["output"] - want).abs().max().item() == 0.0
     with pytest.raises(FileExistsError, match="not an empty folder"):
-        export_model(student, meta, out)
+        write_export(student, meta, out)
 
 
 def test_restructured_and_plain_testbed_reproduce_ditgraft(tmp_path):
-    from ditgraft.export.hf import export_model
+    from ditgraft.export.hf import write_export
     from ditgraft.graft.restructure import resolve_restructure, restructure
     from ditgraft.graft.surgery import load_any
 
@@ -150,7 +150,7 @@ def test_restructured_and_plain_testbed_reproduce_ditgraft(tmp_path):
     cases = {"plain": (teacher, meta), "restructured": (model, {"restructure": spec})}
     specs, want = [], {}
     for name, (m, md) in cases.items():
-        out = export_model(m, md, str(tmp_path / name))
+        out = write_export(m, md, str(tmp_path / name))
         source = open(os.path.join(out, "modeling_ditgraft.py")).read()
         assert ("class ParallelPair(" in source) == (name == "restructured")
         x, t, y = _dit_inputs(m)
@@ -166,7 +166,7 @@ def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
     from diffusers import DiTPipeline
 
     from latent_helpers import tiny_vae
-    from ditgraft.export.hf import build_hub_model, export_model
+    from ditgraft.export.hf import build_hub_model, write_export
     from ditgraft.graft.surgery import ResolvedGraft, graft_model
 
     model = tiny_dit(depth=2, input_size=8, patch_size=2, in_channels=4, num_classes=5).eval()
@@ -174,7 +174,7 @@ def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
     student, meta = _perturb(graft_model(model, grafts)), {"grafts": [asdict(g) for g in grafts]}
     vae_dir = tmp_path / "vae"
     tiny_vae().save_pretrained(vae_dir)
-    out = export_model(student, meta, str(tmp_path / "export"), vae=str(vae_dir))
+    out = write_export(student, meta, str(tmp_path / "export"), vae=str(vae_dir))
     x, t, y = _dit_inputs(student)
     torch.save({"x": x, "t": t, "y": y}, tmp_path / "io.pt")
     (got,) = run_without_ditgraft(tmp_path, dict(folder=out, inputs=str(tmp_path / "io.pt"), kind="dit",
@@ -189,7 +189,7 @@ def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
 
 def test_grafted_pixart_loads_without_ditgraft_and_runs_in_pixart_sigma_pipeline(tmp_path):
     from diffusers_helpers import CAPTION_DIM, TOKENS, captions, latents, tiny_pixart, tiny_vae
-    from ditgraft.export.hf import export_model
+    from ditgraft.export.hf import write_export
     from ditgraft.graft.surgery import ResolvedGraft, graft_model, save_grafted, load_grafted
     from ditgraft.models.families import model_call
 
@@ -198,7 +198,7 @@ def test_grafted_pixart_loads_without_ditgraft_and_runs_in_pixart_sigma_pipeline
     student = _perturb(graft_model(tiny_pixart(), grafts))
     save_grafted(str(tmp_path / "student.safetensors"), student, grafts, {})
     student, meta = load_grafted(str(tmp_path / "student.safetensors"))  # as the CLI loads it
-    out = export_model(student, meta, str(tmp_path / "export"))
+    out = write_export(student, meta, str(tmp_path / "export"))
     assert json.load(open(os.path.join(out, "config.json")))["auto_map"]["AutoModel"].endswith("DitgraftPixArt")
     x = latents(2, 3)
     t = torch.tensor([5, 700])
@@ -218,7 +218,7 @@ def test_grafted_pixart_loads_without_ditgraft_and_runs_in_pixart_sigma_pipeline
 def test_an_operator_outside_ditgraft_is_refused_by_name(tmp_path, monkeypatch):
     from torch import nn
 
-    from ditgraft.export.hf import export_model
+    from ditgraft.export.hf import write_export
     from ditgraft.export.source import SelfContainedError
     from ditgraft.graft.surgery import ResolvedGraft, graft_model
     from ditgraft.operators import registry
@@ -236,11 +236,11 @@ def test_an_operator_outside_ditgraft_is_refused_by_name(tmp_path, monkeypatch):
     grafts = [ResolvedGraft("attn", 1, "outsider")]
     student = graft_model(model, grafts)
     with pytest.raises(SelfContainedError, match="operator 'outsider' cannot be made self-contained"):
-        export_model(student, {"grafts": [asdict(g) for g in grafts]}, str(tmp_path / "x"))
+        write_export(student, {"grafts": [asdict(g) for g in grafts]}, str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
     # metadata that does not describe the model's modules is refused, not exported wrong
     with pytest.raises(SelfContainedError, match="does not rebuild this model"):
-        export_model(graft_model(model, [ResolvedGraft("attn", 1, "hyena_x")]), {}, str(tmp_path / "y"))
+        write_export(graft_model(model, [ResolvedGraft("attn", 1, "hyena_x")]), {}, str(tmp_path / "y"))
 
 
 def test_bundle_renames_clashing_names_and_keeps_the_code():

@@ -149,3 +149,16 @@ def test_push_uploads_private_by_default_and_refuses_without_token_or_over_other
         del os.environ["HF_TOKEN"]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["auto_map"]["AutoModel"] == "modeling_ditgraft.DitgraftDiT"
+
+
+def test_api_graft_then_export_model_carries_the_grafts(tmp_path):
+    import ditgraft
+
+    student = ditgraft.graft_model("testbed", operator="swa", layers=[2, 6], options={"window": 8})
+    out = ditgraft.export_model(student, tmp_path / "swa")
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert [(g["layer"], g["operator"], g["options"]) for g in config["grafts"]] == [(2, "swa", {"window": 8}),
+                                                                                   (6, "swa", {"window": 8})]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "| attn | 2, 6 | swa | {\"window\": 8} | random |" in card
+    assert "No evaluation was recorded" in card  # no run directory: nothing made up

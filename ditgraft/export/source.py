@@ -6,18 +6,19 @@ a name bound at a ditgraft module's top level (class, function, constant) comes 
 imported from another ditgraft module is followed there, and a name imported from elsewhere (torch, numpy, diffusers)
 keeps the import line of the module that uses it. Decorators from the operator registry are dropped (the bundle has
 no registry), and two ditgraft objects with one name (``IMPLS`` in several operator files) get distinct names in the
-bundle (the same names in every export: ``shared_names``), rewritten where their own module's code reads them. Objects come out in dependency order, texts unchanged
-apart from those two edits, so comments and docstrings stay.
+bundle (the same names in every export: ``shared_names``), rewritten where their own module's code reads them.
+Objects come out in dependency order, texts unchanged apart from those two edits, so comments and docstrings stay.
 
 It refuses (``SelfContainedError``, naming the object and the reason) what it cannot carry over faithfully: an
-object whose source is unavailable, a ditgraft module used as a module (``mod.f``), ditgraft imported inside a
-function, a renamed global that the function also binds locally.
+object that is not a top-level ditgraft class or function, or whose source is unavailable; a ditgraft module used as
+a module (``mod.f``); ditgraft imported inside a function.
 """
 from __future__ import annotations
 
 import ast
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -89,7 +90,8 @@ class Bundle:
                 elif isinstance(node, ast.ImportFrom):
                     if node.module == "__future__":
                         continue
-                    src = "." * node.level + (node.module or "")
+                    src = (importlib.util.resolve_name("." * node.level + (node.module or ""), mod.__package__)
+                           if node.level else node.module)
                     for a in node.names:
                         line = f"from {src} import {a.name}" + (f" as {a.asname}" if a.asname else "")
                         m.bindings[a.asname or a.name] = ("import", line, src, a.name)
@@ -146,7 +148,8 @@ class Bundle:
         if binding[0] == "import":
             _, line, src, orig = binding
             if _is_ours(src) and orig is not None:  # re-exported: follow it to its home
-                return self._alias(module, name, new, self._add(src, orig))
+                target = self._add(src, orig)
+                return "" if new == target else f"{new} = {target}\n"
             raise SelfContainedError(f"{module}.{name} is a module or an import, not an object to carry over")
         node = binding[1]
         start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
@@ -194,9 +197,6 @@ class Bundle:
             text_end += len(rep) - length if at < text_end else 0
         return text[text_start:text_end].rstrip() + "\n"
 
-    def _alias(self, module: str, name: str, new: str, target: str) -> str:
-        return "" if new == target else f"{new} = {target}\n"
-
     def _home(self, m: _Module, name: str) -> tuple[str, str] | None:
         binding = m.bindings.get(name)
         if binding is None:
@@ -215,18 +215,13 @@ class Bundle:
             if orig is None:
                 raise SelfContainedError(f"{where} uses the ditgraft module {src} as a module; import the names "
                                          "it needs instead")
-            target = self._add(src, orig)
-            if target != name and name in self.taken:
-                raise SelfContainedError(f"{where}: {name} would clash with another object in the bundle")
-            if target != name:
-                return target
-            return name
+            return self._add(src, orig)  # the read is rewritten when the bundle names it differently
         if line not in self.imports:
             self.imports.append(line)
         return name
 
     # ---- writing ---------------------------------------------------------------------------------------------
-    def source(self, header: str = "", footer: str = "") -> str:
+    def source(self, header: str = "") -> str:
         parts = [header.rstrip() + "\n\n" if header else "", "from __future__ import annotations\n\n"]
         plain = sorted(i for i in self.imports if i.startswith("import "))
         froms = sorted(i for i in self.imports if i.startswith("from "))
@@ -234,8 +229,6 @@ class Bundle:
         for module, name, text in self.order:
             if text:
                 parts.append(f"\n\n# ---- {module}.{name}\n{text.rstrip()}\n")
-        if footer:
-            parts.append("\n\n" + footer.rstrip() + "\n")
         return "".join(parts)
 
 
@@ -306,10 +299,9 @@ def _global_reads(node: ast.AST) -> list[ast.Name]:
     return out
 
 
-def bundle_source(roots, provided: dict[str, str] | None = None, header: str = "", footer: str = "",
-                  ) -> tuple[str, dict]:
+def bundle_source(roots, provided: dict[str, str] | None = None, header: str = "") -> tuple[str, dict]:
     """The self-contained module text for ``roots`` (ditgraft classes / functions) and {root: its name in the
     module}. ``provided`` replaces library bindings by module-qualified name (``"ditgraft.x.NAME": "NAME = ..."``)."""
     bundle = Bundle(provided)
     names = {root: bundle.add(root) for root in roots}
-    return bundle.source(header, footer), names
+    return bundle.source(header), names
