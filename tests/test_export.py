@@ -3,7 +3,7 @@
 otherwise still find it), and compares with ditgraft's own output on the same random inputs.
 
 Measured (torch 2.13 CPU, diffusers 0.42.1, fp32): max |diff| 0.0 (bit-identical) for the grafted testbed (Hyena-X,
-Mamba-2, SWA), the restructured testbed and the grafted tiny PixArt; the pipelines' images are identical to the
+Mamba-2, SWA), the restructured testbed, a grafted tiny PixArt and a grafted diffusers DiT; the pipelines' images are identical to the
 same pipelines run in-process on ditgraft's model."""
 from __future__ import annotations
 
@@ -187,32 +187,41 @@ def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
     assert abs(got["images"] - want).max() == 0.0
 
 
-def test_grafted_pixart_loads_without_ditgraft_and_runs_in_pixart_sigma_pipeline(tmp_path):
-    from diffusers_helpers import CAPTION_DIM, TOKENS, captions, latents, tiny_pixart, tiny_vae
+def test_grafted_diffusers_models_load_without_ditgraft_and_run_in_their_pipelines(tmp_path):
+    """A grafted tiny PixArt (PixArtSigmaPipeline) and a grafted diffusers DiT (DiTPipeline)."""
+    from diffusers_helpers import (CAPTION_DIM, TOKENS, captions, latents, tiny_diffusers_dit, tiny_pixart,
+                                   tiny_vae)
     from ditgraft.export.hf import write_export
-    from ditgraft.graft.surgery import ResolvedGraft, graft_model, save_grafted, load_grafted
+    from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, save_grafted
     from ditgraft.models.families import model_call
 
-    grafts = [ResolvedGraft("attn", 0, "hyena_x"), ResolvedGraft("attn", 2, "mamba2"),
-              ResolvedGraft("mlp", 1, "mlp", {"hidden": 24})]
-    student = _perturb(graft_model(tiny_pixart(), grafts))
-    save_grafted(str(tmp_path / "student.safetensors"), student, grafts, {})
-    student, meta = load_grafted(str(tmp_path / "student.safetensors"))  # as the CLI loads it
-    out = write_export(student, meta, str(tmp_path / "export"))
-    assert json.load(open(os.path.join(out, "config.json")))["auto_map"]["AutoModel"].endswith("DitgraftPixArt")
-    x = latents(2, 3)
-    t = torch.tensor([5, 700])
-    emb, mask = captions(2, 4)
     vae_dir = tmp_path / "vae"
     tiny_vae().save_pretrained(vae_dir)
+    grafts = {"pixart": [ResolvedGraft("attn", 0, "hyena_x"), ResolvedGraft("attn", 2, "mamba2"),
+                         ResolvedGraft("mlp", 1, "mlp", {"hidden": 24})],
+              "dit": [ResolvedGraft("attn", 1, "hyena_x"), ResolvedGraft("attn", 3, "swa", {"window": 4})]}
+    teachers = {"pixart": tiny_pixart(), "dit": tiny_diffusers_dit()}
+    x, t, y = latents(2, 3), torch.tensor([5, 700]), torch.tensor([3, 1000])
+    emb, mask = captions(2, 4)
     neg = (torch.zeros(2, TOKENS, CAPTION_DIM), torch.ones(2, TOKENS))
-    torch.save({"x": x, "t": t, "emb": emb, "mask": mask, "neg": neg}, tmp_path / "io.pt")
-    (got,) = run_without_ditgraft(tmp_path, dict(folder=out, inputs=str(tmp_path / "io.pt"), kind="pixart",
-                                                 pipeline="pixart", vae=str(vae_dir)))
-    with torch.no_grad():
-        want = model_call(student)(x, t, (emb, mask))
-    assert (got["output"] - want).abs().max().item() == 0.0
-    assert got["images"].shape == (2, 3, 16, 16) and torch.isfinite(got["images"]).all()
+    torch.save({"x": x, "t": t, "y": y, "emb": emb, "mask": mask, "neg": neg}, tmp_path / "io.pt")
+    specs, want = [], {}
+    for name, teacher in teachers.items():
+        path = str(tmp_path / f"{name}.safetensors")
+        save_grafted(path, _perturb(graft_model(teacher, grafts[name])), grafts[name], {})
+        student, meta = load_grafted(path)  # as the CLI loads it
+        out = write_export(student, meta, str(tmp_path / name), vae=str(vae_dir) if name == "dit" else None)
+        config = json.load(open(os.path.join(out, "config.json")))
+        assert config["auto_map"]["AutoModel"] == "modeling_ditgraft.DitgraftDiffusersModel"
+        assert config["base_class"] == type(teacher).__name__
+        specs.append(dict(folder=out, inputs=str(tmp_path / "io.pt"), kind=name, pipeline=name, vae=str(vae_dir)))
+        with torch.no_grad():
+            want[name] = model_call(student)(x, t, (emb, mask) if name == "pixart" else y)
+    got = dict(zip(teachers, run_without_ditgraft(tmp_path, *specs)))
+    for name in teachers:
+        assert (got[name]["output"] - want[name]).abs().max().item() == 0.0, name
+    assert got["pixart"]["images"].shape == (2, 3, 16, 16) and torch.isfinite(got["pixart"]["images"]).all()
+    assert got["dit"]["images"].shape == (2, 16, 16, 3)
 
 
 def test_an_operator_outside_ditgraft_is_refused_by_name(tmp_path, monkeypatch):

@@ -23,8 +23,9 @@ from ditgraft.utils import read_json
 # facebookresearch/DiT), PixArt-Sigma (openrail++ on its hub pages), the shipped testbed teacher (ditgraft's MIT).
 KNOWN_LICENSES = (("testbed", "mit"), ("DiT-XL-2", "cc-by-nc-4.0"), ("facebook/DiT", "cc-by-nc-4.0"),
                   ("PixArt-Sigma", "openrail++"), ("PixArt-alpha", "openrail++"))
-PIPELINES = {"dit": "DiTPipeline", "pixart": "PixArtSigmaPipeline"}
-PIPELINE_TAGS = {"dit": "unconditional-image-generation", "pixart": "text-to-image"}  # class-conditional: the hub
+PIPELINES = {"dit": "DiTPipeline", "diffusers_dit": "DiTPipeline", "pixart": "PixArtSigmaPipeline"}
+PIPELINE_TAGS = {"dit": "unconditional-image-generation", "diffusers_dit": "unconditional-image-generation",
+                 "pixart": "text-to-image"}  # class-conditional: the hub
 # has no class-conditional tag; DiT repositories use the unconditional one
 
 
@@ -153,7 +154,7 @@ def model_card(model: nn.Module, meta: dict, config: dict, run_dir: str | None =
     pipeline = PIPELINES.get(family)
     usage = ["```python", "import diffusers", "", 'model = diffusers.AutoModel.from_pretrained("REPO_OR_FOLDER", '
              "trust_remote_code=True)"]
-    if family == "dit":
+    if family in ("dit", "diffusers_dit"):
         vae = "" if has_vae else ", vae=vae"  # no vae/ in the folder: bring an AutoencoderKL
         usage += [f'pipe = diffusers.DiTPipeline.from_pretrained("REPO_OR_FOLDER", transformer=model{vae})',
                   "images = pipe(class_labels=[0, 1], num_inference_steps=50).images"]
@@ -168,7 +169,7 @@ def model_card(model: nn.Module, meta: dict, config: dict, run_dir: str | None =
            f"class `{cls}` in `modeling_ditgraft.py`, generated from ditgraft's own sources at export, so loading "
            "needs diffusers and torch only; it reproduces ditgraft's output bit for bit (fp32, same device).", "",
            "## Use", "", *usage, ""]
-    if family == "dit" and config.get("in_channels") not in (4, None):
+    if family in ("dit", "diffusers_dit") and config.get("in_channels") not in (4, None):
         md += [f"This model works on {config['in_channels']}-channel images, not VAE latents: `DiTPipeline` decodes "
                "through a VAE, so sample it with the scheduler in `scheduler/` in a loop of your own, or pass a "
                "decoder that fits.", ""]

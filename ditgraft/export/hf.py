@@ -1,5 +1,5 @@
 """Export any model ditgraft loads (plain, grafted or restructured DiT; a grafted diffusers transformer such as
-PixArt) as a folder that diffusers loads without ditgraft:
+PixArt or diffusers DiT) as a folder that diffusers loads without ditgraft:
 
     DIR/config.json                          the model's config, with ``auto_map`` -> modeling_ditgraft.<class>
     DIR/modeling_ditgraft.py                 generated from ditgraft's sources at export time (export/source.py)
@@ -49,10 +49,11 @@ def hub_class_and_config(model: nn.Module, meta: dict) -> tuple[type, dict]:
     if family.name == "dit":
         return hub_model.DitgraftDiT, {"model_config": dict(family.config(model)), "grafts": grafts,
                                        "restructure_spec": meta.get("restructure") or None}
-    if isinstance(family, DiffusersFamily) and family.cls_name == "PixArtTransformer2DModel":
-        return hub_model.DitgraftPixArt, {"transformer_config": family.config(model), "grafts": grafts}
+    if isinstance(family, DiffusersFamily):
+        return hub_model.DitgraftDiffusersModel, {"base_class": family.cls_name,
+                                                  "transformer_config": family.config(model), "grafts": grafts}
     raise SelfContainedError(f"family {family.name!r} ({type(model).__name__}) has no exported model class yet; "
-                             "exportable: dit, pixart")
+                             "exportable: ditgraft's DiT and the diffusers transformer families")
 
 
 def modeling_source(cls: type, config: dict) -> str:
@@ -118,8 +119,7 @@ def write_export(model: nn.Module, meta: dict | None, out: str, vae=None, run_di
     with open(os.path.join(tmp, "config.json")) as f:
         cfg = json.load(f)
     atomic_write_text(os.path.join(tmp, f"{MODULE}.py"), source)
-    family = family_of(model)
-    if family.name == "dit":
+    if family_of(model).name in ("dit", "diffusers_dit"):
         _write_dit_pipeline(tmp, vae)
     if card:
         atomic_write_text(os.path.join(tmp, "README.md"), model_card(model, meta, cfg, run_dir=run_dir,

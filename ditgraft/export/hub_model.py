@@ -11,14 +11,15 @@ the config so that saving writes it); the weights are the ditgraft state dict un
 - ``DitgraftDiT``: ditgraft's DiT, called as ``DiTTransformer2DModel`` is in ``DiTPipeline``:
   ``model(x, timestep=t, class_labels=y).sample``. ``DiTPipeline`` always asks for class 1000 as the null class
   (ImageNet's); a model with another number of classes reads label 1000 as its own null class.
-- ``DitgraftPixArt``: a diffusers ``PixArtTransformer2DModel`` with the grafted operators in its self-attention /
-  MLP slots (each in a ``SlotAdapter``), called exactly as the diffusers class (``PixArtSigmaPipeline``).
+- ``DitgraftDiffusersModel``: a diffusers transformer (``PixArtTransformer2DModel``, ``DiTTransformer2DModel``) with
+  the grafted operators in its self-attention / MLP slots (each in a ``SlotAdapter``), called exactly as the
+  diffusers class (``PixArtSigmaPipeline``, ``DiTPipeline``).
 """
 from __future__ import annotations
 
+import diffusers
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models import PixArtTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -76,14 +77,15 @@ class DitgraftDiT(ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
-class DitgraftPixArt(ModelMixin, ConfigMixin):
-    """diffusers' ``PixArtTransformer2DModel`` with ditgraft operators in its grafted slots."""
+class DitgraftDiffusersModel(ModelMixin, ConfigMixin):
+    """A diffusers transformer (``base_class``: PixArt, DiT, ...) with ditgraft operators in its grafted slots."""
 
     @register_to_config
-    def __init__(self, transformer_config: dict, grafts: list | None = None, sample_size: int | None = None,
-                 in_channels: int | None = None, out_channels: int | None = None, auto_map: dict | None = None):
+    def __init__(self, base_class: str, transformer_config: dict, grafts: list | None = None,
+                 sample_size: int | None = None, in_channels: int | None = None, out_channels: int | None = None,
+                 auto_map: dict | None = None):
         super().__init__()
-        self.model = PixArtTransformer2DModel.from_config(transformer_config)
+        self.model = getattr(diffusers, base_class).from_config(transformer_config)
         c = self.model.config
         side = c.sample_size // c.patch_size
         dim, heads = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads
