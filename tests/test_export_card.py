@@ -162,3 +162,13 @@ def test_api_graft_then_export_model_carries_the_grafts(tmp_path):
     card = open(os.path.join(out, "README.md")).read()
     assert "| attn | 2, 6 | swa | {\"window\": 8} | random |" in card
     assert "No evaluation was recorded" in card  # no run directory: nothing made up
+
+
+def test_export_native_keeps_the_diffusers_class_export(tmp_path):
+    from ditgraft.cli import main
+
+    out = tmp_path / "native"
+    with pytest.warns(UserWarning, match="downscale_freq_shift=1"):
+        assert main(["export", "testbed", "--out", str(out), "--native"]) == 0
+    assert json.load(open(out / "transformer" / "config.json"))["_class_name"] == "DiTTransformer2DModel"
+    assert not (out / "modeling_ditgraft.py").exists()
