@@ -401,6 +401,8 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ditgraft.train.tracking import TRACKERS
+
     p = argparse.ArgumentParser(prog="ditgraft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -415,8 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", default=None, help="default runs/demo")
     s.add_argument("--device", default=None)
     s.add_argument("--quiet", action="store_true")
-    s.add_argument("--log", choices=("tensorboard", "wandb", "trackio", "none"), default=None,
-                   help="experiment tracker (default: the recipe's log, else none)")
+    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default: the recipe's log)")
 
     s = add("graft", cmd_graft, "run a grafting recipe")
     s.add_argument("recipe", help="a recipe .yaml path or a bundled recipe name (see `ditgraft recipes`)")
@@ -424,8 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default=None, help="comma list of stage1,stage2,eval,report (default all)")
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
-    s.add_argument("--log", choices=("tensorboard", "wandb", "trackio", "none"), default=None,
-                   help="experiment tracker (default: the recipe's log, else none)")
+    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default: the recipe's log)")
 
     s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
                                     "expected stage-2 memory per GPU")
@@ -433,8 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
-    s.add_argument("--log", choices=("tensorboard", "wandb", "trackio", "none"), default=None,
-                   help="experiment tracker (default none)")
+    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default none)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
     s.add_argument("--data", default="mnist5k", help="mnist5k, an image folder, or latents .npy/.npz")
     s.add_argument("--run-dir", default="runs/pretrain")
