@@ -141,3 +141,16 @@ def test_missing_library_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install wandb"):
         with tracking.session("wandb", str(tmp_path)):
             pass
+
+
+def test_cli_pretrain_logs_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ditgraft.cli import main
+
+    run_dir = tmp_path / "pre"
+    assert main(["pretrain", "--steps", "2", "--batch-size", "4", "--ckpt-every", "2", "--run-dir", str(run_dir),
+                 "--log", "tensorboard"]) == 0
+    acc = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert {"pretrain/loss", "pretrain/lr", "pretrain/grad_norm"} <= set(acc.Tags()["scalars"])
