@@ -75,8 +75,12 @@ def graft_model(model, recipe=None, *, operator: str | None = None, layers="inte
     r = _recipe(recipe, {})
     grafts = surgery.resolve_grafts(r, model_dims(model).depth)
     student = surgery.graft_model(model, grafts, seed=r.seed).eval()
-    meta = getattr(model, "ditgraft_meta", None) or {}  # what a saved student's metadata would say (export reads it)
-    student.ditgraft_meta = {**meta, "grafts": [asdict(g) for g in grafts], "recipe": r.to_dict()}
+    # what a saved student's metadata would say (export reads it): earlier grafts stay where no new one replaces them
+    meta = getattr(model, "ditgraft_meta", None) or {}
+    slots = {(g["slot"], g["layer"]): g for g in meta.get("grafts") or []}
+    slots.update({(g.slot, g.layer): asdict(g) for g in grafts})
+    student.ditgraft_meta = {**meta, "grafts": sorted(slots.values(), key=lambda g: (g["layer"], g["slot"])),
+                             "recipe": r.to_dict()}
     return student
 
 

@@ -161,6 +161,10 @@ def test_api_graft_then_export_model_carries_the_grafts(tmp_path):
                                                                                    (6, "swa", {"window": 8})]
     card = open(os.path.join(out, "README.md")).read()
     assert "| attn | 2, 6 | swa | {\"window\": 8} | random |" in card
+    again = ditgraft.graft_model(student, operator="hyena_x", layers=[6, 7])  # a graft on a graft
+    assert [(g["layer"], g["operator"]) for g in again.ditgraft_meta["grafts"]] == [(2, "swa"), (6, "hyena_x"),
+                                                                                    (7, "hyena_x")]
+    ditgraft.export_model(again, tmp_path / "again")  # rebuilds: the metadata describes every grafted slot
     assert "No evaluation was recorded" in card  # no run directory: nothing made up
 
 
