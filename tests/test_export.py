@@ -76,7 +76,9 @@ def run_without_ditgraft(tmp_path, *specs: dict) -> list[dict]:
     script.write_text(CHILD)
     result = str(tmp_path / "result.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # diffusers copies a local folder's modeling file to <HF_MODULES_CACHE>/diffusers_modules/local/: a cache of this
+    # test's own, so that parallel test runs cannot swap each other's file
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     done = subprocess.run([sys.executable, "-I", str(script), json.dumps([result, *specs])], cwd=str(tmp_path),
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
