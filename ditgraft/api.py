@@ -5,6 +5,7 @@
     report = ditgraft.run_pipeline(recipe, run_dir)      stage 1 -> stage 2 -> eval -> report, as `ditgraft graft`
     images, labels = ditgraft.sample(model, num=100)     uint8 NHWC images (latent models: vae=...)
     metrics = ditgraft.evaluate(images_or_npz, labels)   testbed metrics, or Inception ones against an ADM reference
+    folder = ditgraft.export_model(model, out)           a folder diffusers loads without ditgraft (model card)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-__all__ = ["load_model", "graft_model", "run_pipeline", "sample", "evaluate"]
+__all__ = ["load_model", "graft_model", "run_pipeline", "sample", "evaluate", "export_model"]
 
 
 def load_model(source: str, device="cpu", release_config: str | None = None) -> torch.nn.Module:
@@ -73,7 +74,14 @@ def graft_model(model, recipe=None, *, operator: str | None = None, layers="inte
                               "options": dict(options or {}), "init": init}], "seed": seed}
     r = _recipe(recipe, {})
     grafts = surgery.resolve_grafts(r, model_dims(model).depth)
-    return surgery.graft_model(model, grafts, seed=r.seed).eval()
+    student = surgery.graft_model(model, grafts, seed=r.seed).eval()
+    # what a saved student's metadata would say (export reads it): earlier grafts stay where no new one replaces them
+    meta = getattr(model, "ditgraft_meta", None) or {}
+    slots = {(g["slot"], g["layer"]): g for g in meta.get("grafts") or []}
+    slots.update({(g.slot, g.layer): asdict(g) for g in grafts})
+    student.ditgraft_meta = {**meta, "grafts": sorted(slots.values(), key=lambda g: (g["layer"], g["slot"])),
+                             "recipe": r.to_dict()}
+    return student
 
 
 def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, progress: bool = False,
@@ -81,9 +89,14 @@ def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, p
     """``ditgraft graft``: run a recipe (bundled name, path, dict or Recipe) in ``run_dir``; returns the report.
     Keyword overrides replace recipe sections or update their fields, e.g. ``stage1={"steps": 100}``."""
     from ditgraft.graft.pipeline import STAGES, run_graft
+    from ditgraft.train import tracking
 
-    return run_graft(_recipe(recipe, overrides), os.fspath(run_dir), stages=tuple(stages or STAGES), device=device,
-                     progress=progress, log=print if progress else (lambda *a: None))
+    recipe = _recipe(recipe, overrides)
+    with tracking.session(recipe.log, os.fspath(run_dir)):
+        report = run_graft(recipe, os.fspath(run_dir), stages=tuple(stages or STAGES), device=device,
+                           progress=progress, log=print if progress else (lambda *a: None))
+        tracking.log_results(report, os.fspath(run_dir))
+    return report
 
 
 def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.5, seed: int = 0,
@@ -126,3 +139,18 @@ def evaluate(samples, labels=None, *, features: str = "testbed", reference: str 
     if reference is None:
         raise ValueError("features='inception' needs reference=PATH (an ADM reference batch .npz)")
     return inception_metrics(samples, reference, inception_weights, device)
+
+
+def export_model(model, out: str, *, vae=None, run_dir: str | None = None) -> str:
+    """``ditgraft export``: ``model`` (a model from ``load_model`` / ``graft_model``, or any source it takes) as a
+    folder that ``diffusers.AutoModel.from_pretrained(out, trust_remote_code=True)`` loads without ditgraft, with a
+    model card quoting ``run_dir``'s report (default: the source's run directory). Upload it with ``ditgraft.push``."""
+    from ditgraft.export.hf import run_dir_of, write_export
+    from ditgraft.models.checkpoints import require_finite
+
+    if isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        model, run_dir = load_model(source), run_dir or run_dir_of(source)
+    require_finite(model, "the model to export")
+    return write_export(model, getattr(model, "ditgraft_meta", None) or {}, os.fspath(out), vae=vae,
+                        run_dir=run_dir)

@@ -6,7 +6,8 @@
     ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz (latent models: --vae)
     ditgraft encode IMAGE_DIR --vae V  SD-VAE latents of an image folder (the data file of latent recipes)
     ditgraft import-release MODEL.pt CONFIG.yaml   a released grafted DiT-XL/2 as a ditgraft checkpoint
-    ditgraft export-diffusers MODEL    a plain DiT as a folder that diffusers' DiTPipeline loads
+    ditgraft export MODEL --out DIR    a folder diffusers loads without ditgraft (AutoModel, trust_remote_code)
+    ditgraft push DIR OWNER/NAME       upload an exported folder to the hub (private unless --public)
     ditgraft eval SAMPLES.npz|MODEL    FID/KID/precision/recall/accuracy (testbed) or Inception metrics
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
     ditgraft synth MODEL               synthetic training data from a teacher (samples + labels; or captions)
@@ -114,7 +115,10 @@ def cmd_pretrain(args) -> None:
 
     device = _device(args)
     ensure_writable(args.run_dir, "--run-dir")
-    out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, device)
+    from ditgraft.train import tracking
+
+    with tracking.session(args.log, args.run_dir):
+        out = pretrain(PretrainConfig(model=args.model, data=args.data, loop=loop), args.run_dir, device)
     if is_main():
         print(f"pretrained model (EMA weights): {out}")
 
@@ -128,8 +132,12 @@ def cmd_graft(args) -> None:
     run_dir = args.run_dir or os.path.join("runs", recipe.name)
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
     main = is_main()  # under torchrun rank 0 alone prints (and writes)
-    run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet and main,
-              log=print if main else lambda *_: None)
+    from ditgraft.train import tracking
+
+    with tracking.session(args.log or recipe.log, run_dir):
+        report = run_graft(recipe, run_dir, stages=stages, device=args.device, progress=not args.quiet and main,
+                           log=print if main else lambda *_: None)
+        tracking.log_results(report, run_dir)
     if main:
         _print_summary(run_dir)
 
@@ -274,12 +282,25 @@ def cmd_import_release(args) -> None:
     print(f"grafted checkpoint: {out}")
 
 
-def cmd_export_diffusers(args) -> None:
-    from ditgraft.models.diffusers_dit import export_diffusers
+def cmd_export(args) -> None:
+    if args.native:  # a plain DiT as diffusers' own DiTTransformer2DModel (no remote code)
+        from ditgraft.models.diffusers_dit import export_diffusers
 
-    model, _ = _load_model(args.model, "cpu")
-    out = export_diffusers(model, args.out, vae=args.vae)
-    print(f"diffusers pipeline folder: {out}")
+        model, _ = _load_model(args.model, "cpu")
+        print(f"diffusers pipeline folder: {export_diffusers(model, args.out, vae=args.vae)}")
+        return
+    from ditgraft.api import export_model
+
+    out = export_model(args.model, args.out, vae=args.vae, run_dir=args.run_dir)
+    print(f"exported: {out} (diffusers.AutoModel.from_pretrained({out!r}, trust_remote_code=True); "
+          f"model card {os.path.join(out, 'README.md')})")
+
+
+def cmd_push(args) -> None:
+    from ditgraft.export.push import push
+
+    url = push(args.folder, args.repo_id, public=args.public, token=args.token, overwrite=args.overwrite)
+    print(f"uploaded {args.folder} to {url} ({'public' if args.public else 'private'})")
 
 
 def cmd_eval(args) -> None:
@@ -410,13 +431,15 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ditgraft.train.tracking import TRACKERS
+
     p = argparse.ArgumentParser(prog="ditgraft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_):
-        s = sub.add_parser(name, help=help_)
+    def add(name, fn, help_, aliases=()):
+        s = sub.add_parser(name, help=help_, aliases=list(aliases))
         s.set_defaults(fn=fn)
         return s
 
@@ -424,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", default=None, help="default runs/demo")
     s.add_argument("--device", default=None)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default: the recipe's log)")
 
     s = add("graft", cmd_graft, "run a grafting recipe")
     s.add_argument("recipe", help="a recipe .yaml path or a bundled recipe name (see `ditgraft recipes`)")
@@ -431,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", default=None, help="comma list of stage1,stage2,eval,report (default all)")
     s.add_argument("--device", default=None, help="overrides the recipe's device")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default: the recipe's log)")
 
     from ditgraft.explore.launchers import LAUNCHERS
 
@@ -463,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
     s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
+    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default none)")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
     s.add_argument("--data", default="mnist5k", help="mnist5k, an image folder, or latents .npy/.npz")
     s.add_argument("--run-dir", default="runs/pretrain")
@@ -519,10 +545,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-heads", type=positive_int, default=None,
                    help="attention heads (default: from sample_config.dit_model_name, e.g. 16 for DiT-XL/2)")
 
-    s = add("export-diffusers", cmd_export_diffusers, "a plain DiT as a diffusers DiTPipeline folder")
-    s.add_argument("model", help="a plain (ungrafted) DiT: testbed, .safetensors, .pt, or a diffusers folder")
-    s.add_argument("--out", required=True, help="the folder to write (transformer/, scheduler/, model_index.json)")
-    s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/")
+    s = add("export", cmd_export, "a folder that diffusers loads without ditgraft (any model ditgraft loads)",
+            aliases=["export-diffusers"])
+    s.add_argument("model", help="testbed, .safetensors (plain or grafted), .pt, a run directory, a diffusers folder")
+    s.add_argument("--out", required=True, help="the folder to write (config.json, modeling_ditgraft.py, weights, "
+                                                "README.md; DiT: scheduler/, vae/)")
+    s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/ (DiT)")
+    s.add_argument("--run-dir", default=None, help="the run whose report the model card quotes (default: the "
+                                                   "model's run directory, when it has a report.json)")
+    s.add_argument("--native", action="store_true", help="a plain DiT as diffusers' own DiTTransformer2DModel "
+                                                        "(no remote code; timestep features as diffusers computes)")
+
+    s = add("push", cmd_push, "upload an exported folder to the Hugging Face hub (create_repo + upload_folder)")
+    s.add_argument("folder", help="a folder written by `ditgraft export`")
+    s.add_argument("repo_id", help="owner/name")
+    s.add_argument("--public", action="store_true", help="publish (default: a private repository)")
+    s.add_argument("--token", default=None, help="hub token (default: HF_TOKEN or the saved login)")
+    s.add_argument("--overwrite", action="store_true", help="upload into a repository that has other files")
 
     s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels, or "
                                  "image-caption pairs from a text-to-image pipeline with --prompts)")
@@ -590,7 +629,8 @@ def _init_distributed() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                   PermissionError)
 
 
 def _terminate(signum, _frame):

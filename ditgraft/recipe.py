@@ -335,6 +335,7 @@ class Recipe(Strict):
     eval: Evaluation = Field(default_factory=Evaluation)
     seed: int = 0
     device: str = "auto"
+    log: Literal["tensorboard", "wandb", "trackio", "none"] = "none"  # experiment tracker (train/tracking.py)
 
     @model_validator(mode="after")
     def _has_work(self):

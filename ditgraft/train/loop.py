@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from ditgraft.train import tracking
 from ditgraft.utils import atomic_write_text, pause_inside_write, remove_orphan_temporaries
 
 CKPT_NAME = re.compile(r"step_(\d{7})$")
@@ -326,8 +327,9 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
                 norms = [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in (clip_groups or [params])]
                 out["grad_norm"] = torch.stack(norms).max()
                 grad_norm = out["grad_norm"]
-            else:  # not logged, only watched
+            else:  # logged as well: the gradient norm before any clipping
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                out["grad_norm"] = grad_norm
             _check_finite({"loss": out["loss"], "grad_norm": grad_norm}, desc, step + 1, run_dir, world)
             opt.step()
             if ema is not None:
@@ -351,6 +353,7 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
                 if log is not None:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    tracking.log_row(desc, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             bar.update(1)
             if (done % cfg.ckpt_every == 0 or done == cfg.steps) and rank == 0:
