@@ -201,3 +201,25 @@ def test_a_point_as_the_baseline_is_compared_under_the_decision_protocol(sweep_f
     swa = rows["operator=swa"]
     assert swa["ratio"] == pytest.approx(dec["ratio"]["value"]) and swa["ratio_ci"] == dec["ratio"]["ci"]
     assert swa["protocol"].startswith("decision (seeds 0,1")
+
+
+def test_sigterm_stops_the_sweep_and_its_running_point_and_starts_no_other(sweep_file, tmp_path):
+    out = str(tmp_path / "sweep")
+    proc = _cli(["sweep", sweep_file, "--jobs", "1", "--out", out], cwd=os.path.dirname(sweep_file))
+    lock = os.path.join(out, "points", "operator=hyena_x,steps=2", ".ditgraft.lock")
+    deadline = time.time() + 300
+    pid = None
+    while pid is None and time.time() < deadline and proc.poll() is None:
+        try:
+            pid = json.load(open(lock))["pid"]  # the running point's process
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # the sweep alone, not its process group
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, text
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    started = [n for n in os.listdir(os.path.join(out, "points"))
+               if os.path.exists(os.path.join(out, "points", n, "sweep.log"))]
+    assert started == ["operator=hyena_x,steps=2"], started

@@ -22,9 +22,10 @@ class Job:
     threads: int | None  # CPU threads of the point's process (None: torch's choice)
 
 
-def run_job(job: Job) -> tuple[int, float]:
+def run_job(job: Job, running: dict | None = None) -> tuple[int, float]:
     """Run one point's command to its end; its output is appended to ``job.log_path``. Returns the exit code
-    (negative: killed by that signal) and the seconds it ran. A top-level function, so submitit can pickle it."""
+    (negative: killed by that signal) and the seconds it ran; ``running`` (job name -> process) holds the process
+    while it runs. A top-level function, so submitit can pickle it."""
     env = dict(os.environ)
     if job.threads:
         env.update({v: str(job.threads) for v in THREAD_VARS})
@@ -33,7 +34,14 @@ def run_job(job: Job) -> tuple[int, float]:
         log.write(f"$ {' '.join(job.command)}\n")
         log.flush()
         t0 = time.perf_counter()
-        code = subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        with subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env) as proc:
+            if running is not None:
+                running[job.name] = proc
+            try:
+                code = proc.wait()
+            finally:
+                if running is not None:
+                    running.pop(job.name, None)
     return code, time.perf_counter() - t0
 
 
@@ -48,13 +56,25 @@ def point_command(recipe_path: str, run_dir: str, device: str | None = None, gpu
 
 
 def run_local(jobs: list[Job], workers: int, on_done) -> None:
-    """Run ``jobs`` as local processes, ``workers`` at a time; ``on_done(job, exit_code, seconds)`` after each."""
-    def one(job: Job) -> None:
-        on_done(job, *run_job(job))
+    """Run ``jobs`` as local processes, ``workers`` at a time; ``on_done(job, exit_code, seconds)`` after each.
+    Interrupted (Ctrl-C, SIGTERM), it starts no further job and stops the running ones (SIGTERM: they keep what
+    they have and resume on the next run), then re-raises."""
+    running: dict[str, subprocess.Popen] = {}
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    def one(job: Job) -> None:
+        on_done(job, *run_job(job, running))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         for f in [pool.submit(one, j) for j in jobs]:
             f.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(running.values()):
+            proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def run_submitit(jobs: list[Job], folder: str, on_done, cluster: str | None = None, **parameters) -> None:
