@@ -23,15 +23,17 @@ import shutil
 import subprocess
 import threading
 import time
+
 import torch
 import yaml
 
 import ditgraft
 from ditgraft.explore.launchers import LAUNCHERS, Job, point_command, run_local, run_submitit
+from ditgraft.explore.points import STATES, point_dir, point_state
 from ditgraft.explore.spec import Point, Sweep
-from ditgraft.utils import _pid_alive, atomic_write_json, atomic_write_text, ensure_writable, read_json, run_lock
+from ditgraft.explore.table import compare_with_baseline, measure_points, write_table
+from ditgraft.utils import atomic_write_json, atomic_write_text, ensure_writable, read_json, run_lock
 
-STATES = ("done", "failed", "running", "partial", "pending")
 INTERRUPTED = (130, 143, -2, -9, -15)  # Ctrl-C, SIGTERM, SIGKILL: resumable, not failures
 SHARED = ("plan.json", "analysis", "stage1", "stage1_units")  # what a point's group shares (stage 1, planning)
 NOT_SHARED = ("checkpoints", "cache", "*.lock", "*.tmp")  # resume state and activation caches stay behind
@@ -39,10 +41,6 @@ NOT_SHARED = ("checkpoints", "cache", "*.lock", "*.tmp")  # resume state and act
 
 def default_dir(sweep: Sweep) -> str:
     return os.path.join("sweeps", sweep.name)
-
-
-def point_dir(sweep_dir: str, name: str) -> str:
-    return os.path.join(sweep_dir, "points", name)
 
 
 def leaders(sweep: Sweep) -> dict[str, str | None]:
@@ -55,28 +53,6 @@ def leaders(sweep: Sweep) -> dict[str, str | None]:
         out[p.name] = first[key] if shares and key in first else None
         first.setdefault(key, p.name)
     return out
-
-
-def point_state(sweep_dir: str, name: str) -> tuple[str, dict]:
-    """(one of STATES, the point's status record)."""
-    d = point_dir(sweep_dir, name)
-    status_path = os.path.join(d, "sweep_point.json")
-    status = read_json(status_path) if os.path.exists(status_path) else {}
-    if status.get("state") == "done" and os.path.exists(os.path.join(d, "report.json")):
-        return "done", status
-    lock = os.path.join(d, ".ditgraft.lock")
-    if os.path.exists(lock):
-        try:
-            pid = read_json(lock).get("pid")
-        except (OSError, ValueError):
-            pid = None
-        if isinstance(pid, int) and _pid_alive(pid):
-            return "running", status
-    if status.get("state") == "failed":
-        return "failed", status
-    if any(os.path.exists(os.path.join(d, f)) for f in ("recipe.yaml", "recipe.pending.yaml")):
-        return "partial", status
-    return "pending", status
 
 
 def code_version() -> dict:
@@ -176,8 +152,6 @@ def run_sweep(sweep: Sweep, sweep_dir: str | None = None, jobs: int = 1, launche
               scheduler: dict | None = None, log=print) -> dict:
     """Run every unfinished point of ``sweep`` (``jobs`` at a time with the local launcher), compare with the
     baseline, measure, and write the table; returns the table (``explore.table.build_table``)."""
-    from ditgraft.explore.table import compare_with_baseline, measure_points, write_table
-
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher = {launcher!r} is not allowed; use one of {', '.join(LAUNCHERS)}")
     sweep_dir = sweep_dir or default_dir(sweep)

@@ -16,7 +16,7 @@ import os
 import torch
 
 from ditgraft.explore.spec import Sweep
-from ditgraft.explore.sweep import point_dir, point_state
+from ditgraft.explore.points import point_dir, point_state
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json
 
 MEASURE_SAMPLES = 20  # samples per model and repeat in the latency measurement (x2 batch with guidance)
