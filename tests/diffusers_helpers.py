@@ -4,16 +4,9 @@ from __future__ import annotations
 import diffusers
 import torch
 
+from helpers import randomize_weights
+
 CAPTION_DIM, TOKENS = 16, 6
-
-
-def _randomize(model, seed: int):
-    """Small non-zero weights everywhere (zero-initialised gates would make blocks identities)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def tiny_pixart(depth: int = 4, seed: int = 0):
@@ -21,21 +14,14 @@ def tiny_pixart(depth: int = 4, seed: int = 0):
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=depth, num_attention_heads=2,
         attention_head_dim=8, caption_channels=CAPTION_DIM, cross_attention_dim=16, norm_type="ada_norm_single",
         num_embeds_ada_norm=1000)
-    return _randomize(model, seed)
+    return randomize_weights(model, 0.1, seed).eval()
 
 
 def tiny_diffusers_dit(depth: int = 4, seed: int = 0):
     model = diffusers.DiTTransformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=depth, num_attention_heads=2,
         attention_head_dim=8, num_embeds_ada_norm=1000)  # DiTPipeline assumes 1000 classes
-    return _randomize(model, seed)
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                   down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4).eval()
+    return randomize_weights(model, 0.1, seed).eval()
 
 
 def captions(n: int, seed: int):
