@@ -4,17 +4,10 @@ from __future__ import annotations
 import diffusers
 import torch
 
+from helpers import randomize_weights
+
 CAPTION_DIM, TOKENS = 16, 6
 POOLED_DIM = 16
-
-
-def _randomize(model, seed: int):
-    """Small non-zero weights everywhere (zero-initialised gates would make blocks identities)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def tiny_pixart(depth: int = 4, seed: int = 0):
@@ -22,14 +15,14 @@ def tiny_pixart(depth: int = 4, seed: int = 0):
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=depth, num_attention_heads=2,
         attention_head_dim=8, caption_channels=CAPTION_DIM, cross_attention_dim=16, norm_type="ada_norm_single",
         num_embeds_ada_norm=1000)
-    return _randomize(model, seed)
+    return randomize_weights(model, 0.1, seed).eval()
 
 
 def tiny_diffusers_dit(depth: int = 4, seed: int = 0):
     model = diffusers.DiTTransformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=depth, num_attention_heads=2,
         attention_head_dim=8, num_embeds_ada_norm=1000)  # DiTPipeline assumes 1000 classes
-    return _randomize(model, seed)
+    return randomize_weights(model, 0.1, seed).eval()
 
 
 def tiny_sd3(depth: int = 2, seed: int = 0):
@@ -37,7 +30,7 @@ def tiny_sd3(depth: int = 2, seed: int = 0):
     model = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=depth, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=CAPTION_DIM, caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, out_channels=4)
-    return _randomize(model, seed)
+    return randomize_weights(model, 0.1, seed).eval()
 
 
 def tiny_flux(depth: int = 2, single: int = 1, guidance: bool = True, seed: int = 0):
@@ -48,7 +41,7 @@ def tiny_flux(depth: int = 2, single: int = 1, guidance: bool = True, seed: int 
         num_attention_heads=2, joint_attention_dim=CAPTION_DIM, pooled_projection_dim=POOLED_DIM,
         guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
     model.register_to_config(sample_size=8)  # the latent side the family builds the patch grid for
-    return _randomize(model, seed)
+    return randomize_weights(model, 0.1, seed).eval()
 
 
 def tiny_wan(depth: int = 2, seed: int = 0):
@@ -58,20 +51,13 @@ def tiny_wan(depth: int = 2, seed: int = 0):
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
         text_dim=CAPTION_DIM, freq_dim=32, ffn_dim=32, num_layers=depth, rope_max_seq_len=32)
     model.register_to_config(sample_size=[4, 4], num_frames=3)  # the latent video the family builds for
-    return _randomize(model, seed)
+    return randomize_weights(model, 0.1, seed).eval()
 
 
 def sd3_prompts(n: int, seed: int):
     """(prompt embeddings [n, TOKENS, CAPTION_DIM], pooled embeddings [n, POOLED_DIM])."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, TOKENS, CAPTION_DIM, generator=g), torch.randn(n, POOLED_DIM, generator=g)
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                   down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4).eval()
 
 
 def captions(n: int, seed: int):

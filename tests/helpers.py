@@ -7,17 +7,34 @@ from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.models.dit import DiT
 
 
+def randomize_weights(model: torch.nn.Module, std: float, seed: int | None = None) -> torch.nn.Module:
+    """Normal(0, std) values in every trainable parameter, drawn from a generator seeded with ``seed`` (or from the
+    global generator): zero-initialised parts (adaLN-Zero, gates, dwconv) would otherwise make blocks identities or
+    leave paths untested. Fixed tables stored as frozen parameters (DiT's pos_embed) keep their values."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, std, generator=g)
+    return model
+
+
 def tiny_dit(depth: int = 2, seed: int = 0, **kw):
     """A small testbed-family DiT with non-zero weights everywhere (adaLN-Zero would make blocks identities)."""
     torch.manual_seed(seed)
     cfg = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=10)
     cfg.update(kw)
-    model = DiT(**cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
-    return model
+    return randomize_weights(DiT(**cfg), 0.05)
+
+
+def tiny_vae(seed: int = 0):
+    """AutoencoderKL with 2 resolution levels: 16x16x3 images <-> 8x8x4 latents (the SD VAE divides by 8)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
 
 
 def save_mnist_teacher(directory: str) -> str:

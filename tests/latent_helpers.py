@@ -1,21 +1,11 @@
-"""Tiny stand-ins for the real DiT-XL/2 path: an AutoencoderKL, a latent DiT, an image folder and an
-Inception-shaped feature network, all built offline from kwargs in well under a second."""
+"""Tiny stand-ins for the real DiT-XL/2 path: an image folder and an Inception-shaped feature network, built
+offline in well under a second (the tiny AutoencoderKL is ``helpers.tiny_vae``)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 import torch
-
-
-def tiny_vae(seed: int = 0):
-    """AutoencoderKL with 2 resolution levels: 16x16x3 images <-> 8x8x4 latents (the SD VAE divides by 8)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
 
 
 def write_image_folder(root: str, classes=("cat", "dog"), per_class: int = 4, size: int = 20, seed: int = 0) -> str:

@@ -22,6 +22,7 @@ from ditgraft.analysis.locality import (
 from ditgraft.graft.layers import select_layers
 from ditgraft.models.dit import build_dit
 from ditgraft.operators.attention import MHA
+from helpers import randomize_weights
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -200,11 +201,7 @@ class NotAttention(nn.Module):
 def tiny_dit(depth: int = 3) -> nn.Module:
     torch.manual_seed(0)
     model = build_dit("testbed", depth=depth, hidden_size=64, num_heads=4)
-    with torch.no_grad():  # adaLN is zero-initialised: randomise everything for non-trivial attention
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.2)
-    return model
+    return randomize_weights(model, 0.2)  # adaLN is zero-initialised: non-trivial attention needs random weights
 
 
 def test_analyze_model_and_report(tmp_path):

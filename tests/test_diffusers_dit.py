@@ -59,7 +59,7 @@ def test_diffusers_folder_loads_and_reproduces_diffusers_output(tmp_path):
 def test_export_runs_in_dit_pipeline_and_reproduces_ditgraft(tmp_path):
     from diffusers import DiTPipeline
 
-    from latent_helpers import tiny_vae
+    from helpers import tiny_vae
     from ditgraft.models.checkpoints import load_dit
     from ditgraft.models.diffusers_dit import export_diffusers
 

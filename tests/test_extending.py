@@ -1,5 +1,7 @@
 """Adding an operator is one class registered with ``@register``; adding a layer selector is one function registered
-with ``@selector``. Both are added here at run time and go through recipe parsing, surgery and a stage-1 step."""
+with ``@selector``. Both are added here at run time and go through recipe parsing, surgery and a stage-1 step.
+Adding a model family is one ``Family`` in the family registry plus its tiny model in tests/family_helpers.py: a toy
+family added here at run time passes the family contract tests unchanged."""
 import json
 
 import pytest
@@ -7,14 +9,19 @@ import torch
 from torch import nn
 
 import ditgraft.graft.layers as layers
+import ditgraft.models.families as families
 import ditgraft.operators.registry as registry
 from ditgraft.graft.layers import Selection, selector
 from ditgraft.graft.stage1 import run_stage1
 from ditgraft.graft.surgery import graft_model, resolve_grafts
+from ditgraft.models.families import Family, ModelDims, family_names
 from ditgraft.operators import operator_names
+from ditgraft.operators.attention import MHA
+from ditgraft.operators.mlp import MLP
 from ditgraft.operators.registry import register
 from ditgraft.recipe import parse_recipe
-from helpers import tiny_dit
+import family_helpers
+from helpers import randomize_weights, tiny_dit
 
 
 @pytest.fixture
@@ -68,6 +75,7 @@ def test_a_toy_operator_and_selector_go_through_recipe_surgery_and_stage1(toys, 
 
 def test_toys_do_not_outlive_their_test():
     assert "toy_shift" not in operator_names() and "first_and_last" not in layers.selector_names()
+    assert "toy" not in family_names() and "toy" not in family_helpers.TINY_FAMILIES
     with pytest.raises(ValueError, match="'first_and_last' is not a selector"):
         parse_recipe({"grafts": [{"slot": "attn", "layers": "first_and_last", "operator": "mha"}]})
 
@@ -75,3 +83,95 @@ def test_toys_do_not_outlive_their_test():
 def test_a_selector_needing_an_unknown_input_is_refused():
     with pytest.raises(ValueError, match="needs=\\['weather'\\] is not allowed"):
         selector("bad", needs=("weather",))(lambda ctx: [0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A toy model family: a patch transformer whose blocks call their token mixer ``mixer`` and channel mixer ``channel``.
+# ----------------------------------------------------------------------------------------------------------------------
+class ToyLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, grid: tuple[int, int]):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mixer, self.channel = MHA(dim, heads, grid), MLP(dim, ratio=2)
+
+    def forward(self, h):
+        h = h + self.mixer(self.norm1(h))
+        return h + self.channel(self.norm2(h))
+
+
+class ToyTransformer(nn.Module):
+    def __init__(self, size: int = 8, patch: int = 2, channels: int = 3, dim: int = 16, heads: int = 2,
+                 depth: int = 3, classes: int = 4):
+        super().__init__()
+        self.settings = dict(size=size, patch=patch, channels=channels, dim=dim, heads=heads, depth=depth,
+                             classes=classes)
+        self.grid = (size // patch, size // patch)
+        self.embed = nn.Linear(channels * patch * patch, dim)
+        self.time = nn.Linear(1, dim)
+        self.label = nn.Embedding(classes + 1, dim)  # the last row is the null class
+        self.layers = nn.ModuleList(ToyLayer(dim, heads, self.grid) for _ in range(depth))
+        self.out = nn.Linear(dim, channels * patch * patch)
+
+    def forward(self, x, t, y):
+        p, (gh, gw) = self.settings["patch"], self.grid
+        B, C = x.shape[:2]
+        tokens = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+        h = self.embed(tokens) + self.time(t[:, None].float() / 1000)[:, None] + self.label(y)[:, None]
+        for layer in self.layers:
+            h = layer(h)
+        out = self.out(h).reshape(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(B, C, gh * p, gw * p)
+
+
+class ToyFamily(Family):
+    name = "toy"
+
+    def matches(self, model):
+        return isinstance(model, ToyTransformer)
+
+    def dims(self, model):
+        s = model.settings
+        return ModelDims(s["depth"], s["dim"], s["heads"], model.grid)
+
+    def learn_sigma(self, model):
+        return False
+
+    def in_channels(self, model):
+        return model.settings["channels"]
+
+    def patch_size(self, model):
+        return model.settings["patch"]
+
+    def slot_parent(self, model, layer):
+        return model.layers[layer]
+
+    def slot_attr(self, slot):
+        return {"attn": "mixer", "mlp": "channel"}[slot]
+
+    def forward(self, model, x, t, cond):
+        return model(x, t, cond)
+
+    def null_cond(self, model, cond):
+        return torch.full_like(cond, model.settings["classes"])
+
+    def example_cond(self, model, batch, device):
+        return torch.randint(0, model.settings["classes"], (batch,), device=device)
+
+    def config(self, model):
+        return dict(model.settings)
+
+    def build(self, config):
+        return ToyTransformer(**config)
+
+
+def test_a_toy_family_passes_the_family_contract(monkeypatch, tmp_path):
+    import test_family_contract as contract
+
+    monkeypatch.setitem(families._FAMILIES, "toy", ToyFamily())
+    monkeypatch.setitem(family_helpers.TINY_FAMILIES, "toy", family_helpers.TinyFamily(
+        build=lambda depth, seed: randomize_weights(ToyTransformer(depth=depth), 0.2, seed).eval(),
+        cond=lambda n, seed: torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(seed))))
+    assert "toy" in family_names()
+    contract.test_family_recognises_and_describes_its_model("toy")
+    contract.test_every_layer_has_both_slots_and_their_operator_view_computes_the_slot("toy")
+    contract.test_a_graft_survives_save_and_load("toy", tmp_path)

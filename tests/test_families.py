@@ -15,7 +15,8 @@ from ditgraft.recipe import Lora, Stage1, Stage2
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers_helpers import (  # noqa: E402
-    CAPTION_DIM, TOKENS, captions, latents, tiny_diffusers_dit, tiny_pixart, tiny_vae)
+    CAPTION_DIM, TOKENS, captions, latents, tiny_diffusers_dit, tiny_pixart)
+from helpers import tiny_vae  # noqa: E402
 
 
 def _block_io(model, family, x, t, cond):

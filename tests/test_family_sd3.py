@@ -234,12 +234,12 @@ def test_split_slot_distils_from_the_captured_joint_attention(tmp_path):
 def test_sd35_qk_norm_split_identity_with_rope_mha():
     """SD3.5's joint attention has RMS qk-norm (and an image-only attn2 in dual_attention_layers, kept): its
     image-to-image part is a rope_mha without RoPE, and the identity split graft reproduces the teacher."""
-    from diffusers_helpers import _randomize
+    from helpers import randomize_weights
 
-    teacher = _randomize(diffusers.SD3Transformer2DModel(
+    teacher = randomize_weights(diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-        qk_norm="rms_norm", dual_attention_layers=(0,)), 0)
+        qk_norm="rms_norm", dual_attention_layers=(0,)), 0.1, 0).eval()
     student = graft_model(teacher, [ResolvedGraft("attn", i, "rope_mha", init="teacher") for i in range(2)])
     x, t, cond = _inputs()
     ref, out = _call(teacher, x, t, cond), _call(student, x, t, cond)

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from helpers import tiny_dit  # noqa: E402
-from latent_helpers import TinyFeatures, tiny_vae, write_image_folder  # noqa: E402
+from helpers import tiny_vae  # noqa: E402
+from latent_helpers import TinyFeatures, write_image_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """`run_graft` on a tiny teacher, one stage per test (so a failure names the stage): stage 1, stage 2 with the
-matched-budget random-init baseline, evaluation, the report, and a re-run that skips what is complete."""
+matched-budget random-init baseline, evaluation, the report, and a re-run that skips what is complete. Each test
+starts from a run directory brought to the state it needs (``reach``), so any test runs alone or in any order."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -17,8 +19,10 @@ def teacher_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(teacher_file, tmp_path_factory):
-    """(the run directory, a function running some stages of the recipe there); the tests below run in order."""
+def reach(teacher_file, tmp_path_factory):
+    """``reach(stage)`` -> (a run directory where the stages up to ``stage`` have run, a function running some
+    stages there, what running ``stage`` returned). Each stage runs once per module, on a copy of the directory of
+    the stage before; every caller gets its own copy, so the tests pass alone and in any order."""
     r = parse_recipe({
         "name": "tiny", "teacher": {"source": teacher_file},
         "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
@@ -26,8 +30,28 @@ def run(teacher_file, tmp_path_factory):
         "stage2": {"steps": 3, "batch_size": 8, "ckpt_every": 2},
         "eval": {"num": 10, "steps": 2, "baselines": ["random_init"]},
     })
-    folder = str(tmp_path_factory.mktemp("run") / "run")
-    return folder, lambda *stages: run_graft(r, folder, stages=stages or STAGES, progress=False, log=lambda *_: None)
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, tuple[str, dict]] = {}
+
+    def runner(folder: str):
+        return lambda *stages: run_graft(r, folder, stages=stages or STAGES, progress=False, log=lambda *_: None)
+
+    def snapshot(stage: str) -> tuple[str, dict]:
+        if stage not in done:
+            i = STAGES.index(stage)
+            folder = str(root / stage / "run")
+            if i:
+                shutil.copytree(snapshot(STAGES[i - 1])[0], folder)
+            done[stage] = (folder, runner(folder)(stage))
+        return done[stage]
+
+    def at(stage: str):
+        folder, result = snapshot(stage)
+        mine = str(tmp_path_factory.mktemp("run") / "run")
+        shutil.copytree(folder, mine)
+        return mine, runner(mine), result
+
+    return at
 
 
 def _timings(folder: str) -> dict:
@@ -38,9 +62,9 @@ def test_every_stage_name_is_a_stage():
     assert {s.name for s in PIPELINE} == set(STAGES)
 
 
-def test_stage1_distils_the_grafted_operator(run):
-    folder, graft = run
-    assert graft("stage1") == {}  # no report asked for
+def test_stage1_distils_the_grafted_operator(reach):
+    folder, _, result = reach("stage1")
+    assert result == {}  # no report asked for
     summary = json.load(open(os.path.join(folder, "stage1", "summary.json")))
     assert [(s["slot"], s["layer"], s["operator"]) for s in summary["operators"].values()] == [("attn", 1, "hyena_x")]
     assert os.path.exists(os.path.join(folder, "plan.json"))
@@ -48,9 +72,8 @@ def test_stage1_distils_the_grafted_operator(run):
     assert set(_timings(folder)) == {"stage1"}
 
 
-def test_stage2_trains_the_student_and_the_matched_random_init_baseline(run):
-    folder, graft = run
-    graft("stage2")
+def test_stage2_trains_the_student_and_the_matched_random_init_baseline(reach):
+    folder, _, _ = reach("stage2")
     assert os.path.exists(os.path.join(folder, "student.safetensors"))
     assert os.path.exists(os.path.join(folder, "baseline_random", "student.safetensors"))
     with open(os.path.join(folder, "baseline_random", "stage2", "loop", "metrics.jsonl")) as f:
@@ -59,18 +82,16 @@ def test_stage2_trains_the_student_and_the_matched_random_init_baseline(run):
     assert set(_timings(folder)) == {"stage1", "stage2", "baseline_random"}
 
 
-def test_eval_samples_the_student_and_the_baseline(run):
-    folder, graft = run
-    graft("eval")
+def test_eval_samples_the_student_and_the_baseline(reach):
+    folder, _, _ = reach("eval")
     for tag in ("grafted", "random_init"):
         metrics = json.load(open(os.path.join(folder, "eval", f"{tag}_metrics.json")))
         assert metrics["num"] == 10 and metrics["protocol"]["steps"] == 2
         assert os.path.exists(os.path.join(folder, "eval", f"{tag}.npz"))
 
 
-def test_report_accounts_the_compute_and_reads_evaluations_from_disk(run):
-    folder, graft = run
-    report = graft("report")
+def test_report_accounts_the_compute_and_reads_evaluations_from_disk(reach):
+    folder, _, report = reach("report")
     for name in ("report.md", "report.json"):
         assert os.path.exists(os.path.join(folder, name)), name
     c = report["compute"]
@@ -86,8 +107,8 @@ def test_report_accounts_the_compute_and_reads_evaluations_from_disk(run):
     assert json.load(open(os.path.join(folder, "report.json")))["compute"] == c
 
 
-def test_rerun_skips_every_complete_stage(run):
-    folder, graft = run
+def test_rerun_skips_every_complete_stage(reach):
+    folder, graft, _ = reach("report")
     before = _timings(folder)
     npz = os.path.getmtime(os.path.join(folder, "eval", "grafted.npz"))
     alone = graft("report")

@@ -67,7 +67,8 @@ def test_imported_release_samples_and_evaluates(tmp_path):
     out = str(tmp_path / "student.safetensors")
     assert main(["import-release", model_pt, config, "--out", out]) == 0
     pytest.importorskip("diffusers")
-    from latent_helpers import TinyFeatures, tiny_vae
+    from helpers import tiny_vae
+    from latent_helpers import TinyFeatures
 
     from ditgraft.eval.evaluate import evaluate_samples
 

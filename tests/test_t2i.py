@@ -10,7 +10,8 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from diffusers_helpers import tiny_pixart, tiny_vae  # noqa: E402
+from diffusers_helpers import tiny_pixart  # noqa: E402
+from helpers import tiny_vae  # noqa: E402
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "red", "blue", "photo", "of"]
 

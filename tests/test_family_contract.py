@@ -1,0 +1,111 @@
+"""The contract every registered model family keeps, checked for each name in the family registry on the tiny model
+that tests/family_helpers.py declares for it: the family recognises and describes its model, finds both slots in
+every layer (and its operator view of each slot computes what the slot computes inside the model), calls the model
+as its source library does, and a graft into one slot survives save_grafted / load_grafted unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, save_grafted
+from ditgraft.models.families import family_names, family_of, get_family
+from ditgraft.models.slots import SLOTS
+from family_helpers import TINY_FAMILIES
+
+NAMES = family_names()
+DEPTH = 3
+
+
+def tiny(name: str):
+    if name not in TINY_FAMILIES:
+        pytest.fail(f"family {name!r} has no tiny model: add a TinyFamily entry for it to TINY_FAMILIES in "
+                    "tests/family_helpers.py")
+    for package in TINY_FAMILIES[name].needs:
+        pytest.importorskip(package)
+    return TINY_FAMILIES[name]
+
+
+def inputs(name: str, model, n: int = 2, seed: int = 0):
+    """(x_t, t, cond) of the model's sample shape."""
+    family = get_family(name)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(family.sample_shape(model, n), generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    return x, t, tiny(name).cond(n, seed + 1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_recognises_and_describes_its_model(name):
+    model = tiny(name).build(depth=DEPTH, seed=0)
+    family = family_of(model)
+    assert family.name == name
+    dims = family.dims(model)
+    assert dims.depth == DEPTH and dims.dim % dims.heads == 0
+    x, t, cond = inputs(name, model)
+    with torch.no_grad():
+        out = family.forward(model, x, t, cond)
+    channels = family.in_channels(model) * (2 if family.learn_sigma(model) else 1)
+    assert out.shape == (x.shape[0], channels, *x.shape[2:]) and torch.isfinite(out).all()
+    rebuilt = family.build(family.config(model))  # the saved config rebuilds the same architecture
+    assert type(rebuilt) is type(model)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_layer_has_both_slots_and_their_operator_view_computes_the_slot(name):
+    """Each slot's input and output inside one model forward: the family's operator view of the slot (what
+    ``init: teacher`` starts from), called by the operator contract ``op(x, grid)``, gives that output."""
+    model = tiny(name).build(depth=DEPTH, seed=0)
+    family = family_of(model)
+    grid = family.dims(model).grid
+    seen, handles = {}, []
+    for layer in range(DEPTH):
+        for slot in SLOTS:
+            module = family.get_slot(model, layer, slot)
+            assert isinstance(module, torch.nn.Module), (layer, slot)
+
+            def hook(m, args, kwargs, out, key=(layer, slot)):
+                x = args[0] if args else kwargs["hidden_states"]
+                seen[key] = (x, out[0] if isinstance(out, tuple) else out)
+
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        family.forward(model, *inputs(name, model))
+        for h in handles:
+            h.remove()
+        assert set(seen) == {(layer, slot) for layer in range(DEPTH) for slot in SLOTS}  # every slot runs once
+        for (layer, slot), (x, out) in seen.items():
+            op = family.teacher_operator(model, layer, slot)
+            torch.testing.assert_close(op(x, grid), out, rtol=1e-5, atol=1e-6, msg=lambda m: f"{layer} {slot}: {m}")
+
+
+SOURCED = [n for n in NAMES if n in TINY_FAMILIES and TINY_FAMILIES[n].source_forward is not None]
+
+
+@pytest.mark.parametrize("name", SOURCED)
+def test_forward_is_the_source_librarys_call(name):
+    model = tiny(name).build(depth=DEPTH, seed=0)
+    x, t, cond = inputs(name, model)
+    with torch.no_grad():
+        torch.testing.assert_close(family_of(model).forward(model, x, t, cond),
+                                   tiny(name).source_forward(model, x, t, cond), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_graft_survives_save_and_load(name, tmp_path):
+    teacher = tiny(name).build(depth=DEPTH, seed=0)
+    family = family_of(teacher)
+    grafts = [ResolvedGraft("attn", 1, "hyena_x")]
+    student = graft_model(teacher, grafts, seed=0)
+    x, t, cond = inputs(name, teacher)
+    with torch.no_grad():
+        expected = family.forward(student, x, t, cond)
+        assert not torch.allclose(expected, family.forward(teacher, x, t, cond))  # the graft changed the function
+    path = str(tmp_path / "student.safetensors")
+    save_grafted(path, student, grafts, None)
+    loaded, meta = load_grafted(path)
+    assert type(loaded) is type(teacher) and meta["family"] == name
+    assert type(family.get_slot(loaded, 1, "attn")).__name__ == "HyenaX"
+    assert type(family.get_slot(loaded, 0, "attn")) is type(family.get_slot(teacher, 0, "attn"))
+    with torch.no_grad():
+        torch.testing.assert_close(family.forward(loaded.eval(), x, t, cond), expected, rtol=0, atol=0)
