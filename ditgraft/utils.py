@@ -10,6 +10,16 @@ from contextlib import contextmanager
 import torch
 
 
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: every derived generator seed stays inside torch's 64-bit range
+
+
+def check_seed(value, what: str = "seed") -> int:
+    """A seed in [0, MAX_SEED], or a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{what}={value!r}: must be an integer in [0, {MAX_SEED}]")
+    return value
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path in the same folder; on success rename it onto ``path`` (never a half-written file)."""
@@ -54,8 +64,40 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file; a torn or invalid one (a kill or a full disk mid-write) is a ValueError naming it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path} is torn or not valid JSON ({err}); repair or remove it, then run the same "
+                         "command again") from None
+
+
+class UnsafePickle(ValueError):
+    """A pickle that names Python code (a class or function outside plain tensors): refused, never run."""
+
+
+def torch_load_weights(path: str, allowed: tuple = ()):
+    """``torch.load(path, weights_only=True)`` (plus the classes in ``allowed``) with one ValueError naming the file:
+    a pickle that names Python code is refused (never run), an empty/truncated/corrupt file is named as such."""
+    import pickle
+
+    with torch.serialization.safe_globals(list(allowed)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            text = str(err)
+            found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) (?:GLOBAL )?([\w.]+)", text)
+            if found:
+                raise UnsafePickle(f"{path} was refused: it is a pickle naming {found.group(1)} (Python code, not "
+                                 "weights); ditgraft loads only plain tensors, never code") from None
+            lines = text.strip().splitlines() or [""]
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{lines[-3 if len(lines) > 2 else -1][:120]})") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
-import re
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,7 +26,7 @@ from torch import nn
 from ditgraft.models.diffusers_dit import is_diffusers_source, load_diffusers_dit
 from ditgraft.models.dit import DIT_CONFIGS, DiT, build_dit
 from ditgraft.train.loop import non_finite_tensors
-from ditgraft.utils import atomic_path
+from ditgraft.utils import atomic_path, torch_load_weights
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 TESTBED_TEACHER = os.path.join(ASSETS, "testbed", "teacher.safetensors")
@@ -103,6 +101,20 @@ def build_from_config(config: dict | None, source: str) -> DiT:
         raise ValueError(f"{source}: model_config {config} cannot build a DiT ({err})") from None
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """A content hash of a model: its module structure and every tensor of its state dict (name, dtype, shape,
+    bytes). Two loads of the same weights give the same hash whatever the file or path; any changed weight, graft
+    or size gives another. Cached samples and metrics are keyed by it."""
+    import hashlib
+
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def require_finite(model: nn.Module, source: str) -> nn.Module:
     """Refuse a model with NaN/Inf weights (a diverged run) before spending time sampling or evaluating it."""
     bad = non_finite_tensors(model)
@@ -126,20 +138,7 @@ def resolve_hub(source: str) -> str:
 def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
     """An official DiT .pt: a plain state dict, or a training checkpoint {model, ema, opt, args} (ema is used)."""
     # DiT's train.py stores args as an argparse.Namespace: allow exactly that class, nothing else.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            text = str(err)
-            found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) ([\w.]+)", text)
-            if found:
-                raise ValueError(f"{path} was refused: it is a pickle naming {found.group(1)} (Python code, not "
-                                 "weights); ditgraft loads only plain tensors, never code") from None
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
-                             f"{text.strip().splitlines()[-3 if len(text.splitlines()) > 2 else -1][:120]})") from None
-        except (RuntimeError, EOFError, OSError) as err:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
-                             f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
+    obj = torch_load_weights(path, allowed=(argparse.Namespace,))
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
