@@ -206,7 +206,10 @@ def cmd_sample(args) -> None:
         from ditgraft.data.vae import latent_decoder, load_vae
 
         decode = latent_decoder(load_vae(args.vae, device=device))
+    args.out = args.out or _model_dir("samples", args.model, model)
     ensure_writable(args.out, "--out")
+    if args.png_dir:
+        ensure_writable(args.png_dir, "--png-dir")
     with run_lock(args.out, "ditgraft sample"):
         _sample(args, model, cfg, device, decode)
 
@@ -256,6 +259,9 @@ def cmd_import_release(args) -> None:
 def cmd_export_diffusers(args) -> None:
     from ditgraft.models.diffusers_dit import export_diffusers
 
+    from ditgraft.utils import ensure_empty_folder
+
+    ensure_empty_folder(args.out, "--out", args.overwrite)
     model, _ = _load_model(args.model, "cpu")
     out = export_diffusers(model, args.out, vae=args.vae)
     print(f"diffusers pipeline folder: {out}")
@@ -325,9 +331,13 @@ def _fingerprint(model) -> str:
     return model_fingerprint(model)
 
 
-def _eval_dir(source: str, fingerprint: str) -> str:
-    """runs/eval/NAME-HASH: two models of the same file name never share a folder."""
-    return os.path.join("runs", "eval", os.path.basename(source.rstrip("/")).split(".")[0] + "-" + fingerprint[:10])
+def _eval_dir(source: str, fingerprint: str, kind: str = "eval") -> str:
+    """runs/KIND/NAME-HASH: two models of the same file name never share a folder."""
+    return os.path.join("runs", kind, os.path.basename(source.rstrip("/")).split(".")[0] + "-" + fingerprint[:10])
+
+
+def _model_dir(kind: str, source: str, model) -> str:
+    return _eval_dir(source, _fingerprint(model), kind)
 
 
 def _check_eval_out(out: str, fingerprint: str, source: str, option: str, overwrite: bool) -> None:
@@ -388,6 +398,7 @@ def cmd_analyze(args) -> None:
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
+    args.out = args.out or _model_dir("analysis", args.model, model)
     ensure_writable(args.out, "--out")
     result = analyze_model(model, num_samples=args.num_samples, steps=args.steps, cfg_scale=args.cfg,
                            band_k=args.band_k, seed=args.seed, device=device, progress=True)
@@ -407,10 +418,19 @@ def cmd_synth(args) -> None:
     model, _ = _load_model(args.model, device)
     clip = (model.in_channels in (1, 3)) if args.clip is None else args.clip
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    ensure_writable(out, "--out", folder=False)
+    out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         _synth(args, model, cfg, device, out)
+
+
+def _npz_out(path: str) -> str:
+    """The synth output file (``.npz`` added when missing); a folder (existing, or ending in '/') is refused."""
+    from ditgraft.utils import ensure_writable
+
+    ensure_writable(path, "--out", folder=False)
+    out = path if path.endswith(".npz") else path + ".npz"
+    ensure_writable(out, "--out", folder=False)
+    return out
 
 
 def _synth(args, model, cfg, device, out: str) -> None:
@@ -425,11 +445,10 @@ def _synth(args, model, cfg, device, out: str) -> None:
 
 def _synth_captions(args) -> None:
     from ditgraft.data.captions import load_t2i_pipeline, read_prompts, synth_captions
-    from ditgraft.utils import ensure_writable, run_lock
+    from ditgraft.utils import run_lock
 
     prompts = read_prompts(args.prompts)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    ensure_writable(out, "--out", folder=False)
+    out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         pipe = load_t2i_pipeline(args.model, _device(args))
         synth_captions(pipe, prompts, out, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.cfg,
@@ -510,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("sample", cmd_sample, "class-conditional samples: samples.png + samples.npz (ADM layout)")
     s.add_argument("model", help="testbed, a .safetensors/.pt file, hf://..., or a run directory")
-    s.add_argument("--out", default="runs/samples")
+    s.add_argument("--out", default=None, help="default runs/samples/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
     s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
     sampling_args(s)
@@ -539,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="a plain (ungrafted) DiT: testbed, .safetensors, .pt, or a diffusers folder")
     s.add_argument("--out", required=True, help="the folder to write (transformer/, scheduler/, model_index.json)")
     s.add_argument("--vae", default=None, help="AutoencoderKL folder or hub id to include as vae/")
+    s.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --out")
 
     s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels, or "
                                  "image-caption pairs from a text-to-image pipeline with --prompts)")
@@ -584,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=finite_float(1), default=1.5)
     s.add_argument("--band-k", type=positive_int, default=None, help="default N/8 (32 at N=256)")
     s.add_argument("--seed", type=seed_int, default=0)
-    s.add_argument("--out", default="runs/analysis")
+    s.add_argument("--out", default=None, help="default runs/analysis/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--device", default="auto")
 
     s = add("ops", cmd_ops, "operator table: params and FLOPs per operator")

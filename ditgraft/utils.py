@@ -25,7 +25,8 @@ def atomic_path(path: str):
     """Yield a temporary path in the same folder; on success rename it onto ``path`` (never a half-written file)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    # the writer's pid is in the name: an orphan sweep spares the temporaries of live processes
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.p{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
@@ -121,13 +122,16 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 _ORPHAN_DIR = re.compile(r"step_\d{7}(\.del)?\.tmp$")  # the training loop's checkpoint temporaries
-_ORPHAN_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_path's mkstemp names: .NAME.XXXXXXXX.tmp
+# atomic_path's mkstemp names: .NAME.pPID.XXXXXXXX.tmp (.NAME.XXXXXXXX.tmp before the pid was recorded)
+_ORPHAN_FILE = re.compile(r"\..+?(?:\.p(\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def remove_orphan_temporaries(folder: str, depth: int = 4) -> list[str]:
     """Delete what a killed writer left in ``folder`` (down to ``depth`` levels): checkpoint temporaries
-    (``step_NNNNNNN.tmp``) and ``atomic_path`` temporaries (``.NAME.XXXXXXXX.tmp``); nothing else matches. Call
-    it only while holding the folder (its run lock, or as its only writer). Returns the removed paths."""
+    (``step_NNNNNNN.tmp``) and ``atomic_path`` temporaries (``.NAME.pPID.XXXXXXXX.tmp``) whose writer is not a live
+    process; nothing else matches. Subfolders that hold their own run lock belong to another run (live, or swept by
+    its own next run) and are never entered. Call it only while holding the folder (its run lock, or as its only
+    writer). Returns the removed paths."""
     import shutil
 
     removed = []
@@ -135,14 +139,19 @@ def remove_orphan_temporaries(folder: str, depth: int = 4) -> list[str]:
     for root, dirs, files in os.walk(folder):
         if os.path.abspath(root).count(os.sep) - top >= depth:
             dirs[:] = []
+        dirs[:] = [d for d in dirs if not os.path.exists(os.path.join(root, d, ".ditgraft.lock"))]
         for d in list(dirs):
             if _ORPHAN_DIR.match(d):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
                 removed.append(os.path.join(root, d))
                 dirs.remove(d)
         for f in files:
-            if _ORPHAN_FILE.match(f):
-                os.remove(os.path.join(root, f))
+            m = _ORPHAN_FILE.match(f)
+            if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
+                try:
+                    os.remove(os.path.join(root, f))
+                except FileNotFoundError:  # its writer renamed it into place meanwhile
+                    continue
                 removed.append(os.path.join(root, f))
     return removed
 
@@ -151,8 +160,10 @@ def ensure_writable(path: str, what: str, folder: bool = True) -> None:
     """Fail early (ValueError naming ``what`` and ``path``) when ``path`` (a folder, or a file's folder when
     ``folder`` is False) cannot be created or written, before any long work starts."""
     target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
-    if not folder and os.path.isdir(path):
+    if not folder and (os.path.isdir(path) or path.endswith(("/", os.sep))):
         raise ValueError(f"{what}={path!r} is a folder; a file path is expected here")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a file; a folder is expected here")
     try:
         os.makedirs(target, exist_ok=True)
         # not a ".tmp" name: another rank's orphan sweep must not take a probe that is still in use
@@ -162,6 +173,15 @@ def ensure_writable(path: str, what: str, folder: bool = True) -> None:
     except OSError as err:
         raise ValueError(f"{what}={path!r} is not writable ({err.strerror or err}); "
                          "choose a folder you can write to") from None
+
+
+def ensure_empty_folder(path: str, what: str, overwrite: bool = False) -> None:
+    """An output folder that is written whole: writable, and refused when it exists with files in it unless
+    ``overwrite`` (then its old content is replaced)."""
+    ensure_writable(path, what)
+    if not overwrite and any(not e.startswith(".ditgraft") for e in os.listdir(path)):
+        raise ValueError(f"{what}={path!r} exists and is not empty; choose a new folder, or pass --overwrite to "
+                         "replace its content")
 
 
 class RunLocked(ValueError):
@@ -234,9 +254,10 @@ def run_lock(target: str, command: str = "ditgraft", log=None):
             remove_orphan_temporaries(target)
         else:  # an output file: only its own atomic_path temporaries
             folder, name = os.path.split(os.path.abspath(target))
-            own = re.compile(re.escape("." + name) + r"\.[A-Za-z0-9_]{8}\.tmp$")
+            own = re.compile(re.escape("." + name) + r"(?:\.p(\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
             for f in os.listdir(folder):
-                if own.match(f):
+                m = own.match(f)
+                if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
                     os.remove(os.path.join(folder, f))
         yield
     finally:
