@@ -634,6 +634,27 @@ def _init_distributed() -> None:
 EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+_WRITE_FAILED = ("os error 28", "os error 27", "os error 122", "No space left", "File too large", "Disk quota",
+                 "StorageFull", "file write failed", "failed writing file", "unexpected pos")
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """What a full disk (or quota, or file-size limit) looks like from the writers ditgraft uses: an OSError with
+    ENOSPC/EDQUOT/EFBIG, safetensors' SafetensorError and torch.save's RuntimeError carrying the same in their text."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return f"{err.filename + ': ' if err.filename else ''}{err.strerror}"
+        text = str(err)
+        if not isinstance(err, (ValueError, KeyError)) and any(t in text for t in _WRITE_FAILED):
+            return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _terminate(signum, _frame):
     raise SystemExit(128 + signum)  # unwinds like an error: locks are released, temporaries removed
 
@@ -664,7 +685,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ditgraft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except Exception:
+    except BrokenPipeError:  # the reader of stdout went away (`ditgraft ... | head`): stop quietly, as SIGPIPE would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except Exception as err:
+        failed = _write_failure(err)
+        if failed is not None:
+            print(f"ditgraft {args.command}: error: a write failed: {failed} (the disk or quota is full, or a file "
+                  "size limit was hit); what was committed is kept: free space and run the same command again to "
+                  "resume", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(BUG_REPORT, file=sys.stderr)
         return 1
