@@ -6,14 +6,15 @@ The main entry points (ditgraft/api.py; imported on first use, so ``import ditgr
     run_pipeline(recipe, run_dir)         stage 1 -> stage 2 -> eval -> report (``ditgraft graft``)
     sample(model, num)                    uint8 NHWC images and labels (latent models: vae=...)
     evaluate(images_or_npz, labels)       testbed or Inception metrics
-and load_recipe, encode_folder, import_release, export_diffusers.
+and load_recipe, encode_folder, import_release, export_diffusers. Bad input raises ``InputError`` (a ValueError)
+with the message the command line prints for it.
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "ditgraft.api", "graft_model": "ditgraft.api", "run_pipeline": "ditgraft.api",
-    "sample": "ditgraft.api", "evaluate": "ditgraft.api",
+    "sample": "ditgraft.api", "evaluate": "ditgraft.api", "InputError": "ditgraft.utils",
     "load_recipe": "ditgraft.recipe", "encode_folder": "ditgraft.data.vae",
     "import_release": "ditgraft.models.release", "export_diffusers": "ditgraft.models.diffusers_dit",
 }

@@ -677,10 +677,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ditgraft {args.command}: error: {err}", file=sys.stderr)
         return 3
     except EXPECTED_ERRORS as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        if isinstance(err, OSError) and err.filename is not None:
-            msg = f"{err.filename}: {err.strerror}"
-        print(f"ditgraft {args.command}: error: {msg}", file=sys.stderr)
+        from ditgraft.utils import input_error_message
+
+        print(f"ditgraft {args.command}: error: {input_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ditgraft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -405,6 +405,16 @@ def find_recipe(name: str, folder: str | None = None) -> str:
     raise FileNotFoundError(f"recipe={name!r}: no such file (nor a bundled recipe of that name; see `ditgraft recipes`)")
 
 
+def recipe_diff(a, b, prefix: str = "") -> list[str]:
+    """The dotted names of the fields where two recipe mappings differ (``stage1.lr``, ``grafts``)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(top level)"]
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        out += recipe_diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     """``base`` updated by ``overrides``: mappings merge key by key (recursively), anything else (lists included)
     is replaced. Neither argument is changed."""

@@ -10,6 +10,20 @@ from contextlib import contextmanager
 import torch
 
 
+class InputError(ValueError):
+    """Bad input to the Python API (``ditgraft.load_model``, ``sample``, ...): the message is the one line the
+    command line prints for the same input (where it exits with code 2)."""
+
+
+def input_error_message(err: BaseException) -> str:
+    """The one-line message of an expected error, as the command line prints it."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
 MAX_SEED = 2**32 - 1  # seeds are 32-bit: every derived generator seed stays inside torch's 64-bit range
 
 
@@ -109,6 +123,9 @@ def resolve_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r}: ditgraft runs on 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', not on "
+                         f"{dev.type!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: CUDA is not available on this machine (torch {torch.__version__}); "

@@ -61,6 +61,11 @@ def _testbed_reference(split: str = "train") -> dict:
 
 def testbed_metrics(images: np.ndarray, labels: np.ndarray | None) -> dict:
     """Metrics of uint8 NHWC testbed images against the training digits."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or len(images) < 2:
+        raise ValueError(f"images: got {getattr(images, 'shape', type(images).__name__)}; allowed: a uint8 array "
+                         "[N, H, W, C] with N >= 2")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels: {len(labels)} labels for {len(images)} images; one label per image is needed")
     if labels is not None and len(labels) and (np.min(labels) < 0 or np.max(labels) >= NUM_CLASSES):
         raise ValueError(f"labels span [{np.min(labels)}, {np.max(labels)}]; allowed: [0, {NUM_CLASSES - 1}] (the "
                          f"testbed classifier's {NUM_CLASSES} classes; the class accuracy would be meaningless)")

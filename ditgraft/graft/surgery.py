@@ -77,6 +77,22 @@ def build_graft_operator(model: nn.Module, g: ResolvedGraft) -> nn.Module:
     return build_operator(g.operator, dims.dim, dims.heads, dims.grid, **g.options)
 
 
+def check_operators(model: nn.Module, grafts: list[ResolvedGraft]) -> None:
+    """Every graft's operator builds with its options at the model's sizes (on the meta device where its init
+    allows): a bad option fails here, before a run directory records the recipe."""
+    for g in grafts:
+        try:
+            try:
+                with torch.device("meta"):
+                    build_graft_operator(model, g)
+            except (RuntimeError, NotImplementedError):  # an init that meta tensors cannot run
+                build_graft_operator(model, g)
+        except (TypeError, ValueError, KeyError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ValueError(f"grafts: operator {g.operator!r} for {g.slot} of block {g.layer} with options "
+                             f"{g.options}: {msg}") from None
+
+
 def make_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -> dict[str, nn.Module]:
     """The new operator of every graft, initialised from ``seed`` (or from the teacher), on the teacher's device.
     Stage 1 and surgery both call this, so a student starts exactly where stage 1 started."""
