@@ -15,9 +15,11 @@
     ditgraft recipes                   list the bundled recipes
 
 Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed) or a run directory in
-use; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept); 130 / 143 interrupted
-(Ctrl-C / SIGTERM: locks released, run the same command again to resume); 1 an unexpected error (a bug: the
-traceback is printed, please report it).
+use, or a write that failed for want of space (a full disk or quota: what was committed is kept, run the same
+command again to resume); 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept);
+130 / 143 interrupted (Ctrl-C / SIGTERM: locks released, run the same command again to resume); 141 the reader of
+stdout went away (`ditgraft ... | head`: stopped quietly); 1 an unexpected error (a bug: the traceback is printed,
+please report it).
 """
 from __future__ import annotations
 
@@ -343,10 +345,14 @@ def _model_dir(kind: str, source: str, model) -> str:
 def _check_eval_out(out: str, fingerprint: str, source: str, option: str, overwrite: bool) -> None:
     from ditgraft.eval.evaluate import other_model_results
 
+    from ditgraft.eval.evaluate import read_metrics
+
     other = other_model_results(out, fingerprint)
     if other is not None and not overwrite:
-        raise ValueError(f"{option}={out!r} holds the results of another model ({other}), not of {source}; "
-                         "choose another folder, or pass --overwrite to replace them")
+        whose = ("results that name no model (written before results were keyed by the weights' hash)"
+                 if read_metrics(other).get("model_sha256") is None else "the results of another model")
+        raise ValueError(f"{option}={out!r} holds {whose} ({other}), not of {source}; choose another folder, or "
+                         "pass --overwrite to replace them")
 
 
 def _decision_eval(args, model, fingerprint: str, out: str, protocol, device) -> None:

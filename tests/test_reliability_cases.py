@@ -209,7 +209,9 @@ def test_sample_and_analyze_default_outputs_are_per_model(tmp_path, capsys, monk
     a, b = _two_students(tmp_path)
     for m in (a, b):
         assert main(["sample", m, "--num-samples", "2", "--steps", "1", "--device", "cpu"]) == 0
-    assert len(os.listdir(tmp_path / "runs" / "samples")) == 2
+    outs = sorted(os.listdir(tmp_path / "runs" / "samples"))
+    assert len(outs) == 2 and all(o.startswith("student-") and (tmp_path / "runs" / "samples" / o).is_dir()
+                                  for o in outs), outs
 
 
 # --- file safety ----------------------------------------------------------------------------------------------
