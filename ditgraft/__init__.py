@@ -8,7 +8,8 @@ The main entry points (ditgraft/api.py; imported on first use, so ``import ditgr
     evaluate(images_or_npz, labels)       testbed or Inception metrics
     export_model(model, out)              a folder diffusers loads without ditgraft, with a model card
     push(out, repo_id)                    upload it to the hub (private by default)
-and load_recipe, encode_folder, import_release, export_diffusers.
+and load_recipe, encode_folder, import_release, export_diffusers. Bad input raises ``InputError`` (a ValueError)
+with the message the command line prints for it.
 """
 
 __version__ = "0.1.0"
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "ditgraft.api", "graft_model": "ditgraft.api", "run_pipeline": "ditgraft.api",
     "sample": "ditgraft.api", "evaluate": "ditgraft.api", "export_model": "ditgraft.api",
-    "push": "ditgraft.export.push",
+    "push": "ditgraft.export.push", "InputError": "ditgraft.utils",
     "load_recipe": "ditgraft.recipe", "encode_folder": "ditgraft.data.vae",
     "import_release": "ditgraft.models.release", "export_diffusers": "ditgraft.models.diffusers_dit",
 }

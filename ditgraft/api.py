@@ -16,9 +16,30 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-__all__ = ["load_model", "graft_model", "run_pipeline", "sample", "evaluate", "export_model"]
+__all__ = ["load_model", "graft_model", "run_pipeline", "sample", "evaluate", "export_model", "InputError"]
+
+from ditgraft.utils import InputError  # noqa: E402  (the API's one exception type for bad input)
 
 
+def _input_errors(fn):
+    """Bad input raises ``InputError`` (a ValueError) with the command line's message, from the same checks."""
+    import functools
+
+    from ditgraft.cli import EXPECTED_ERRORS
+    from ditgraft.utils import input_error_message
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError:
+            raise
+        except EXPECTED_ERRORS as err:
+            raise InputError(input_error_message(err)) from err
+    return wrapper
+
+
+@_input_errors
 def load_model(source: str, device="cpu", release_config: str | None = None) -> torch.nn.Module:
     """A model in eval mode from any source: ``testbed``; a ditgraft ``.safetensors`` (plain or grafted); a run
     directory; an official DiT ``.pt`` (DiT-XL/2 at 256 px); ``hf://owner/repo/file``; a diffusers
@@ -34,7 +55,13 @@ def load_model(source: str, device="cpu", release_config: str | None = None) -> 
 
         model, meta = load_any(os.fspath(source), map_location="cpu")
     model.ditgraft_meta = meta
-    return model.to(device).eval()
+    return model.to(_device(device)).eval()
+
+
+def _device(device):
+    from ditgraft.utils import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(device)
 
 
 def _recipe(recipe, overrides: dict):
@@ -54,6 +81,7 @@ def _recipe(recipe, overrides: dict):
     return parse_recipe(data, "recipe (with overrides)" if overrides else "recipe")
 
 
+@_input_errors
 def graft_model(model, recipe=None, *, operator: str | None = None, layers="interleave", slot: str | None = None,
           options: dict | None = None, seed: int = 0, init: str = "random") -> torch.nn.Module:
     """A new student: ``model`` (or a source for ``load_model``) with operators swapped in, as surgery does before
@@ -84,6 +112,7 @@ def graft_model(model, recipe=None, *, operator: str | None = None, layers="inte
     return student
 
 
+@_input_errors
 def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, progress: bool = False,
                  **overrides) -> dict:
     """``ditgraft graft``: run a recipe (bundled name, path, dict or Recipe) in ``run_dir``; returns the report.
@@ -91,6 +120,8 @@ def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, p
     from ditgraft.graft.pipeline import STAGES, run_graft
     from ditgraft.train import tracking
 
+    if isinstance(stages, str):  # "stage1" or "stage1,stage2", as --stages takes them
+        stages = [s.strip() for s in stages.split(",") if s.strip()]
     recipe = _recipe(recipe, overrides)
     with tracking.session(recipe.log, os.fspath(run_dir)):
         report = run_graft(recipe, os.fspath(run_dir), stages=tuple(stages or STAGES), device=device,
@@ -99,6 +130,7 @@ def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, p
     return report
 
 
+@_input_errors
 def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.5, seed: int = 0,
            batch_size: int = 100, vae=None, clip: bool | None = None, device="cpu") -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced samples (labels i % num_classes) as (uint8 NHWC images, labels), seeded as ``ditgraft sample``.
@@ -107,6 +139,7 @@ def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg
     from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.sampling import generate
 
+    device = _device(device)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, device)
     latent = model.in_channels not in (1, 3)
@@ -123,6 +156,7 @@ def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg
     return generate(model.to(device), num, cfg, seed=seed, batch_size=batch_size, device=device, decode=decode)
 
 
+@_input_errors
 def evaluate(samples, labels=None, *, features: str = "testbed", reference: str | None = None,
              inception_weights: str | None = None, device="cpu") -> dict:
     """Metrics of uint8 NHWC images (with their labels) or of a sample ``.npz`` (streamed for Inception features):

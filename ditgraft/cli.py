@@ -18,9 +18,11 @@
     ditgraft search SEARCH.yaml        an operator per layer under a cost budget: cheap signals, exact choice, verify
 
 Exit codes: 0 done; 2 bad input (one line naming the input, the value and what is allowed) or a run directory in
-use; 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept); 130 / 143 interrupted
-(Ctrl-C / SIGTERM: locks released, run the same command again to resume); 1 an unexpected error (a bug: the
-traceback is printed, please report it).
+use, or a write that failed for want of space (a full disk or quota: what was committed is kept, run the same
+command again to resume); 3 training diverged (non-finite loss or gradients; the last finite checkpoint is kept);
+130 / 143 interrupted (Ctrl-C / SIGTERM: locks released, run the same command again to resume); 141 the reader of
+stdout went away (`ditgraft ... | head`: stopped quietly); 1 an unexpected error (a bug: the traceback is printed,
+please report it).
 """
 from __future__ import annotations
 
@@ -71,6 +73,15 @@ def nonneg_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0")
+    return value
+
+
+def seed_int(text: str) -> int:
+    from ditgraft.utils import MAX_SEED
+
+    value = _int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer in [0, {MAX_SEED}]")
     return value
 
 
@@ -235,7 +246,10 @@ def cmd_sample(args) -> None:
         from ditgraft.data.vae import latent_decoder, load_vae
 
         decode = latent_decoder(load_vae(args.vae, device=device))
+    args.out = args.out or _model_dir("samples", args.model, model)
     ensure_writable(args.out, "--out")
+    if args.png_dir:
+        ensure_writable(args.png_dir, "--png-dir")
     with run_lock(args.out, "ditgraft sample"):
         _sample(args, model, cfg, device, decode)
 
@@ -283,6 +297,9 @@ def cmd_import_release(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from ditgraft.utils import ensure_empty_folder
+
+    ensure_empty_folder(args.out, "--out", args.overwrite)
     if args.native:  # a plain DiT as diffusers' own DiTTransformer2DModel (no remote code)
         from ditgraft.models.diffusers_dit import export_diffusers
 
@@ -307,23 +324,41 @@ def cmd_eval(args) -> None:
     from ditgraft.distributed import is_main
     from ditgraft.eval.evaluate import evaluate_samples, protocol_for, real_data_floor, sample_and_evaluate
 
+    decision = args.seeds is not None or args.against is not None
     if args.floor:
+        _refuse_ignored(args, "--floor", ["--features", "--ref", "--inception-weights", "--cfg", "--num-samples",
+                                          "--seed", "--out", "--seeds", "--against", "--against-out",
+                                          "--target-ratio", "--target-gap", "--resamples", "--overwrite",
+                                          "--allow-self"])
         result = real_data_floor()
     elif args.target.endswith(".npz"):
+        _refuse_ignored(args, "a samples .npz (its metrics only; sample a model to use the protocols)",
+                        ["--cfg", "--num-samples", "--seed", "--out", "--seeds", "--against", "--against-out",
+                         "--target-ratio", "--target-gap", "--resamples", "--overwrite", "--allow-self"]
+                        + ([] if args.features == "inception" else ["--ref", "--inception-weights"]))
         result = evaluate_samples(args.target, features=args.features, reference=args.ref,
                                   inception_weights=args.inception_weights, device=_device(args))
     else:
         from ditgraft.utils import ensure_writable, run_lock
 
+        # a model runs the testbed protocol (testbed features); Inception metrics are for a samples .npz
+        _refuse_ignored(args, "a model (the testbed protocol; for Inception metrics sample it with `ditgraft "
+                              "sample`, then `ditgraft eval SAMPLES.npz --features inception --ref REF.npz`)",
+                        ["--features", "--ref", "--inception-weights"] + ([] if decision else ["--resamples"]))
+        if args.against is None:
+            _refuse_ignored(args, "no --against", ["--against-out", "--target-ratio", "--target-gap",
+                                                   "--allow-self"])
         device = _device(args)
-        protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples, seed=args.seed)
+        protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples or 500, seed=args.seed or 0)
         model, _ = _load_model(args.target, device)
         if model.in_channels not in (1, 3):
             raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
                              "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
-        out = args.out or _eval_dir(args.target)
-        if args.seeds is not None or args.against is not None:
-            return _decision_eval(args, model, out, protocol, device)
+        fingerprint = _fingerprint(model)
+        out = args.out or _eval_dir(args.target, fingerprint)
+        _check_eval_out(out, fingerprint, args.target, "--out", args.overwrite)
+        if decision:
+            return _decision_eval(args, model, fingerprint, out, protocol, device)
         ensure_writable(out, "--out")
         with run_lock(out, "ditgraft eval"):
             # under torchrun: seeds shared out, rank 0 writes
@@ -334,31 +369,83 @@ def cmd_eval(args) -> None:
         print(json.dumps(result, indent=2))
 
 
-def _eval_dir(source: str) -> str:
-    return os.path.join("runs", "eval", os.path.basename(source.rstrip("/")).split(".")[0])
+def _refuse_ignored(args, mode: str, options: list[str]) -> None:
+    """Options that have no effect in a mode are refused by name (never silently ignored)."""
+    given = [o for o in options if getattr(args, o[2:].replace("-", "_")) not in (None, False)
+             and not (o == "--features" and args.features == "testbed")]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used with {mode}; remove "
+                         + ("it" if len(given) == 1 else "them"))
 
 
-def _decision_eval(args, model, out: str, protocol, device) -> None:
-    from ditgraft.eval.decision import DEFAULT_SEEDS, Targets, decision_eval, format_decision
+def _fingerprint(model) -> str:
+    from ditgraft.models.checkpoints import model_fingerprint
+
+    return model_fingerprint(model)
+
+
+def _eval_dir(source: str, fingerprint: str, kind: str = "eval") -> str:
+    """runs/KIND/NAME-HASH: two models of the same file name never share a folder."""
+    return os.path.join("runs", kind, os.path.basename(source.rstrip("/")).split(".")[0] + "-" + fingerprint[:10])
+
+
+def _model_dir(kind: str, source: str, model) -> str:
+    return _eval_dir(source, _fingerprint(model), kind)
+
+
+def _check_eval_out(out: str, fingerprint: str, source: str, option: str, overwrite: bool) -> None:
+    from ditgraft.eval.evaluate import other_model_results
+
+    from ditgraft.eval.evaluate import read_metrics
+
+    other = other_model_results(out, fingerprint)
+    if other is not None and not overwrite:
+        whose = ("results that name no model (written before results were keyed by the weights' hash)"
+                 if read_metrics(other).get("model_sha256") is None else "the results of another model")
+        raise ValueError(f"{option}={out!r} holds {whose} ({other}), not of {source}; choose another folder, or "
+                         "pass --overwrite to replace them")
+
+
+def _decision_eval(args, model, fingerprint: str, out: str, protocol, device) -> None:
+    from ditgraft.eval.decision import DEFAULT_SEEDS, DEFAULT_RESAMPLES, Targets, decision_eval, format_decision
+    from ditgraft.utils import ensure_writable, run_lock
 
     seeds = DEFAULT_SEEDS if args.seeds is None else _int_list(args.seeds, "--seeds")
     against = against_dir = None
+    ensure_writable(out, "--out")
     if args.against is not None:
         against, _ = _load_model(args.against, device)
-        against_dir = args.against_out or _eval_dir(args.against)
-    result = decision_eval(model, out, seeds, protocol, against, against_dir,
-                           targets=Targets(args.target_ratio, args.target_gap), resamples=args.resamples,
-                           device=device)
+        a_fingerprint = _fingerprint(against)
+        if a_fingerprint == fingerprint and not args.allow_self:
+            raise ValueError(f"--against={args.against!r} is the same model as {args.target!r} (same weights, "
+                             f"sha256 {fingerprint[:12]}): the ratio would be 1 by construction; pass --allow-self "
+                             "to compare a model with itself")
+        against_dir = args.against_out or _eval_dir(args.against, a_fingerprint)
+        if os.path.abspath(against_dir) == os.path.abspath(out) and a_fingerprint != fingerprint:
+            raise ValueError(f"--against-out={against_dir!r} is the model's --out too; the two models need "
+                             "separate folders")
+        _check_eval_out(against_dir, a_fingerprint, args.against, "--against-out", args.overwrite)
+        ensure_writable(against_dir, "--against-out")
+    targets = Targets(1.25 if args.target_ratio is None else args.target_ratio,
+                      0.02 if args.target_gap is None else args.target_gap)
+    with run_lock(out, "ditgraft eval"):
+        result = decision_eval(model, out, seeds, protocol, against, against_dir, targets=targets,
+                               resamples=args.resamples or DEFAULT_RESAMPLES, device=device)
     print(format_decision(result, os.path.basename(args.target), os.path.basename(args.against or "baseline")))
     print(f"samples in {out}" + (f" and {against_dir}" if against_dir else "")
           + f"; decision in {os.path.join(out, 'samples_decision.json')}")
 
 
 def _int_list(text: str, name: str) -> list[int]:
+    from ditgraft.utils import check_seed
+
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{name}={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    for v in values:
+        check_seed(v, name)
+    return values
 
 
 def cmd_analyze(args) -> None:
@@ -368,6 +455,7 @@ def cmd_analyze(args) -> None:
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
+    args.out = args.out or _model_dir("analysis", args.model, model)
     ensure_writable(args.out, "--out")
     result = analyze_model(model, num_samples=args.num_samples, steps=args.steps, cfg_scale=args.cfg,
                            band_k=args.band_k, seed=args.seed, device=device, progress=True)
@@ -381,16 +469,25 @@ def cmd_synth(args) -> None:
         return _synth_captions(args)
 
     from ditgraft.diffusion.samplers import SamplingConfig
-    from ditgraft.utils import ensure_writable, run_lock
+    from ditgraft.utils import run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip = (model.in_channels in (1, 3)) if args.clip is None else args.clip
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    ensure_writable(out, "--out", folder=False)
+    out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         _synth(args, model, cfg, device, out)
+
+
+def _npz_out(path: str) -> str:
+    """The synth output file (``.npz`` added when missing); a folder (existing, or ending in '/') is refused."""
+    from ditgraft.utils import ensure_writable
+
+    ensure_writable(path, "--out", folder=False)
+    out = path if path.endswith(".npz") else path + ".npz"
+    ensure_writable(out, "--out", folder=False)
+    return out
 
 
 def _synth(args, model, cfg, device, out: str) -> None:
@@ -405,11 +502,10 @@ def _synth(args, model, cfg, device, out: str) -> None:
 
 def _synth_captions(args) -> None:
     from ditgraft.data.captions import load_t2i_pipeline, read_prompts, synth_captions
-    from ditgraft.utils import ensure_writable, run_lock
+    from ditgraft.utils import run_lock
 
     prompts = read_prompts(args.prompts)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
-    ensure_writable(out, "--out", folder=False)
+    out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         pipe = load_t2i_pipeline(args.model, _device(args))
         synth_captions(pipe, prompts, out, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.cfg,
@@ -501,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ema", type=finite_float(0, 1, high_open=True), default=0.999)
     s.add_argument("--grad-clip", type=finite_float(0, low_open=True), default=1.0)
     s.add_argument("--ckpt-every", type=positive_int, default=250)
-    s.add_argument("--seed", type=nonneg_int, default=0)
+    s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, CUDA only")
     s.add_argument("--grad-accum-steps", type=positive_int, default=1, help="micro-batches per step (default 1)")
@@ -514,13 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
         s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                        help="clip predicted x0 to [-1, 1] (default: on for pixel models, off for latents)")
-        s.add_argument("--seed", type=nonneg_int, default=0)
+        s.add_argument("--seed", type=seed_int, default=0)
         s.add_argument("--batch-size", type=positive_int, default=100)
         s.add_argument("--device", default="auto")
 
     s = add("sample", cmd_sample, "class-conditional samples: samples.png + samples.npz (ADM layout)")
     s.add_argument("model", help="testbed, a .safetensors/.pt file, hf://..., or a run directory")
-    s.add_argument("--out", default="runs/samples")
+    s.add_argument("--out", default=None, help="default runs/samples/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
     s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
     sampling_args(s)
@@ -534,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", type=positive_int, default=None,
                    help="only the first N images of every class (file-name order), e.g. 130 = 10%% of ImageNet")
     s.add_argument("--batch-size", type=positive_int, default=32)
-    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of the posterior draws")
+    s.add_argument("--seed", type=seed_int, default=0, help="seed of the posterior draws")
     s.add_argument("--device", default="auto")
 
     s = add("import-release", cmd_import_release,
@@ -555,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "model's run directory, when it has a report.json)")
     s.add_argument("--native", action="store_true", help="a plain DiT as diffusers' own DiTTransformer2DModel "
                                                         "(no remote code; timestep features as diffusers computes)")
+    s.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --out")
 
     s = add("push", cmd_push, "upload an exported folder to the Hugging Face hub (create_repo + upload_folder)")
     s.add_argument("folder", help="a folder written by `ditgraft export`")
@@ -580,20 +677,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pt_inception-2015-12-05-6726825d.pth (or env DITGRAFT_INCEPTION_WEIGHTS)")
     s.add_argument("--floor", action="store_true", help="the real-data floor: validation digits vs training")
     s.add_argument("--cfg", type=finite_float(1), default=None, help="protocol cfg scale (default 1.5)")
-    s.add_argument("--num-samples", type=positive_int, default=500)
-    s.add_argument("--seed", type=nonneg_int, default=0,
+    s.add_argument("--num-samples", type=positive_int, default=None, help="protocol samples (default 500)")
+    s.add_argument("--seed", type=seed_int, default=None,
                    help="protocol seed (default 0); others show the sampling spread")
-    s.add_argument("--out", default=None)
+    s.add_argument("--out", default=None, help="default runs/eval/NAME-HASH (HASH: of the model's weights)")
+    s.add_argument("--overwrite", action="store_true", help="replace another model's results found in --out")
     s.add_argument("--device", default="auto")
     s.add_argument("--seeds", default=None,
                    help="decision protocol: comma list of seeds pooled, e.g. 0,1,2 (default 0,1,2 with --against)")
     s.add_argument("--against", default=None,
                    help="decision protocol: baseline model sampled at the same seeds (e.g. testbed): FID ratio "
                         "and accuracy gap with paired bootstrap intervals")
-    s.add_argument("--against-out", default=None, help="where the baseline's samples go (default runs/eval/NAME)")
-    s.add_argument("--target-ratio", type=float, default=1.25, help="verdict target for the FID ratio (<=)")
-    s.add_argument("--target-gap", type=float, default=0.02, help="verdict target for the accuracy gap (<=)")
-    s.add_argument("--resamples", type=int, default=500, help="bootstrap resamples (default 500)")
+    s.add_argument("--against-out", default=None,
+                   help="where the baseline's samples go (default runs/eval/NAME-HASH)")
+    s.add_argument("--allow-self", action="store_true", help="allow --against to be the same model (by weights)")
+    s.add_argument("--target-ratio", type=finite_float(0, low_open=True), default=None,
+                   help="verdict target for the FID ratio (<=; default 1.25)")
+    s.add_argument("--target-gap", type=finite_float(), default=None,
+                   help="verdict target for the accuracy gap (<=; default 0.02)")
+    s.add_argument("--resamples", type=positive_int, default=None, help="bootstrap resamples (default 500)")
 
     s = add("analyze", cmd_analyze, "attention locality and activation statistics per layer")
     s.add_argument("model")
@@ -601,8 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive_int, default=50)
     s.add_argument("--cfg", type=finite_float(1), default=1.5)
     s.add_argument("--band-k", type=positive_int, default=None, help="default N/8 (32 at N=256)")
-    s.add_argument("--seed", type=nonneg_int, default=0)
-    s.add_argument("--out", default="runs/analysis")
+    s.add_argument("--seed", type=seed_int, default=0)
+    s.add_argument("--out", default=None, help="default runs/analysis/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--device", default="auto")
 
     s = add("ops", cmd_ops, "operator table: params and FLOPs per operator")
@@ -633,6 +735,27 @@ EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, Not
                    PermissionError)
 
 
+_WRITE_FAILED = ("os error 28", "os error 27", "os error 122", "No space left", "File too large", "Disk quota",
+                 "StorageFull", "file write failed", "failed writing file", "unexpected pos")
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """What a full disk (or quota, or file-size limit) looks like from the writers ditgraft uses: an OSError with
+    ENOSPC/EDQUOT/EFBIG, safetensors' SafetensorError and torch.save's RuntimeError carrying the same in their text."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return f"{err.filename + ': ' if err.filename else ''}{err.strerror}"
+        text = str(err)
+        if not isinstance(err, (ValueError, KeyError)) and any(t in text for t in _WRITE_FAILED):
+            return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _terminate(signum, _frame):
     raise SystemExit(128 + signum)  # unwinds like an error: locks are released, temporaries removed
 
@@ -655,15 +778,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ditgraft {args.command}: error: {err}", file=sys.stderr)
         return 3
     except EXPECTED_ERRORS as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        if isinstance(err, OSError) and err.filename is not None:
-            msg = f"{err.filename}: {err.strerror}"
-        print(f"ditgraft {args.command}: error: {msg}", file=sys.stderr)
+        from ditgraft.utils import input_error_message
+
+        print(f"ditgraft {args.command}: error: {input_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ditgraft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except Exception:
+    except BrokenPipeError:  # the reader of stdout went away (`ditgraft ... | head`): stop quietly, as SIGPIPE would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except Exception as err:
+        failed = _write_failure(err)
+        if failed is not None:
+            print(f"ditgraft {args.command}: error: a write failed: {failed} (the disk or quota is full, or a file "
+                  "size limit was hit); what was committed is kept: free space and run the same command again to "
+                  "resume", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(BUG_REPORT, file=sys.stderr)
         return 1

@@ -11,7 +11,8 @@ count from the end) or a layer selector of ``ditgraft.graft.layers`` (``all``, `
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Union
+import re
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
@@ -21,6 +22,11 @@ from ditgraft.graft.layers import selector_names
 from ditgraft.models.slots import SLOTS
 from ditgraft.operators import get_spec, operator_names
 from ditgraft.train.loop import LoopConfig
+from ditgraft.utils import MAX_SEED
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a recipe name is one path component: runs/<name>
+MAX_RECIPE_BYTES = 1 << 20
 
 LOSSES = ("l1", "l2", "huber")
 DEFAULT_LOSS = {"attn": "l1", "mlp": "l2"}  # the paper's stage-1 regression loss per slot
@@ -54,6 +60,8 @@ def _parse_layers(value: Any) -> Any:
             parts = v.split(":")
             if len(parts) > 3 or not all(p.strip().lstrip("-").isdigit() or p.strip() == "" for p in parts):
                 raise ValueError(f"slice {value!r} is not a Python slice like '1:8:2'")
+            if len(parts) == 3 and parts[2].strip() and int(parts[2]) == 0:
+                raise ValueError(f"slice {value!r}: the step must not be 0 (e.g. '1:8:2')")
             return v
         raise ValueError(f"{value!r} is not a selector; use a list of indices, a slice 'a:b:c' or one of {selector_names()}")
     return value
@@ -292,7 +300,7 @@ class Evaluation(Strict):
     steps: int = Field(default=25, ge=1)
     sampler: Literal["ddim", "ddpm"] = "ddim"
     cfg_scale: float = Field(default=1.5, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     # depth_pruned / from_scratch (with restructure): the same total training FLOPs spent on the teacher with each
     # parallel pair's second block dropped, or on a DiT of the student's depth trained from random init
     baselines: list[Literal["teacher", "random_init", "depth_pruned", "from_scratch"]] = Field(
@@ -305,7 +313,7 @@ class Evaluation(Strict):
     # decision: also sample every seed in ``seeds`` (the quick protocol's seed included), pool them, and compare
     # the student with the teacher (and the random-init baseline with the student) by paired bootstrap intervals
     protocol: Literal["quick", "decision"] = "quick"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     target_ratio: float | None = Field(default=1.25, gt=0)  # FID ratio student / teacher, at most
     target_gap: float | None = Field(default=0.02, ge=0)  # class accuracy gap teacher - student, at most
     resamples: int = Field(default=500, ge=10)
@@ -333,9 +341,17 @@ class Recipe(Strict):
     stage1: Stage1 = Field(default_factory=Stage1)
     stage2: Stage2 = Field(default_factory=Stage2)
     eval: Evaluation = Field(default_factory=Evaluation)
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     log: Literal["tensorboard", "wandb", "trackio", "none"] = "none"  # experiment tracker (train/tracking.py)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not NAME.fullmatch(v) or v in (".", ".."):
+            raise ValueError("must be a plain name (letters, digits, '.', '_', '-'; at most 100 characters, not "
+                             "starting with '.' or '-'): it names the run directory runs/<name>")
+        return v
 
     @model_validator(mode="after")
     def _has_work(self):
@@ -390,6 +406,16 @@ def find_recipe(name: str, folder: str | None = None) -> str:
     raise FileNotFoundError(f"recipe={name!r}: no such file (nor a bundled recipe of that name; see `ditgraft recipes`)")
 
 
+def recipe_diff(a, b, prefix: str = "") -> list[str]:
+    """The dotted names of the fields where two recipe mappings differ (``stage1.lr``, ``grafts``)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(top level)"]
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        out += recipe_diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     """``base`` updated by ``overrides``: mappings merge key by key (recursively), anything else (lists included)
     is replaced. Neither argument is changed."""
@@ -399,12 +425,49 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML that refuses what a recipe never needs and an attacker would use: aliases (``*a``: expansion
+    bombs) and duplicate keys (one of the two would be dropped silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in a recipe; write the value out, "
+                                               "or share fields with base:", problem_mark=self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class names it
+                break
+            if duplicate:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r} (each key may appear once)",
+                                           problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str) -> dict:
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ValueError(f"invalid recipe {path}: not valid YAML ({err})") from None
+    size = os.path.getsize(path)
+    if size > MAX_RECIPE_BYTES:
+        raise ValueError(f"invalid recipe {path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"invalid recipe {path}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
+                         "save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"invalid recipe {path}: not valid YAML ({where}{problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"invalid recipe {path}: the top level must be a mapping, got {type(data).__name__}")
     return data

@@ -10,12 +10,37 @@ from contextlib import contextmanager
 import torch
 
 
+class InputError(ValueError):
+    """Bad input to the Python API (``ditgraft.load_model``, ``sample``, ...): the message is the one line the
+    command line prints for the same input (where it exits with code 2)."""
+
+
+def input_error_message(err: BaseException) -> str:
+    """The one-line message of an expected error, as the command line prints it."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: every derived generator seed stays inside torch's 64-bit range
+
+
+def check_seed(value, what: str = "seed") -> int:
+    """A seed in [0, MAX_SEED], or a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{what}={value!r}: must be an integer in [0, {MAX_SEED}]")
+    return value
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path in the same folder; on success rename it onto ``path`` (never a half-written file)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    # the writer's pid is in the name: an orphan sweep spares the temporaries of live processes
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.p{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
@@ -54,8 +79,40 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file; a torn or invalid one (a kill or a full disk mid-write) is a ValueError naming it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path} is torn or not valid JSON ({err}); repair or remove it, then run the same "
+                         "command again") from None
+
+
+class UnsafePickle(ValueError):
+    """A pickle that names Python code (a class or function outside plain tensors): refused, never run."""
+
+
+def torch_load_weights(path: str, allowed: tuple = ()):
+    """``torch.load(path, weights_only=True)`` (plus the classes in ``allowed``) with one ValueError naming the file:
+    a pickle that names Python code is refused (never run), an empty/truncated/corrupt file is named as such."""
+    import pickle
+
+    with torch.serialization.safe_globals(list(allowed)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            text = str(err)
+            found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) (?:GLOBAL )?([\w.]+)", text)
+            if found:
+                raise UnsafePickle(f"{path} was refused: it is a pickle naming {found.group(1)} (Python code, not "
+                                 "weights); ditgraft loads only plain tensors, never code") from None
+            lines = text.strip().splitlines() or [""]
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{lines[-3 if len(lines) > 2 else -1][:120]})") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+                             f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -66,6 +123,9 @@ def resolve_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r}: ditgraft runs on 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', not on "
+                         f"{dev.type!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
@@ -79,13 +139,16 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 _ORPHAN_DIR = re.compile(r"step_\d{7}(\.del)?\.tmp$")  # the training loop's checkpoint temporaries
-_ORPHAN_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_path's mkstemp names: .NAME.XXXXXXXX.tmp
+# atomic_path's mkstemp names: .NAME.pPID.XXXXXXXX.tmp (.NAME.XXXXXXXX.tmp before the pid was recorded)
+_ORPHAN_FILE = re.compile(r"\..+?(?:\.p(\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def remove_orphan_temporaries(folder: str, depth: int = 4) -> list[str]:
     """Delete what a killed writer left in ``folder`` (down to ``depth`` levels): checkpoint temporaries
-    (``step_NNNNNNN.tmp``) and ``atomic_path`` temporaries (``.NAME.XXXXXXXX.tmp``); nothing else matches. Call
-    it only while holding the folder (its run lock, or as its only writer). Returns the removed paths."""
+    (``step_NNNNNNN.tmp``) and ``atomic_path`` temporaries (``.NAME.pPID.XXXXXXXX.tmp``) whose writer is not a live
+    process; nothing else matches. Subfolders that hold their own run lock belong to another run (live, or swept by
+    its own next run) and are never entered. Call it only while holding the folder (its run lock, or as its only
+    writer). Returns the removed paths."""
     import shutil
 
     removed = []
@@ -93,14 +156,19 @@ def remove_orphan_temporaries(folder: str, depth: int = 4) -> list[str]:
     for root, dirs, files in os.walk(folder):
         if os.path.abspath(root).count(os.sep) - top >= depth:
             dirs[:] = []
+        dirs[:] = [d for d in dirs if not os.path.exists(os.path.join(root, d, ".ditgraft.lock"))]
         for d in list(dirs):
             if _ORPHAN_DIR.match(d):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
                 removed.append(os.path.join(root, d))
                 dirs.remove(d)
         for f in files:
-            if _ORPHAN_FILE.match(f):
-                os.remove(os.path.join(root, f))
+            m = _ORPHAN_FILE.match(f)
+            if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
+                try:
+                    os.remove(os.path.join(root, f))
+                except FileNotFoundError:  # its writer renamed it into place meanwhile
+                    continue
                 removed.append(os.path.join(root, f))
     return removed
 
@@ -109,8 +177,10 @@ def ensure_writable(path: str, what: str, folder: bool = True) -> None:
     """Fail early (ValueError naming ``what`` and ``path``) when ``path`` (a folder, or a file's folder when
     ``folder`` is False) cannot be created or written, before any long work starts."""
     target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
-    if not folder and os.path.isdir(path):
+    if not folder and (os.path.isdir(path) or path.endswith(("/", os.sep))):
         raise ValueError(f"{what}={path!r} is a folder; a file path is expected here")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a file; a folder is expected here")
     try:
         os.makedirs(target, exist_ok=True)
         # not a ".tmp" name: another rank's orphan sweep must not take a probe that is still in use
@@ -120,6 +190,15 @@ def ensure_writable(path: str, what: str, folder: bool = True) -> None:
     except OSError as err:
         raise ValueError(f"{what}={path!r} is not writable ({err.strerror or err}); "
                          "choose a folder you can write to") from None
+
+
+def ensure_empty_folder(path: str, what: str, overwrite: bool = False) -> None:
+    """An output folder that is written whole: writable, and refused when it exists with files in it unless
+    ``overwrite`` (then its old content is replaced)."""
+    ensure_writable(path, what)
+    if not overwrite and any(not e.startswith(".ditgraft") for e in os.listdir(path)):
+        raise ValueError(f"{what}={path!r} exists and is not empty; choose a new folder, or pass --overwrite to "
+                         "replace its content")
 
 
 class RunLocked(ValueError):
@@ -192,9 +271,10 @@ def run_lock(target: str, command: str = "ditgraft", log=None):
             remove_orphan_temporaries(target)
         else:  # an output file: only its own atomic_path temporaries
             folder, name = os.path.split(os.path.abspath(target))
-            own = re.compile(re.escape("." + name) + r"\.[A-Za-z0-9_]{8}\.tmp$")
+            own = re.compile(re.escape("." + name) + r"(?:\.p(\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
             for f in os.listdir(folder):
-                if own.match(f):
+                m = own.match(f)
+                if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
                     os.remove(os.path.join(folder, f))
         yield
     finally:

@@ -112,7 +112,7 @@ CASES = [
     ("steps-0", ["sample", "testbed", "--steps", "0"], ["--steps", ">= 1"]),
     ("num-samples-neg", ["sample", "testbed", "--num-samples", "-1"], ["--num-samples", ">= 1"]),
     ("synth-batch-0", ["synth", "testbed", "--batch-size", "0"], ["--batch-size", ">= 1"]),
-    ("seed-neg", ["sample", "testbed", "--seed", "-1"], ["--seed", ">= 0"]),
+    ("seed-neg", ["sample", "testbed", "--seed", "-1"], ["--seed", "[0, 4294967295]"]),
     ("lr-nan", ["pretrain", "--lr", "nan"], ["--lr", "'nan'", "finite", "> 0"]),
     ("lr-inf", ["pretrain", "--lr", "inf"], ["--lr", "'inf'", "finite"]),
     ("lr-neg", ["pretrain", "--lr", "-1"], ["--lr", "> 0"]),

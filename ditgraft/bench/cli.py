@@ -13,6 +13,8 @@ def add_bench_arguments(parser) -> None:
     """Add the ``ops``, ``model`` and ``stage1`` sub-commands to the ``bench`` parser; each sets ``fn=run_bench``."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
 
+    from ditgraft.cli import positive_int
+
     def shared(p, repeats: int) -> None:
         p.add_argument("--dim", type=int, default=1152, help="model width D (default 1152, DiT-XL/2)")
         p.add_argument("--heads", type=int, default=16)
@@ -21,7 +23,8 @@ def add_bench_arguments(parser) -> None:
         p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:i or auto")
         p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="bf16/fp16 on CUDA only")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--threads", type=positive_int, default=None,
+                       help="torch CPU threads (default: torch's choice)")
         p.add_argument("--clock", default="wall", choices=CLOCKS,
                        help="wall (latency, default) or cpu (process CPU time: robust on a shared machine with "
                             "--threads 1)")

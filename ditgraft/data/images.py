@@ -68,6 +68,39 @@ def _images_under(folder: str) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
+def to_8bit(img, path: str = "image"):
+    """A PIL image with 8 bits per channel. 16-bit greyscale (modes I;16*, and I holding 16-bit values) is scaled
+    by 255 / 65535, never clipped (PIL's own convert('L') saturates every value above 255); palette, CMYK and
+    alpha modes are converted by PIL afterwards; float images are refused."""
+    Image = _pil()
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"image {path!r}: 32-bit integer pixels span [{arr.min()}, {arr.max()}]; allowed: "
+                             "8-bit or 16-bit images")
+        return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        raise ValueError(f"image {path!r}: floating-point pixels (mode F); allowed: 8-bit or 16-bit images")
+    return img
+
+
+def _check_class_folders(root: str, subdirs: list[str]) -> None:
+    """Class folders (symlinks included) must lie inside the root, apart from each other: a link back to the root or
+    an ancestor (a loop: a phantom class of every image), outside the root, or to another class is refused."""
+    top = os.path.realpath(root)
+    seen: dict[str, str] = {}
+    for name in subdirs:
+        real = os.path.realpath(os.path.join(root, name))
+        if not real.startswith(top + os.sep):
+            raise ValueError(f"class folder {os.path.join(root, name)!r} links to {real!r}: the image folder "
+                             f"{top!r} itself (a loop), above it or outside it; allowed: class folders inside the image folder")
+        for other_real, other in seen.items():
+            if real == other_real or real.startswith(other_real + os.sep) or other_real.startswith(real + os.sep):
+                raise ValueError(f"class folders {other!r} and {name!r} of {root!r} overlap ({other_real!r}, "
+                                 f"{real!r}); each class needs its own folder")
+        seen[real] = name
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of a folder (class subfolders or flat, see the module docstring) -> (tensor [C, S, S] in [-1, 1], label).
 
@@ -94,6 +127,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                              f"({subdirs[0]!r}, ...); use either class subfolders <root>/<class>/<image> "
                              "or a flat folder of images")
         if subdirs:
+            _check_class_folders(root, subdirs)
             for label, name in enumerate(subdirs):
                 files = _images_under(os.path.join(root, name))
                 if not files:
@@ -117,10 +151,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                img.load()
-                img = img.convert("RGB" if self.channels == 3 else "L")
+                img.load()  # the pixels stay in memory after the file is closed
         except Exception as err:  # PIL raises several types for unreadable files
             raise ValueError(f"could not read image {path!r}: {err}") from err
+        img = to_8bit(img, path).convert("RGB" if self.channels == 3 else "L")
         arr = center_crop_arr(img, self.image_size)
         return arr[:, :, None] if arr.ndim == 2 else arr
 

@@ -218,6 +218,9 @@ def decision_eval(model, out_dir: str, seeds=DEFAULT_SEEDS, protocol: Protocol =
         out["against"]["per_seed"] = [{"seed": s, "fid": r["fid"], "accuracy": r["accuracy"]}
                                       for s, r in zip(seeds, a_rows)]
     out["seeds"] = seeds
+    out["model_sha256"] = rows[0].get("model_sha256")
+    if against is not None:
+        out["against_sha256"] = a_rows[0].get("model_sha256")
     out["protocol"] = {k: v for k, v in asdict(protocol).items() if k != "seed"}
     atomic_write_json(os.path.join(out_dir, f"{name or tag}_decision.json"), out)
     return out

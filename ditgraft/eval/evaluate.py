@@ -28,6 +28,7 @@ from ditgraft.eval import adm, metrics
 from ditgraft.eval.classifier import CLASSIFIER_PATH, NUM_CLASSES, testbed_features
 from ditgraft.eval.inception import InceptionFeatures
 from ditgraft.eval.sampling import gather_samples, generate, save_grid
+from ditgraft.models.checkpoints import model_fingerprint
 from ditgraft.utils import atomic_path, atomic_write_json, read_json
 
 
@@ -86,6 +87,11 @@ def _testbed_reference(split: str = "train") -> dict:
 
 def testbed_metrics(images: np.ndarray, labels: np.ndarray | None) -> dict:
     """Metrics of uint8 NHWC testbed images against the training digits."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or len(images) < 2:
+        raise ValueError(f"images: got {getattr(images, 'shape', type(images).__name__)}; allowed: a uint8 array "
+                         "[N, H, W, C] with N >= 2")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels: {len(labels)} labels for {len(images)} images; one label per image is needed")
     if labels is not None and len(labels) and (np.min(labels) < 0 or np.max(labels) >= NUM_CLASSES):
         raise ValueError(f"labels span [{np.min(labels)}, {np.max(labels)}]; allowed: [0, {NUM_CLASSES - 1}] (the "
                          f"testbed classifier's {NUM_CLASSES} classes; the class accuracy would be meaningless)")
@@ -198,10 +204,11 @@ def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOC
     returns the metrics."""
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
+    fingerprint = model_fingerprint(model)
 
-    def cached() -> dict | None:
-        row = read_json(metrics_path) if os.path.exists(metrics_path) else {}
-        return row if row.get("protocol") == asdict(protocol) else None
+    def cached() -> dict | None:  # the same model (by content, never by path) under the same protocol
+        row = read_metrics(metrics_path) if os.path.exists(metrics_path) else {}
+        return row if row.get("protocol") == asdict(protocol) and row.get("model_sha256") == fingerprint else None
 
     done = on_main(cached)
     if done is not None:
@@ -213,17 +220,38 @@ def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOC
                               progress=progress and rank == 0)
     wall = time.time() - t0
     gathered = gather_samples(out_dir, images, labels, protocol.batch_size)
-    return on_main(lambda: _write_evaluation(out_dir, tag, *gathered, protocol, wall, evaluate))
+    return on_main(lambda: _write_evaluation(out_dir, tag, *gathered, protocol, wall, evaluate, fingerprint))
+
+
+def read_metrics(path: str) -> dict:
+    """A metrics file; a torn or foreign one reads as empty (its model is sampled again)."""
+    try:
+        row = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return row if isinstance(row, dict) else {}
+
+
+def other_model_results(out_dir: str, fingerprint: str) -> str | None:
+    """The first metrics/decision file in ``out_dir`` that records a model other than ``fingerprint`` (or records
+    none: written before results were keyed by content), else None."""
+    if not os.path.isdir(out_dir):
+        return None
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(("_metrics.json", "_decision.json")):
+            if read_metrics(os.path.join(out_dir, name)).get("model_sha256") != fingerprint:
+                return os.path.join(out_dir, name)
+    return None
 
 
 def _write_evaluation(out_dir: str, tag: str, images: np.ndarray, labels: np.ndarray, protocol: Protocol,
-                      wall: float, evaluate=None) -> dict:
+                      wall: float, evaluate=None, fingerprint: str | None = None) -> dict:
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
     adm.save_samples_npz(os.path.join(out_dir, f"{tag}.npz"), images, labels)
     order = np.argsort(labels[:100] if len(labels) >= 100 else labels, kind="stable")
     save_grid(os.path.join(out_dir, f"{tag}.png"), images[:100][order])
     result = (evaluate or testbed_metrics)(images, labels)
-    result.update({"protocol": asdict(protocol), "sampling_seconds": wall})
+    result.update({"protocol": asdict(protocol), "model_sha256": fingerprint, "sampling_seconds": wall})
     atomic_write_json(metrics_path, result)
     return result
 

@@ -32,6 +32,12 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
     model-space samples themselves (float32 NCHW, no decoding): synthetic training data."""
     from tqdm import tqdm
 
+    from ditgraft.utils import check_seed
+
+    for name, value in (("num", num), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+    check_seed(seed, "seed")
     model.eval()
     num_batches = math.ceil(num / batch_size)
     c = model.in_channels

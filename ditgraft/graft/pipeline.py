@@ -37,12 +37,13 @@ from ditgraft.graft.restructure_train import (baseline_stage2, latency_table, re
                                               units_dir)
 from ditgraft.graft.stage1 import load_best_operators, pair_targets, run_stage1
 from ditgraft.graft.stage2 import run_stage2
-from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, resolve_grafts, save_grafted
+from ditgraft.graft.surgery import (ResolvedGraft, check_operators, graft_model, load_grafted, resolve_grafts,
+                                   save_grafted)
 from ditgraft.models.adapters import model_dims
 from ditgraft.models.checkpoints import ASSETS, load_dit
 from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, load_diffusers
 from ditgraft.models.families.base import cond_rows
-from ditgraft.recipe import Data, Recipe
+from ditgraft.recipe import Data, Recipe, recipe_diff
 from ditgraft.train.memory import format_stage2_memory
 from ditgraft.utils import (atomic_write_json, atomic_write_text, ensure_writable, read_json, resolve_device,
                             run_lock)
@@ -391,8 +392,11 @@ def _start_recording(recipe: Recipe, run_dir: str) -> bool:
     failed or killed first attempt) keeps its planning results only if they were made for this same recipe."""
     recipe_path = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe_path):
-        if _yaml_file(recipe_path) != recipe.to_dict():
-            raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}); use another --run-dir")
+        recorded = _yaml_file(recipe_path)
+        if recorded != recipe.to_dict():
+            fields = recipe_diff(recorded, recipe.to_dict())
+            raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}; fields that differ: "
+                             f"{', '.join(fields[:8])}{' ...' if len(fields) > 8 else ''}); use another --run-dir")
         return True
     on_main(lambda: _forget_other_attempt(recipe, run_dir))
     return False
@@ -435,6 +439,7 @@ def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -
         recipe_spec(recipe, teacher)  # a restructure that does not fit the teacher fails before recording
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
     if not recorded:
+        check_operators(teacher, grafts)  # a bad operator option fails before the directory is this recipe's
         on_main(lambda: _record_recipe(recipe, run_dir))
     log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
     timings_path = os.path.join(run_dir, "timings.json")

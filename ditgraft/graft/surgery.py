@@ -17,8 +17,8 @@ from torch import nn
 from ditgraft.graft.layers import resolve_layers
 from ditgraft.graft.restructure import restructure
 from ditgraft.models.adapters import model_dims, set_slot
-from ditgraft.models.checkpoints import (build_from_config, load_dit, load_state_strict, load_weights,
-                                         read_metadata, save_safetensors)
+from ditgraft.models.checkpoints import (build_checked, build_from_config, load_dit, load_state_strict,
+                                         load_weights, read_metadata, save_safetensors)
 from ditgraft.models.diffusers_dit import is_diffusers_source
 from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, get_family, load_diffusers
 from ditgraft.operators import build_operator
@@ -77,6 +77,22 @@ def build_graft_operator(model: nn.Module, g: ResolvedGraft) -> nn.Module:
     return build_operator(g.operator, dims.dim, dims.heads, dims.grid, **g.options)
 
 
+def check_operators(model: nn.Module, grafts: list[ResolvedGraft]) -> None:
+    """Every graft's operator builds with its options at the model's sizes (on the meta device where its init
+    allows): a bad option fails here, before a run directory records the recipe."""
+    for g in grafts:
+        try:
+            try:
+                with torch.device("meta"):
+                    build_graft_operator(model, g)
+            except (RuntimeError, NotImplementedError):  # an init that meta tensors cannot run
+                build_graft_operator(model, g)
+        except (TypeError, ValueError, KeyError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ValueError(f"grafts: operator {g.operator!r} for {g.slot} of block {g.layer} with options "
+                             f"{g.options}: {msg}") from None
+
+
 def make_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -> dict[str, nn.Module]:
     """The new operator of every graft, initialised from ``seed`` (or from the teacher), on the teacher's device.
     Stage 1 and surgery both call this, so a student starts exactly where stage 1 started."""
@@ -115,23 +131,33 @@ def save_grafted(path: str, model: nn.Module, grafts: list[ResolvedGraft], recip
 
 
 def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a grafted and/or restructured (or plain) ditgraft checkpoint from its file alone."""
+    """Rebuild a grafted and/or restructured (or plain) ditgraft checkpoint from its file alone. The metadata is
+    checked against the file's tensor shapes (``build_checked``) before the model is built."""
     meta = read_metadata(path)
     config, family = meta.get("model_config"), meta.get("family", "dit")
-    if family == "dit":
-        model = build_from_config(config, path)
-    else:
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: its metadata has no model_config mapping (got {config!r})")
-        model = get_family(family).build(config)
+    if family != "dit" and not isinstance(config, dict):
+        raise ValueError(f"{path}: its metadata has no model_config mapping (got {config!r})")
     try:
         grafts = [ResolvedGraft(**g) for g in meta.get("grafts", [])]
     except TypeError as err:
         raise ValueError(f"{path}: its grafts metadata is malformed ({err})") from None
-    for g in grafts:
-        set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
-    if meta.get("restructure"):  # parallel units / dropped blocks, applied after the grafts
-        restructure(model, meta["restructure"])
+
+    def build():
+        model = build_from_config(config, path) if family == "dit" else get_family(family).build(config)
+        try:
+            for g in grafts:
+                set_slot(model, g.layer, g.slot, build_graft_operator(model, g))
+            if meta.get("restructure"):  # parallel units / dropped blocks, applied after the grafts
+                restructure(model, meta["restructure"])
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ValueError(f"{path}: its grafts/restructure metadata does not fit its model ({msg})") from None
+        return model
+
+    try:
+        model = build_checked(build, config, path)
+    except KeyError as err:  # an unknown family
+        raise ValueError(f"{path}: {err.args[0] if err.args else err}") from None
     load_state_strict(model, load_weights(path, map_location), path)
     return model.eval(), meta
 

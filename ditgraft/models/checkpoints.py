@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import re
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from ditgraft.models.diffusers_dit import is_diffusers_source, load_diffusers_dit
 from ditgraft.models.dit import DIT_CONFIGS, DiT, build_dit
 from ditgraft.train.loop import non_finite_tensors
-from ditgraft.utils import atomic_path
+from ditgraft.utils import atomic_path, torch_load_weights
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 TESTBED_TEACHER = os.path.join(ASSETS, "testbed", "teacher.safetensors")
@@ -67,6 +66,68 @@ def read_metadata(path: str) -> dict:
     return out
 
 
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a safetensors file, from its header alone (no tensor is read)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+
+
+DEPTH_KEYS = ("depth", "num_layers")  # DiT, diffusers transformers
+
+
+def check_config_fits_file(config, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Before any model is built: the sizes a model_config asks for must be those of the tensors in the file, so
+    hostile metadata (depth 1,000,000, width 131,072, a huge image) fails at once instead of hanging or
+    allocating. DiT configs are checked field by field; other families have their depth bounded by the file's
+    tensor count (the meta-device build that follows compares every shape)."""
+    if not isinstance(config, dict):
+        return  # build_from_config names it
+    for key in DEPTH_KEYS:
+        v = config.get(key)
+        if isinstance(v, int) and not 0 < v <= len(shapes):
+            raise ValueError(f"{source}: model_config {key}={v} does not fit the file (it holds {len(shapes)} "
+                             f"tensors); allowed: 1..{len(shapes)}")
+    if "pos_embed" not in shapes or "x_embedder.proj.weight" not in shapes:
+        return
+    _, n, hidden = shapes["pos_embed"]
+    out_ch, in_ch, p, _ = shapes["x_embedder.proj.weight"]
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    size = config.get("input_size")
+    patch = config.get("patch_size")
+    grid = None
+    if isinstance(patch, int) and patch > 0 and (isinstance(size, int) or (
+            isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size))):
+        h, w = (size, size) if isinstance(size, int) else size
+        grid = (h // patch) * (w // patch)
+    want = {"hidden_size": hidden, "depth": len(blocks), "patch_size": p, "in_channels": in_ch}
+    for key, allowed in want.items():
+        if key in config and config[key] != allowed:
+            raise ValueError(f"{source}: model_config {key}={config[key]!r} does not fit the file's tensors; "
+                             f"allowed: {allowed} (from its {'blocks' if key == 'depth' else 'patch embedding'})")
+    if grid is not None and grid != n:
+        raise ValueError(f"{source}: model_config input_size={size!r} (patch {patch}) gives {grid} patches; the "
+                         f"file's pos_embed holds {n}")
+
+
+def shape_mismatch(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """One readable ValueError for missing keys, unexpected keys and shape mismatches between ``model`` (built on
+    any device, meta included) and the tensor shapes of ``source`` (the first few of each)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in shapes]
+    extra = [k for k in shapes if k not in own]
+    wrong = [f"{k} {shapes[k]} (expected {own[k]})" for k in own if k in shapes and shapes[k] != own[k]]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", wrong)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise ValueError(f"{source} does not match the model it describes: " + "; ".join(problems))
+
+
 def load_weights(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or a ValueError naming the file when it is empty/truncated/corrupt."""
     try:
@@ -78,18 +139,7 @@ def load_weights(path: str, device: str | torch.device = "cpu") -> dict[str, tor
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``model.load_state_dict(state, strict=True)`` with one readable ValueError for missing keys, unexpected keys
     and shape mismatches (the first few of each, naming ``source``)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", shapes)):
-        if items:
-            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-            problems.append(f"{label}: {', '.join(items[:3])}{more}")
-    if problems:
-        raise ValueError(f"{source} does not match the model it describes: " + "; ".join(problems))
+    shape_mismatch(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict(state, strict=True)
 
 
@@ -101,6 +151,32 @@ def build_from_config(config: dict | None, source: str) -> DiT:
         return DiT(**config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: model_config {config} cannot build a DiT ({err})") from None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A content hash of a model: its module structure and every tensor of its state dict (name, dtype, shape,
+    bytes). Two loads of the same weights give the same hash whatever the file or path; any changed weight, graft
+    or size gives another. Cached samples and metrics are keyed by it."""
+    import hashlib
+
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def build_checked(build, config, path: str) -> nn.Module:
+    """``build()`` once the file's header vouches for it: the config's sizes are checked against the tensor
+    shapes, then the model is built on the meta device (no memory) and every shape compared, and only then built
+    for real; a hostile or mismatched config fails in milliseconds."""
+    shapes = tensor_shapes(path)
+    check_config_fits_file(config, shapes, path)
+    with torch.device("meta"):
+        probe = build()
+    shape_mismatch(probe, shapes, path)
+    return build()
 
 
 def require_finite(model: nn.Module, source: str) -> nn.Module:
@@ -126,20 +202,7 @@ def resolve_hub(source: str) -> str:
 def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
     """An official DiT .pt: a plain state dict, or a training checkpoint {model, ema, opt, args} (ema is used)."""
     # DiT's train.py stores args as an argparse.Namespace: allow exactly that class, nothing else.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            text = str(err)
-            found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) ([\w.]+)", text)
-            if found:
-                raise ValueError(f"{path} was refused: it is a pickle naming {found.group(1)} (Python code, not "
-                                 "weights); ditgraft loads only plain tensors, never code") from None
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
-                             f"{text.strip().splitlines()[-3 if len(text.splitlines()) > 2 else -1][:120]})") from None
-        except (RuntimeError, EOFError, OSError) as err:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
-                             f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
+    obj = torch_load_weights(path, allowed=(argparse.Namespace,))
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -167,7 +230,8 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
         if meta.get("recipe") or meta.get("grafts"):
             raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.surgery.load_grafted "
                              "(or ditgraft.load_model, which loads any source)")
-        net = build_from_config(meta.get("model_config"), source)
+        net = build_checked(lambda: build_from_config(meta.get("model_config"), source), meta.get("model_config"),
+                            source)
         load_state_strict(net, load_weights(source, map_location), source)
         return net.eval(), meta
     name = model or "DiT-XL/2"

@@ -29,7 +29,13 @@ def _params(name: str, dim: int, heads: int, grid, options: dict) -> int:
     return sum(p.numel() for p in op.parameters())
 
 
+MAX_DIM, MAX_TOKENS = 1 << 16, 1 << 20  # 4x DiT-XL's width, 4096x its tokens: far past any model in the table
+
+
 def ops_table(dim: int = 1152, tokens: int = 256, heads: int = 16) -> list[dict]:
+    for name, value, high in (("dim", dim, MAX_DIM), ("tokens", tokens, MAX_TOKENS), ("heads", heads, dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise ValueError(f"{name}={value!r} is out of range; allowed: integers 1..{high}")
     grid = _grid(tokens)
     rows = []
     for name in operator_names():

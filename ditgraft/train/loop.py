@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -29,12 +30,14 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from ditgraft.train import tracking
-from ditgraft.utils import atomic_write_text, pause_inside_write, remove_orphan_temporaries
+from ditgraft.utils import (UnsafePickle, atomic_write_text, pause_inside_write, remove_orphan_temporaries,
+                            torch_load_weights)
 
 CKPT_NAME = re.compile(r"step_(\d{7})$")
 
@@ -221,14 +224,83 @@ def _remove_dir(path: str) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+class CheckpointUnreadable(ValueError):
+    """A checkpoint folder whose files are torn, truncated or corrupt (a full disk, a crash of the machine)."""
+
+
+def read_checkpoint(path: str, ema: bool, opt: bool) -> dict:
+    """Everything of one checkpoint in memory, or ``CheckpointUnreadable`` naming the damaged file; an optimizer
+    file that is a pickle of Python code is refused (``UnsafePickle``)."""
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path) as f:
+            out = {"step": int(json.load(f)["step"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointUnreadable(f"{state_path} is torn or not a checkpoint state ({err})") from None
+    names = ["model"] + (["ema"] if ema else [])
+    for name in names:
+        file = os.path.join(path, f"{name}.safetensors")
+        try:
+            out[name] = load_file(file)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointUnreadable(f"{file} is truncated or corrupt ({err})") from None
+    if opt:
+        try:
+            out["opt"] = torch_load_weights(os.path.join(path, "optim.pt"))
+        except UnsafePickle:
+            raise
+        except ValueError as err:
+            raise CheckpointUnreadable(str(err)) from None
+    return out
+
+
+def _same_shapes(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(state[k].shape)} (this model: {tuple(v.shape)})" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state] + [k for k in state if k not in own]
+    if wrong or missing:
+        raise ValueError(f"{path} holds a different model ({'; '.join((wrong + missing)[:2])}): this run directory "
+                         "was trained with another model size or graft; use another run directory")
+
+
 def load_checkpoint(path: str, model, ema, opt) -> int:
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    ck = read_checkpoint(path, ema is not None, opt is not None)
+    _same_shapes(model, ck["model"], path)
+    model.load_state_dict(ck["model"])
     if ema is not None:
-        ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+        ema.load_state_dict(ck["ema"])
     if opt is not None:
-        opt.load_state_dict(torch.load(os.path.join(path, "optim.pt"), weights_only=True))
-    with open(os.path.join(path, "state.json")) as f:
-        return int(json.load(f)["step"])
+        try:
+            opt.load_state_dict(ck["opt"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{os.path.join(path, 'optim.pt')} does not fit this run's optimizer ({err}); "
+                             "use another run directory") from None
+    return ck["step"]
+
+
+def resume(run_dir: str, model, ema, opt, desc: str = "train") -> int:
+    """Load the newest readable checkpoint (0 when there is none). A damaged newest one (a full disk or a crash
+    mid-write) is reported and the previous one that the rotation keeps is used; it is replaced when training
+    reaches its step again."""
+    found = _ckpt_dirs(run_dir)
+    damaged = []
+    for _, path in reversed(found):
+        try:
+            step = load_checkpoint(path, model, ema, opt)
+        except CheckpointUnreadable as err:
+            damaged.append(str(err))
+            if dist_info()[0] == 0:
+                print(f"{desc}: checkpoint {path} is damaged ({err}); falling back to the previous one",
+                      file=sys.stderr)
+            continue
+        if damaged and dist_info()[0] == 0:
+            print(f"{desc}: resuming from {path} (step {step})", file=sys.stderr)
+        return step
+    if damaged:
+        raise ValueError(f"no readable checkpoint in {os.path.join(run_dir, 'checkpoints')} (newest: {damaged[0]}); "
+                         "delete that folder to start this stage over")
+    return 0
 
 
 def _diverged(desc: str, step: int, what: str, run_dir: str) -> TrainingDiverged:
@@ -250,10 +322,24 @@ def _check_finite(out: dict[str, torch.Tensor], desc: str, step: int, run_dir: s
 
 
 def _read_history(path: str, upto: int) -> list[dict]:
+    """The metrics log up to step ``upto``. A torn last line (a kill or a full disk mid-write) is dropped; a torn
+    line before it is an error naming the file and the line."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row ({err}); delete that line (or the file) "
+                             "and run the same command again to resume") from None
+        rows.append(row)
     return [r for r in rows if r["step"] <= upto]
 
 
@@ -291,10 +377,7 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     if cfg.ema_decay is not None:
         ema = copy.deepcopy(model).eval()
         ema.requires_grad_(False)
-    start = 0
-    found = latest_checkpoint(run_dir)
-    if found is not None:
-        start = load_checkpoint(found[1], model, ema, opt)
+    start = resume(run_dir, model, ema, opt, desc)
     log_path = os.path.join(run_dir, "metrics.jsonl")
     history = _read_history(log_path, start)
     if rank == 0:
