@@ -21,6 +21,9 @@ class TinyFamily:
     cond: Callable[[int, int], object]  # (n, seed) -> conditioning of n samples, as the family's forward takes it
     source_forward: Callable | None = None  # (model, x, t, cond) -> output, called as the source library calls it
     needs: tuple[str, ...] = ()  # optional packages the model needs (the tests skip without them)
+    # slots whose module reads one token stream (the operator contract); a joint attention's split slot reads two
+    plain_slots: tuple[str, ...] = ("attn", "mlp")
+    graft: tuple[str, str, dict] = ("attn", "hyena_x", {})  # (slot, operator, options) of the save/load check
 
 
 def _labels(classes: int):
@@ -55,9 +58,42 @@ def _diffusers_dit_call(model, x, t, y):
     return model(x, timestep=t, class_labels=y, return_dict=False)[0]  # DiTPipeline's call
 
 
+def _tiny(name: str):
+    def build(depth: int, seed: int):
+        import diffusers_helpers
+
+        return getattr(diffusers_helpers, f"tiny_{name}")(depth=depth, seed=seed)
+
+    return build
+
+
+def _sd3_cond(n: int, seed: int):
+    from diffusers_helpers import sd3_prompts
+
+    return sd3_prompts(n, seed)
+
+
+def _flux_cond(n: int, seed: int):
+    emb, pooled = _sd3_cond(n, seed)
+    return emb, pooled, torch.full((n,), 3.5)  # distilled guidance scale per sample
+
+
+def _wan_cond(n: int, seed: int):
+    from diffusers_helpers import CAPTION_DIM, TOKENS
+
+    return torch.randn(n, TOKENS, CAPTION_DIM, generator=torch.Generator().manual_seed(seed))
+
+
 TINY_FAMILIES: dict[str, TinyFamily] = {
     # ditgraft's own DiT; its parity with the upstream release is the recorded fixture of tests/test_dit.py
     "dit": TinyFamily(lambda depth, seed: tiny_dit(depth=depth, seed=seed).eval(), _labels(10)),
     "diffusers_dit": TinyFamily(_tiny_diffusers_dit, _labels(1000), _diffusers_dit_call, needs=("diffusers",)),
     "pixart": TinyFamily(_tiny_pixart, _captions, _pixart_call, needs=("diffusers",)),
+    # the flow-matching families: their parity with diffusers' pipelines is in tests/test_family_{sd3,flux,wan}.py
+    "sd3": TinyFamily(_tiny("sd3"), _sd3_cond, needs=("diffusers",), plain_slots=("mlp",),
+                      graft=("mlp", "mlp", {"ratio": 3})),
+    "flux": TinyFamily(_tiny("flux"), _flux_cond, needs=("diffusers",), plain_slots=("mlp",),
+                       graft=("mlp", "mlp", {"ratio": 3})),
+    "wan": TinyFamily(_tiny("wan"), _wan_cond, needs=("diffusers",), plain_slots=("mlp",),
+                      graft=("mlp", "mlp", {"ratio": 3})),
 }

@@ -9,7 +9,7 @@ import torch
 
 from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, save_grafted
 from ditgraft.models.families import family_names, family_of, get_family
-from ditgraft.models.slots import SLOTS
+from ditgraft.operators import get_spec
 from family_helpers import TINY_FAMILIES
 
 NAMES = family_names()
@@ -58,9 +58,10 @@ def test_every_layer_has_both_slots_and_their_operator_view_computes_the_slot(na
     model = tiny(name).build(depth=DEPTH, seed=0)
     family = family_of(model)
     grid = family.dims(model).grid
+    slots = TINY_FAMILIES[name].plain_slots
     seen, handles = {}, []
     for layer in range(DEPTH):
-        for slot in SLOTS:
+        for slot in slots:
             module = family.get_slot(model, layer, slot)
             assert isinstance(module, torch.nn.Module), (layer, slot)
 
@@ -73,7 +74,7 @@ def test_every_layer_has_both_slots_and_their_operator_view_computes_the_slot(na
         family.forward(model, *inputs(name, model))
         for h in handles:
             h.remove()
-        assert set(seen) == {(layer, slot) for layer in range(DEPTH) for slot in SLOTS}  # every slot runs once
+        assert set(seen) == {(layer, slot) for layer in range(DEPTH) for slot in slots}  # every slot runs once
         for (layer, slot), (x, out) in seen.items():
             op = family.teacher_operator(model, layer, slot)
             torch.testing.assert_close(op(x, grid), out, rtol=1e-5, atol=1e-6, msg=lambda m: f"{layer} {slot}: {m}")
@@ -95,7 +96,8 @@ def test_forward_is_the_source_librarys_call(name):
 def test_a_graft_survives_save_and_load(name, tmp_path):
     teacher = tiny(name).build(depth=DEPTH, seed=0)
     family = family_of(teacher)
-    grafts = [ResolvedGraft("attn", 1, "hyena_x")]
+    slot, operator, options = TINY_FAMILIES[name].graft
+    grafts = [ResolvedGraft(slot, 1, operator, dict(options))]
     student = graft_model(teacher, grafts, seed=0)
     x, t, cond = inputs(name, teacher)
     with torch.no_grad():
@@ -105,7 +107,7 @@ def test_a_graft_survives_save_and_load(name, tmp_path):
     save_grafted(path, student, grafts, None)
     loaded, meta = load_grafted(path)
     assert type(loaded) is type(teacher) and meta["family"] == name
-    assert type(family.get_slot(loaded, 1, "attn")).__name__ == "HyenaX"
-    assert type(family.get_slot(loaded, 0, "attn")) is type(family.get_slot(teacher, 0, "attn"))
+    assert type(family.get_slot(loaded, 1, slot)) is get_spec(operator).cls
+    assert type(family.get_slot(loaded, 0, slot)) is type(family.get_slot(teacher, 0, slot))
     with torch.no_grad():
         torch.testing.assert_close(family.forward(loaded.eval(), x, t, cond), expected, rtol=0, atol=0)
