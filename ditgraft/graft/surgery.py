@@ -155,7 +155,7 @@ def load_grafted(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
         return model
 
     try:
-        model = build_checked(build, config, path)
+        model = build_checked(build, config, path, restructured=bool(meta.get("restructure")))
     except KeyError as err:  # an unknown family
         raise ValueError(f"{path}: {err.args[0] if err.args else err}") from None
     load_state_strict(model, load_weights(path, map_location), path)

@@ -78,11 +78,13 @@ def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
 DEPTH_KEYS = ("depth", "num_layers")  # DiT, diffusers transformers
 
 
-def check_config_fits_file(config, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def check_config_fits_file(config, shapes: dict[str, tuple[int, ...]], source: str,
+                           restructured: bool = False) -> None:
     """Before any model is built: the sizes a model_config asks for must be those of the tensors in the file, so
     hostile metadata (depth 1,000,000, width 131,072, a huge image) fails at once instead of hanging or
     allocating. DiT configs are checked field by field; other families have their depth bounded by the file's
-    tensor count (the meta-device build that follows compares every shape)."""
+    tensor count (the meta-device build that follows compares every shape). A ``restructured`` model (parallel
+    units, dropped blocks) holds at most its config's depth of top-level blocks."""
     if not isinstance(config, dict):
         return  # build_from_config names it
     for key in DEPTH_KEYS:
@@ -103,6 +105,12 @@ def check_config_fits_file(config, shapes: dict[str, tuple[int, ...]], source: s
         h, w = (size, size) if isinstance(size, int) else size
         grid = (h // patch) * (w // patch)
     want = {"hidden_size": hidden, "depth": len(blocks), "patch_size": p, "in_channels": in_ch}
+    if restructured:
+        depth = config.get("depth")
+        if isinstance(depth, int) and depth < len(blocks):
+            raise ValueError(f"{source}: model_config depth={depth} does not fit the file's tensors; allowed: at "
+                             f"least {len(blocks)} (from its blocks)")
+        del want["depth"]
     for key, allowed in want.items():
         if key in config and config[key] != allowed:
             raise ValueError(f"{source}: model_config {key}={config[key]!r} does not fit the file's tensors; "
@@ -167,12 +175,12 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_checked(build, config, path: str) -> nn.Module:
+def build_checked(build, config, path: str, restructured: bool = False) -> nn.Module:
     """``build()`` once the file's header vouches for it: the config's sizes are checked against the tensor
     shapes, then the model is built on the meta device (no memory) and every shape compared, and only then built
     for real; a hostile or mismatched config fails in milliseconds."""
     shapes = tensor_shapes(path)
-    check_config_fits_file(config, shapes, path)
+    check_config_fits_file(config, shapes, path, restructured)
     with torch.device("meta"):
         probe = build()
     shape_mismatch(probe, shapes, path)
