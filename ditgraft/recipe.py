@@ -450,16 +450,18 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml_file(path: str, what: str = "recipe") -> dict:
+    """A recipe-like YAML file (recipe, sweep, search) as a mapping: UTF-8, at most MAX_RECIPE_BYTES, no
+    duplicate keys and no aliases; every problem is one ``invalid {what} PATH: ...`` message."""
     size = os.path.getsize(path)
     if size > MAX_RECIPE_BYTES:
-        raise ValueError(f"invalid recipe {path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+        raise ValueError(f"invalid {what} {path}: {size} bytes; a {what} is at most {MAX_RECIPE_BYTES} bytes")
     with open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"invalid recipe {path}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
+        raise ValueError(f"invalid {what} {path}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
                          "save it as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_RecipeLoader)
@@ -467,9 +469,9 @@ def _read_yaml(path: str) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"invalid recipe {path}: not valid YAML ({where}{problem})") from None
+        raise ValueError(f"invalid {what} {path}: not valid YAML ({where}{problem})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"invalid recipe {path}: the top level must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"invalid {what} {path}: the top level must be a mapping, got {type(data).__name__}")
     return data
 
 
@@ -489,7 +491,7 @@ def resolve_bases(data: dict, folder: str | None = None, source: str = "<dict>",
     key = os.path.realpath(path)
     if key in _chain:
         raise ValueError(f"invalid recipe {source}:\n  - base = {name!r}: recipes inherit from each other in a cycle")
-    base = resolve_bases(_read_yaml(path), os.path.dirname(path), path, _chain + (key,))
+    base = resolve_bases(read_yaml_file(path), os.path.dirname(path), path, _chain + (key,))
     base.pop("abstract", None)
     return deep_merge(base, {k: v for k, v in data.items() if k != "base"})
 
@@ -497,7 +499,7 @@ def resolve_bases(data: dict, folder: str | None = None, source: str = "<dict>",
 def resolved_recipe_dict(path: str) -> dict:
     """The recipe file ``path`` (or bundled name) as one mapping, its bases merged in, before validation."""
     path = find_recipe(path)
-    return resolve_bases(_read_yaml(path), os.path.dirname(path), path, (os.path.realpath(path),))
+    return resolve_bases(read_yaml_file(path), os.path.dirname(path), path, (os.path.realpath(path),))
 
 
 def load_recipe(path: str) -> Recipe:
@@ -513,4 +515,4 @@ def load_recipe(path: str) -> Recipe:
 def bundled_recipes() -> list[str]:
     """The runnable bundled recipes (base recipes marked ``abstract: true`` are left out)."""
     names = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
-    return [n for n in names if not _read_yaml(os.path.join(RECIPES_DIR, n + ".yaml")).get("abstract")]
+    return [n for n in names if not read_yaml_file(os.path.join(RECIPES_DIR, n + ".yaml")).get("abstract")]

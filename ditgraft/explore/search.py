@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ditgraft.explore.spec import build_sweep
-from ditgraft.recipe import Graft, find_recipe, parse_recipe, resolved_recipe_dict
+from ditgraft.recipe import Graft, find_recipe, parse_recipe, read_yaml_file, resolved_recipe_dict
 from ditgraft.utils import atomic_write_json, atomic_write_text, ensure_writable, read_json, run_lock
 
 SIGNALS = ("sensitivity", "probe_loss")
@@ -80,13 +80,7 @@ def load_search(path: str) -> tuple[SearchFile, dict, str]:
     """(the validated search file, its base recipe resolved and validated as a mapping, its name)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"search file {path!r}: no such file")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ValueError(f"invalid search {path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"invalid search {path}: the top level must be a mapping")
+    data = read_yaml_file(path, "search")
     try:
         s = SearchFile.model_validate(data)
     except ValidationError as err:

@@ -28,10 +28,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ditgraft.recipe import Recipe, find_recipe, parse_recipe, resolve_bases, resolved_recipe_dict
+from ditgraft.recipe import Recipe, find_recipe, parse_recipe, read_yaml_file, resolve_bases, resolved_recipe_dict
 
 # recipe fields that only later stages read: points that differ in nothing else share stage 1 (and planning)
 LATER_STAGE_FIELDS = ("name", "description", "stage2", "eval", "device")
@@ -204,7 +203,7 @@ def build_sweep(data: dict, source: str = "<dict>", folder: str | None = None) -
         for path, value in {**f.set, **overrides}.items():
             set_path(d, path, value, source)
         pname = given or point_name(overrides, short)
-        d["name"] = f"{name}.{pname}"
+        d["name"] = re.sub(r"[^A-Za-z0-9._-]", "-", f"{name}.{pname}")[:100]  # a plain recipe name
         try:
             recipe = parse_recipe(d, f"{source}, point {pname}")
         except ValueError as err:
@@ -224,9 +223,4 @@ def load_sweep(path: str) -> Sweep:
     """Read and validate a sweep file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"sweep file {path!r}: no such file")
-    with open(path) as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            raise ValueError(f"invalid sweep {path}: not valid YAML ({err})") from None
-    return build_sweep(data, path, os.path.dirname(os.path.abspath(path)))
+    return build_sweep(read_yaml_file(path, "sweep"), path, os.path.dirname(os.path.abspath(path)))
