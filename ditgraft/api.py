@@ -25,8 +25,7 @@ def _input_errors(fn):
     """Bad input raises ``InputError`` (a ValueError) with the command line's message, from the same checks."""
     import functools
 
-    from ditgraft.cli import EXPECTED_ERRORS
-    from ditgraft.utils import input_error_message
+    from ditgraft.utils import EXPECTED_ERRORS, input_error_message
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -60,57 +59,7 @@ def _load_model(source: str, device):
     return model.to(device).eval(), meta
 
 
-# argparse types: a bad option value is refused when parsed (exit 2, naming the option and what is allowed)
-
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 0")
-    return value
-
-
-def seed_int(text: str) -> int:
-    from ditgraft.utils import MAX_SEED
-
-    value = _int(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer in [0, {MAX_SEED}]")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
-
-
-def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
-                 high_open: bool = False):
-    """A float type for argparse: finite, within [low, high] (open ends when asked)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
-        lo_ok = low is None or (value > low if low_open else value >= low)
-        hi_ok = high is None or (value < high if high_open else value <= high)
-        if not math.isfinite(value) or not lo_ok or not hi_ok:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-            rule = " and ".join(p for p in (lo, hi) if p)
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number" + (f" {rule}" if rule else ""))
-        return value
-
-    parse.__name__ = "number"
-    return parse
+from ditgraft.argtypes import finite_float, nonneg_int, positive_int, seed_int  # noqa: E402,F401
 
 
 def cmd_pretrain(args) -> None:
@@ -731,8 +680,7 @@ def _init_distributed() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-                   PermissionError)
+from ditgraft.utils import EXPECTED_ERRORS  # noqa: E402
 
 
 _WRITE_FAILED = ("os error 28", "os error 27", "os error 122", "No space left", "File too large", "Disk quota",

@@ -34,6 +34,11 @@ def check_seed(value, what: str = "seed") -> int:
     return value
 
 
+# what the command line reports as one line with exit 2 (bad input, a run in use, a missing or unwritable path)
+EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                   PermissionError)
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path in the same folder; on success rename it onto ``path`` (never a half-written file)."""

@@ -167,7 +167,7 @@ def test_restructured_and_plain_testbed_reproduce_ditgraft(tmp_path):
 def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
     from diffusers import DiTPipeline
 
-    from latent_helpers import tiny_vae
+    from helpers import tiny_vae
     from ditgraft.export.hf import build_hub_model, write_export
     from ditgraft.graft.surgery import ResolvedGraft, graft_model
 
@@ -191,8 +191,8 @@ def test_grafted_latent_dit_runs_in_dit_pipeline_without_ditgraft(tmp_path):
 
 def test_grafted_diffusers_models_load_without_ditgraft_and_run_in_their_pipelines(tmp_path):
     """A grafted tiny PixArt (PixArtSigmaPipeline) and a grafted diffusers DiT (DiTPipeline)."""
-    from diffusers_helpers import (CAPTION_DIM, TOKENS, captions, latents, tiny_diffusers_dit, tiny_pixart,
-                                   tiny_vae)
+    from diffusers_helpers import CAPTION_DIM, TOKENS, captions, latents, tiny_diffusers_dit, tiny_pixart
+    from helpers import tiny_vae
     from ditgraft.export.hf import write_export
     from ditgraft.graft.surgery import ResolvedGraft, graft_model, load_grafted, save_grafted
     from ditgraft.models.families import model_call

@@ -71,7 +71,7 @@ def test_cli_export_of_a_run_dir_writes_the_model_card(run_dir, tmp_path, capsys
     # the old command name still works (now the same export)
     assert main(["export-diffusers", run_dir, "--out", str(tmp_path / "again")]) == 0
     assert main(["export", run_dir, "--out", out]) == 2  # an existing folder: one line, no traceback
-    assert "not an empty folder" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_front_matter_base_model_and_license_from_known_teachers():

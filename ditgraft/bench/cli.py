@@ -13,7 +13,7 @@ def add_bench_arguments(parser) -> None:
     """Add the ``ops``, ``model`` and ``stage1`` sub-commands to the ``bench`` parser; each sets ``fn=run_bench``."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
 
-    from ditgraft.cli import positive_int
+    from ditgraft.argtypes import positive_int
 
     def shared(p, repeats: int) -> None:
         p.add_argument("--dim", type=int, default=1152, help="model width D (default 1152, DiT-XL/2)")
