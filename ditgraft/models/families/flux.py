@@ -27,7 +27,7 @@ from torch import nn
 from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import ModelDims, SlotAdapter, cond_tuple, unwrap
 from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, DiffusersFamily, _mlp_from_diffusers
-from ditgraft.models.families.joint import check_split_distillable, rope_mha_from_joint, set_split_slot
+from ditgraft.models.families.joint import SplitAttentionSlots, rope_mha_from_joint
 
 DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
 PACK = 2  # FluxPipeline packs 2 x 2 latent patches into one token
@@ -66,7 +66,7 @@ def _set_call_grid_from_ids(model: nn.Module, args: tuple, kwargs: dict) -> None
             m.call_grid = grid
 
 
-class FluxFamily(DiffusersFamily):
+class FluxFamily(SplitAttentionSlots, DiffusersFamily):
     name = "flux"
     cls_name = "FluxTransformer2DModel"
     extra_config = ("sample_size", SCHEDULER_KEY)
@@ -90,17 +90,6 @@ class FluxFamily(DiffusersFamily):
 
     def patch_size(self, model: nn.Module) -> int:
         return PACK * model.config.patch_size
-
-    def slot_attr(self, slot: str) -> str:
-        return {"attn": "attn", "mlp": "ff"}[slot]
-
-    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
-        check_split_distillable(slot)
-
-    def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
-        if slot != "attn":
-            return super().set_slot(model, layer, slot, module)
-        set_split_slot(self, model, layer, module)
 
     def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
         if not getattr(model, "_ditgraft_grid_hook", False):

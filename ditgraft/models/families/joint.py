@@ -122,22 +122,31 @@ def rope_mha_from_joint(attn: nn.Module, axes_dims=None, theta: float = 10000.0)
     return op.to(attn.to_q.weight.device)
 
 
-def check_split_distillable(slot: str) -> None:
-    """Stage 1 distils a slot from one captured input tensor; a split slot reads two token streams."""
-    if slot == "attn":
-        raise ValueError("stage 1 cannot distil a split joint-attention slot yet (its inputs are the image and the "
-                         "text tokens; ``capture_joint_attention`` gives them): graft it with stage1.enabled false "
-                         "or init: teacher and train it in stage 2")
+class SplitAttentionSlots:
+    """The slots of a family whose blocks hold a joint image-text attention (``transformer_blocks[i].attn``) and a
+    feed-forward ``ff``: ``attn`` is the split slot (the image-to-image part), ``mlp`` the image stream's ``ff``.
+    Mixed in before the family's base class (SD3, Flux)."""
 
+    def slot_attr(self, slot: str) -> str:
+        return {"attn": "attn", "mlp": "ff"}[slot]
 
-def set_split_slot(family, model: nn.Module, layer: int, module: nn.Module) -> None:
-    """Put ``module`` into the image-to-image part of ``transformer_blocks[layer].attn`` (keeping the teacher's
-    joint attention around it, also when the slot is grafted again)."""
-    family.check(model, layer, "attn")
-    block = model.transformer_blocks[layer]
-    joint = block.attn.joint if isinstance(block.attn, JointSplitAttention) else block.attn
-    family.adapt(model, module)  # registers the family's call-grid hook
-    block.attn = JointSplitAttention(module, family.dims(model).grid, joint)
+    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
+        """Stage 1 distils a slot from one captured input tensor; a split slot reads two token streams."""
+        if slot == "attn":
+            raise ValueError("stage 1 cannot distil a split joint-attention slot yet (its inputs are the image and "
+                             "the text tokens; ``capture_joint_attention`` gives them): graft it with "
+                             "stage1.enabled false or init: teacher and train it in stage 2")
+
+    def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
+        """``attn``: ``module`` into the image-to-image part of ``transformer_blocks[layer].attn`` (keeping the
+        teacher's joint attention around it, also when the slot is grafted again)."""
+        if slot != "attn":
+            return super().set_slot(model, layer, slot, module)
+        self.check(model, layer, "attn")
+        block = model.transformer_blocks[layer]
+        joint = block.attn.joint if isinstance(block.attn, JointSplitAttention) else block.attn
+        self.adapt(model, module)  # registers the family's call-grid hook
+        block.attn = JointSplitAttention(module, self.dims(model).grid, joint)
 
 
 @contextmanager

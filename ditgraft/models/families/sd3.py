@@ -23,12 +23,12 @@ from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import cond_tuple, unwrap
 from ditgraft.models.families.diffusers_common import (SCHEDULER_KEY, DiffusersFamily, _mha_from_diffusers,
                                                        _mlp_from_diffusers)
-from ditgraft.models.families.joint import check_split_distillable, rope_mha_from_joint, set_split_slot
+from ditgraft.models.families.joint import SplitAttentionSlots, rope_mha_from_joint
 
 SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler config
 
 
-class SD3Family(DiffusersFamily):
+class SD3Family(SplitAttentionSlots, DiffusersFamily):
     name = "sd3"
     cls_name = "SD3Transformer2DModel"
     extra_config = (SCHEDULER_KEY,)
@@ -36,17 +36,6 @@ class SD3Family(DiffusersFamily):
     def objective(self, model: nn.Module) -> FlowMatching:
         return self.flow_objective(model, shift=SD3_SHIFT, timestep_sampling="logit_normal",
                                    patch_size=unwrap(model).config.patch_size)
-
-    def slot_attr(self, slot: str) -> str:
-        return {"attn": "attn", "mlp": "ff"}[slot]
-
-    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
-        check_split_distillable(slot)
-
-    def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
-        if slot != "attn":
-            return super().set_slot(model, layer, slot, module)
-        set_split_slot(self, model, layer, module)
 
     def teacher_operator(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
         """The image-to-image part of the joint attention as a ditgraft ``mha`` (``to_q/to_k/to_v/to_out``; a
