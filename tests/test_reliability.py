@@ -442,6 +442,25 @@ def test_orphan_cleanup_spares_another_ranks_write_probe(tmp_path, monkeypatch):
     assert len(probes) == 1 and not os.path.exists(probes[0])
 
 
+def test_orphan_cleanup_spares_another_ranks_sample_part(tmp_path, monkeypatch):
+    """Under torchrun rank 0 sweeps the locked sample folder while another rank writes its part file: the sweep
+    must spare a live writer's temporary (the name records its pid)."""
+    import numpy as np
+
+    from ditgraft import utils
+    from ditgraft.eval import adm
+
+    real_savez = np.savez
+
+    def savez_after_sweep(f, **arrays):
+        utils.remove_orphan_temporaries(str(tmp_path))  # rank 0's sweep lands inside the write
+        return real_savez(f, **arrays)
+
+    monkeypatch.setattr(adm.np, "savez", savez_after_sweep)
+    path = adm.save_samples_npz(str(tmp_path / "part1.npz"), np.zeros((2, 4, 4, 3), np.uint8), np.arange(2))
+    assert sorted(os.listdir(tmp_path)) == ["part1.npz"] and adm.load_samples_npz(str(path))[0].shape == (2, 4, 4, 3)
+
+
 def test_stale_lock_of_a_dead_process_is_reported_and_taken_over(d, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)

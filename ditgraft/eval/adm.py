@@ -17,7 +17,6 @@ without it; the writers here do the same explicitly and return the path actually
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -95,29 +94,17 @@ def _npz_path(path) -> Path:
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
-def _default_file_mode() -> int:
-    """0o666 minus the process umask: the mode np.savez / open() would give (mkstemp uses 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _atomic_savez(path, arrays: dict) -> Path:
-    """np.savez (uncompressed, like the ADM sample scripts) into a temp file beside `path`, then os.replace."""
+    """np.savez (uncompressed, like the ADM sample scripts) into ``atomic_path``'s temporary beside `path` (its name
+    records the writer's pid, so a run lock's orphan sweep spares it while this process lives), then renamed."""
+    from ditgraft.utils import atomic_path
+
     path = _npz_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object, so np.savez does not touch the name
+    with atomic_path(str(path)) as tmp:
+        with open(tmp, "wb") as f:  # a file object, so np.savez does not touch the name
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
