@@ -266,6 +266,9 @@ class Stage2(Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = Field(default=1, ge=1)
     activation_checkpointing: bool = False
+    # under torchrun: ddp replicates the weights on every rank; fsdp shards parameters, gradients and Adam state per
+    # block (FSDP2), for teachers that do not fit one device
+    sharding: Literal["ddp", "fsdp"] = "ddp"
     # loss = diffusion_weight * DiT's diffusion loss + distill_weight * MSE(student output, teacher output) on the
     # same noised input (output distillation; diffusion_weight 0 and distill_weight > 0: distillation alone)
     diffusion_weight: float = Field(default=1.0, ge=0)
@@ -291,7 +294,7 @@ class Stage2(Strict):
                           grad_clip=self.grad_clip, ckpt_every=self.ckpt_every,
                           log_every=max(1, min(10, self.steps // 20)), seed=seed, progress=progress,
                           precision=self.precision, grad_accum_steps=self.grad_accum_steps,
-                          activation_checkpointing=self.activation_checkpointing)
+                          activation_checkpointing=self.activation_checkpointing, sharding=self.sharding)
 
 
 class Evaluation(Strict):

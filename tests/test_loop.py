@@ -68,6 +68,8 @@ def test_schedule_and_validation():
         LoopConfig(steps=1, batch_size=1, schedule="linear")
     with pytest.raises(ValueError, match="steps=0"):
         LoopConfig(steps=0, batch_size=1)
+    with pytest.raises(ValueError, match=r"sharding='zero3' is not allowed; use one of \('ddp', 'fsdp'\)"):
+        LoopConfig(steps=1, batch_size=1, sharding="zero3")
 
 
 def test_constant_schedule_with_a_final_linear_decay():

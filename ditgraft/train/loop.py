@@ -1,8 +1,9 @@
 """The one training loop: pretraining, stage 2 finetuning and per-operator stage 1 all run through ``train``.
 
 AdamW, linear warmup then a constant (optionally ending in a linear decay to 0) or cosine learning rate, gradient
-clipping, EMA, checkpoints every N steps, exact resume, a progress bar and a JSONL metrics log. Optional DDP
-(torchrun; gloo on CPU).
+clipping, EMA, checkpoints every N steps, exact resume, a progress bar and a JSONL metrics log. Under torchrun
+(gloo on CPU) the ranks split each global batch with DDP, or with FSDP2 (``sharding="fsdp"``, ``train/sharding.py``:
+parameters, gradients and optimizer state sharded per block).
 
 Exact resume without saving RNG state: every step seeds the global RNG and picks its batch from a function of
 (seed, step) alone, so steps 0..k-1 then a restart from the checkpoint at k gives the same weights as one run.
@@ -33,8 +34,10 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
+from ditgraft.train import sharding as fsdp2
 from ditgraft.train import tracking
 from ditgraft.utils import (UnsafePickle, atomic_write_text, pause_inside_write, remove_orphan_temporaries,
                             torch_load_weights)
@@ -70,6 +73,7 @@ class LoopConfig:
     precision: str = "fp32"  # or "bf16": bfloat16 autocast on CUDA (weights, gradients and Adam stay fp32)
     grad_accum_steps: int = 1  # each rank's share of the global batch runs as this many micro-batches
     activation_checkpointing: bool = False  # recompute each DiT block in backward (model.grad_checkpointing)
+    sharding: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2, sharded per block)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep_checkpoints"):
@@ -104,6 +108,8 @@ class LoopConfig:
             raise ValueError(f"precision={self.precision!r} is not allowed; use one of {PRECISIONS}")
         if int(self.grad_accum_steps) < 1:
             raise ValueError(f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        if self.sharding not in fsdp2.SHARDINGS:
+            raise ValueError(f"sharding={self.sharding!r} is not allowed; use one of {fsdp2.SHARDINGS}")
 
     def lr_at(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
@@ -173,17 +179,19 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
     return dirs[-1] if dirs else None
 
 
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def _state(model: nn.Module | dict) -> dict[str, torch.Tensor]:
+    state = model if isinstance(model, dict) else model.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
-    """Names of the floating-point parameters/buffers holding NaN or Inf (empty when all are finite)."""
+def non_finite_tensors(*modules: nn.Module | dict | None) -> list[str]:
+    """Names of the floating-point parameters/buffers (of modules or state dicts) holding NaN or Inf (empty when all
+    are finite)."""
     bad = []
     for m in modules:
         if m is None:
             continue
-        for name, t in m.state_dict().items():
+        for name, t in (m if isinstance(m, dict) else m.state_dict()).items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad.append(name)
     return bad
@@ -191,7 +199,8 @@ def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
 
 def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, keep: int) -> str:
     """Write ``checkpoints/step_NNNNNNN`` (temporary folder, then rename: the rename is the commit point), then drop
-    all but the newest ``keep``. Refuses non-finite weights, so every checkpoint on disk is a finite one."""
+    all but the newest ``keep``. Refuses non-finite weights, so every checkpoint on disk is a finite one. ``model``
+    and ``ema`` are modules or their (gathered) state dicts, ``opt`` an optimizer or its state dict."""
     bad = non_finite_tensors(model, ema)
     if bad:
         raise TrainingDiverged(f"refusing to checkpoint step {step}: non-finite weights in {bad[:3]}")
@@ -201,10 +210,10 @@ def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, k
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file(_trainable_state(model), os.path.join(tmp, "model.safetensors"))
+    save_file(_state(model), os.path.join(tmp, "model.safetensors"))
     if ema is not None:
-        save_file(_trainable_state(ema), os.path.join(tmp, "ema.safetensors"))
-    torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
+        save_file(_state(ema), os.path.join(tmp, "ema.safetensors"))
+    torch.save(opt if isinstance(opt, dict) else opt.state_dict(), os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "config": asdict(cfg)}, f, indent=1)
     pause_inside_write()
@@ -361,6 +370,10 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     steps and at the end, on rank 0, in eval mode; its numbers are logged with an ``eval/`` prefix.
     """
     rank, world = dist_info()
+    fsdp = world > 1 and cfg.sharding == "fsdp"
+    if fsdp and evaluate is not None:
+        raise ValueError("sharding='fsdp' runs no evaluation inside the loop (rank 0 alone cannot call a sharded "
+                         "model); use sharding='ddp' for this stage")
     if cfg.batch_size % (world * cfg.grad_accum_steps):
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {world} times "
                          f"grad_accum_steps={cfg.grad_accum_steps}")
@@ -372,12 +385,12 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     if rank == 0:
         remove_orphan_temporaries(run_dir)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    opt = None if fsdp else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     ema = None
     if cfg.ema_decay is not None:
         ema = copy.deepcopy(model).eval()
         ema.requires_grad_(False)
-    start = resume(run_dir, model, ema, opt, desc)
+    start = resume(run_dir, model, ema, opt, desc)  # under FSDP the optimizer state is read once it is sharded
     log_path = os.path.join(run_dir, "metrics.jsonl")
     history = _read_history(log_path, start)
     if rank == 0:
@@ -385,13 +398,15 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
     if start >= cfg.steps:
         return LoopResult(model, ema, 0, start, history)
 
-    net = model
-    if world > 1:
+    device = next(model.parameters()).device
+    net, ema_net = model, ema
+    if fsdp:
+        net, ema_net, opt, params, clip_groups = _shard(model, ema, params, clip_groups, cfg, run_dir, start)
+    elif world > 1:
         net = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
         if ema is not None and start == 0:
             ema.load_state_dict(model.state_dict())
-    model.train()
-    device = next(model.parameters()).device
+    net.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not cfg.progress or rank != 0,
                dynamic_ncols=True, leave=False)
     t0, samples_since = time.time(), 0
@@ -407,16 +422,17 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             opt.zero_grad(set_to_none=True)
             out = _forward_backward(net, step_fn, batch, cfg, device)
             if cfg.grad_clip is not None:
-                norms = [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in (clip_groups or [params])]
+                norms = [fsdp2.local(torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip))
+                         for g in (clip_groups or [params])]
                 out["grad_norm"] = torch.stack(norms).max()
                 grad_norm = out["grad_norm"]
             else:  # logged as well: the gradient norm before any clipping
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                grad_norm = fsdp2.local(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                 out["grad_norm"] = grad_norm
             _check_finite({"loss": out["loss"], "grad_norm": grad_norm}, desc, step + 1, run_dir, world)
             opt.step()
-            if ema is not None:
-                update_ema(ema, model, cfg.ema_decay)
+            if ema_net is not None:
+                update_ema(ema_net, net if fsdp else model, cfg.ema_decay)
             samples_since += cfg.batch_size
             done = step + 1
             if world > 1 and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -439,19 +455,58 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
                     tracking.log_row(desc, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             bar.update(1)
-            if (done % cfg.ckpt_every == 0 or done == cfg.steps) and rank == 0:
-                bad = non_finite_tensors(model, ema)
-                if bad:
-                    raise _diverged(desc, done, f"non-finite weights ({', '.join(bad[:3])})", run_dir)
-                save_checkpoint(run_dir, done, model, ema, opt, cfg, cfg.keep_checkpoints)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                # under FSDP every rank takes part in gathering the full states; rank 0 writes them
+                states = ((fsdp2.full_state(net), ema_net and fsdp2.full_state(ema_net),
+                           fsdp2.full_optimizer_state(net, opt)) if fsdp else (model, ema, opt))
+                if rank == 0:
+                    bad = non_finite_tensors(*states[:2])
+                    if bad:
+                        raise _diverged(desc, done, f"non-finite weights ({', '.join(bad[:3])})", run_dir)
+                    save_checkpoint(run_dir, done, *states, cfg, cfg.keep_checkpoints)
             if world > 1 and (done % cfg.ckpt_every == 0 or done == cfg.steps):
                 dist.barrier()
     finally:
         bar.close()
         if log is not None:
             log.close()
+    if fsdp:  # the trained weights back into the caller's (unsharded) model and EMA
+        for plain, sharded in ((model, net), (ema, ema_net)):
+            if plain is not None:
+                plain.to(device).load_state_dict(fsdp2.full_state(sharded, everywhere=True))
     model.eval()
     return LoopResult(model, ema, cfg.steps - start, start, history)
+
+
+def _shard(model, ema, params, clip_groups, cfg: LoopConfig, run_dir: str, start: int):
+    """FSDP2 copies of the model and its EMA (from rank 0's weights), the optimizer over the sharded parameters (its
+    state read from the checkpoint the run resumed from) and the trained parameters and clip groups mapped onto
+    them. The caller's model and EMA wait on the CPU."""
+    for module in (model, ema):
+        if module is not None:
+            for t in module.state_dict().values():  # fully_shard keeps each rank's own values: take rank 0's
+                dist.broadcast(t.data, 0)
+    if ema is not None and start == 0:
+        ema.load_state_dict(model.state_dict())
+    names = {id(p): n for n, p in model.named_parameters()}
+    net = fsdp2.sharded_copy(model)
+    ema_net = None if ema is None else fsdp2.sharded_copy(ema)
+    for module in (model, ema):
+        if module is not None:
+            module.to("cpu")
+    sharded = dict(net.named_parameters())
+    params = [sharded[names[id(p)]] for p in params]
+    if clip_groups is not None:
+        clip_groups = [[sharded[names[id(p)]] for p in group] for group in clip_groups]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    if start:
+        path = os.path.join(run_dir, "checkpoints", f"step_{start:07d}", "optim.pt")
+        try:
+            fsdp2.load_optimizer_state(net, opt, torch_load_weights(path))
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{path} does not fit this run's sharded optimizer ({err}); a run resumes with the "
+                             "sharding it was started with, or use another run directory") from None
+    return net, ema_net, opt, params, clip_groups
 
 
 def _apply_scale_settings(model: nn.Module, cfg: LoopConfig, device: torch.device) -> None:
@@ -477,6 +532,8 @@ def _forward_backward(net: nn.Module, step_fn: StepFn, batch: tuple, cfg: LoopCo
         lo, hi = n * i // k, n * (i + 1) // k
         last = i == k - 1
         sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last else nullcontext()
+        if isinstance(net, FSDPModule):
+            fsdp2.set_gradient_sync(net, last)
         weight = (hi - lo) / n  # 1.0 without accumulation: the plain step, bit for bit
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
