@@ -140,3 +140,21 @@ def test_xl_recipes_use_the_scale_settings_and_print_memory(capsys):
     out = capsys.readouterr().out
     # DiT-XL/2 (675M parameters, 256 tokens x 1152, 28 blocks), EMA on, micro-batch 256 / 8 / 2 = 16, bf16
     assert "stage 2 expected memory: 20.0 GiB per GPU" in out and "micro-batch 16" in out
+
+
+def test_fsdp_memory_splits_the_states_and_gathers_two_blocks():
+    """Under sharding: fsdp the weights, gradients, Adam moments and EMA are split over the GPUs and two blocks'
+    weights are held in full (DiT-XL/2 on 8 GPUs, bf16, EMA)."""
+    from ditgraft.models.dit import build_dit
+    from ditgraft.recipe import load_recipe
+    from ditgraft.train.memory import stage2_memory
+
+    recipe = load_recipe("dit_xl2_hyena_x_50")
+    with torch.device("meta"):
+        xl = build_dit(recipe.teacher.model, input_size=recipe.teacher.image_size // 8)
+    ddp, _ = stage2_memory(xl, recipe.stage2, 8)
+    fsdp, _ = stage2_memory(xl, recipe.stage2.model_copy(update={"sharding": "fsdp"}), 8)
+    block = sum(p.numel() for p in xl.blocks[0].parameters())
+    assert (fsdp.grads, fsdp.adam, fsdp.ema) == (ddp.grads // 8, ddp.adam // 8, ddp.ema // 8)
+    assert fsdp.weights == ddp.weights // 8 + 2 * block * 6 and fsdp.activations == ddp.activations
+    assert fsdp.total < ddp.total / 2

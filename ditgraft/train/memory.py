@@ -5,7 +5,8 @@ Activation bytes per token, channel and block were measured with ``torch.autogra
 ditgraft's DiT (CPU, 2026-11-25; the weights that linear layers save are subtracted): 84 in fp32, 50 under bf16
 autocast (matmul and attention inputs kept in bf16, the residual stream and norms in fp32). With activation
 checkpointing a block keeps only its input (4 bytes: the residual stream stays fp32), and one block at a time is
-recomputed with its full activations. It is an estimate: the allocator's fragmentation, cuDNN/flash workspaces
+recomputed with its full activations. Under FSDP2 (``sharding: fsdp``) weights, gradients, Adam moments and EMA are
+split over the GPUs, and two blocks' weights are gathered in full at a time (the one computing, the one prefetched). It is an estimate: the allocator's fragmentation, cuDNN/flash workspaces
 and the CUDA context (~0.5-1 GiB) come on top.
 """
 from __future__ import annotations
@@ -41,9 +42,10 @@ class MemoryEstimate:
 
 def dit_training_memory(params: int, trainable: int, tokens: int, dim: int, depth: int, micro_batch: int,
                         precision: str = "fp32", activation_checkpointing: bool = False,
-                        ema: bool = False) -> MemoryEstimate:
+                        ema: bool = False, shards: int = 1, block_params: int = 0) -> MemoryEstimate:
     """Bytes on one GPU while training a DiT of ``params`` weights (``trainable`` of them trained) on
-    ``micro_batch`` samples of ``tokens`` x ``dim`` at a time (global batch / GPUs / grad_accum_steps)."""
+    ``micro_batch`` samples of ``tokens`` x ``dim`` at a time (global batch / GPUs / grad_accum_steps); FSDP2 over
+    ``shards`` GPUs with blocks of ``block_params`` weights each."""
     if precision not in ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK:
         allowed = tuple(ACT_BYTES_PER_TOKEN_CHANNEL_BLOCK)
         raise ValueError(f"precision={precision!r} is not allowed; use one of {allowed}")
@@ -54,8 +56,10 @@ def dit_training_memory(params: int, trainable: int, tokens: int, dim: int, dept
         acts = depth * CHECKPOINTED_BYTES_PER_TOKEN_CHANNEL_BLOCK * micro_batch * tokens * dim + per_block
     else:
         acts = depth * per_block
-    return MemoryEstimate(weights=params * (4 + (2 if precision == "bf16" else 0)), grads=4 * trainable,
-                          adam=8 * trainable, ema=4 * params if ema else 0, activations=acts)
+    per_weight = 4 + (2 if precision == "bf16" else 0)
+    gathered = 2 * block_params * per_weight if shards > 1 else 0
+    return MemoryEstimate(weights=params * per_weight // shards + gathered, grads=4 * trainable // shards,
+                          adam=8 * trainable // shards, ema=4 * params // shards if ema else 0, activations=acts)
 
 
 def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
@@ -67,8 +71,11 @@ def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
     params = sum(p.numel() for p in student.parameters())
     trainable = params - sum(p.numel() for p in family.frozen_parameters(student))  # e.g. DiT's sin-cos table
+    shards = world if getattr(cfg, "sharding", "ddp") == "fsdp" else 1
+    block = max(sum(p.numel() for p in family.slot_parent(student, i).parameters()) for i in range(dims.depth))
     est = dit_training_memory(params, trainable, dims.grid[0] * dims.grid[1], dims.dim, dims.depth, micro,
-                              cfg.precision, cfg.activation_checkpointing, ema=cfg.ema_decay is not None)
+                              cfg.precision, cfg.activation_checkpointing, ema=cfg.ema_decay is not None,
+                              shards=shards, block_params=block)
     return est, micro
 
 
@@ -79,4 +86,4 @@ def format_stage2_memory(student, cfg, world: int, device: torch.device | None =
     est, micro = stage2_memory(student, cfg, world)
     return (f"stage 2 expected memory: {est.format(unit)}; micro-batch {micro} = batch {cfg.batch_size} / {world} "
             f"{unit}(s) / grad_accum_steps {cfg.grad_accum_steps}, {cfg.precision}, activation checkpointing "
-            f"{'on' if cfg.activation_checkpointing else 'off'}")
+            f"{'on' if cfg.activation_checkpointing else 'off'}, {getattr(cfg, 'sharding', 'ddp')}")
