@@ -143,21 +143,24 @@ class _Hyena(nn.Module):
 
     def conv(self, x: torch.Tensor, name: str, grid: tuple[int, int]) -> torch.Tensor:
         """Apply the conv ``name`` ('short_filter' or 'inner_filter') to x [B, N, C] in the chosen direction."""
+        # the filters' weights are read here, not through the Conv1d's own forward: they are cast to x's dtype, so
+        # that weights stored in another dtype (diffusers' layerwise casting hooks only a layer's own forward) compute
+        # in x's
         filt = getattr(self, name)
         fast = self.impl == "fast"
+        w, bias = filt.weight[:, 0].to(x.dtype), filt.bias.to(x.dtype)
         if self.direction == "2d":
             f = fast_conv_grid if fast else reference_conv_grid
-            return f(x, filt.weight[:, 0], filt.bias, grid)
+            return f(x, w, bias, grid)
         k = self.kernel_size
-        w = filt.weight[:, 0]
         if self.direction == "causal":
             if fast:
-                return TapConvTokens.apply(x, w, filt.bias, k - 1)
-            return reference_conv_tokens(x, w, filt.bias, left=k - 1)
-        w_rev = getattr(self, name + "_rev").weight[:, 0]
+                return TapConvTokens.apply(x, w, bias, k - 1)
+            return reference_conv_tokens(x, w, bias, left=k - 1)
+        w_rev = getattr(self, name + "_rev").weight[:, 0].to(x.dtype)
         if fast:  # one centred conv of 2k - 1 taps: offsets -(k-1)..0 from w, 1..k-1 from w_rev
-            return TapConvTokens.apply(x, torch.cat([w, w_rev], dim=1), filt.bias, k - 1)
-        causal = reference_conv_tokens(x, w, filt.bias, left=k - 1)
+            return TapConvTokens.apply(x, torch.cat([w, w_rev], dim=1), bias, k - 1)
+        causal = reference_conv_tokens(x, w, bias, left=k - 1)
         anti = reference_conv_tokens(x, torch.cat([torch.zeros_like(w_rev[:, :1]), w_rev], dim=1), None, left=0)
         return causal + anti
 
@@ -251,12 +254,13 @@ class MLPHyenaX(nn.Module):
             raise ValueError(f"mlp_hyena_x was built for N={self.tokens} tokens (grid={self.grid}); got N={x.shape[1]}")
         u = self.in_proj(x)  # [B, N, 3*hidden]: N conv channels, 3*hidden conv positions
         k = self.kernel_size
+        # the filter's weights are read outside its own forward: cast to u's dtype (as in _Hyena.conv)
+        w, bias = self.short_filter.weight.to(u.dtype), self.short_filter.bias.to(u.dtype)
         if self.impl == "fast":
-            u = F.conv1d(u, self.short_filter.weight, self.short_filter.bias, padding=k - 1, groups=self.tokens)
+            u = F.conv1d(u, w, bias, padding=k - 1, groups=self.tokens)
             u = u[..., :3 * self.hidden]
         else:  # the token-axis reference applied to the transposed tensor: channels <-> positions swapped
-            u = reference_conv_tokens(u.transpose(1, 2), self.short_filter.weight[:, 0], self.short_filter.bias,
-                                      left=k - 1).transpose(1, 2)
+            u = reference_conv_tokens(u.transpose(1, 2), w[:, 0], bias, left=k - 1).transpose(1, 2)
         q, kk, v = u.split(self.hidden, dim=-1)
         return self.out_proj(q * (kk * v))
 

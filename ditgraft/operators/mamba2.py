@@ -341,7 +341,9 @@ class Mamba2(nn.Module):
         """Conv + SiLU + SSM + D skip on one direction; xBC [b, L, conv_dim], dt [b, L, H] -> [b, L, d_inner]."""
         b, L, _ = xBC.shape
         conv_fn = TapConvTokens.apply if self.impl == "fast" else reference_conv_tokens
-        xBC = F.silu(conv_fn(xBC, conv.weight[:, 0], conv.bias, self.d_conv - 1))
+        # the conv's weights are read outside its own forward: cast to the activations' dtype, so that weights stored
+        # in another dtype (diffusers' layerwise casting hooks only a layer's own forward) compute in xBC's
+        xBC = F.silu(conv_fn(xBC, conv.weight[:, 0].to(xBC.dtype), conv.bias.to(xBC.dtype), self.d_conv - 1))
         gn = self.ngroups * self.d_state
         x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))
