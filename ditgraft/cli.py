@@ -151,20 +151,13 @@ def cmd_recipes(args) -> None:
     from ditgraft.recipe import bundled_recipes, load_recipe
 
     if args.show:
-        from ditgraft.train.memory import format_stage2_memory
+        from ditgraft.train.memory import recipe_stage2_memory
 
         recipe = load_recipe(args.show)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
-        t = recipe.teacher
-        name = "testbed" if t.source == "testbed" else t.model
-        if name is None:
-            print("# stage 2 memory: set teacher.model (a size name) to see the estimate")
-        elif recipe.stage2.enabled:
-            from ditgraft.models.dit import build_dit
-
-            with torch.device("meta"):  # the architecture alone: no memory, no weights
-                teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
-            print("# " + format_stage2_memory(teacher, recipe.stage2, args.gpus))
+        line = recipe_stage2_memory(recipe, args.gpus)
+        if line:
+            print("# " + line)
         return
     for name in bundled_recipes():
         r = load_recipe(name)
