@@ -712,7 +712,9 @@ def _init_distributed() -> None:
 
         if not dist.is_initialized():
             if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                from ditgraft.utils import resolve_device
+
+                resolve_device("cuda")  # makes this rank's GPU, cuda:LOCAL_RANK, the current device
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 

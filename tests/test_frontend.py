@@ -114,3 +114,17 @@ def test_recipe_stage_loop_configs_keep_their_fields():
                 activation_checkpointing=True).loop_config(seed=1)
     assert (s2.ckpt_every, s2.ema_decay, s2.decay_steps, s2.log_every, s2.activation_checkpointing,
             s2.schedule) == (20, 0.9, 5, 5, True, "constant")
+
+
+def test_under_torchrun_cuda_is_this_ranks_gpu(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    assert chosen == [torch.device("cuda", 1)] * 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device("cuda") == torch.device("cuda")
