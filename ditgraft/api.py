@@ -18,7 +18,8 @@ import torch
 
 __all__ = ["load_model", "graft_model", "run_pipeline", "sample", "evaluate", "export_model", "InputError"]
 
-from ditgraft.utils import InputError  # noqa: E402  (the API's one exception type for bad input)
+# InputError: the API's one exception type for bad input
+from ditgraft.utils import InputError, resolve_device  # noqa: E402
 
 
 def _input_errors(fn):
@@ -54,13 +55,7 @@ def load_model(source: str, device="cpu", release_config: str | None = None) -> 
 
         model, meta = load_any(os.fspath(source), map_location="cpu")
     model.ditgraft_meta = meta
-    return model.to(_device(device)).eval()
-
-
-def _device(device):
-    from ditgraft.utils import resolve_device
-
-    return device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(resolve_device(device)).eval()
 
 
 def _recipe(recipe, overrides: dict):
@@ -138,7 +133,7 @@ def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg
     from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.sampling import generate
 
-    device = _device(device)
+    device = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, device)
     latent = model.in_channels not in (1, 3)

@@ -57,3 +57,11 @@ def finite_float(low: float | None = None, high: float | None = None, low_open: 
     return parse
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (cuda if available, else cpu)"
+
+
+def add_device(parser: argparse.ArgumentParser, unset: str = "auto", default: str | None = None) -> None:
+    """The one ``--device`` option (resolved by ``ditgraft.utils.resolve_device``). Its default None means ``unset``:
+    auto, or the recipe's device for the commands that run recipes."""
+    parser.add_argument("--device", default=default,
+                        help=f"{DEVICE_HELP}; default {default or unset}".replace("%", "%%"))

@@ -40,14 +40,10 @@ BUG_REPORT = "ditgraft: this is a bug, not a problem with your input; please rep
 
 
 def _device(args):
-    """The --device; under torchrun with CUDA each rank takes its own GPU (LOCAL_RANK)."""
+    """The --device (``resolve_device``: under torchrun with CUDA each rank takes its own GPU, LOCAL_RANK)."""
     from ditgraft.utils import resolve_device
 
-    device = resolve_device(getattr(args, "device", None))
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device
+    return resolve_device(getattr(args, "device", None), "--device")
 
 
 def _load_model(source: str, device):
@@ -59,17 +55,14 @@ def _load_model(source: str, device):
     return model.to(device).eval(), meta
 
 
-from ditgraft.argtypes import finite_float, nonneg_int, positive_int, seed_int  # noqa: E402,F401
+from ditgraft.argtypes import add_device, finite_float, nonneg_int, positive_int, seed_int  # noqa: E402,F401
 
 
 def cmd_pretrain(args) -> None:
     from ditgraft.train.loop import LoopConfig
     from ditgraft.train.pretrain import PretrainConfig, pretrain
 
-    loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                      ema_decay=args.ema, grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, seed=args.seed,
-                      decay_steps=args.decay_steps, precision=args.precision,
-                      grad_accum_steps=args.grad_accum_steps, activation_checkpointing=args.activation_checkpointing)
+    loop = LoopConfig.from_settings(args, warmup_steps=args.warmup, ema_decay=args.ema)
     from ditgraft.distributed import is_main
     from ditgraft.utils import ensure_writable
 
@@ -158,20 +151,13 @@ def cmd_recipes(args) -> None:
     from ditgraft.recipe import bundled_recipes, load_recipe
 
     if args.show:
-        from ditgraft.train.memory import format_stage2_memory
+        from ditgraft.train.memory import recipe_stage2_memory
 
         recipe = load_recipe(args.show)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
-        t = recipe.teacher
-        name = "testbed" if t.source == "testbed" else t.model
-        if name is None:
-            print("# stage 2 memory: set teacher.model (a size name) to see the estimate")
-        elif recipe.stage2.enabled:
-            from ditgraft.models.dit import build_dit
-
-            with torch.device("meta"):  # the architecture alone: no memory, no weights
-                teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
-            print("# " + format_stage2_memory(teacher, recipe.stage2, args.gpus))
+        line = recipe_stage2_memory(recipe, args.gpus)
+        if line:
+            print("# " + line)
         return
     for name in bundled_recipes():
         r = load_recipe(name)
@@ -476,64 +462,76 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ditgraft.train.tracking import TRACKERS
-
     p = argparse.ArgumentParser(prog="ditgraft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
-
-    def add(name, fn, help_, aliases=()):
+    for name, help_, arguments, aliases in COMMANDS:
         s = sub.add_parser(name, help=help_, aliases=list(aliases))
-        s.set_defaults(fn=fn)
-        return s
+        s.set_defaults(fn=globals()["cmd_" + name.replace("-", "_")])
+        arguments(s)
+    return p
 
-    s = add("demo", cmd_demo, "graft the shipped testbed teacher: 50%% attention -> Hyena-X, both stages, report")
+
+def _tracker(s, default: str) -> None:
+    from ditgraft.train.tracking import TRACKERS
+
+    s.add_argument("--log", choices=TRACKERS, default=None, help=f"experiment tracker (default {default})")
+
+
+def _demo_args(s) -> None:
     s.add_argument("--run-dir", default=None, help="default runs/demo")
-    s.add_argument("--device", default=None)
+    add_device(s, unset="the recipe's device")
     s.add_argument("--quiet", action="store_true")
-    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default: the recipe's log)")
+    _tracker(s, "the recipe's log")
 
-    s = add("graft", cmd_graft, "run a grafting recipe")
+
+def _graft_args(s) -> None:
+    from ditgraft.graft.pipeline import STAGES
+
     s.add_argument("recipe", help="a recipe .yaml path or a bundled recipe name (see `ditgraft recipes`)")
     s.add_argument("--run-dir", default=None, help="default runs/<recipe name>")
-    s.add_argument("--stages", default=None, help="comma list of stage1,stage2,eval,report (default all)")
-    s.add_argument("--device", default=None, help="overrides the recipe's device")
+    s.add_argument("--stages", default=None, help=f"comma list of {','.join(STAGES)} (default all)")
+    add_device(s, unset="the recipe's device")
     s.add_argument("--quiet", action="store_true")
-    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default: the recipe's log)")
+    _tracker(s, "the recipe's log")
 
-    from ditgraft.explore.launchers import LAUNCHERS
 
-    s = add("sweep", cmd_sweep, "run a sweep: a base recipe and axes over its fields; one table and plots")
+def _sweep_args(s) -> None:
+    from ditgraft.explore.launchers import CLUSTERS, LAUNCHERS
+
     s.add_argument("sweep", help="the sweep .yaml (base recipe, grid / zip / points, baseline)")
     s.add_argument("--out", default=None, help="the sweep directory (default sweeps/<sweep name>)")
     s.add_argument("--jobs", type=positive_int, default=1,
                    help="local launcher: points run at once; the CPU threads are split between them (default 1)")
     s.add_argument("--launcher", default="local", choices=LAUNCHERS,
                    help="local processes, or submitit (Slurm, or --cluster local)")
-    s.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+    s.add_argument("--cluster", default=None, choices=CLUSTERS,
                    help="submitit's executor (default: Slurm where it exists)")
     s.add_argument("--gpus-per-point", type=nonneg_int, default=0, help="GPUs per point (> 1: a torchrun job)")
     s.add_argument("--partition", default=None, help="submitit: the Slurm partition")
     s.add_argument("--timeout-min", type=positive_int, default=None, help="submitit: time limit per point")
-    s.add_argument("--device", default=None, help="overrides the recipes' device")
+    add_device(s, unset="the recipes' device")
     s.add_argument("--status", action="store_true", help="print every point's state and exit")
     s.add_argument("--table", action="store_true", help="rebuild the table and plots from the directory only")
 
-    s = add("search", cmd_search, "choose an operator per layer under a FLOP or latency budget, then verify the "
-                                   "best designs as a sweep")
+
+def _search_args(s) -> None:
     s.add_argument("search", help="the search .yaml (base recipe, slot, candidates, budget, verify)")
     s.add_argument("--out", default=None, help="the search directory (default searches/<search name>)")
     s.add_argument("--jobs", type=positive_int, default=1, help="verified designs run at once (local processes)")
-    s.add_argument("--device", default=None)
+    add_device(s, unset="the recipes' device")
 
-    s = add("recipes", cmd_recipes, "list the bundled recipes, or print one resolved (its base merged in) with its "
-                                    "expected stage-2 memory per GPU")
+
+def _recipes_args(s) -> None:
     s.add_argument("--show", metavar="RECIPE", default=None, help="print this recipe (name or path), resolved")
     s.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the --show memory estimate (default 8)")
 
-    s = add("pretrain", cmd_pretrain, "train a DiT from scratch (how the testbed teacher was made)")
-    s.add_argument("--log", choices=TRACKERS, default=None, help="experiment tracker (default none)")
+
+def _pretrain_args(s) -> None:
+    from ditgraft.train.loop import PRECISIONS
+
+    _tracker(s, "none")
     s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
     s.add_argument("--data", default="mnist5k", help="mnist5k, an image folder, or latents .npy/.npz")
     s.add_argument("--run-dir", default="runs/pretrain")
@@ -547,30 +545,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grad-clip", type=finite_float(0, low_open=True), default=1.0)
     s.add_argument("--ckpt-every", type=positive_int, default=250)
     s.add_argument("--seed", type=seed_int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, CUDA only")
+    add_device(s)
+    s.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16: autocast, CUDA only")
     s.add_argument("--grad-accum-steps", type=positive_int, default=1, help="micro-batches per step (default 1)")
     s.add_argument("--activation-checkpointing", action="store_true", help="recompute DiT blocks in backward")
 
-    def sampling_args(s, num=100):
-        s.add_argument("--num-samples", type=positive_int, default=num)
-        s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-        s.add_argument("--steps", type=positive_int, default=25)
-        s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
-        s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
-                       help="clip predicted x0 to [-1, 1] (default: on for pixel models, off for latents)")
-        s.add_argument("--seed", type=seed_int, default=0)
-        s.add_argument("--batch-size", type=positive_int, default=100)
-        s.add_argument("--device", default="auto")
 
-    s = add("sample", cmd_sample, "class-conditional samples: samples.png + samples.npz (ADM layout)")
+def _sampling_args(s, num: int = 100) -> None:
+    from ditgraft.diffusion.samplers import DIFFUSION_SAMPLERS
+
+    s.add_argument("--num-samples", type=positive_int, default=num)
+    s.add_argument("--sampler", default="ddim", choices=DIFFUSION_SAMPLERS)
+    s.add_argument("--steps", type=positive_int, default=25)
+    s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
+    s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip predicted x0 to [-1, 1] (default: on for pixel models, off for latents)")
+    s.add_argument("--seed", type=seed_int, default=0)
+    s.add_argument("--batch-size", type=positive_int, default=100)
+    add_device(s)
+
+
+def _sample_args(s) -> None:
     s.add_argument("model", help="testbed, a .safetensors/.pt file, hf://..., or a run directory")
     s.add_argument("--out", default=None, help="default runs/samples/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
     s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
-    sampling_args(s)
+    _sampling_args(s)
 
-    s = add("encode", cmd_encode, "SD-VAE latents of an image folder (class subfolders -> labels)")
+
+def _encode_args(s) -> None:
     s.add_argument("image_dir", help="images: <dir>/<class>/<image> (ImageNet layout) or a flat folder")
     s.add_argument("--vae", required=True, help="AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema")
     s.add_argument("--out", required=True, help="the latents .npz to write")
@@ -580,18 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the first N images of every class (file-name order), e.g. 130 = 10%% of ImageNet")
     s.add_argument("--batch-size", type=positive_int, default=32)
     s.add_argument("--seed", type=seed_int, default=0, help="seed of the posterior draws")
-    s.add_argument("--device", default="auto")
+    add_device(s)
 
-    s = add("import-release", cmd_import_release,
-            "a released grafted DiT-XL/2 (model.pt + YAML) -> ditgraft checkpoint")
+
+def _import_release_args(s) -> None:
     s.add_argument("model", help="the release's model.pt ({'ema': state_dict})")
     s.add_argument("config", help="the release's YAML (operator: {type, name}, sample_config.graft_indexes)")
     s.add_argument("--out", required=True, help="the grafted .safetensors to write")
     s.add_argument("--num-heads", type=positive_int, default=None,
                    help="attention heads (default: from sample_config.dit_model_name, e.g. 16 for DiT-XL/2)")
 
-    s = add("export", cmd_export, "a folder that diffusers loads without ditgraft (any model ditgraft loads)",
-            aliases=["export-diffusers"])
+
+def _export_args(s) -> None:
     s.add_argument("model", help="testbed, .safetensors (plain or grafted), .pt, a run directory, a diffusers folder")
     s.add_argument("--out", required=True, help="the folder to write (config.json, modeling_ditgraft.py, weights, "
                                                 "README.md; DiT: scheduler/, vae/)")
@@ -602,25 +605,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(no remote code; timestep features as diffusers computes)")
     s.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --out")
 
-    s = add("push", cmd_push, "upload an exported folder to the Hugging Face hub (create_repo + upload_folder)")
+
+def _push_args(s) -> None:
     s.add_argument("folder", help="a folder written by `ditgraft export`")
     s.add_argument("repo_id", help="owner/name")
     s.add_argument("--public", action="store_true", help="publish (default: a private repository)")
     s.add_argument("--token", default=None, help="hub token (default: HF_TOKEN or the saved login)")
     s.add_argument("--overwrite", action="store_true", help="upload into a repository that has other files")
 
-    s = add("synth", cmd_synth, "synthetic data from a teacher (class-conditional samples with labels, or "
-                                 "image-caption pairs from a text-to-image pipeline with --prompts)")
+
+def _synth_args(s) -> None:
     s.add_argument("model", help="a class-conditional model, or with --prompts a diffusers pipeline (PixArt)")
     s.add_argument("--out", default="runs/synth.npz")
     s.add_argument("--prompts", default=None,
                    help="text file, one prompt per line: caption latents + embeddings (cycled to --num-samples)")
     s.add_argument("--max-tokens", type=int, default=300, help="caption tokens with --prompts (PixArt-Sigma: 300)")
-    sampling_args(s, num=1000)
+    _sampling_args(s, num=1000)
 
-    s = add("eval", cmd_eval, "metrics of a sample .npz, or run the testbed protocol on a model")
+
+def _eval_args(s) -> None:
+    from ditgraft.eval.evaluate import FEATURES
+
     s.add_argument("target", nargs="?", default="testbed", help="samples .npz, or a model (default testbed)")
-    s.add_argument("--features", default="testbed", choices=["testbed", "inception"])
+    s.add_argument("--features", default="testbed", choices=FEATURES)
     s.add_argument("--ref", default=None, help="ADM reference batch .npz (inception features)")
     s.add_argument("--inception-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or env DITGRAFT_INCEPTION_WEIGHTS)")
@@ -631,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protocol seed (default 0); others show the sampling spread")
     s.add_argument("--out", default=None, help="default runs/eval/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--overwrite", action="store_true", help="replace another model's results found in --out")
-    s.add_argument("--device", default="auto")
+    add_device(s)
     s.add_argument("--seeds", default=None,
                    help="decision protocol: comma list of seeds pooled, e.g. 0,1,2 (default 0,1,2 with --against)")
     s.add_argument("--against", default=None,
@@ -646,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verdict target for the accuracy gap (<=; default 0.02)")
     s.add_argument("--resamples", type=positive_int, default=None, help="bootstrap resamples (default 500)")
 
-    s = add("analyze", cmd_analyze, "attention locality and activation statistics per layer")
+
+def _analyze_args(s) -> None:
     s.add_argument("model")
     s.add_argument("--num-samples", type=positive_int, default=250)
     s.add_argument("--steps", type=positive_int, default=50)
@@ -654,19 +662,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--band-k", type=positive_int, default=None, help="default N/8 (32 at N=256)")
     s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--out", default=None, help="default runs/analysis/NAME-HASH (HASH: of the model's weights)")
-    s.add_argument("--device", default="auto")
+    add_device(s)
 
-    s = add("ops", cmd_ops, "operator table: params and FLOPs per operator")
+
+def _ops_args(s) -> None:
     s.add_argument("--dim", type=positive_int, default=1152)
     s.add_argument("--tokens", type=positive_int, default=256)
     s.add_argument("--heads", type=positive_int, default=16)
 
-    s = add("bench", cmd_bench, "benchmarks: `bench ops`, `bench model` or `bench stage1`")
+
+def _bench_args(s) -> None:
     from ditgraft.bench.cli import add_bench_arguments
 
     add_bench_arguments(s)
-    return p
 
+
+# (name, help, arguments, aliases): the sub-commands, in `ditgraft --help` order; each runs cmd_<name>
+COMMANDS = (
+    ("demo", "graft the shipped testbed teacher: 50%% attention -> Hyena-X, both stages, report",
+     _demo_args, ()),
+    ("graft", "run a grafting recipe", _graft_args, ()),
+    ("sweep", "run a sweep: a base recipe and axes over its fields; one table and plots", _sweep_args, ()),
+    ("search", "choose an operator per layer under a FLOP or latency budget, then verify the best designs as a "
+               "sweep", _search_args, ()),
+    ("recipes", "list the bundled recipes, or print one resolved (its base merged in) with its expected stage-2 "
+                "memory per GPU", _recipes_args, ()),
+    ("pretrain", "train a DiT from scratch (how the testbed teacher was made)", _pretrain_args, ()),
+    ("sample", "class-conditional samples: samples.png + samples.npz (ADM layout)", _sample_args, ()),
+    ("encode", "SD-VAE latents of an image folder (class subfolders -> labels)", _encode_args, ()),
+    ("import-release", "a released grafted DiT-XL/2 (model.pt + YAML) -> ditgraft checkpoint",
+     _import_release_args, ()),
+    ("export", "a folder that diffusers loads without ditgraft (any model ditgraft loads)",
+     _export_args, ("export-diffusers",)),
+    ("push", "upload an exported folder to the Hugging Face hub (create_repo + upload_folder)",
+     _push_args, ()),
+    ("synth", "synthetic data from a teacher (class-conditional samples with labels, or image-caption pairs "
+              "from a text-to-image pipeline with --prompts)", _synth_args, ()),
+    ("eval", "metrics of a sample .npz, or run the testbed protocol on a model", _eval_args, ()),
+    ("analyze", "attention locality and activation statistics per layer", _analyze_args, ()),
+    ("ops", "operator table: params and FLOPs per operator", _ops_args, ()),
+    ("bench", "benchmarks: `bench ops`, `bench model` or `bench stage1`", _bench_args, ()),
+)
 
 def _init_distributed() -> None:
     """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with CUDA (each rank on GPU LOCAL_RANK, which
@@ -676,7 +712,9 @@ def _init_distributed() -> None:
 
         if not dist.is_initialized():
             if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                from ditgraft.utils import resolve_device
+
+                resolve_device("cuda")  # makes this rank's GPU, cuda:LOCAL_RANK, the current device
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 

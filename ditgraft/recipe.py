@@ -232,11 +232,8 @@ class Stage1(Strict):
 
     def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:
         """The training loop's settings for stage 1 (validation and the best-operator check every eval_every)."""
-        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                          warmup_steps=self.warmup_steps, schedule=self.schedule, ema_decay=None,
-                          grad_clip=self.grad_clip, ckpt_every=self.eval_every,
-                          log_every=max(1, self.eval_every // 5), seed=seed, progress=progress,
-                          precision=self.precision, grad_accum_steps=self.grad_accum_steps)
+        return LoopConfig.from_settings(self, ema_decay=None, ckpt_every=self.eval_every,
+                                        log_every=max(1, self.eval_every // 5), seed=seed, progress=progress)
 
 
 class Lora(Strict):
@@ -289,12 +286,8 @@ class Stage2(Strict):
 
     def loop_config(self, seed: int, progress: bool = True) -> LoopConfig:
         """The training loop's settings for stage 2 (constant LR after the warmup, then the optional linear decay)."""
-        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                          warmup_steps=self.warmup_steps, decay_steps=self.decay_steps, ema_decay=self.ema_decay,
-                          grad_clip=self.grad_clip, ckpt_every=self.ckpt_every,
-                          log_every=max(1, min(10, self.steps // 20)), seed=seed, progress=progress,
-                          precision=self.precision, grad_accum_steps=self.grad_accum_steps,
-                          activation_checkpointing=self.activation_checkpointing, sharding=self.sharding)
+        return LoopConfig.from_settings(self, log_every=max(1, min(10, self.steps // 20)), seed=seed,
+                                        progress=progress)
 
 
 class Evaluation(Strict):

@@ -120,26 +120,39 @@ def torch_load_weights(path: str, allowed: tuple = ()):
                              f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """'auto' (or None) -> cuda if available else cpu; anything else must be a valid torch device string."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from err
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device={device!r}: ditgraft runs on 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', not on "
-                         f"{dev.type!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
-                             "use 'cpu' or 'auto'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device={device!r}: MPS is not available on this machine; use 'cpu' or 'auto'")
+DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")  # what ``resolve_device`` accepts
+_ALLOWED_DEVICES = ", ".join(repr(d) for d in DEVICES)
+
+
+def resolve_device(device: str | torch.device | None, option: str = "device") -> torch.device:
+    """The one rule from a device name to a torch device: 'auto' (or None) -> cuda if available else cpu; otherwise
+    a torch device string of a kind in ``DEVICES`` that exists here. Under torchrun (WORLD_SIZE > 1) an unindexed
+    'cuda' is this rank's GPU, cuda:LOCAL_RANK (made the current device). ``option`` names the setting in errors
+    (e.g. '--device')."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device in (None, "auto"):
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"{option}={device!r} is not a valid torch device; use one of {_ALLOWED_DEVICES} "
+                             "(e.g. 'cuda:1')") from err
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"{option}={device!r}: ditgraft runs on {_ALLOWED_DEVICES}, not on {dev.type!r}")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"{option}={device!r}: CUDA is not available on this machine (torch "
+                                 f"{torch.__version__}); use 'cpu' or 'auto'")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"{option}={device!r}: only {torch.cuda.device_count()} CUDA device(s) here "
+                                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"{option}={device!r}: MPS is not available on this machine; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     return dev
 
 

@@ -13,7 +13,8 @@ def add_bench_arguments(parser) -> None:
     """Add the ``ops``, ``model`` and ``stage1`` sub-commands to the ``bench`` parser; each sets ``fn=run_bench``."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
 
-    from ditgraft.argtypes import positive_int
+    from ditgraft.argtypes import add_device, positive_int
+    from ditgraft.bench.family import FAMILIES
 
     def shared(p, repeats: int) -> None:
         p.add_argument("--dim", type=int, default=1152, help="model width D (default 1152, DiT-XL/2)")
@@ -21,7 +22,7 @@ def add_bench_arguments(parser) -> None:
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--repeats", type=int, default=repeats, help="timed calls per candidate (median reported)")
         p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-        p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:i or auto")
+        add_device(p, default="cpu")  # a timing runs where it is told: never on a GPU by default
         p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="bf16/fp16 on CUDA only")
         p.add_argument("--threads", type=positive_int, default=None,
                        help="torch CPU threads (default: torch's choice)")
@@ -55,7 +56,7 @@ def add_bench_arguments(parser) -> None:
     stack(m, [4096, 16384])
     m.add_argument("--backward", action="store_true", help="time forward + backward (a training step's compute)")
     m.add_argument("--profile", action="store_true", help="print the top torch ops by self time for each stack")
-    m.add_argument("--family", default=None, choices=["pixart"],
+    m.add_argument("--family", default=None, choices=FAMILIES,
                    help="time a whole model of this family instead (pixart: PixArt-Sigma XL/2 shape, 28 blocks, "
                         "width 1152; --tokens N image tokens, --text-tokens caption tokens; default layers: the "
                         "paper's 14)")

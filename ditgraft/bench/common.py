@@ -24,14 +24,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_device_dtype(device: str = "cpu", dtype: str = "fp32") -> tuple[torch.device, torch.dtype]:
     """Validate ``device`` and ``dtype``. Half precision is refused on CPU: its matmuls are ~200x slower there than
     fp32, so any timing would measure the missing kernels, not the operator."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; use device='cpu'")
+    from ditgraft.utils import resolve_device
+
+    dev = resolve_device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is not supported by the benchmarks; use 'cpu' or 'cuda[:i]'")
     if dtype not in DTYPES:

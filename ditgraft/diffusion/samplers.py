@@ -17,6 +17,7 @@ from ditgraft.models.families.base import cond_cat, cond_len, cond_to
 
 SAMPLERS = ("ddpm", "ddim", "euler")
 FLOW_SAMPLERS = ("euler",)  # the samplers of a flow-matching objective; the others are IDDPM's
+DIFFUSION_SAMPLERS = tuple(s for s in SAMPLERS if s not in FLOW_SAMPLERS)  # IDDPM's (DiT's own)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 LAUNCHERS = ("local", "submitit")
+CLUSTERS = ("slurm", "local", "debug")  # submitit.AutoExecutor's cluster names
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 

@@ -111,6 +111,15 @@ class LoopConfig:
         if self.sharding not in fsdp2.SHARDINGS:
             raise ValueError(f"sharding={self.sharding!r} is not allowed; use one of {fsdp2.SHARDINGS}")
 
+    @classmethod
+    def from_settings(cls, settings, **fixed) -> "LoopConfig":
+        """The one rule from settings to the loop: every LoopConfig field that ``settings`` (a recipe stage, the
+        pretrain command's options) has under the same name, then ``fixed`` (fields a caller sets itself)."""
+        from dataclasses import fields
+
+        named = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        return cls(**{**named, **fixed})
+
     def lr_at(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps

@@ -87,3 +87,20 @@ def format_stage2_memory(student, cfg, world: int, device: torch.device | None =
     return (f"stage 2 expected memory: {est.format(unit)}; micro-batch {micro} = batch {cfg.batch_size} / {world} "
             f"{unit}(s) / grad_accum_steps {cfg.grad_accum_steps}, {cfg.precision}, activation checkpointing "
             f"{'on' if cfg.activation_checkpointing else 'off'}, {getattr(cfg, 'sharding', 'ddp')}")
+
+
+def recipe_stage2_memory(recipe, gpus: int) -> str | None:
+    """The expected stage-2 memory per GPU of a recipe, as one line, from the teacher's architecture alone (built on
+    the meta device: no memory, no weights); a recipe whose teacher names no size gets a line saying what to set;
+    None when stage 2 is off."""
+    from ditgraft.models.dit import build_dit
+
+    t = recipe.teacher
+    name = "testbed" if t.source == "testbed" else t.model
+    if name is None:
+        return "stage 2 memory: set teacher.model (a size name) to see the estimate"
+    if not recipe.stage2.enabled:
+        return None
+    with torch.device("meta"):
+        teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
+    return format_stage2_memory(teacher, recipe.stage2, gpus)
