@@ -30,7 +30,7 @@ from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.graft.accounting import compute_accounting
-from ditgraft.graft.layers import selector_needs
+from ditgraft.layers import selector_needs
 from ditgraft.graft.report import build_report, write_report
 from ditgraft.graft.restructure import BASELINES, baseline_model, depth_pruned_spec
 from ditgraft.graft.restructure_train import (baseline_stage2, latency_table, recipe_spec, restructure_student,
@@ -102,7 +102,7 @@ def stage1_split(cfg, seed: int, log=None) -> tuple[torch.Tensor, ...]:
 
 
 def _needs(recipe: Recipe, need: str) -> bool:
-    """Whether some graft's layer selector needs ``need`` (``ditgraft.graft.layers.NEEDS``) prepared."""
+    """Whether some graft's layer selector needs ``need`` (``ditgraft.layers.NEEDS``) prepared."""
     return any(need in selector_needs(g.layers) for g in recipe.grafts)
 
 

@@ -36,8 +36,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ditgraft.train import tracking
-from ditgraft.utils import (UnsafePickle, atomic_write_text, pause_inside_write, remove_orphan_temporaries,
-                            torch_load_weights)
+from ditgraft.utils import (UnsafePickle, atomic_write_text, non_finite_tensors, pause_inside_write,
+                            remove_orphan_temporaries, torch_load_weights)
 
 CKPT_NAME = re.compile(r"step_(\d{7})$")
 
@@ -175,18 +175,6 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-
-
-def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
-    """Names of the floating-point parameters/buffers holding NaN or Inf (empty when all are finite)."""
-    bad = []
-    for m in modules:
-        if m is None:
-            continue
-        for name, t in m.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad.append(name)
-    return bad
 
 
 def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, keep: int) -> str:

@@ -1,5 +1,5 @@
 """The merge-initialisation study of ``graft.restructure`` on the shipped testbed teacher:
-``python -m ditgraft.graft.restructure_study`` prints the table in that module's doc."""
+``python scripts/restructure_study.py`` prints the table in that module's doc."""
 from __future__ import annotations
 
 import torch
