@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ditgraft.graft.pipeline import load_split
+from ditgraft.graft.data_split import load_split
 from ditgraft.graft.restructure_train import merge_init_study
 from ditgraft.models.checkpoints import load_dit
 
