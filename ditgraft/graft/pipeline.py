@@ -2,7 +2,7 @@
 
 Run directory layout (every stage reads and writes here; a stage whose output is complete is skipped, and a stage
 that was interrupted resumes from its last checkpoint, so re-running the command finishes the same run):
-    recipe.yaml            the validated recipe            plan.json        resolved layers, FLOP accounting
+    recipe.yaml            the validated recipe            plan.json        resolved layers (and probe losses)
     stage1/                activation distillation (loop/, best/, summary.json)
     stage2/                finetuning (loop/), student.safetensors (grafted checkpoint, recipe embedded)
     baseline_random/       the same stage 2 budget from randomly initialised operators (when asked)
