@@ -164,7 +164,7 @@ def _stage1_units(r: Run) -> None:
 def _stage2(r: Run) -> None:
     if r.recipe.stage2.enabled:
         r.log(format_stage2_memory(r.teacher, r.recipe.stage2, rank_world()[1], r.device))
-    stage1_dir = r.path("stage1") if r.recipe.stage1.enabled and r.grafts else None
+    stage1_dir = r.path("stage1") if _stage1_wanted(r) else None
     student = _train_student(r, r.run_dir, stage1_dir, "stage2", units=r.units_dir)
     r.save_student(r.path("student.safetensors"), student, r.grafts)
 
