@@ -19,7 +19,7 @@ _LAZY = {
     "sample": "ditgraft.api", "evaluate": "ditgraft.api", "export_model": "ditgraft.api",
     "push": "ditgraft.export.push", "InputError": "ditgraft.utils",
     "load_recipe": "ditgraft.recipe", "encode_folder": "ditgraft.data.vae",
-    "import_release": "ditgraft.models.release", "export_diffusers": "ditgraft.models.diffusers_dit",
+    "import_release": "ditgraft.graft.release", "export_diffusers": "ditgraft.export.diffusers_pipeline",
 }
 __all__ = ["__version__", *_LAZY]
 

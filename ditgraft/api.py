@@ -46,7 +46,7 @@ def load_model(source: str, device="cpu", release_config: str | None = None) -> 
     ``DiTTransformer2DModel`` / ``DiTPipeline`` folder or hub repo id; a release ``model.pt`` with its YAML
     (``release_config``). The checkpoint's metadata is in ``model.ditgraft_meta``."""
     if release_config is not None:
-        from ditgraft.models.release import load_release
+        from ditgraft.graft.release import load_release
 
         model, grafts, info = load_release(source, release_config)
         meta = {"model_config": model.config, "grafts": [asdict(g) for g in grafts], "release": info}

@@ -225,7 +225,7 @@ def cmd_encode(args) -> None:
 
 
 def cmd_import_release(args) -> None:
-    from ditgraft.models.release import import_release
+    from ditgraft.graft.release import import_release
 
     out = import_release(args.model, args.config, args.out, num_heads=args.num_heads)
     print(f"grafted checkpoint: {out}")
@@ -236,7 +236,7 @@ def cmd_export(args) -> None:
 
     ensure_empty_folder(args.out, "--out", args.overwrite)
     if args.native:  # a plain DiT as diffusers' own DiTTransformer2DModel (no remote code)
-        from ditgraft.models.diffusers_dit import export_diffusers
+        from ditgraft.export.diffusers_pipeline import export_diffusers
 
         model, _ = _load_model(args.model, "cpu")
         print(f"diffusers pipeline folder: {export_diffusers(model, args.out, vae=args.vae)}")

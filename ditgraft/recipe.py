@@ -4,7 +4,7 @@ Validated with pydantic; ``load_recipe`` turns every validation problem into one
 field, the value and what is allowed.
 
 A graft's ``layers:`` is a list of block indices ``[1, 3, 5]``, a Python slice string ``"1:8:2"`` (negative indices
-count from the end) or a layer selector of ``ditgraft.graft.layers`` (``all``, ``interleave``, ``deepest``,
+count from the end) or a layer selector of ``ditgraft.layers`` (``all``, ``interleave``, ``deepest``,
 ``most_local``, ``least_local``, ``auto``, ...: the registry there lists them and their rules), written as a string
 (``layers: interleave``) or a mapping (``layers: {select: interleave, fraction: 0.75}``).
 """
@@ -18,8 +18,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
                       model_validator)
 
-from ditgraft.graft.layers import selector_names
-from ditgraft.models.slots import SLOTS
+from ditgraft.layers import selector_names
+from ditgraft.slots import SLOTS
 from ditgraft.operators import get_spec, operator_names
 from ditgraft.train.loop import LoopConfig
 from ditgraft.utils import MAX_SEED

@@ -301,3 +301,16 @@ def run_lock(target: str, command: str = "ditgraft", log=None):
                 os.remove(path)
         except (OSError, ValueError):
             pass
+
+
+def non_finite_tensors(*modules: torch.nn.Module | dict | None) -> list[str]:
+    """Names of the floating-point parameters/buffers (of modules or state dicts) holding NaN or Inf (empty when all
+    are finite)."""
+    bad = []
+    for m in modules:
+        if m is None:
+            continue
+        for name, t in (m if isinstance(m, dict) else m.state_dict()).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(name)
+    return bad

@@ -19,7 +19,7 @@ from ditgraft.analysis.locality import (
     ActivationAccumulator, AttentionAccumulator, RunningMoments, analyze_model, attention_statistics, curve_ks,
     default_band_k, default_window_k, local_layers, write_analysis_report,
 )
-from ditgraft.graft.layers import select_layers
+from ditgraft.layers import select_layers
 from ditgraft.models.dit import build_dit
 from ditgraft.operators.attention import MHA
 from helpers import randomize_weights

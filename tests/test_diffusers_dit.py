@@ -61,7 +61,7 @@ def test_export_runs_in_dit_pipeline_and_reproduces_ditgraft(tmp_path):
 
     from helpers import tiny_vae
     from ditgraft.models.checkpoints import load_dit
-    from ditgraft.models.diffusers_dit import export_diffusers
+    from ditgraft.export.diffusers_pipeline import export_diffusers
 
     # DiTPipeline assumes ImageNet's 1000 classes (its null class is 1000)
     model = tiny_dit(depth=2, input_size=8, patch_size=2, in_channels=4, num_classes=1000, timestep_freq_shift=1,
@@ -85,7 +85,7 @@ def test_export_runs_in_dit_pipeline_and_reproduces_ditgraft(tmp_path):
 
 def test_export_refuses_grafted_models_and_warns_about_original_conventions(tmp_path):
     from ditgraft.graft.surgery import ResolvedGraft, graft_model
-    from ditgraft.models.diffusers_dit import export_diffusers
+    from ditgraft.export.diffusers_pipeline import export_diffusers
 
     model = tiny_dit(depth=2, input_size=8, patch_size=2, in_channels=4, num_classes=5)
     with pytest.warns(UserWarning, match="downscale_freq_shift=1"):

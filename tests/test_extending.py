@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import ditgraft.graft.layers as layers
+import ditgraft.layers as layers
 import ditgraft.models.families as families
 import ditgraft.operators.registry as registry
-from ditgraft.graft.layers import Selection, selector
+from ditgraft.layers import Selection, selector
 from ditgraft.graft.stage1 import run_stage1
 from ditgraft.graft.surgery import graft_model, resolve_grafts
 from ditgraft.models.families import Family, ModelDims, family_names

@@ -233,7 +233,7 @@ def test_stage2_distillation_alone_has_the_distillation_gradient_only():
 def test_stage1_samples_beyond_the_images_are_noised_copies():
     """stage1.samples larger than the data: the draw cycles through the images, each copy
     with its own timestep and noise."""
-    from ditgraft.graft.pipeline import load_split, stage1_split
+    from ditgraft.graft.data_split import load_split, stage1_split
 
     cfg = Stage1(data="mnist5k", samples=10_000, val_samples=50)
     x, y, xv, yv = stage1_split(cfg, seed=0)

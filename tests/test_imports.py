@@ -90,3 +90,63 @@ def test_no_import_cycles():
 def test_operator_registry_is_a_leaf():
     graph = import_graph(package_modules())
     assert not {m for m in graph["ditgraft.operators.registry"] if m.startswith("ditgraft.operators")}
+
+
+# The package's layers, bottom first: a module may import its own layer and the layers below it, never one above.
+# The noise processes sit below the models (a model family names the process it was trained with); the samplers,
+# which drive a model, sit above them with the data. eval and analysis (sampling, metrics, attention statistics) are
+# below train, whose testbed card and classifier trainer measure with them. recipe.py validates names from the
+# bottom vocabularies (slots, layer selectors, operators) and the train loop's config, and graft runs it.
+LAYERS = (
+    ("ditgraft", "ditgraft.utils", "ditgraft.distributed", "ditgraft.argtypes", "ditgraft.slots", "ditgraft.layers"),
+    ("ditgraft.operators", "ditgraft.diffusion.gaussian", "ditgraft.diffusion.flow_matching"),
+    ("ditgraft.models",),
+    ("ditgraft.data", "ditgraft.diffusion", "ditgraft.flops"),
+    ("ditgraft.eval", "ditgraft.analysis"),
+    ("ditgraft.train",),
+    ("ditgraft.recipe",),
+    ("ditgraft.graft",),
+    ("ditgraft.explore", "ditgraft.export", "ditgraft.bench", "ditgraft.cli", "ditgraft.api"),
+)
+
+
+def layer_of(module: str, layers=LAYERS) -> int:
+    """Index in ``layers`` of the longest prefix naming ``module`` (a module or a package above it)."""
+    best = None
+    for i, names in enumerate(layers):
+        for n in names:
+            if (module == n or module.startswith(n + ".")) and (best is None or len(n) > len(best[1])):
+                best = (i, n)
+    if best is None:
+        raise AssertionError(f"{module} is in no layer of LAYERS; add it to one")
+    return best[0]
+
+
+def back_edges(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """'importer (layer i) imports imported (layer j > i)' for every import up the layers."""
+    out = []
+    for m in sorted(graph):
+        for d in sorted(graph[m]):
+            if layer_of(d, layers) > layer_of(m, layers):
+                out.append(f"{m} (layer {layer_of(m, layers)}) imports {d} (layer {layer_of(d, layers)})")
+    return out
+
+
+def test_the_layer_check_finds_a_back_edge(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low" / "__init__.py").write_text("")
+    (pkg / "low" / "a.py").write_text("def f():\n    from pkg.high import b\n")
+    (pkg / "high.py").write_text("from pkg.low import a\nb = 1\n")
+    layers = (("pkg",), ("pkg.low",), ("pkg.high",))
+    assert back_edges(import_graph(package_modules(str(pkg))), layers) == [
+        "pkg.low.a (layer 1) imports pkg.high (layer 2)"]
+
+
+def test_imports_go_down_the_layers():
+    graph = import_graph(package_modules())
+    for m in graph:
+        layer_of(m)  # every module has a layer
+    bad = back_edges(graph)
+    assert not bad, "imports up the layers:\n" + "\n".join(bad)

@@ -1,8 +1,8 @@
-"""Layer selectors (ditgraft.graft.layers): the paper's sets, the analysis- and probe-driven selectors, recipe
+"""Layer selectors (ditgraft.layers): the paper's sets, the analysis- and probe-driven selectors, recipe
 layer specs resolved against a depth, and the command-line layer sets."""
 import pytest
 
-from ditgraft.graft.layers import interleave, layers_from_text, resolve_layers, select_layers, selector_names
+from ditgraft.layers import interleave, layers_from_text, resolve_layers, select_layers, selector_names
 from ditgraft.recipe import parse_recipe
 
 BASE = {"grafts": [{"slot": "attn", "layers": "interleave", "operator": "hyena_x"}]}

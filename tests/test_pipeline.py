@@ -143,3 +143,43 @@ def test_random_init_baseline_is_random_when_the_recipe_starts_from_the_teacher(
     baseline = load_file(os.path.join(folder, "baseline_random", "student.safetensors"))[key]
     assert torch.allclose(grafted, qkv, atol=1e-6)  # lr 1e-12: still the teacher's weights
     assert not torch.allclose(baseline, qkv, atol=1e-2)
+
+
+def _tiny_recipe(teacher_file: str) -> dict:
+    return {"name": "tiny", "teacher": {"source": teacher_file},
+            "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}],
+            "stage1": {"samples": 32, "val_samples": 8, "steps": 4, "batch_size": 8, "eval_every": 2},
+            "stage2": {"steps": 3, "batch_size": 8, "ckpt_every": 2},
+            "eval": {"num": 10, "steps": 2}}
+
+
+def test_a_stage_without_its_inputs_fails_at_the_start_in_one_line(teacher_file, tmp_path, capsys):
+    import yaml
+
+    from ditgraft.cli import main
+
+    recipe_path, run_dir = tmp_path / "tiny.yaml", tmp_path / "run"
+    recipe_path.write_text(yaml.safe_dump(_tiny_recipe(teacher_file)))
+    assert main(["graft", str(recipe_path), "--stages", "stage2", "--run-dir", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"stage2 needs {os.path.join('stage1', 'summary.json')}, not in {run_dir}; run stage1 first" in err
+    assert not os.path.exists(run_dir / "stage2") and not os.path.exists(run_dir / "recipe.yaml")  # no work done
+
+
+def test_eval_without_a_student_is_refused(teacher_file, tmp_path):
+    from ditgraft.utils import InputError
+
+    r = parse_recipe(_tiny_recipe(teacher_file))
+    with pytest.raises(InputError, match=r"eval needs .*student\.safetensors.*run stage2 first"):
+        run_graft(r, str(tmp_path / "run"), stages=("eval",), progress=False, log=lambda *_: None)
+
+
+def test_a_stage_the_recipe_does_not_want_is_not_needed(teacher_file, tmp_path):
+    """stage 1 disabled: stage 2 starts from surgery alone, so stage 2 alone runs on a fresh directory."""
+    cfg = _tiny_recipe(teacher_file)
+    cfg["stage1"]["enabled"] = False
+    folder = str(tmp_path / "run")
+    run_graft(parse_recipe(cfg), folder, stages=("stage2",), progress=False, log=lambda *_: None)
+    assert os.path.exists(os.path.join(folder, "student.safetensors"))
+    assert not os.path.exists(os.path.join(folder, "stage1"))

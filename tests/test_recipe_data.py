@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ditgraft.data.latents import save_latents
-from ditgraft.graft.pipeline import load_split, run_graft
+from ditgraft.graft.data_split import load_split
+from ditgraft.graft.pipeline import run_graft
 from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.recipe import Data, parse_recipe
 from helpers import tiny_dit

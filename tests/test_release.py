@@ -40,7 +40,7 @@ def _release(tmp_path, slot="attn", operator="hyena_x", release=("mha", "hyena_x
 ])
 def test_release_checkpoint_imports_with_sizes_from_the_weights(tmp_path, slot, operator, release, options):
     from ditgraft.graft.surgery import load_any
-    from ditgraft.models.release import import_release
+    from ditgraft.graft.release import import_release
 
     student, model_pt, config = _release(tmp_path, slot, operator, release, options)
     out = import_release(model_pt, config, str(tmp_path / "student.safetensors"))
@@ -85,7 +85,7 @@ def test_imported_release_samples_and_evaluates(tmp_path):
 
 
 def test_release_config_errors_name_the_field(tmp_path):
-    from ditgraft.models.release import import_release
+    from ditgraft.graft.release import import_release
 
     _, model_pt, config = _release(tmp_path)
     bad = tmp_path / "bad.yaml"

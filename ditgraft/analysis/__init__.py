@@ -1,2 +1,2 @@
 """Analysis of a (grafted) model: attention locality and activation statistics per layer (``locality``), and the
-plots of a result (``plots``). The locality layer selectors of ``ditgraft.graft.layers`` read its analysis.json."""
+plots of a result (``plots``). The locality layer selectors of ``ditgraft.layers`` read its analysis.json."""

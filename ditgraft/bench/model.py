@@ -30,7 +30,7 @@ from ditgraft.bench.common import (check_counts, environment, format_table, grid
                                    profile_call, resolve_clock, resolve_device_dtype, round_robin, summarize,
                                    synchronizer)
 from ditgraft.flops import count_flops
-from ditgraft.graft.layers import layers_from_text, selector_names
+from ditgraft.layers import layers_from_text, selector_names
 from ditgraft.models.dit import DiTBlock
 from ditgraft.operators import build_operator, operator_flops, operator_names
 
@@ -41,7 +41,7 @@ __all__ = ["bench_model", "select_layers", "BlockStack", "format_table", "LAYER_
 
 
 def select_layers(layers, blocks: int) -> list[int]:
-    """Block indices to replace: a layer set of the recipes' selectors as ``ditgraft.graft.layers.layers_from_text``
+    """Block indices to replace: a layer set of the recipes' selectors as ``ditgraft.layers.layers_from_text``
     reads it ("interleave": odd blocks, "interleave:0.75" or "interleave75", "all", "deepest:0.25", "1,3", ...) or an
     explicit list of indices."""
     if isinstance(layers, str):

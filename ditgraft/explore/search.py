@@ -206,7 +206,8 @@ def exhaustive_designs(score: np.ndarray, cost: np.ndarray, budget: float, k: in
 
 def _signals(s: SearchFile, base: dict, out: str, device, log) -> dict:
     """Probe losses and sensitivities [layer][candidate] (cached in signals.json)."""
-    from ditgraft.graft.pipeline import load_teacher, stage1_split
+    from ditgraft.graft.data_split import stage1_split
+    from ditgraft.graft.teacher import load_teacher
     from ditgraft.graft.stage1 import load_best_operators, noised_inputs, run_stage1
     from ditgraft.graft.surgery import ResolvedGraft, graft_model
     from ditgraft.models.adapters import model_dims
@@ -305,7 +306,7 @@ def run_search(path: str, out: str | None = None, jobs: int = 1, device: str | N
     """The whole search: costs and budget check (before anything is written), signals, the exact choice, the
     verification sweep and the report (``report.md``, ``report.json``)."""
     from ditgraft.explore.sweep import run_sweep
-    from ditgraft.graft.pipeline import load_teacher
+    from ditgraft.graft.teacher import load_teacher
     from ditgraft.models.adapters import model_dims
     from ditgraft.utils import resolve_device
 

@@ -67,7 +67,7 @@ def measure_points(sweep: Sweep, sweep_dir: str, device=None, log=print) -> None
     """Parameters, forward FLOPs per sample and sampling latency of every finished point not yet measured, each
     measured beside its teacher in this process (the models take turns; ``sweep_measure.json``)."""
     from ditgraft.flops import dit_forward_flops_per_sample
-    from ditgraft.graft.pipeline import load_teacher
+    from ditgraft.graft.teacher import load_teacher
     from ditgraft.graft.restructure_train import sampling_latency
     from ditgraft.graft.surgery import load_grafted
     from ditgraft.utils import resolve_device

@@ -2,7 +2,7 @@
 
 Run directory layout (every stage reads and writes here; a stage whose output is complete is skipped, and a stage
 that was interrupted resumes from its last checkpoint, so re-running the command finishes the same run):
-    recipe.yaml            the validated recipe            plan.json        resolved layers, FLOP accounting
+    recipe.yaml            the validated recipe            plan.json        resolved layers (and probe losses)
     stage1/                activation distillation (loop/, best/, summary.json)
     stage2/                finetuning (loop/), student.safetensors (grafted checkpoint, recipe embedded)
     baseline_random/       the same stage 2 budget from randomly initialised operators (when asked)
@@ -10,169 +10,64 @@ that was interrupted resumes from its last checkpoint, so re-running the command
     baseline_depth_pruned/, baseline_from_scratch/   restructure baselines at the same total FLOPs (when asked)
     eval/                  samples, grids and metrics per model
     report.md, report.json, *.png
+
+This module holds the run context (``Run``), the stages (``PIPELINE``) and ``run_graft``; the teacher
+(graft/teacher.py), the data split (graft/data_split.py), layer planning (graft/plan.py), FLOP accounting
+(graft/accounting.py) and what the directory records (graft/rundir.py) live in their own modules. A stage asked for
+whose inputs are neither on disk nor written earlier in the same call is refused before any stage runs.
 """
 from __future__ import annotations
 
 import functools
-import glob
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-import yaml
 
-from ditgraft.analysis.locality import analyze_model, write_analysis_report
-from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.graft.accounting import compute_accounting
-from ditgraft.graft.layers import selector_needs
+from ditgraft.graft.data_split import check_data, load_split, stage1_split
+from ditgraft.graft.plan import plan_grafts
 from ditgraft.graft.report import build_report, write_report
 from ditgraft.graft.restructure import BASELINES, baseline_model, depth_pruned_spec
 from ditgraft.graft.restructure_train import (baseline_stage2, latency_table, recipe_spec, restructure_student,
                                               units_dir)
+from ditgraft.graft.rundir import evaluations_on_disk, record_recipe, start_recording
 from ditgraft.graft.stage1 import load_best_operators, pair_targets, run_stage1
 from ditgraft.graft.stage2 import run_stage2
-from ditgraft.graft.surgery import (ResolvedGraft, check_operators, graft_model, load_grafted, resolve_grafts,
-                                   save_grafted)
-from ditgraft.models.adapters import model_dims
-from ditgraft.models.checkpoints import ASSETS, load_dit
-from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, load_diffusers
-from ditgraft.models.families.base import cond_rows
-from ditgraft.recipe import Data, Recipe, recipe_diff
+from ditgraft.graft.surgery import ResolvedGraft, check_operators, graft_model, load_grafted, save_grafted
+from ditgraft.graft.teacher import load_teacher, teacher_metrics, testbed_card_metrics
+from ditgraft.models.families import family_of
+from ditgraft.recipe import Recipe
 from ditgraft.train.memory import format_stage2_memory
-from ditgraft.utils import (atomic_write_json, atomic_write_text, ensure_writable, read_json, resolve_device,
-                            run_lock)
+from ditgraft.utils import (InputError, atomic_write_json, atomic_write_text, ensure_writable, read_json,
+                            resolve_device, run_lock)
 
 STAGES = ("stage1", "stage2", "eval", "report")
 
 
-def load_teacher(recipe: Recipe, device) -> tuple[torch.nn.Module, dict]:
-    t = recipe.teacher
-    if t.source.startswith(DIFFUSERS_PREFIX):
-        return load_diffusers(t.source[len(DIFFUSERS_PREFIX):]).to(device).eval(), {}
-    model, meta = load_dit(t.source, model=t.model, image_size=t.image_size)
-    return model.to(device).eval(), meta
 
 
-def load_data(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
-    """All samples (x, y) of a recipe's ``data``, its options passed to the loader."""
-    if data.source == "mnist5k":
-        return load_dataset(data.text())
-    return load_dataset(data.path, image_size=data.image_size, channels=data.channels, latent_scale=data.scale,
-                        labels_path=data.labels)
 
 
-def load_split(data: Data | str, n_train: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """(x, y, x_val, y_val): the testbed uses its fixed split; other data holds out its last n_val rows.
-    Subsets are seeded random draws, never prefixes (mnist5k is stored sorted by class). y is labels, or a tuple
-    (caption embeddings, masks) for caption data."""
-    data = Data.model_validate(data)
-    if data.source == "mnist5k" and data.split is None:
-        (x, y), (xv, yv) = load_dataset("mnist5k:train"), load_dataset("mnist5k:val")
-    else:
-        x_all, y_all = load_data(data)
-        if len(x_all) <= n_val:
-            raise ValueError(f"data={data.text() or data.path!r} has {len(x_all)} samples; need more than "
-                             f"val_samples={n_val}")
-        x, y = x_all[:-n_val], cond_rows(y_all, slice(None, -n_val))
-        xv, yv = x_all[-n_val:], cond_rows(y_all, slice(len(x_all) - n_val, None))
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(len(x), generator=g)[:n_train].sort().values
-    keep_val = torch.randperm(len(xv), generator=g)[:n_val].sort().values
-    return x[keep], cond_rows(y, keep), xv[keep_val], cond_rows(yv, keep_val)
 
 
-def stage1_split(cfg, seed: int, log=None) -> tuple[torch.Tensor, ...]:
-    """Stage 1's (x, y, x_val, y_val): ``cfg.samples`` training rows. When the data holds fewer images, every image
-    appears more than once (the draw cycles through them), and each copy gets its own timestep and noise in stage
-    1, so the paper's 8k noised samples can come from a smaller set of images."""
-    x, y, xv, yv = load_split(cfg.data, cfg.samples, cfg.val_samples, seed)
-    if cfg.samples > len(x):
-        if log is not None:
-            log(f"stage 1: {cfg.samples} noised samples from {len(x)} images ({cfg.samples / len(x):.2f} noised "
-                "copies of each, each copy with its own timestep and noise)")
-        rows = torch.arange(cfg.samples) % len(x)
-        x, y = x[rows], cond_rows(y, rows)
-    return x, y, xv, yv
 
 
-def _needs(recipe: Recipe, need: str) -> bool:
-    """Whether some graft's layer selector needs ``need`` (``ditgraft.graft.layers.NEEDS``) prepared."""
-    return any(need in selector_needs(g.layers) for g in recipe.grafts)
 
 
-def _analysis(teacher, run_dir: str, device, log) -> dict:
-    path = os.path.join(run_dir, "analysis", "analysis.json")
-
-    def run() -> dict:  # rank 0's analysis, shared with the other ranks
-        if os.path.exists(path):
-            return read_json(path)
-        log("analysis: attention locality of the teacher (for the layer selectors)")
-        result = analyze_model(teacher, num_samples=50, steps=10, device=device)
-        write_analysis_report(result, os.path.join(run_dir, "analysis"))
-        return result
-
-    return on_main(run)
 
 
-def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[int, dict[int, float]]:
-    """Selectors that need probe losses: distil the candidate operator into every layer briefly; relative val MSE
-    per layer."""
-    out = {}
-    depth = model_dims(teacher).depth
-    for gi, g in enumerate(recipe.grafts):
-        if "probe_losses" not in selector_needs(g.layers):
-            continue
-        probe = [ResolvedGraft(g.slot, i, g.operator, dict(g.options), g.loss, g.huber_delta, g.init)
-                 for i in range(depth)]
-        cfg = recipe.stage1.model_copy(update={"steps": g.layers.probe_steps,
-                                               "eval_every": g.layers.probe_steps})
-        x, y, xv, yv = stage1_split(cfg, recipe.seed)
-        log(f"{g.layers.select} selector: probing {g.operator} in all {depth} {g.slot} slots for {cfg.steps} steps")
-        res = run_stage1(teacher, probe, cfg, x, y, xv, yv, os.path.join(run_dir, f"probe{gi}"), recipe.seed,
-                         device, log=log)
-        out[gi] = {s["layer"]: s["val_rel_mse"] for s in res["operators"].values()}
-    return out
 
 
-def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> list[ResolvedGraft]:
-    path = os.path.join(run_dir, "plan.json")
-    if on_main(lambda: os.path.exists(path)):
-        return [ResolvedGraft(**g) for g in read_json(path)["grafts"]]
-    analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "analysis") else None
-    probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "probe_losses") else None
-    grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
-    on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))
-    return grafts
 
 
-def _testbed_card_metrics(source: str, protocol: Protocol) -> dict | None:
-    """The shipped testbed teacher's metrics under ``protocol``, from its model card (None for another teacher or
-    a protocol the card did not measure)."""
-    if source != "testbed":
-        return None
-
-    card = os.path.join(ASSETS, "testbed", "teacher_metrics.json")
-    if os.path.exists(card):
-        for row in read_json(card).get("evaluations", []):
-            if row.get("protocol") == asdict(protocol):
-                return row
-    return None
 
 
-def _teacher_metrics(teacher, source: str, protocol: Protocol, run_dir: str, device, progress: bool,
-                     **hooks) -> dict:
-    """The teacher under the same protocol; the shipped testbed teacher's numbers are read from its card."""
-    row = _testbed_card_metrics(source, protocol)
-    if row is not None:
-        return row
-    return sample_and_evaluate(teacher, os.path.join(run_dir, "eval"), protocol, device, progress, tag="teacher",
-                               **hooks)
 
 
 @dataclass
@@ -230,12 +125,25 @@ class Run:
                         clip_denoised=family_of(self.teacher).in_channels(self.teacher) in (1, 3))  # latents are not clipped (DiT)
 
 
+def _none(r: Run) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One step of ``run_graft``: it runs when its name is among the requested stages and ``done`` is False."""
+    """One step of ``run_graft``. It runs when its name is among the requested stages (``--stages``), the recipe
+    wants it and it is not complete. ``needs`` and ``writes`` are run-directory files (relative paths): what it reads
+    from earlier stages, and what it leaves; it is complete when every file it writes exists (a stage that writes
+    nothing, as eval and report, runs every time it is asked for)."""
     name: str  # one of STAGES
-    done: Callable[[Run], bool]  # complete on disk, or not asked for by the recipe
+    wanted: Callable[[Run], bool]  # by the recipe (False: not asked for, which is not the same as complete)
     run: Callable[[Run], None]
+    needs: Callable[[Run], tuple[str, ...]] = _none
+    writes: Callable[[Run], tuple[str, ...]] = _none
+
+    def complete(self, r: Run) -> bool:
+        outputs = self.writes(r)
+        return bool(outputs) and all(os.path.isfile(r.path(f)) and os.path.getsize(r.path(f)) > 0 for f in outputs)
 
 
 def _stage1(r: Run) -> None:
@@ -256,7 +164,7 @@ def _stage1_units(r: Run) -> None:
 def _stage2(r: Run) -> None:
     if r.recipe.stage2.enabled:
         r.log(format_stage2_memory(r.teacher, r.recipe.stage2, rank_world()[1], r.device))
-    stage1_dir = r.path("stage1") if r.recipe.stage1.enabled and r.grafts else None
+    stage1_dir = r.path("stage1") if _stage1_wanted(r) else None
     student = _train_student(r, r.run_dir, stage1_dir, "stage2", units=r.units_dir)
     r.save_student(r.path("student.safetensors"), student, r.grafts)
 
@@ -277,7 +185,7 @@ def _restructure_baseline(name: str) -> Callable[[Run], None]:
         cfg = baseline_stage2(r.recipe, name, r.accounting[f"{name}_stage2_steps"])
         r.log(f"{name} baseline: {cfg.steps} stage-2 steps at lr {cfg.lr} (the same total FLOPs)")
         model = baseline_model(name, r.teacher, r.spec, r.recipe.seed)
-        x, y, _, _ = load_split(cfg.data, 10**9, r.recipe.stage1.val_samples, r.recipe.seed)
+        x, y, _, _ = load_split(cfg.data, None, r.recipe.stage1.val_samples, r.recipe.seed)
         model, _ = r.timed(f"baseline_{name}", lambda: run_stage2(
             model, cfg, x, y, r.path(f"baseline_{name}", "stage2"), r.recipe.seed, r.progress, teacher=r.teacher))
         extra = {"baseline": name}
@@ -287,9 +195,8 @@ def _restructure_baseline(name: str) -> Callable[[Run], None]:
     return run
 
 
-def _restructure_baseline_done(name: str) -> Callable[[Run], bool]:
-    return lambda r: (r.spec is None or name not in r.recipe.eval.baselines
-                      or os.path.exists(r.path(f"baseline_{name}", "student.safetensors")))
+def _restructure_baseline_wanted(name: str) -> Callable[[Run], bool]:
+    return lambda r: r.spec is not None and name in r.recipe.eval.baselines
 
 
 def _evaluate(r: Run) -> None:
@@ -300,7 +207,7 @@ def _evaluate(r: Run) -> None:
     r.evals["grafted"] = r.timed("eval", lambda: sample_and_evaluate(student, out, r.protocol, r.device, r.progress,
                                                                       tag="grafted", **hooks))
     if "teacher" in ev.baselines:
-        r.evals["teacher"] = _teacher_metrics(r.teacher, r.recipe.teacher.source, r.protocol, r.run_dir, r.device,
+        r.evals["teacher"] = teacher_metrics(r.teacher, r.recipe.teacher.source, r.protocol, r.run_dir, r.device,
                                               r.progress, **hooks)
     if "random_init" in ev.baselines:
         base, _ = load_grafted(r.path("baseline_random", "student.safetensors"), r.device)
@@ -339,8 +246,8 @@ def _restructure_numbers(r: Run) -> dict | None:
 def _report(r: Run) -> None:
     evals = r.evals
     if "eval" not in r.stages:  # e.g. the report alone: use the evaluations already on disk
-        evals = _evaluations_on_disk(r.run_dir, r.protocol)
-        card = _testbed_card_metrics(r.recipe.teacher.source, r.protocol)
+        evals = evaluations_on_disk(r.run_dir, r.protocol)
+        card = testbed_card_metrics(r.recipe.teacher.source, r.protocol)
         if "teacher" in r.recipe.eval.baselines and card is not None:
             evals["teacher"] = card
     s1_path = r.path("stage1", "summary.json")
@@ -350,19 +257,60 @@ def _report(r: Run) -> None:
     on_main(lambda: write_report(r.run_dir, r.report))
 
 
+STUDENT = "student.safetensors"
+RANDOM_INIT = os.path.join("baseline_random", STUDENT)
+
+
+def _stage1_wanted(r: Run) -> bool:
+    return r.recipe.stage1.enabled and bool(r.grafts)
+
+
+def _units_summary(r: Run) -> tuple[str, ...]:
+    return () if r.units_dir is None else (os.path.join(os.path.relpath(r.units_dir, r.run_dir), "summary.json"),)
+
+
+def _stage2_needs(r: Run) -> tuple[str, ...]:
+    """stage 1's summary (its best operators sit beside it) and the units' stage 1, where the recipe has them."""
+    return (os.path.join("stage1", "summary.json"),) * _stage1_wanted(r) + _units_summary(r)
+
+
+def _eval_needs(r: Run) -> tuple[str, ...]:
+    return (STUDENT,) + (RANDOM_INIT,) * ("random_init" in r.recipe.eval.baselines)
+
+
+def _baseline_student(name: str) -> Callable[[Run], tuple[str, ...]]:
+    return lambda r: (os.path.join(f"baseline_{name}", STUDENT),)
+
+
 PIPELINE = (
-    Stage("stage1", lambda r: r.units_dir is None or os.path.exists(r.path("stage1_units", "summary.json")),
-          _stage1_units),
-    Stage("stage1", lambda r: not r.recipe.stage1.enabled or not r.grafts
-          or os.path.exists(r.path("stage1", "summary.json")), _stage1),
-    Stage("stage2", lambda r: os.path.exists(r.path("student.safetensors")), _stage2),
-    Stage("stage2", lambda r: "random_init" not in r.recipe.eval.baselines
-          or os.path.exists(r.path("baseline_random", "student.safetensors")), _random_init_baseline),
-    *(Stage("stage2", _restructure_baseline_done(name), _restructure_baseline(name)) for name in BASELINES),
-    Stage("eval", lambda r: not r.recipe.eval.enabled or not os.path.exists(r.path("student.safetensors")),
-          _evaluate),
-    Stage("report", lambda r: False, _report),
+    Stage("stage1", lambda r: r.units_dir is not None, _stage1_units, writes=_units_summary),
+    Stage("stage1", _stage1_wanted, _stage1, writes=lambda r: (os.path.join("stage1", "summary.json"),)),
+    Stage("stage2", lambda r: True, _stage2, needs=_stage2_needs, writes=lambda r: (STUDENT,)),
+    Stage("stage2", lambda r: "random_init" in r.recipe.eval.baselines, _random_init_baseline,
+          writes=lambda r: (RANDOM_INIT,)),
+    *(Stage("stage2", _restructure_baseline_wanted(name), _restructure_baseline(name), writes=_baseline_student(name))
+      for name in BASELINES),
+    Stage("eval", lambda r: r.recipe.eval.enabled, _evaluate, needs=_eval_needs),
+    Stage("report", lambda r: True, _report),
 )
+
+
+def stages_to_run(r: Run) -> list[Stage]:
+    """The stages of ``PIPELINE`` this call runs: asked for, wanted by the recipe and not complete. Refuses (one
+    line) a stage whose inputs neither exist nor come from a stage that runs before it in this call."""
+    todo, coming = [], set()
+    for stage in PIPELINE:
+        if stage.name not in r.stages or not stage.wanted(r) or stage.complete(r):
+            continue
+        missing = [f for f in stage.needs(r) if f not in coming and not os.path.isfile(r.path(f))]
+        if missing:
+            makers = sorted({s.name for s in PIPELINE for f in missing if f in s.writes(r)})
+            raise InputError(f"stages={','.join(r.stages)}: {stage.name} needs {', '.join(missing)}, not in "
+                             f"{r.run_dir}; run {' and '.join(makers) or 'the earlier stages'} first (e.g. --stages "
+                             f"{','.join(dict.fromkeys([*makers, stage.name]))})")
+        todo.append(stage)
+        coming.update(stage.writes(r))
+    return todo
 
 
 def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = None, progress: bool = True,
@@ -382,75 +330,49 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
         return _run_graft(recipe, run_dir, stages, dev, progress, log)
 
 
-def _yaml_file(path: str):
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
-def _start_recording(recipe: Recipe, run_dir: str) -> bool:
-    """True when ``run_dir`` already records this recipe; refuses a different one. An unrecorded directory (a
-    failed or killed first attempt) keeps its planning results only if they were made for this same recipe."""
-    recipe_path = os.path.join(run_dir, "recipe.yaml")
-    if os.path.exists(recipe_path):
-        recorded = _yaml_file(recipe_path)
-        if recorded != recipe.to_dict():
-            fields = recipe_diff(recorded, recipe.to_dict())
-            raise ValueError(f"{run_dir} holds a run of a different recipe ({recipe_path}; fields that differ: "
-                             f"{', '.join(fields[:8])}{' ...' if len(fields) > 8 else ''}); use another --run-dir")
-        return True
-    on_main(lambda: _forget_other_attempt(recipe, run_dir))
-    return False
 
 
-def _forget_other_attempt(recipe: Recipe, run_dir: str) -> None:
-    """Drop the planning results of an unrecorded attempt with another recipe; note this recipe as pending."""
-    pending = os.path.join(run_dir, "recipe.pending.yaml")
-    if os.path.exists(pending) and _yaml_file(pending) != recipe.to_dict():
-        for stale in [os.path.join(run_dir, "plan.json"), os.path.join(run_dir, "analysis"),
-                      *glob.glob(os.path.join(run_dir, "probe*"))]:
-            if os.path.isdir(stale):
-                shutil.rmtree(stale)
-            elif os.path.exists(stale):
-                os.remove(stale)
-    atomic_write_text(pending, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
-def _record_recipe(recipe: Recipe, run_dir: str) -> None:
-    """Layers, teacher and data resolved: only now is the run directory this recipe's."""
-    atomic_write_text(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    os.remove(os.path.join(run_dir, "recipe.pending.yaml"))
 
 
-def _check_data(recipe: Recipe, teacher) -> None:
-    """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels)."""
-    for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples), ("stage2", recipe.stage2, 10**9)):
-        if c.enabled:
-            x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)
-            check_data_fits(x, y, teacher, f"{name}.data = {c.data}")
-            check_data_fits(xv, yv, teacher, f"{name}.data = {c.data} (validation rows)")
 
 
 def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -> dict:
-    recorded = _start_recording(recipe, run_dir)
+    recorded = start_recording(recipe, run_dir)
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
     if not recorded:
-        _check_data(recipe, teacher)
+        check_data(recipe, teacher)
         recipe_spec(recipe, teacher)  # a restructure that does not fit the teacher fails before recording
     grafts = plan_grafts(recipe, teacher, run_dir, dev, log)
     if not recorded:
         check_operators(teacher, grafts)  # a bad operator option fails before the directory is this recipe's
-        on_main(lambda: _record_recipe(recipe, run_dir))
-    log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
     timings_path = os.path.join(run_dir, "timings.json")
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
     run = Run(recipe, run_dir, tuple(stages), dev, progress, log, teacher, teacher_meta, grafts, timings)
+    todo = on_main(lambda: _stages_or_refusal(run))  # rank 0's view of the directory, refusals on every rank
+    if isinstance(todo, str):
+        raise InputError(todo)
+    if not recorded:
+        on_main(lambda: record_recipe(recipe, run_dir))
+    log("grafts: " + ", ".join(f"{g.slot}[{g.layer}]->{g.operator}" for g in grafts))
     if run.spec is not None:
         log(f"restructure: parallel pairs {run.spec['parallel_pairs']}, drop {run.spec['drop']}")
-    for stage in PIPELINE:
-        if stage.name in run.stages and not on_main(lambda: stage.done(run)):
-            stage.run(run)
+    for i in todo:
+        PIPELINE[i].run(run)
     return run.report
+
+
+def _stages_or_refusal(r: Run) -> list[int] | str:
+    """Indices into ``PIPELINE`` of ``stages_to_run``, or its refusal's message."""
+    try:
+        todo = stages_to_run(r)
+    except InputError as err:
+        return str(err)
+    return [i for i, s in enumerate(PIPELINE) if any(s is t for t in todo)]
 
 
 def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log) -> None:
@@ -472,15 +394,6 @@ def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher
     log("\n".join(text))
 
 
-def _evaluations_on_disk(run_dir: str, protocol: Protocol) -> dict:
-    """The metrics files that ``sample_and_evaluate`` left in ``run_dir/eval`` for this protocol, by tag."""
-    out = {}
-    for tag in ("grafted", "teacher", "random_init", *BASELINES):
-        path = os.path.join(run_dir, "eval", f"{tag}_metrics.json")
-        row = read_json(path) if os.path.exists(path) else {}
-        if row.get("protocol") == asdict(protocol):
-            out[tag] = row
-    return out
 
 
 def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str, steps: int | None = None,
@@ -497,7 +410,7 @@ def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
-    x, y, _, _ = load_split(c.data, 10**9, recipe.stage1.val_samples, recipe.seed)
+    x, y, _, _ = load_split(c.data, None, recipe.stage1.val_samples, recipe.seed)
     student, _ = r.timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
                                                         recipe.seed, r.progress, teacher=r.teacher,
                                                         grafts=r.grafts))

@@ -23,7 +23,7 @@ Merge initialisation (not published). With W = [W_a, W_b], bias 0:
 - ``first``    W = [I, 0]:    block a alone (block b is dropped until trained).
 Measured at stage-1 step 0 on the shipped testbed teacher (8 blocks -> 4 units; 256 held-out noised inputs, t ~
 U{0..999}; relative MSE = MSE / variance of the sequential pair's update (out - in) for a unit, MSE / variance of
-the teacher's output for the whole model; ``python -m ditgraft.graft.restructure_study``):
+the teacher's output for the whole model; ``python scripts/restructure_study.py``):
 
     merge init | unit 0-1 | unit 2-3 | unit 4-5 | unit 6-7 | whole model
     sum        | 0.074    | 0.141    | 0.053    | 0.055    | 0.219

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ditgraft.graft.layers import resolve_layers
+from ditgraft.layers import resolve_layers
 from ditgraft.graft.restructure import restructure
 from ditgraft.models.adapters import model_dims, set_slot
 from ditgraft.models.checkpoints import (build_checked, build_from_config, load_dit, load_state_strict,

@@ -26,8 +26,7 @@ from torch import nn
 
 from ditgraft.models.diffusers_dit import is_diffusers_source, load_diffusers_dit
 from ditgraft.models.dit import DIT_CONFIGS, DiT, build_dit
-from ditgraft.train.loop import non_finite_tensors
-from ditgraft.utils import atomic_path, torch_load_weights
+from ditgraft.utils import atomic_path, non_finite_tensors, torch_load_weights
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 TESTBED_TEACHER = os.path.join(ASSETS, "testbed", "teacher.safetensors")

@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from ditgraft.models.slots import SLOTS
+from ditgraft.slots import SLOTS
 
 
 @dataclass(frozen=True)

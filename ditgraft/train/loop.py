@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from ditgraft.train import sharding as fsdp2
 from ditgraft.train import tracking
-from ditgraft.utils import (UnsafePickle, atomic_write_text, pause_inside_write, remove_orphan_temporaries,
-                            torch_load_weights)
+from ditgraft.utils import (UnsafePickle, atomic_write_text, non_finite_tensors, pause_inside_write,
+                            remove_orphan_temporaries, torch_load_weights)
 
 CKPT_NAME = re.compile(r"step_(\d{7})$")
 
@@ -191,19 +191,6 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
 def _state(model: nn.Module | dict) -> dict[str, torch.Tensor]:
     state = model if isinstance(model, dict) else model.state_dict()
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def non_finite_tensors(*modules: nn.Module | dict | None) -> list[str]:
-    """Names of the floating-point parameters/buffers (of modules or state dicts) holding NaN or Inf (empty when all
-    are finite)."""
-    bad = []
-    for m in modules:
-        if m is None:
-            continue
-        for name, t in (m if isinstance(m, dict) else m.state_dict()).items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad.append(name)
-    return bad
 
 
 def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, keep: int) -> str:

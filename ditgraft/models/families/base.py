@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
-from ditgraft.models.slots import SLOTS
+from ditgraft.slots import SLOTS
 
 Cond = torch.Tensor | tuple
 

@@ -1,10 +1,10 @@
 """The merge-initialisation study of ``graft.restructure`` on the shipped testbed teacher:
-``python -m ditgraft.graft.restructure_study`` prints the table in that module's doc."""
+``python scripts/restructure_study.py`` prints the table in that module's doc."""
 from __future__ import annotations
 
 import torch
 
-from ditgraft.graft.pipeline import load_split
+from ditgraft.graft.data_split import load_split
 from ditgraft.graft.restructure_train import merge_init_study
 from ditgraft.models.checkpoints import load_dit
 
