@@ -309,6 +309,9 @@ class Evaluation(Strict):
     features: Literal["testbed", "inception"] = "testbed"
     reference: str | None = None  # inception features: the ADM reference batch .npz
     inception_weights: str | None = None  # default: $DITGRAFT_INCEPTION_WEIGHTS or the torch hub cache
+    # caption-conditioned teachers (PixArt): the caption .npz whose captions (and negative prompt) the protocol
+    # samples, caption i % n for sample i; default the stage-2 training data (else stage 1's)
+    captions: str | None = None
 
     # decision: also sample every seed in ``seeds`` (the quick protocol's seed included), pool them, and compare
     # the student with the teacher (and the random-init baseline with the student) by paired bootstrap intervals

@@ -25,10 +25,12 @@ import torch
 import yaml
 
 from ditgraft.analysis.locality import analyze_model, write_analysis_report
+from ditgraft.data.captions import is_caption_file
 from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
+from ditgraft.eval.sampling import decoding
 from ditgraft.graft.accounting import compute_accounting
 from ditgraft.graft.layers import selector_needs
 from ditgraft.graft.report import build_report, write_report
@@ -106,14 +108,14 @@ def _needs(recipe: Recipe, need: str) -> bool:
     return any(need in selector_needs(g.layers) for g in recipe.grafts)
 
 
-def _analysis(teacher, run_dir: str, device, log) -> dict:
+def _analysis(teacher, run_dir: str, device, log, captions=None) -> dict:
     path = os.path.join(run_dir, "analysis", "analysis.json")
 
     def run() -> dict:  # rank 0's analysis, shared with the other ranks
         if os.path.exists(path):
             return read_json(path)
         log("analysis: attention locality of the teacher (for the layer selectors)")
-        result = analyze_model(teacher, num_samples=50, steps=10, device=device)
+        result = analyze_model(teacher, num_samples=50, steps=10, device=device, captions=captions)
         write_analysis_report(result, os.path.join(run_dir, "analysis"))
         return result
 
@@ -144,7 +146,8 @@ def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> lis
     path = os.path.join(run_dir, "plan.json")
     if on_main(lambda: os.path.exists(path)):
         return [ResolvedGraft(**g) for g in read_json(path)["grafts"]]
-    analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "analysis") else None
+    analysis = (_analysis(teacher, run_dir, device, log, eval_captions(recipe)) if _needs(recipe, "analysis")
+                else None)
     probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "probe_losses") else None
     grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
     on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))
@@ -227,7 +230,7 @@ class Run:
     def protocol(self) -> Protocol:
         e = self.recipe.eval
         return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed,
-                        clip_denoised=family_of(self.teacher).in_channels(self.teacher) in (1, 3))  # latents are not clipped (DiT)
+                        clip_denoised=decoding(self.teacher, need_decoder=False)[0])
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,7 @@ def _restructure_baseline_done(name: str) -> Callable[[Run], bool]:
 def _evaluate(r: Run) -> None:
     out, ev = r.path("eval"), r.recipe.eval
     hooks = eval_hooks(r.teacher, vae=ev.vae, features=ev.features, reference=ev.reference,
-                       inception_weights=ev.inception_weights, device=r.device)
+                       inception_weights=ev.inception_weights, device=r.device, captions=eval_captions(r.recipe))
     student, _ = load_grafted(r.path("student.safetensors"), r.device)
     r.evals["grafted"] = r.timed("eval", lambda: sample_and_evaluate(student, out, r.protocol, r.device, r.progress,
                                                                       tag="grafted", **hooks))
@@ -430,10 +433,48 @@ def _check_data(recipe: Recipe, teacher) -> None:
             check_data_fits(xv, yv, teacher, f"{name}.data = {c.data} (validation rows)")
 
 
+def eval_captions(recipe: Recipe) -> str | None:
+    """The caption set a caption-conditioned teacher is evaluated on: ``eval.captions``, else the caption .npz the
+    run trains on (stage 2's data, else stage 1's)."""
+    if recipe.eval.captions is not None:
+        return recipe.eval.captions
+    for c in (recipe.stage2, recipe.stage1):
+        path = Data.model_validate(c.data).path
+        if path is not None and is_caption_file(path):
+            return path
+    return None
+
+
+def check_supported(recipe: Recipe, teacher) -> None:
+    """Refuse, before any work and in one line naming the family and the feature, what the recipe asks of a
+    teacher whose family does not support it."""
+    family = family_of(teacher)
+    for g in recipe.grafts:
+        if "analysis" in selector_needs(g.layers):
+            family.require("analysis", f"grafts layers: {g.layers.select}")
+    if recipe.restructure:
+        family.require("restructure", "recipe restructure")
+    e = recipe.eval
+    if not e.enabled:
+        return
+    family.require("eval", "eval.enabled")
+    if family.conditioning == "caption":
+        if e.features == "testbed":
+            raise ValueError(f"eval.features='testbed' does not apply to the {family.name} family (the testbed "
+                             "classifier scores class-conditional digits); use eval.features: inception")
+        if e.protocol == "decision":
+            raise ValueError(f"eval.protocol='decision' does not apply to the {family.name} family (it pairs class "
+                             "accuracy under the testbed classifier); use eval.protocol: quick")
+        if eval_captions(recipe) is None:
+            raise ValueError(f"eval.captions is missing: the {family.name} family samples from captions and the "
+                             "run's data is no caption .npz; name one")
+
+
 def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -> dict:
     recorded = _start_recording(recipe, run_dir)
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
+    check_supported(recipe, teacher)
     if not recorded:
         _check_data(recipe, teacher)
         recipe_spec(recipe, teacher)  # a restructure that does not fit the teacher fails before recording
