@@ -301,6 +301,7 @@ class Evaluation(Strict):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     cfg_scale: float = Field(default=1.5, ge=1)
     seed: Seed = 0
+    batch_size: int = Field(default=250, ge=1)  # samples per sampling batch (part of the protocol: seeds are per batch)
     # depth_pruned / from_scratch (with restructure): the same total training FLOPs spent on the teacher with each
     # parallel pair's second block dropped, or on a DiT of the student's depth trained from random init
     baselines: list[Literal["teacher", "random_init", "depth_pruned", "from_scratch"]] = Field(

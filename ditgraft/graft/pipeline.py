@@ -230,7 +230,7 @@ class Run:
     def protocol(self) -> Protocol:
         e = self.recipe.eval
         return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed,
-                        clip_denoised=decoding(self.teacher, need_decoder=False)[0])
+                        batch_size=e.batch_size, clip_denoised=decoding(self.teacher, need_decoder=False)[0])
 
 
 @dataclass(frozen=True)
