@@ -1,5 +1,6 @@
 """The model-family seam end to end for a caption-conditioned family: a tiny PixArt teacher through stage 1,
-stage 2, protocol sampling, the quick evaluation (tiny VAE, tiny feature network) and the locality analysis;
+stage 2, protocol sampling, the quick and the decision evaluation (tiny VAE, tiny feature network) and the
+locality analysis;
 features a family does not support are refused in one line before any work."""
 from __future__ import annotations
 
@@ -71,8 +72,13 @@ def test_pixart_grafts_samples_evaluates_and_analyses(pixart_setup, tmp_path, mo
     net = TinyFeatures()
     monkeypatch.setattr(evaluate, "inception_network", lambda weights=None, device="cpu": net)
     run = str(tmp_path / "run")
-    report = run_graft(_recipe(s), run, progress=False, log=lambda *a: None)
+    report = run_graft(_recipe(s, protocol="decision", seeds=[0, 1], resamples=20), run, progress=False,
+                       log=lambda *a: None)
     assert report
+    decision = read_json(os.path.join(run, "eval", "grafted_decision.json"))
+    assert decision["num"] == 20 and decision["floor"] is None and decision["model"]["accuracy"] is None
+    assert np.isfinite(decision["ratio"]["value"]) and decision["verdicts"]["gap"] is None
+    assert "FID ratio grafted/teacher" in open(os.path.join(run, "eval", "decision.txt")).read()
     for tag in ("grafted", "teacher"):
         with np.load(os.path.join(run, "eval", f"{tag}.npz")) as f:
             assert f["arr_0"].shape == (10, 16, 16, 3) and f["arr_0"].dtype == np.uint8  # VAE-decoded RGB

@@ -28,6 +28,7 @@ from ditgraft.analysis.locality import analyze_model, write_analysis_report
 from ditgraft.data.captions import is_caption_file
 from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.distributed import on_main, rank_world
+from ditgraft.eval import evaluate as evaluation
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
 from ditgraft.eval.sampling import decoding
@@ -313,7 +314,7 @@ def _evaluate(r: Run) -> None:
         _evaluate_restructured(r, student, hooks)
     if ev.protocol == "decision":
         r.timed("eval_decision", lambda: _decision(r.recipe, r.run_dir, r.protocol, student, r.teacher, r.device,
-                                                   r.progress, r.log))
+                                                   r.progress, r.log, hooks))
 
 
 def _evaluate_restructured(r: Run, student, hooks: dict) -> None:
@@ -462,9 +463,6 @@ def check_supported(recipe: Recipe, teacher) -> None:
         if e.features == "testbed":
             raise ValueError(f"eval.features='testbed' does not apply to the {family.name} family (the testbed "
                              "classifier scores class-conditional digits); use eval.features: inception")
-        if e.protocol == "decision":
-            raise ValueError(f"eval.protocol='decision' does not apply to the {family.name} family (it pairs class "
-                             "accuracy under the testbed classifier); use eval.protocol: quick")
         if eval_captions(recipe) is None:
             raise ValueError(f"eval.captions is missing: the {family.name} family samples from captions and the "
                              "run's data is no caption .npz; name one")
@@ -494,12 +492,17 @@ def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -
     return run.report
 
 
-def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log) -> None:
+def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log,
+              hooks: dict | None = None) -> None:
     """The decision protocol over ``recipe.eval.seeds``: student vs teacher (with the recipe's targets) and, when
-    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt."""
+    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt.
+    ``hooks`` (``eval_hooks``) sample and score as the quick protocol did; inception features are compared against
+    ``eval.reference``."""
     e, out = recipe.eval, os.path.join(run_dir, "eval")
     kw = dict(seeds=e.seeds, protocol=protocol, against_dir=out, resamples=e.resamples, device=dev,
-              progress=progress)
+              progress=progress, hooks=hooks)
+    if e.features == "inception":
+        kw.update(net=evaluation.inception_network(e.inception_weights, dev), reference=e.reference)
     res = decision_eval(student, out, against=teacher, tag="grafted", against_tag="teacher",
                         targets=Targets(e.target_ratio, e.target_gap), **kw)
     text = [format_decision(res, "grafted", "teacher")]
