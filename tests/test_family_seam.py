@@ -121,3 +121,23 @@ def test_pixart_refusals_name_family_and_feature(pixart_setup, tmp_path):
     with pytest.raises(ValueError, match="recipe restructure: the pixart family does not support restructure"):
         run_graft(parse_recipe(r, "test"), run, progress=False, log=lambda *a: None)
     assert not os.path.exists(os.path.join(run, "stage1"))
+
+
+def test_a_selector_needing_analysis_is_refused_for_a_family_without_it(tmp_path):
+    """``layers: most_local`` on an SD3 teacher: one line naming the family and the feature, before any work."""
+    from diffusers_helpers import tiny_sd3
+
+    from ditgraft.graft.pipeline import run_graft
+    from ditgraft.recipe import parse_recipe
+
+    tiny_sd3().save_pretrained(str(tmp_path / "sd3"))
+    recipe = parse_recipe({
+        "name": "sd3_local", "teacher": {"source": f"diffusers:{tmp_path / 'sd3'}"},
+        "grafts": [{"slot": "mlp", "layers": {"select": "most_local", "count": 1}, "operator": "mlp",
+                    "options": {"ratio": 3}}],
+        "stage1": {"data": "unused.npz"}, "stage2": {"data": "unused.npz"}, "eval": {"enabled": False},
+        "device": "cpu"}, "test")
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^grafts layers: most_local: the sd3 family does not support analysis "):
+        run_graft(recipe, str(run), progress=False, log=lambda *a: None)
+    assert not (run / "analysis").exists() and not (run / "plan.json").exists()

@@ -1,11 +1,13 @@
 """Attention locality and activation statistics of a DiT, measured the way the grafting paper does (section 6).
 
 Protocol (``analyze_model``): draw ``num_samples`` samples with DDIM (``steps`` steps, classifier-free guidance
-``cfg_scale``) while forward hooks on every ``blocks[i].attn`` and ``blocks[i].mlp`` watch each model call. Every
+``cfg_scale``) while forward hooks on every layer's ``attn`` and ``mlp`` slot (found through the model's family)
+watch each model call. Every
 statistic is an average over (sample, sampling timestep) pairs with equal weight. Nothing of size N x N is kept:
 the hooks fold each call into running sums.
 
-Attention (only for slots that hold an ``MHA``; grafted operators are skipped and listed in ``skipped``): the
+Attention (only for slots that hold an ``MHA``, or softmax self-attention the family converts to one, such as
+diffusers' ``attn1``; grafted operators are skipped and listed in ``skipped``): the
 probabilities are recomputed per head from the slot's input (``split_heads`` + ``attention_probs``), in query chunks
 so no [B, heads, N, N] tensor is ever built for large N. Per layer and head, with A one row-stochastic N x N matrix:
 
@@ -345,8 +347,8 @@ def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg
     and labels from ``seed``; the draws depend on ``batch_size`` too). Class-conditional models sample balanced
     classes; caption-conditioned ones (PixArt) captions of ``captions`` (a caption .npz or (embeddings, mask),
     drawn the same way; guidance uses its negative prompt). A self-attention slot that is not ditgraft's MHA is
-    measured through the family's conversion to MHA (``teacher_operator``) where one exists. ``device``: None = wherever the model is, otherwise the
-    model is moved there. The model is put in eval mode for the run and its mode restored after; hooks are always
+    measured through the family's conversion to MHA (``teacher_operator``) where one exists. ``device``: None =
+    wherever the model is, otherwise the model is moved there. The model is put in eval mode for the run and its mode restored after; hooks are always
     removed, even on error.
 
     Returns ``{"settings", "layers", "local_layers", "nonlocal_layers", "skipped", "elapsed_s"}``; each entry of

@@ -162,7 +162,8 @@ def seed_tag(tag: str, seed: int, base_seed: int) -> str:
 
 
 def pooled_samples(model, out_dir: str, seeds, protocol: Protocol = TESTBED_PROTOCOL, tag: str = "samples",
-                   device="cpu", progress: bool = True, hooks: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                   device="cpu", progress: bool = True,
+                   hooks: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """The protocol's samples at each seed (sampled once, then read back from ``out_dir``), concatenated; ``hooks``
     (``evaluate.eval_hooks``) decode, condition and score them."""
     images, labels, rows = [], [], []

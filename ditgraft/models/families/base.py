@@ -4,8 +4,10 @@ A ``Family`` knows a model's blocks and slots (list, get, set), how to call the 
 code does (``forward(model, x_t, t, cond)``), the conditioning a forward takes, the sample shape, whether the model
 learns its variance, the objective it was trained with (``objective``: IDDPM or flow matching, which stage 1's
 noising, stage 2's loss and the sampler take), how to count its FLOPs and how to save and rebuild its config.
-Everything else in ditgraft (stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model
-through its family.
+Everything else in ditgraft (stage 1, stage 2, sampling, evaluation, the locality analysis, restructuring, FLOP
+accounting, the grafted-model loader) reaches a model through its family. A family declares in ``supports`` which
+of sampling, evaluation, analysis and restructuring it takes part in; asking for another is refused in one line
+(``require``) before any work.
 
 Conditioning (``cond``) is one tensor (class labels) or a tuple of tensors with the batch first (caption
 embeddings and their mask); ``cond_tuple`` / ``cond_cat`` / ``cond_rows`` treat both alike.
@@ -161,7 +163,7 @@ class Family:
         num_classes`` (class-balanced). Caption families take caption ``i % n`` of ``captions``."""
         return rows.to(device) % self.num_classes(model)
 
-    # ---- blocks and slots ----------------------------------------------------------------------------------------------
+    # ---- blocks and slots -----------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's list of transformer blocks, in order."""
         raise NotImplementedError
