@@ -35,7 +35,7 @@ def decoding(model, vae=None, clip: bool | None = None, device="cpu", option: st
     latent = is_latent(model)
     decode = None
     if latent and need_decoder:
-        if vae is None or vae == "":
+        if vae is None:
             raise ValueError(f"{option} is missing: the model works on {family_of(model).in_channels(model)}-channel "
                              "latents, so its samples must be decoded; name the VAE that decodes them (a folder or "
                              "a hub id, e.g. stabilityai/sd-vae-ft-ema)")
