@@ -126,28 +126,22 @@ def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, p
 
 @_input_errors
 def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.5, seed: int = 0,
-           batch_size: int = 100, vae=None, clip: bool | None = None, device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Class-balanced samples (labels i % num_classes) as (uint8 NHWC images, labels), seeded as ``ditgraft sample``.
-    Latent models need ``vae`` (an AutoencoderKL, its folder or hub id) to decode; ``clip`` defaults to on for pixel
-    models and off for latents."""
+           batch_size: int = 100, vae=None, clip: bool | None = None, device="cpu",
+           captions=None) -> tuple[np.ndarray, np.ndarray]:
+    """Protocol samples as (uint8 NHWC images, labels), seeded as ``ditgraft sample``: class-balanced (labels
+    i % num_classes) for class-conditional models; caption i % n of ``captions`` (a caption .npz or (embeddings,
+    mask); labels are caption indices) for caption-conditioned ones such as PixArt. Latent models need ``vae`` (an
+    AutoencoderKL, its folder or hub id) to decode; ``clip`` defaults to on for pixel models and off for latents."""
     from ditgraft.diffusion.samplers import SamplingConfig
-    from ditgraft.eval.sampling import generate
+    from ditgraft.eval.sampling import decoding, generate
 
     device = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, device)
-    latent = model.in_channels not in (1, 3)
-    decode = None
-    if latent:
-        if vae is None:
-            raise ValueError(f"vae is missing: the model has {model.in_channels}-channel latents; pass the VAE that "
-                             "decodes them (a folder, a hub id or an AutoencoderKL)")
-        from ditgraft.data.vae import latent_decoder, load_vae
-
-        decode = latent_decoder(load_vae(vae, device=device) if isinstance(vae, (str, os.PathLike)) else vae)
-    cfg = SamplingConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                         clip_denoised=(not latent) if clip is None else clip)
-    return generate(model.to(device), num, cfg, seed=seed, batch_size=batch_size, device=device, decode=decode)
+    clip, decode = decoding(model, vae, clip=clip, device=device, option="vae")
+    cfg = SamplingConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, clip_denoised=clip)
+    return generate(model.to(device), num, cfg, seed=seed, batch_size=batch_size, device=device, decode=decode,
+                    captions=captions)
 
 
 @_input_errors

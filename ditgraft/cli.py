@@ -166,21 +166,13 @@ def cmd_recipes(args) -> None:
 
 def cmd_sample(args) -> None:
     from ditgraft.diffusion.samplers import SamplingConfig
+    from ditgraft.eval.sampling import decoding
     from ditgraft.utils import ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
-    latent = model.in_channels not in (1, 3)
-    clip = (not latent) if args.clip is None else args.clip  # DiT does not clip latents
+    clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
-    decode = None
-    if latent:
-        if not args.vae:
-            raise ValueError(f"--vae is missing: the model has {model.in_channels} channels (latent space); name the "
-                             "VAE that decodes its samples (a folder or a hub id, e.g. stabilityai/sd-vae-ft-ema)")
-        from ditgraft.data.vae import latent_decoder, load_vae
-
-        decode = latent_decoder(load_vae(args.vae, device=device))
     args.out = args.out or _model_dir("samples", args.model, model)
     ensure_writable(args.out, "--out")
     if args.png_dir:
@@ -258,6 +250,7 @@ def cmd_push(args) -> None:
 def cmd_eval(args) -> None:
     from ditgraft.distributed import is_main
     from ditgraft.eval.evaluate import evaluate_samples, protocol_for, real_data_floor, sample_and_evaluate
+    from ditgraft.eval.sampling import is_latent
 
     decision = args.seeds is not None or args.against is not None
     if args.floor:
@@ -286,7 +279,7 @@ def cmd_eval(args) -> None:
         device = _device(args)
         protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples or 500, seed=args.seed or 0)
         model, _ = _load_model(args.target, device)
-        if model.in_channels not in (1, 3):
+        if is_latent(model):
             raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
                              "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
         fingerprint = _fingerprint(model)
@@ -404,11 +397,12 @@ def cmd_synth(args) -> None:
         return _synth_captions(args)
 
     from ditgraft.diffusion.samplers import SamplingConfig
+    from ditgraft.eval.sampling import decoding
     from ditgraft.utils import run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
-    clip = (model.in_channels in (1, 3)) if args.clip is None else args.clip
+    clip, _ = decoding(model, clip=args.clip, need_decoder=False)  # raw latents: no decoder
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):

@@ -297,6 +297,7 @@ class Evaluation(Strict):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     cfg_scale: float = Field(default=1.5, ge=1)
     seed: Seed = 0
+    batch_size: int = Field(default=250, ge=1)  # samples per sampling batch (part of the protocol: seeds are per batch)
     # depth_pruned / from_scratch (with restructure): the same total training FLOPs spent on the teacher with each
     # parallel pair's second block dropped, or on a DiT of the student's depth trained from random init
     baselines: list[Literal["teacher", "random_init", "depth_pruned", "from_scratch"]] = Field(
@@ -305,6 +306,9 @@ class Evaluation(Strict):
     features: Literal["testbed", "inception"] = "testbed"
     reference: str | None = None  # inception features: the ADM reference batch .npz
     inception_weights: str | None = None  # default: $DITGRAFT_INCEPTION_WEIGHTS or the torch hub cache
+    # caption-conditioned teachers (PixArt): the caption .npz whose captions (and negative prompt) the protocol
+    # samples, caption i % n for sample i; default the stage-2 training data (else stage 1's)
+    captions: str | None = None
 
     # decision: also sample every seed in ``seeds`` (the quick protocol's seed included), pool them, and compare
     # the student with the teacher (and the random-init baseline with the student) by paired bootstrap intervals

@@ -1,9 +1,12 @@
 """The contract every registered model family keeps, checked for each name in the family registry on the tiny model
 that tests/family_helpers.py declares for it: the family recognises and describes its model, finds both slots in
 every layer (and its operator view of each slot computes what the slot computes inside the model), calls the model
-as its source library does, and a graft into one slot survives save_grafted / load_grafted unchanged."""
+as its source library does, a graft into one slot survives save_grafted / load_grafted unchanged, and protocol
+sampling, the locality analysis and restructuring work where the family declares them (``Family.supports``) and are
+refused in one line naming the family and the feature where it does not."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +114,61 @@ def test_a_graft_survives_save_and_load(name, tmp_path):
     assert type(family.get_slot(loaded, 0, slot)) is type(family.get_slot(teacher, 0, slot))
     with torch.no_grad():
         torch.testing.assert_close(family.forward(loaded.eval(), x, t, cond), expected, rtol=0, atol=0)
+
+
+def _protocol_captions(name: str, family):
+    """The caption set of a caption-conditioned family's protocol samples (None for class labels)."""
+    return tiny(name).cond(4, 1) if family.conditioning == "caption" else None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_protocol_sampling_where_supported(name):
+    from ditgraft.diffusion.samplers import SamplingConfig
+    from ditgraft.eval.sampling import generate
+    from ditgraft.models.families.base import FEATURES
+
+    model = tiny(name).build(depth=DEPTH, seed=0)
+    family = family_of(model)
+    assert family.supports <= set(FEATURES) and family.conditioning in ("class", "caption")
+    cfg = SamplingConfig(steps=1, cfg_scale=1.0)
+    captions = _protocol_captions(name, family)
+    if "sample" not in family.supports:
+        with pytest.raises(ValueError, match=f"the {name} family does not support sample"):
+            generate(model, 3, cfg, batch_size=2, raw=True, captions=captions)
+        return
+    x, labels = generate(model, 3, cfg, seed=1, batch_size=2, raw=True, captions=captions)
+    assert x.shape == (3, *family.sample_shape(model, 1)[1:]) and np.isfinite(x).all() and len(labels) == 3
+    part, _ = generate(model, 3, cfg, seed=1, batch_size=2, raw=True, captions=captions, rank=1, world=2)
+    np.testing.assert_array_equal(part, x[2:])  # batch b's samples do not depend on how the batches are split
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_analysis_where_supported(name):
+    from ditgraft.analysis.locality import analyze_model
+
+    model = tiny(name).build(depth=DEPTH, seed=0)
+    family = family_of(model)
+    kw = dict(num_samples=2, steps=1, cfg_scale=1.0, batch_size=2, captions=_protocol_captions(name, family))
+    if "analysis" not in family.supports:
+        with pytest.raises(ValueError, match=f"the {name} family does not support analysis"):
+            analyze_model(model, **kw)
+        return
+    res = analyze_model(model, **kw)
+    assert [row["layer"] for row in res["layers"]] == list(range(DEPTH))
+    assert all(row["activations"]["attn"] and row["activations"]["mlp"] for row in res["layers"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_restructure_where_supported(name):
+    from ditgraft.graft.restructure import resolve_restructure, restructure
+
+    model = tiny(name).build(depth=DEPTH, seed=0)
+    family = family_of(model)
+    spec = resolve_restructure({"parallel_pairs": [[0, 1]]}, DEPTH)
+    if "restructure" not in family.supports:
+        with pytest.raises(ValueError, match=f"the {name} family does not support restructure"):
+            restructure(model, spec)
+        assert len(family.blocks(model)) == DEPTH  # refused before any change
+        return
+    restructure(model, spec)
+    assert len(family.blocks(model)) == DEPTH - 1

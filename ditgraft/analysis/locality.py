@@ -1,11 +1,13 @@
 """Attention locality and activation statistics of a DiT, measured the way the grafting paper does (section 6).
 
 Protocol (``analyze_model``): draw ``num_samples`` samples with DDIM (``steps`` steps, classifier-free guidance
-``cfg_scale``) while forward hooks on every ``blocks[i].attn`` and ``blocks[i].mlp`` watch each model call. Every
+``cfg_scale``) while forward hooks on every layer's ``attn`` and ``mlp`` slot (found through the model's family)
+watch each model call. Every
 statistic is an average over (sample, sampling timestep) pairs with equal weight. Nothing of size N x N is kept:
 the hooks fold each call into running sums.
 
-Attention (only for slots that hold an ``MHA``; grafted operators are skipped and listed in ``skipped``): the
+Attention (only for slots that hold an ``MHA``, or softmax self-attention the family converts to one, such as
+diffusers' ``attn1``; grafted operators are skipped and listed in ``skipped``): the
 probabilities are recomputed per head from the slot's input (``split_heads`` + ``attention_probs``), in query chunks
 so no [B, heads, N, N] tensor is ever built for large N. Per layer and head, with A one row-stochastic N x N matrix:
 
@@ -36,11 +38,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ditgraft.diffusion.samplers import SamplingConfig, sample
+from ditgraft.eval.sampling import caption_set
+from ditgraft.models.families import family_of
 from ditgraft.operators.attention import MHA, attention_probs
 from ditgraft.operators.local_attention import natten_window_start
 from ditgraft.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -334,13 +339,16 @@ def _branch_slice(batch: int, guided: bool, branch: str) -> slice:
 
 def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg_scale: float = 1.5,
                   band_k: int | None = None, window_k: int | None = None, seed: int = 0, batch_size: int = 50,
-                  device: str | None = None, branch: str = "cond", progress: bool = False) -> dict:
+                  device: str | None = None, branch: str = "cond", progress: bool = False, captions=None) -> dict:
     """Run the paper's analysis protocol on a DiT and return a JSON-serialisable dict.
 
-    ``model``: a DiT (``blocks[i].attn`` / ``.mlp``, ``grid``, ``patch_size``, ``in_channels``, ``num_classes``),
-    teacher or grafted. Samples come from DDIM with ``steps`` steps and guidance ``cfg_scale`` (noise and labels
-    from ``seed``; the draws depend on ``batch_size`` too). ``device``: None = wherever the model is, otherwise the
-    model is moved there. The model is put in eval mode for the run and its mode restored after; hooks are always
+    ``model``: a model of a family that supports analysis (``ditgraft.models.families``: its slots, grid and
+    conditioning), teacher or grafted. Samples come from DDIM with ``steps`` steps and guidance ``cfg_scale`` (noise
+    and labels from ``seed``; the draws depend on ``batch_size`` too). Class-conditional models sample balanced
+    classes; caption-conditioned ones (PixArt) captions of ``captions`` (a caption .npz or (embeddings, mask),
+    drawn the same way; guidance uses its negative prompt). A self-attention slot that is not ditgraft's MHA is
+    measured through the family's conversion to MHA (``teacher_operator``) where one exists. ``device``: None =
+    wherever the model is, otherwise the model is moved there. The model is put in eval mode for the run and its mode restored after; hooks are always
     removed, even on error.
 
     Returns ``{"settings", "layers", "local_layers", "nonlocal_layers", "skipped", "elapsed_s"}``; each entry of
@@ -359,20 +367,32 @@ def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg
     if device is not None:
         model.to(resolve_device(device))
     dev = next(model.parameters()).device
-    grid = _check_grid(model.grid)
+    family = family_of(model)
+    family.require("analysis")
+    captions, negative = caption_set(captions)
+    grid = _check_grid(family.dims(model).grid)
     N = grid[0] * grid[1]
     band_k = default_band_k(N) if band_k is None else band_k
     window_k = default_window_k(grid, band_k) if window_k is None else window_k
     _check_ks(grid, band_k, window_k)
-    blocks = model.blocks
-    depth = len(blocks)
+    depth = family.dims(model).depth
+    blocks = [SimpleNamespace(attn=family.get_slot(model, i, "attn"), mlp=family.get_slot(model, i, "mlp"))
+              for i in range(depth)]
 
     attn_acc: list[AttentionAccumulator | None] = []
     act_acc = [{"attn": ActivationAccumulator(), "mlp": ActivationAccumulator()} for _ in range(depth)]
     skipped = []
+    measured = []  # the MHA whose attention matrix stands for each slot's (None: not softmax attention)
     for i, block in enumerate(blocks):
-        if isinstance(block.attn, MHA):
-            attn_acc.append(AttentionAccumulator(grid, block.attn.heads, band_k, window_k, device=dev))
+        mha = block.attn
+        if not isinstance(mha, MHA):
+            try:
+                mha = family.teacher_operator(model, i, "attn")
+            except ValueError:
+                mha = None
+        measured.append(mha if isinstance(mha, MHA) else None)
+        if measured[i] is not None:
+            attn_acc.append(AttentionAccumulator(grid, measured[i].heads, band_k, window_k, device=dev))
         else:
             attn_acc.append(None)
             skipped.append({"layer": i, "slot": "attn", "operator": type(block.attn).__name__,
@@ -382,7 +402,7 @@ def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg
         def hook(module, args, output):
             sel = _branch_slice(output.shape[0], guided, branch)
             if attn_acc[i] is not None:
-                attn_acc[i].add_input(module, args[0][sel])
+                attn_acc[i].add_input(measured[i], args[0][sel])
             act_acc[i]["attn"].update(output[sel])
         return hook
 
@@ -392,8 +412,8 @@ def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg
         return hook
 
     generator = torch.Generator().manual_seed(int(seed))
-    labels = _sample_labels(num_samples, int(model.num_classes), generator)
-    p = int(model.patch_size)
+    choices = family.num_classes(model) if captions is None else len(captions[0])
+    labels = _sample_labels(num_samples, int(choices), generator)
     was_training = model.training
     handles = []
     start = time.perf_counter()
@@ -408,9 +428,11 @@ def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg
 
             batches = tqdm(batches, desc="analyze", unit="batch")
         for b0 in batches:
-            y = labels[b0:b0 + batch_size].to(dev)
-            shape = (len(y), int(model.in_channels), grid[0] * p, grid[1] * p)
-            sample(model, y, shape, cfg=cfg, generator=generator, learn_sigma=getattr(model, "learn_sigma", True))
+            rows = labels[b0:b0 + batch_size]
+            y = family.protocol_cond(model, rows, dev, captions)
+            null = None if negative is None else tuple(n.expand(len(rows), *n.shape[1:]).to(dev) for n in negative)
+            sample(model, y, family.sample_shape(model, len(rows)), cfg=cfg, generator=generator,
+                   learn_sigma=family.learn_sigma(model), null_cond=null)
     finally:
         for h in handles:
             h.remove()
@@ -435,7 +457,7 @@ def analyze_model(model: nn.Module, num_samples: int = 250, steps: int = 50, cfg
             "distance": "euclidean on the token grid, in tokens", "entropy_unit": "nats",
             "outlier_sigmas": OUTLIER_SIGMAS, "local_threshold": LOCAL_THRESHOLD,
             "curve_k": curve_ks(N, band_k),
-            "model_config": getattr(model, "config", None),
+            "model_config": family.config(model),
         },
         "layers": layers,
         "skipped": skipped,

@@ -78,14 +78,22 @@ def encode_images(vae, images: torch.Tensor, seeds: list[int] | None = None) -> 
         noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds])
         z = dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)
-    return (z * SD_VAE_SCALE).float()
+    return (z * latent_scale(vae)).float()
+
+
+def latent_scale(vae) -> float:
+    """The VAE's own latent scale (``config.scaling_factor``: 0.18215 for the SD VAE that DiT uses, 0.13025 for
+    the SDXL VAE of PixArt-Sigma), ``SD_VAE_SCALE`` where the VAE records none."""
+    config = getattr(vae, "config", None)
+    scale = getattr(config, "scaling_factor", None)
+    return float(scale) if scale else SD_VAE_SCALE
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1] (float32, same device as the latents)."""
     p = _first_param(vae)
-    out = vae.decode(latents.to(device=p.device, dtype=p.dtype) / SD_VAE_SCALE).sample
+    out = vae.decode(latents.to(device=p.device, dtype=p.dtype) / latent_scale(vae)).sample
     return out.float().clamp(-1, 1).to(latents.device)
 
 

@@ -139,7 +139,7 @@ def testbed_features(images, batch_size: int = 500, model: TestbedClassifier | N
     model.train(was_training)
     n_feat = model.feature_dim
     features = torch.cat(feats).numpy() if feats else np.zeros((0, n_feat))
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, model.num_classes))
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, model.head.out_features))
     return {"features": features, "probs": p, "pred": p.argmax(axis=1).astype(np.int64)}
 
 

@@ -92,7 +92,7 @@ def _summary(point: float, boot: np.ndarray, level: float, log: bool) -> dict:
     return {"value": float(point), "ci": [lo, hi]}
 
 
-def compare_features(feats: np.ndarray, correct: np.ndarray, ref: tuple[np.ndarray, np.ndarray],
+def compare_features(feats: np.ndarray, correct: np.ndarray | None, ref: tuple[np.ndarray, np.ndarray],
                      against_feats: np.ndarray | None = None, against_correct: np.ndarray | None = None,
                      targets: Targets = Targets(), resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                      level: float = LEVEL) -> dict:
@@ -100,11 +100,15 @@ def compare_features(feats: np.ndarray, correct: np.ndarray, ref: tuple[np.ndarr
     (mean, covariance), optionally paired with a baseline whose row i shares row i's label and noise.
 
     Returns {"model": {fid, accuracy}, "against": {...}, "ratio", "gap", "verdicts"}; every statistic is
-    {"value", "ci"}. The bootstrap draws the same indices for both models.
+    {"value", "ci"}. The bootstrap draws the same indices for both models. ``correct`` None (no classes, e.g.
+    caption-conditioned models): FID and the FID ratio alone, no accuracy or gap.
     """
     feats = np.asarray(feats, dtype=np.float64)
-    correct = np.asarray(correct, dtype=np.float64)
     n = len(feats)
+    scored = correct is not None
+    correct = np.asarray(correct, dtype=np.float64) if scored else np.zeros(n)
+    if not scored and against_feats is not None:
+        against_correct = np.zeros(n)
     if n < 2 or correct.shape != (n,):
         raise ValueError(f"feats/correct: need >= 2 rows and one correctness flag per row, got {feats.shape} "
                          f"and {correct.shape}")
@@ -134,15 +138,18 @@ def compare_features(feats: np.ndarray, correct: np.ndarray, ref: tuple[np.ndarr
         boot["ratio"] = boot["fid"] / boot["against_fid"]
         point["gap"] = point["against_accuracy"] - point["accuracy"]
         boot["gap"] = boot["against_accuracy"] - boot["accuracy"]
+    if not scored:
+        for k in ("accuracy", "against_accuracy", "gap"):
+            point.pop(k, None)
     s = {k: _summary(point[k], boot[k], level, log=k in ("fid", "against_fid", "ratio")) for k in point}
     out = {"num": n, "resamples": resamples, "level": level,
-           "model": {"fid": s["fid"], "accuracy": s["accuracy"]}}
+           "model": {"fid": s["fid"], "accuracy": s.get("accuracy")}}
     if paired:
-        out["against"] = {"fid": s["against_fid"], "accuracy": s["against_accuracy"]}
-        out["ratio"], out["gap"] = s["ratio"], s["gap"]
+        out["against"] = {"fid": s["against_fid"], "accuracy": s.get("against_accuracy")}
+        out["ratio"], out["gap"] = s["ratio"], s.get("gap")
         out["targets"] = asdict(targets)
         out["verdicts"] = {"ratio": verdict(s["ratio"]["ci"], targets.ratio),
-                           "gap": verdict(s["gap"]["ci"], targets.gap)}
+                           "gap": verdict(s["gap"]["ci"], targets.gap) if scored else None}
     return out
 
 
@@ -155,8 +162,10 @@ def seed_tag(tag: str, seed: int, base_seed: int) -> str:
 
 
 def pooled_samples(model, out_dir: str, seeds, protocol: Protocol = TESTBED_PROTOCOL, tag: str = "samples",
-                   device="cpu", progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """The protocol's samples at each seed (sampled once, then read back from ``out_dir``), concatenated."""
+                   device="cpu", progress: bool = True,
+                   hooks: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """The protocol's samples at each seed (sampled once, then read back from ``out_dir``), concatenated; ``hooks``
+    (``evaluate.eval_hooks``) decode, condition and score them."""
     images, labels, rows = [], [], []
     for s in seeds:
         t = seed_tag(tag, s, protocol.seed)
@@ -164,7 +173,8 @@ def pooled_samples(model, out_dir: str, seeds, protocol: Protocol = TESTBED_PROT
         metrics_path = os.path.join(out_dir, f"{t}_metrics.json")
         if not os.path.exists(npz) and os.path.exists(metrics_path):  # metrics without samples: sample again
             os.remove(metrics_path)
-        rows.append(sample_and_evaluate(model, out_dir, replace(protocol, seed=s), device, progress, tag=t))
+        rows.append(sample_and_evaluate(model, out_dir, replace(protocol, seed=s), device, progress, tag=t,
+                                        **(hooks or {})))
         x, y = adm.load_samples_npz(npz)
         images.append(x)
         labels.append(y)
@@ -187,17 +197,30 @@ def testbed_floor(n: int) -> dict:
 def decision_eval(model, out_dir: str, seeds=DEFAULT_SEEDS, protocol: Protocol = TESTBED_PROTOCOL,
                   against=None, against_dir: str | None = None, tag: str = "samples",
                   against_tag: str = "samples", targets: Targets = Targets(), resamples: int = DEFAULT_RESAMPLES,
-                  device="cpu", progress: bool = True, name: str | None = None) -> dict:
-    """The decision protocol on testbed models: writes ``{name or tag}_decision.json`` in out_dir and returns it
-    (``name``: a comparison of the same samples with another baseline)."""
+                  device="cpu", progress: bool = True, name: str | None = None, hooks: dict | None = None,
+                  net=None, reference: str | None = None) -> dict:
+    """The decision protocol: writes ``{name or tag}_decision.json`` in out_dir and returns it (``name``: a
+    comparison of the same samples with another baseline).
+
+    Testbed models: testbed classifier features, class accuracy and the real-data floor. With ``net`` (an
+    Inception-shaped network: ``extract(images)["pool"]``) and ``reference`` (an ADM reference batch .npz): FID
+    and the FID ratio on the network's features against the reference's, no accuracy and no floor (the latent and
+    caption-conditioned models); ``hooks`` (``evaluate.eval_hooks``: decode, captions, evaluate) go to sampling."""
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds}: need one or more distinct seeds")
-    ref_feats = evaluate._testbed_reference("train")["features"]
-    ref = metrics.feature_stats(ref_feats)
+    if (net is None) != (reference is None):
+        raise ValueError("net and reference: give both (features against an ADM reference batch) or neither "
+                         "(the testbed classifier)")
+    if net is None:
+        ref = metrics.feature_stats(evaluate._testbed_reference("train")["features"])
+    else:
+        ref = metrics.feature_stats(net.extract(adm.iter_npz_batches(reference, "arr_0", 250))["pool"])
 
     def features(m, d, t):
-        images, labels, rows = pooled_samples(m, d, seeds, protocol, t, device, progress)
+        images, labels, rows = pooled_samples(m, d, seeds, protocol, t, device, progress, hooks)
+        if net is not None:
+            return net.extract(images)["pool"], None, labels, rows
         f = testbed_features(images)
         return f["features"], f["pred"] == labels, labels, rows
 
@@ -209,13 +232,15 @@ def decision_eval(model, out_dir: str, seeds=DEFAULT_SEEDS, protocol: Protocol =
             raise ValueError("against: the baseline's samples do not share the model's labels; both must come from "
                              "the same protocol")
     out = compare_features(feats, correct, ref, a_feats, a_correct, targets, resamples)
-    floor = testbed_floor(len(feats))
+    floor = testbed_floor(len(feats)) if net is None else None
     out["floor"] = floor
-    out["model"]["fid_excess"] = out["model"]["fid"]["value"] - floor["fid"]
-    out["model"]["per_seed"] = [{"seed": s, "fid": r["fid"], "accuracy": r["accuracy"]} for s, r in zip(seeds, rows)]
+    excess = (lambda fid: fid["value"] - floor["fid"]) if floor else (lambda fid: None)
+    out["model"]["fid_excess"] = excess(out["model"]["fid"])
+    out["model"]["per_seed"] = [{"seed": s, "fid": r["fid"], "accuracy": r.get("accuracy")}
+                                for s, r in zip(seeds, rows)]
     if against is not None:
-        out["against"]["fid_excess"] = out["against"]["fid"]["value"] - floor["fid"]
-        out["against"]["per_seed"] = [{"seed": s, "fid": r["fid"], "accuracy": r["accuracy"]}
+        out["against"]["fid_excess"] = excess(out["against"]["fid"])
+        out["against"]["per_seed"] = [{"seed": s, "fid": r["fid"], "accuracy": r.get("accuracy")}
                                       for s, r in zip(seeds, a_rows)]
     out["seeds"] = seeds
     out["model_sha256"] = rows[0].get("model_sha256")
@@ -232,18 +257,21 @@ def format_decision(result: dict, name: str = "model", against_name: str = "base
         return f"{s['value']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
 
     n, seeds = result["num"], ",".join(map(str, result["seeds"]))
+    floor = result.get("floor")
     lines = [f"decision protocol: seeds {seeds} pooled, {n} samples per model, {result['resamples']} paired "
-             f"bootstrap resamples, {int(100 * result['level'])}% intervals; real-data floor FID "
-             f"{result['floor']['fid']:.3f} at n={n}"]
+             f"bootstrap resamples, {int(100 * result['level'])}% intervals"
+             + (f"; real-data floor FID {floor['fid']:.3f} at n={n}" if floor else "")]
     for key, label in (("model", name), ("against", against_name)):
         if key in result:
             r = result[key]
-            lines.append(f"  {label}: FID {ci(r['fid'])} (excess {r['fid_excess']:.3f}), "
-                         f"accuracy {ci(r['accuracy'])}")
+            lines.append(f"  {label}: FID {ci(r['fid'])}"
+                         + (f" (excess {r['fid_excess']:.3f})" if r.get("fid_excess") is not None else "")
+                         + (f", accuracy {ci(r['accuracy'])}" if r.get("accuracy") else ""))
     if "ratio" in result:
         t, v = result["targets"], result["verdicts"]
         lines.append(f"  FID ratio {name}/{against_name}: {ci(result['ratio'])}"
                      + (f" -> {v['ratio']} (target <= {t['ratio']})" if v["ratio"] else ""))
-        lines.append(f"  accuracy gap {against_name} - {name}: {ci(result['gap'])}"
-                     + (f" -> {v['gap']} (target <= {t['gap']})" if v["gap"] else ""))
+        if result.get("gap"):
+            lines.append(f"  accuracy gap {against_name} - {name}: {ci(result['gap'])}"
+                         + (f" -> {v['gap']} (target <= {t['gap']})" if v["gap"] else ""))
     return "\n".join(lines)

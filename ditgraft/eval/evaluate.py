@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from ditgraft.data.mnist5k import load_mnist5k, to_uint8
-from ditgraft.data.vae import latent_decoder, load_vae
 from ditgraft.diffusion.samplers import SamplingConfig
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval import adm, metrics
 from ditgraft.eval.classifier import CLASSIFIER_PATH, NUM_CLASSES, testbed_features
 from ditgraft.eval.inception import InceptionFeatures
-from ditgraft.eval.sampling import gather_samples, generate, save_grid
+from ditgraft.eval.sampling import decoding, gather_samples, generate, save_grid
 from ditgraft.models.checkpoints import model_fingerprint
+from ditgraft.models.families import family_of
 from ditgraft.utils import atomic_path, atomic_write_json, read_json
 
 
@@ -168,15 +168,25 @@ def evaluate_samples(path: str, features: str = "testbed", reference: str | None
 
 
 def eval_hooks(model, vae: str | None = None, features: str = "testbed", reference: str | None = None,
-               inception_weights: str | None = None, device="cpu", net=None) -> dict:
-    """``decode`` / ``evaluate`` for ``sample_and_evaluate``: latent models (channels other than 1 or 3) decode
-    with the VAE; ``features='inception'`` scores against an ADM reference batch. Empty for the testbed."""
+               inception_weights: str | None = None, device="cpu", net=None, captions=None) -> dict:
+    """``decode`` / ``evaluate`` / ``captions`` for ``sample_and_evaluate``: latent models (channels other than 1 or
+    3) decode with the VAE; ``features='inception'`` scores against an ADM reference batch (``net``: any network
+    with ``extract``, default the FID Inception); caption-conditioned families (PixArt) sample the caption set
+    ``captions`` (see ``sampling.caption_set``). Empty for the testbed."""
+    family = family_of(model)
+    family.require("eval")
     hooks = {}
-    if model.in_channels not in (1, 3):
-        if vae is None:
-            raise ValueError(f"eval.vae is missing: the model works on {model.in_channels}-channel latents, so its "
-                             "samples must be decoded; name a VAE folder or hub id (e.g. stabilityai/sd-vae-ft-ema)")
-        hooks["decode"] = latent_decoder(load_vae(vae, device=device))
+    if family.conditioning == "caption":
+        if captions is None:
+            raise ValueError(f"eval captions are missing: the {family.name} family samples from captions; name a "
+                             "caption .npz (the run's training data is used by ditgraft graft)")
+        if features == "testbed":
+            raise ValueError(f"features='testbed' does not apply to the {family.name} family (the testbed "
+                             "classifier scores class-conditional 32x32 digits); use features='inception'")
+        hooks["captions"] = captions
+    _, decode = decoding(model, vae, device=device, option="eval.vae")
+    if decode is not None:
+        hooks["decode"] = decode
     if features not in FEATURES:
         raise ValueError(f"features={features!r} is not allowed; use one of {FEATURES}")
     if features == "inception":
@@ -196,12 +206,13 @@ def eval_hooks(model, vae: str | None = None, features: str = "testbed", referen
 
 
 def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOCOL, device="cpu",
-                        progress: bool = True, tag: str = "samples", decode=None, evaluate=None) -> dict:
+                        progress: bool = True, tag: str = "samples", decode=None, evaluate=None,
+                        captions=None) -> dict:
     """Run the protocol: write ``{tag}.npz``, ``{tag}.png`` (first 100) and ``{tag}_metrics.json`` in out_dir.
     Skipped (metrics read back) when the metrics file exists for the same protocol. ``decode`` (latents -> images)
     and ``evaluate`` ((images, labels) -> metrics; default the testbed metrics) come from ``eval_hooks``. Under
     torchrun the sample batches are shared out over the ranks and gathered on rank 0, which alone writes; every rank
-    returns the metrics."""
+    returns the metrics. ``captions``: the caption set of a caption-conditioned model (``generate``)."""
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
     fingerprint = model_fingerprint(model)
@@ -217,7 +228,7 @@ def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOC
     t0 = time.time()
     images, labels = generate(model, protocol.num, protocol.sampling(), seed=protocol.seed,
                               batch_size=protocol.batch_size, device=device, rank=rank, world=world, decode=decode,
-                              progress=progress and rank == 0)
+                              progress=progress and rank == 0, captions=captions)
     wall = time.time() - t0
     gathered = gather_samples(out_dir, images, labels, protocol.batch_size)
     return on_main(lambda: _write_evaluation(out_dir, tag, *gathered, protocol, wall, evaluate, fingerprint))

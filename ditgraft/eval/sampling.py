@@ -1,7 +1,9 @@
-"""Class-conditional sample generation in fixed, seeded batches (the one entry point is diffusion.samplers.sample).
+"""Protocol sample generation in fixed, seeded batches (the one entry point is diffusion.samplers.sample).
 
-Batch b always gets labels (b*B + i) % num_classes and a generator seeded by (seed, b), so a set of samples is the
-same however it is split: across ranks (rank r takes batches b with b % world == r) or across resumed runs.
+Sample i is conditioned as its family says (``Family.protocol_cond``): class i % num_classes for class-conditional
+families, caption i % n of a caption set for caption-conditioned ones (PixArt). Batch b gets a generator seeded by
+(seed, b), so a set of samples is the same however it is split: across ranks (rank r takes batches b with
+b % world == r) or across resumed runs. ``decoding`` is the one home of the rule that a latent model needs a VAE.
 """
 from __future__ import annotations
 
@@ -15,21 +17,63 @@ from ditgraft.data.mnist5k import to_uint8
 from ditgraft.diffusion.samplers import SamplingConfig, sample
 from ditgraft.distributed import barrier, rank_world
 from ditgraft.eval.adm import load_samples_npz, save_samples_npz
+from ditgraft.models.families import family_of
 from ditgraft.utils import atomic_path
 
 
-def batch_labels(b: int, batch_size: int, num: int, num_classes: int, device) -> torch.Tensor:
-    start = b * batch_size
-    return torch.arange(start, min(start + batch_size, num), device=device) % num_classes
+def is_latent(model) -> bool:
+    """Whether the model works on latents (channels other than 1 or 3), whose samples a VAE decodes."""
+    return family_of(model).in_channels(model) not in (1, 3)
+
+
+def decoding(model, vae=None, clip: bool | None = None, device="cpu", option: str = "vae",
+             need_decoder: bool = True) -> tuple[bool, object]:
+    """(clip_denoised, decode) for sampling ``model``: a pixel model (1 or 3 channels) is clipped to [-1, 1] and
+    needs no decoder; a latent model is not clipped (as DiT) and decodes with ``vae`` (an AutoencoderKL, or its
+    folder or hub id), refused when it is missing unless ``need_decoder`` is False (raw latents, e.g. synthetic
+    data). ``clip`` overrides the default; ``option`` names the setting in the error (``--vae``, ``eval.vae``)."""
+    latent = is_latent(model)
+    decode = None
+    if latent and need_decoder:
+        if vae is None:
+            raise ValueError(f"{option} is missing: the model works on {family_of(model).in_channels(model)}-channel "
+                             "latents, so its samples must be decoded; name the VAE that decodes them (a folder or "
+                             "a hub id, e.g. stabilityai/sd-vae-ft-ema)")
+        from ditgraft.data.vae import latent_decoder, load_vae
+
+        decode = latent_decoder(load_vae(vae, device=device) if isinstance(vae, (str, os.PathLike)) else vae)
+    return ((not latent) if clip is None else bool(clip)), decode
+
+
+def caption_set(captions) -> tuple[tuple | None, tuple | None]:
+    """(captions, negative) of a protocol caption set: a caption .npz (``ditgraft.data.captions``: its prompt
+    embeddings and masks, and its negative prompt for guidance when stored) or (embeddings, mask) as given, with
+    an optional negative (embeddings [1, L, E], mask [1, L]) as third and fourth members. None: (None, None)."""
+    if captions is None:
+        return None, None
+    if isinstance(captions, (str, os.PathLike)):
+        from ditgraft.data.captions import load_caption_latents, load_negative
+
+        return load_caption_latents(os.fspath(captions))[1], load_negative(os.fspath(captions))
+    parts = tuple(captions)
+    if len(parts) not in (2, 4):
+        raise ValueError(f"captions: need (embeddings, mask) or (embeddings, mask, negative embeddings, negative "
+                         f"mask); got {len(parts)} tensors")
+    return parts[:2], (parts[2:] or None)
 
 
 @torch.no_grad()
 def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: int = 100, device="cpu",
              rank: int = 0, world: int = 1, decode=None, progress: bool = False,
-             raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             raw: bool = False, captions=None) -> tuple[np.ndarray, np.ndarray]:
     """Samples as uint8 NHWC with their labels. ``decode`` maps model-space samples to [-1, 1] images
-    (e.g. a VAE decoder for latent models); the testbed is in pixel space and needs none. ``raw=True`` returns the
-    model-space samples themselves (float32 NCHW, no decoding): synthetic training data."""
+    (e.g. a VAE decoder for latent models, see ``decoding``); the testbed is in pixel space and needs none.
+    ``raw=True`` returns the model-space samples themselves (float32 NCHW, no decoding): synthetic training data.
+
+    Class-conditional models: sample i has class i % num_classes (its label). Caption-conditioned models (PixArt)
+    need ``captions`` (see ``caption_set``; the protocol's caption set is the caption file the model was grafted
+    on, i.e. the run's training data): sample i takes caption i % n and its label is that caption's index;
+    guidance (cfg > 1) uses the stored negative prompt."""
     from tqdm import tqdm
 
     from ditgraft.utils import check_seed
@@ -38,21 +82,25 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be an integer >= 1")
     check_seed(seed, "seed")
+    family = family_of(model)
+    family.require("sample")
+    captions, negative = caption_set(captions)
     model.eval()
     num_batches = math.ceil(num / batch_size)
-    c = model.in_channels
-    h, w = model.grid[0] * model.patch_size, model.grid[1] * model.patch_size
+    _, c, h, w = family.sample_shape(model, 1)
     images, labels = [], []
     mine = [b for b in range(num_batches) if b % world == rank]
     for b in tqdm(mine, desc="sample", disable=not progress, leave=False):
-        y = batch_labels(b, batch_size, num, model.num_classes, device)
+        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, num))
+        y = family.protocol_cond(model, rows, device, captions)
+        null = None if negative is None else tuple(n.expand(len(rows), *n.shape[1:]).to(device) for n in negative)
         g = torch.Generator().manual_seed(seed * 100_003 + b)
-        x = sample(model, y, (len(y), c, h, w), cfg, generator=g)
+        x = sample(model, y, (len(rows), c, h, w), cfg, generator=g, null_cond=null)
         if raw:
             images.append(x.cpu().numpy().astype(np.float32))
         else:
             images.append(to_uint8(x if decode is None else decode(x)))
-        labels.append(y.cpu().numpy())
+        labels.append((y if family.conditioning == "class" else rows % len(captions[0])).cpu().numpy())
     if not images:
         empty = np.zeros((0, c, h, w), np.float32) if raw else np.zeros((0, h, w, c), np.uint8)
         return empty, np.zeros((0,), np.int64)

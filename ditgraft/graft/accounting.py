@@ -19,6 +19,7 @@ from ditgraft.flops import count_flops, dit_forward_flops_per_sample, dit_train_
 from ditgraft.graft.restructure import BASELINES, baseline_model, restructure, unit_index
 from ditgraft.graft.stage1 import PairTarget, SlotTarget
 from ditgraft.models.adapters import get_slot, model_dims
+from ditgraft.models.families import family_of
 
 
 def stage1_module_flops(module: nn.Module, target, dims) -> int:
@@ -61,8 +62,9 @@ def compute_accounting(teacher: nn.Module, teacher_meta: dict, grafts, recipe, s
     if spec is not None:
         restructure(student, spec)
         if s1.enabled:
+            blocks = family_of(student).blocks(student)
             for p in pairs:
-                module_train += stage1_module_flops(student.blocks[unit_index(spec, p)], PairTarget(p), dims) * rows
+                module_train += stage1_module_flops(blocks[unit_index(spec, p)], PairTarget(p), dims) * rows
     s2_step = stage2_step_flops(student, teacher, s2)
     s2_flops = s2_step * s2.steps if s2.enabled else 0
     pre = (teacher_meta.get("pretrain") or {}).get("train_flops")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ditgraft.data.captions import is_caption_file
 from ditgraft.data.images import check_data_fits, load_dataset
 from ditgraft.models.families.base import cond_rows
 from ditgraft.recipe import Data, Recipe
@@ -61,3 +62,15 @@ def check_data(recipe: Recipe, teacher) -> None:
             x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)
             check_data_fits(x, y, teacher, f"{name}.data = {c.data}")
             check_data_fits(xv, yv, teacher, f"{name}.data = {c.data} (validation rows)")
+
+
+def eval_captions(recipe: Recipe) -> str | None:
+    """The caption set a caption-conditioned teacher is evaluated on: ``eval.captions``, else the caption .npz the
+    run trains on (stage 2's data, else stage 1's)."""
+    if recipe.eval.captions is not None:
+        return recipe.eval.captions
+    for c in (recipe.stage2, recipe.stage1):
+        path = Data.model_validate(c.data).path
+        if path is not None and is_caption_file(path):
+            return path
+    return None

@@ -27,12 +27,15 @@ from typing import Callable
 import torch
 
 from ditgraft.distributed import on_main, rank_world
+from ditgraft.eval import evaluate as evaluation
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
+from ditgraft.eval.sampling import decoding
 from ditgraft.graft.accounting import compute_accounting
-from ditgraft.graft.data_split import check_data, load_split, stage1_split
+from ditgraft.graft.data_split import check_data, eval_captions, load_split, stage1_split
 from ditgraft.graft.plan import plan_grafts
 from ditgraft.graft.report import build_report, write_report
+from ditgraft.layers import selector_needs
 from ditgraft.graft.restructure import BASELINES, baseline_model, depth_pruned_spec
 from ditgraft.graft.restructure_train import (baseline_stage2, latency_table, recipe_spec, restructure_student,
                                               units_dir)
@@ -122,7 +125,7 @@ class Run:
     def protocol(self) -> Protocol:
         e = self.recipe.eval
         return Protocol(num=e.num, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, seed=e.seed,
-                        clip_denoised=family_of(self.teacher).in_channels(self.teacher) in (1, 3))  # latents are not clipped (DiT)
+                        batch_size=e.batch_size, clip_denoised=decoding(self.teacher, need_decoder=False)[0])
 
 
 def _none(r: Run) -> tuple[str, ...]:
@@ -202,7 +205,7 @@ def _restructure_baseline_wanted(name: str) -> Callable[[Run], bool]:
 def _evaluate(r: Run) -> None:
     out, ev = r.path("eval"), r.recipe.eval
     hooks = eval_hooks(r.teacher, vae=ev.vae, features=ev.features, reference=ev.reference,
-                       inception_weights=ev.inception_weights, device=r.device)
+                       inception_weights=ev.inception_weights, device=r.device, captions=eval_captions(r.recipe))
     student, _ = load_grafted(r.path("student.safetensors"), r.device)
     r.evals["grafted"] = r.timed("eval", lambda: sample_and_evaluate(student, out, r.protocol, r.device, r.progress,
                                                                       tag="grafted", **hooks))
@@ -217,7 +220,7 @@ def _evaluate(r: Run) -> None:
         _evaluate_restructured(r, student, hooks)
     if ev.protocol == "decision":
         r.timed("eval_decision", lambda: _decision(r.recipe, r.run_dir, r.protocol, student, r.teacher, r.device,
-                                                   r.progress, r.log))
+                                                   r.progress, r.log, hooks))
 
 
 def _evaluate_restructured(r: Run, student, hooks: dict) -> None:
@@ -340,10 +343,33 @@ def run_graft(recipe: Recipe, run_dir: str, stages=STAGES, device: str | None = 
 
 
 
+def check_supported(recipe: Recipe, teacher) -> None:
+    """Refuse, before any work and in one line naming the family and the feature, what the recipe asks of a
+    teacher whose family does not support it."""
+    family = family_of(teacher)
+    for g in recipe.grafts:
+        if "analysis" in selector_needs(g.layers):
+            family.require("analysis", f"grafts layers: {g.layers.select}")
+    if recipe.restructure:
+        family.require("restructure", "recipe restructure")
+    e = recipe.eval
+    if not e.enabled:
+        return
+    family.require("eval", "eval.enabled")
+    if family.conditioning == "caption":
+        if e.features == "testbed":
+            raise ValueError(f"eval.features='testbed' does not apply to the {family.name} family (the testbed "
+                             "classifier scores class-conditional digits); use eval.features: inception")
+        if eval_captions(recipe) is None:
+            raise ValueError(f"eval.captions is missing: the {family.name} family samples from captions and the "
+                             "run's data is no caption .npz; name one")
+
+
 def _run_graft(recipe: Recipe, run_dir: str, stages, dev, progress: bool, log) -> dict:
     recorded = start_recording(recipe, run_dir)
     torch.manual_seed(recipe.seed)
     teacher, teacher_meta = load_teacher(recipe, dev)
+    check_supported(recipe, teacher)
     if not recorded:
         check_data(recipe, teacher)
         recipe_spec(recipe, teacher)  # a restructure that does not fit the teacher fails before recording
@@ -375,12 +401,17 @@ def _stages_or_refusal(r: Run) -> list[int] | str:
     return [i for i, s in enumerate(PIPELINE) if any(s is t for t in todo)]
 
 
-def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log) -> None:
+def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log,
+              hooks: dict | None = None) -> None:
     """The decision protocol over ``recipe.eval.seeds``: student vs teacher (with the recipe's targets) and, when
-    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt."""
+    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt.
+    ``hooks`` (``eval_hooks``) sample and score as the quick protocol did; inception features are compared against
+    ``eval.reference``."""
     e, out = recipe.eval, os.path.join(run_dir, "eval")
     kw = dict(seeds=e.seeds, protocol=protocol, against_dir=out, resamples=e.resamples, device=dev,
-              progress=progress)
+              progress=progress, hooks=hooks)
+    if e.features == "inception":
+        kw.update(net=evaluation.inception_network(e.inception_weights, dev), reference=e.reference)
     res = decision_eval(student, out, against=teacher, tag="grafted", against_tag="teacher",
                         targets=Targets(e.target_ratio, e.target_gap), **kw)
     text = [format_decision(res, "grafted", "teacher")]

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from ditgraft.analysis.locality import analyze_model, write_analysis_report
 from ditgraft.distributed import on_main
-from ditgraft.graft.data_split import stage1_split
+from ditgraft.graft.data_split import eval_captions, stage1_split
 from ditgraft.graft.stage1 import run_stage1
 from ditgraft.graft.surgery import ResolvedGraft, resolve_grafts
 from ditgraft.layers import selector_needs
@@ -21,14 +21,14 @@ def _needs(recipe: Recipe, need: str) -> bool:
     return any(need in selector_needs(g.layers) for g in recipe.grafts)
 
 
-def _analysis(teacher, run_dir: str, device, log) -> dict:
+def _analysis(teacher, run_dir: str, device, log, captions=None) -> dict:
     path = os.path.join(run_dir, "analysis", "analysis.json")
 
     def run() -> dict:  # rank 0's analysis, shared with the other ranks
         if os.path.exists(path):
             return read_json(path)
         log("analysis: attention locality of the teacher (for the layer selectors)")
-        result = analyze_model(teacher, num_samples=50, steps=10, device=device)
+        result = analyze_model(teacher, num_samples=50, steps=10, device=device, captions=captions)
         write_analysis_report(result, os.path.join(run_dir, "analysis"))
         return result
 
@@ -59,7 +59,8 @@ def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> lis
     path = os.path.join(run_dir, "plan.json")
     if on_main(lambda: os.path.exists(path)):
         return [ResolvedGraft(**g) for g in read_json(path)["grafts"]]
-    analysis = _analysis(teacher, run_dir, device, log) if _needs(recipe, "analysis") else None
+    analysis = (_analysis(teacher, run_dir, device, log, eval_captions(recipe)) if _needs(recipe, "analysis")
+                else None)
     probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "probe_losses") else None
     grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
     on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))

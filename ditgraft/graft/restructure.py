@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ditgraft.models.dit import DiT
+from ditgraft.models.families import family_of
 
 MERGE_INITS = ("sum", "average", "first")
 BASELINES = ("depth_pruned", "from_scratch")  # restructure baselines of the same depth, at matched training FLOPs
@@ -131,19 +132,22 @@ def unit_key(pair) -> str:
 def restructure(model: nn.Module, spec: dict) -> nn.Module:
     """Restructure ``model`` in place (its ``blocks`` list) by a resolved spec; returns it. Units keep the order of
     their first block; dropped blocks disappear. ``model.restructure`` records the spec."""
+    family = family_of(model)
+    family.require("restructure")
     first_of = {p[0]: p for p in spec["parallel_pairs"]}
     seconds = {p[1] for p in spec["parallel_pairs"]}
     drop = set(spec["drop"])
+    blocks = family.blocks(model)
     new = []
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(blocks):
         if i in drop or i in seconds:
             continue
         if i in first_of:
             j = first_of[i][1]
-            new.append(ParallelPair(block, model.blocks[j], spec["merge_init"]).to(next(block.parameters()).device))
+            new.append(ParallelPair(block, blocks[j], spec["merge_init"]).to(next(block.parameters()).device))
         else:
             new.append(block)
-    model.blocks = nn.ModuleList(new)
+    family.set_blocks(model, nn.ModuleList(new))
     model.restructure = dict(spec)
     return model
 
@@ -172,7 +176,7 @@ def baseline_model(name: str, teacher, spec: dict, seed: int):
     if name == "depth_pruned":
         return restructured_copy(teacher, depth_pruned_spec(spec))
     if name == "from_scratch":
-        depth = len(teacher.blocks) - len(spec["drop"]) - len(spec["parallel_pairs"])
+        depth = family_of(teacher).dims(teacher).depth - len(spec["drop"]) - len(spec["parallel_pairs"])
         state = torch.random.get_rng_state()
         try:
             torch.manual_seed(seed)

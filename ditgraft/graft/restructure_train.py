@@ -18,6 +18,7 @@ from ditgraft.flops import dit_forward_flops_per_sample
 from ditgraft.graft.restructure import (MERGE_INITS, resolve_restructure, restructure, restructured_copy, unit_index,
                                         unit_key)
 from ditgraft.graft.stage1 import PairTarget, build_modules, extract, noised_inputs
+from ditgraft.models.families import family_of
 
 
 def make_units(teacher, spec: dict) -> dict:
@@ -32,7 +33,7 @@ def load_best_units(student, spec: dict, run_dir: str, skip_prefixes: tuple[str,
         path = os.path.join(run_dir, "best", f"{unit_key(p)}.safetensors")
         if not os.path.exists(path):
             raise FileNotFoundError(f"stage 1 has no best weights for {unit_key(p)} in {run_dir}/best; run stage 1")
-        unit = student.blocks[unit_index(spec, p)]
+        unit = family_of(student).blocks(student)[unit_index(spec, p)]
         state = unit.state_dict()
         state.update({k: v for k, v in load_file(path).items() if not k.startswith(skip_prefixes)})
         unit.load_state_dict(state, strict=True)
@@ -44,7 +45,7 @@ def load_best_units(student, spec: dict, run_dir: str, skip_prefixes: tuple[str,
 def merge_init_study(teacher, x0, y, seed: int = 0, inits=MERGE_INITS, batch_size: int = 128) -> dict:
     """Relative MSE at stage-1 step 0 of every unit (vs the sequential pair's update variance) and of the whole
     model's output (vs the teacher output's variance), for each merge initialisation; all pairs parallel."""
-    depth = len(teacher.blocks)
+    depth = family_of(teacher).dims(teacher).depth
     inputs = noised_inputs(x0, y, seed=seed)
     pairs = resolve_restructure({"parallel_pairs": "all"}, depth)["parallel_pairs"]
     acts = extract(teacher, [PairTarget(p) for p in pairs], inputs, batch_size, None, torch.float32, "cpu")
@@ -93,8 +94,13 @@ LATENCY_SAMPLES = 20  # per model and repeat (x2 batch with guidance): the laten
 
 
 def recipe_spec(recipe, teacher) -> dict | None:
-    """The recipe's resolved restructure (None without a restructure section)."""
-    return resolve_restructure(recipe.restructure, len(teacher.blocks)) if recipe.restructure else None
+    """The recipe's resolved restructure (None without a restructure section); refused in one line for a teacher
+    whose family does not support restructuring."""
+    if not recipe.restructure:
+        return None
+    family = family_of(teacher)
+    family.require("restructure", "recipe restructure")
+    return resolve_restructure(recipe.restructure, family.dims(teacher).depth)
 
 
 def grafted_prefixes(spec: dict, grafts) -> tuple[str, ...]:
@@ -138,7 +144,7 @@ def latency_table(models: dict, protocol, device) -> dict:
     measured side by side in this process (the restructured student under ``grafted``)."""
     lat = sampling_latency(models, num=LATENCY_SAMPLES, steps=protocol.steps, cfg_scale=protocol.cfg_scale,
                            device=device)
-    rows = {name: {"depth": len(m.blocks), "params": param_count(m),
+    rows = {name: {"depth": len(family_of(m).blocks(m)), "params": param_count(m),
                    "forward_flops": dit_forward_flops_per_sample(m), "latency_s": lat[name],
                    "latency_ratio": lat[name] / lat["teacher"]} for name, m in models.items()}
     return {"num": LATENCY_SAMPLES, "steps": protocol.steps, "cfg_scale": protocol.cfg_scale,

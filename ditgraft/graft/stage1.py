@@ -133,8 +133,9 @@ class PairTarget:
         def post(_module, _args, output):
             store[self.key] = (*store[self.key], output.detach())
 
-        return [model.blocks[self.pair[0]].register_forward_pre_hook(pre),
-                model.blocks[self.pair[1]].register_forward_hook(post)]
+        blocks = family_of(model).blocks(model)
+        return [blocks[self.pair[0]].register_forward_pre_hook(pre),
+                blocks[self.pair[1]].register_forward_hook(post)]
 
     def target_var(self, arrays) -> float:  # of the sequential pair's update, out - x
         return float((arrays[-1] - arrays[0]).var())
@@ -147,7 +148,7 @@ class PairTarget:
         """Units from copies of the teacher's blocks (the init that surgery's restructure also starts from)."""
         out = {}
         for t in targets:
-            a, b = (copy.deepcopy(teacher.blocks[i]) for i in t.pair)
+            a, b = (copy.deepcopy(family_of(teacher).blocks(teacher)[i]) for i in t.pair)
             unit = ParallelPair(a, b, t.merge_init).to(next(a.parameters()).device)
             unit.requires_grad_(True)  # the copied teacher blocks come frozen
             if t.train == "merge":

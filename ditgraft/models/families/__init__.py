@@ -1,8 +1,8 @@
 """Model families: one ``Family`` object per kind of diffusion transformer (see ``base.py``).
 
 Adding a family: write ``families/<name>.py`` with a ``Family`` subclass (``matches``, ``dims``, the slot
-locations, ``forward``, the conditioning and config hooks; diffusers transformers subclass ``DiffusersFamily``),
-then add one line to ``_FAMILIES`` below.
+locations, ``forward``, the conditioning and config hooks, what it ``supports``; diffusers transformers subclass
+``DiffusersFamily``), then add one line to ``_FAMILIES`` below and a tiny model to tests/family_helpers.py.
 """
 from __future__ import annotations
 

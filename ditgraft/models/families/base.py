@@ -4,8 +4,10 @@ A ``Family`` knows a model's blocks and slots (list, get, set), how to call the 
 code does (``forward(model, x_t, t, cond)``), the conditioning a forward takes, the sample shape, whether the model
 learns its variance, the objective it was trained with (``objective``: IDDPM or flow matching, which stage 1's
 noising, stage 2's loss and the sampler take), how to count its FLOPs and how to save and rebuild its config.
-Everything else in ditgraft (stage 1, stage 2, sampling, FLOP accounting, the grafted-model loader) reaches a model
-through its family.
+Everything else in ditgraft (stage 1, stage 2, sampling, evaluation, the locality analysis, restructuring, FLOP
+accounting, the grafted-model loader) reaches a model through its family. A family declares in ``supports`` which
+of sampling, evaluation, analysis and restructuring it takes part in; asking for another is refused in one line
+(``require``) before any work.
 
 Conditioning (``cond``) is one tensor (class labels) or a tuple of tensors with the batch first (caption
 embeddings and their mask); ``cond_tuple`` / ``cond_cat`` / ``cond_rows`` treat both alike.
@@ -98,10 +100,28 @@ class SlotAdapter(nn.Module):
         return self.op(hidden_states, grid=self.grid_for(hidden_states.shape[1]))
 
 
+FEATURES = ("sample", "eval", "analysis", "restructure")  # what a family can declare in ``supports``
+
+
 class Family:
     """Base class; subclasses fill in the model-specific parts (see ``dit.py`` and ``diffusers_common.py``)."""
 
     name: str = ""
+    # what ditgraft can do with the family's models beyond grafting (stage 1 and 2): ``sample`` and ``eval``
+    # (protocol sampling and metrics), ``analysis`` (the attention-locality protocol), ``restructure`` (parallel
+    # pairs and dropped blocks, which rebuild the block list)
+    supports: frozenset[str] = frozenset({"sample", "eval", "analysis"})
+    # what a protocol sample is conditioned on: "class" (labels i % num_classes) or "caption" (caption i % n of a
+    # caption set: embeddings and mask)
+    conditioning: str = "class"
+
+    def require(self, feature: str, where: str = "") -> None:
+        """Refuse, in one line naming the family and the feature, what the family does not support."""
+        if feature not in FEATURES:
+            raise ValueError(f"feature={feature!r} is not allowed; use one of {FEATURES}")
+        if feature not in self.supports:
+            raise ValueError(f"{where + ': ' if where else ''}the {self.name} family does not support {feature} "
+                             f"(it supports: {', '.join(sorted(self.supports)) or 'grafting only'})")
 
     # ---- recognising and describing a model -----------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
@@ -134,9 +154,27 @@ class Family:
     def patch_size(self, model: nn.Module) -> int:
         raise NotImplementedError
 
-    # ---- slots ----------------------------------------------------------------------------------------------
-    def slot_parent(self, model: nn.Module, layer: int) -> nn.Module:
+    def num_classes(self, model: nn.Module) -> int:
+        """Classes of a class-conditional model (the null class, when there is one, is not counted)."""
+        raise ValueError(f"the {self.name} family is conditioned on {self.conditioning}s, not class labels")
+
+    def protocol_cond(self, model: nn.Module, rows: torch.Tensor, device, captions=None) -> Cond:
+        """The conditioning of protocol samples ``rows`` (their indices in the sample set): class ``i %
+        num_classes`` (class-balanced). Caption families take caption ``i % n`` of ``captions``."""
+        return rows.to(device) % self.num_classes(model)
+
+    # ---- blocks and slots -----------------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The model's list of transformer blocks, in order."""
         raise NotImplementedError
+
+    def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Replace the block list (restructuring); only families that support ``restructure``."""
+        self.require("restructure")
+        raise NotImplementedError
+
+    def slot_parent(self, model: nn.Module, layer: int) -> nn.Module:
+        return self.blocks(model)[layer]
 
     def slot_attr(self, slot: str) -> str:
         raise NotImplementedError

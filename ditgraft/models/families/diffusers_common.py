@@ -98,8 +98,8 @@ class DiffusersFamily(Family):
     def patch_size(self, model: nn.Module) -> int:
         return model.config.patch_size
 
-    def slot_parent(self, model: nn.Module, layer: int) -> nn.Module:
-        return model.transformer_blocks[layer]
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return unwrap(model).transformer_blocks
 
     def slot_attr(self, slot: str) -> str:
         return SLOT_ATTRS[slot]

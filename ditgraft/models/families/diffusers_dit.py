@@ -17,6 +17,9 @@ class DiffusersDiTFamily(DiffusersFamily):
         (y,) = cond_tuple(cond)
         return model(x, timestep=t, class_labels=y).sample
 
+    def num_classes(self, model: nn.Module) -> int:
+        return unwrap(model).config.num_embeds_ada_norm
+
     def null_cond(self, model: nn.Module, cond):
         (y,) = cond_tuple(cond)
         return torch.full_like(y, unwrap(model).config.num_embeds_ada_norm)

@@ -14,6 +14,7 @@ from ditgraft.models.families.base import Family, ModelDims, cond_tuple, unwrap
 
 class DiTFamily(Family):
     name = "dit"
+    supports = frozenset({"sample", "eval", "analysis", "restructure"})
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, DiT) or (hasattr(model, "blocks") and hasattr(model, "grid")
@@ -35,8 +36,14 @@ class DiTFamily(Family):
     def patch_size(self, model: nn.Module) -> int:
         return model.patch_size
 
-    def slot_parent(self, model: nn.Module, layer: int) -> nn.Module:
-        return model.blocks[layer]
+    def num_classes(self, model: nn.Module) -> int:
+        return unwrap(model).num_classes
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return unwrap(model).blocks
+
+    def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        unwrap(model).blocks = blocks
 
     def slot_attr(self, slot: str) -> str:
         return slot

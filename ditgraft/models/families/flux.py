@@ -68,6 +68,7 @@ def _set_call_grid_from_ids(model: nn.Module, args: tuple, kwargs: dict) -> None
 
 class FluxFamily(SplitAttentionSlots, DiffusersFamily):
     name = "flux"
+    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
     cls_name = "FluxTransformer2DModel"
     extra_config = ("sample_size", SCHEDULER_KEY)
 

@@ -30,6 +30,7 @@ SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler co
 
 class SD3Family(SplitAttentionSlots, DiffusersFamily):
     name = "sd3"
+    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
     cls_name = "SD3Transformer2DModel"
     extra_config = (SCHEDULER_KEY,)
 

@@ -32,6 +32,7 @@ WAN_SHIFT = 3.0
 
 class WanFamily(DiffusersFamily):
     name = "wan"
+    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
     cls_name = "WanTransformer3DModel"
     extra_config = ("sample_size", "num_frames", SCHEDULER_KEY)
 
@@ -64,8 +65,8 @@ class WanFamily(DiffusersFamily):
     def sample_shape(self, model: nn.Module, batch: int) -> tuple[int, ...]:
         return (batch, self.in_channels(model), *self.latent_size(model))
 
-    def slot_parent(self, model: nn.Module, layer: int) -> nn.Module:
-        return model.blocks[layer]
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return unwrap(model).blocks
 
     def check(self, model: nn.Module, layer: int, slot: str) -> None:
         super().check(model, layer, slot)
