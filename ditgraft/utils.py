@@ -115,7 +115,8 @@ def torch_load_weights(path: str, allowed: tuple = ()):
             lines = text.strip().splitlines() or [""]
             raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
                              f"{lines[-3 if len(lines) > 2 else -1][:120]})") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
+        except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+                OverflowError, MemoryError) as err:  # garbage bytes reach the unpickler's stack ops in any state
             raise ValueError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
                              f"{(str(err) or type(err).__name__).splitlines()[0][:200]})") from None
 

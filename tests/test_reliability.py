@@ -461,6 +461,19 @@ def test_orphan_cleanup_spares_another_ranks_sample_part(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["part1.npz"] and adm.load_samples_npz(str(path))[0].shape == (2, 4, 4, 3)
 
 
+@pytest.mark.parametrize("garbage", [b"\x80\x02e.", b"\x80\x02t.", b"\x80\x02h\x05.", b"\x80\x021."],
+                         ids=["appends-on-empty-stack", "tuple-without-mark", "unknown-memo", "pop-mark"])
+def test_garbage_pickles_are_named_as_corrupt(tmp_path, garbage):
+    """Random bytes reach the unpickler's stack and memo operations in any state (IndexError, KeyError, ...): each
+    is the one "not a readable PyTorch checkpoint" error, never a bug report."""
+    from ditgraft.utils import torch_load_weights
+
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(garbage)
+    with pytest.raises(ValueError, match="garbage.pt is not a readable PyTorch checkpoint"):
+        torch_load_weights(str(path))
+
+
 def test_stale_lock_of_a_dead_process_is_reported_and_taken_over(d, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
