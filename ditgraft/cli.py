@@ -781,7 +781,18 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(BUG_REPORT, file=sys.stderr)
         return 1
+    finally:
+        _leave_distributed()
     return 0
+
+
+def _leave_distributed() -> None:
+    """Leave the process group before the interpreter exits: a gloo group torn down at exit can abort the process
+    ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
