@@ -453,7 +453,7 @@ def train(model: nn.Module, step_fn: StepFn, data: tuple[torch.Tensor, ...], cfg
             bar.update(1)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 # under FSDP every rank takes part in gathering the full states; rank 0 writes them
-                states = ((fsdp2.full_state(net), ema_net and fsdp2.full_state(ema_net),
+                states = ((fsdp2.full_state(net), None if ema_net is None else fsdp2.full_state(ema_net),
                            fsdp2.full_optimizer_state(net, opt)) if fsdp else (model, ema, opt))
                 if rank == 0:
                     bad = non_finite_tensors(*states[:2])

@@ -71,8 +71,8 @@ def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
     params = sum(p.numel() for p in student.parameters())
     trainable = params - sum(p.numel() for p in family.frozen_parameters(student))  # e.g. DiT's sin-cos table
-    shards = world if getattr(cfg, "sharding", "ddp") == "fsdp" else 1
-    block = max(sum(p.numel() for p in family.slot_parent(student, i).parameters()) for i in range(dims.depth))
+    shards = world if cfg.sharding == "fsdp" else 1
+    block = max(sum(p.numel() for p in b.parameters()) for b in family.blocks(student))
     est = dit_training_memory(params, trainable, dims.grid[0] * dims.grid[1], dims.dim, dims.depth, micro,
                               cfg.precision, cfg.activation_checkpointing, ema=cfg.ema_decay is not None,
                               shards=shards, block_params=block)
@@ -86,7 +86,7 @@ def format_stage2_memory(student, cfg, world: int, device: torch.device | None =
     est, micro = stage2_memory(student, cfg, world)
     return (f"stage 2 expected memory: {est.format(unit)}; micro-batch {micro} = batch {cfg.batch_size} / {world} "
             f"{unit}(s) / grad_accum_steps {cfg.grad_accum_steps}, {cfg.precision}, activation checkpointing "
-            f"{'on' if cfg.activation_checkpointing else 'off'}, {getattr(cfg, 'sharding', 'ddp')}")
+            f"{'on' if cfg.activation_checkpointing else 'off'}, {cfg.sharding}")
 
 
 def recipe_stage2_memory(recipe, gpus: int) -> str | None:
