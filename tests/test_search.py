@@ -58,6 +58,34 @@ def test_a_budget_no_design_meets_is_refused_before_anything_is_written(tmp_path
     assert not os.path.exists(tmp_path / "searches")
 
 
+def test_a_mixing_budget_counts_the_flops_above_the_kept_projections(tmp_path):
+    import torch
+
+    from ditgraft.explore.search import load_search, operator_costs
+    from ditgraft.graft.teacher import load_teacher
+    from ditgraft.operators.common import projection_flops
+    from ditgraft.operators.registry import operator_flops
+    from ditgraft.recipe import parse_recipe
+
+    s, base, _ = load_search(_search(tmp_path, budget={"share": 0.6, "part": "mixing"}))
+    teacher, _ = load_teacher(parse_recipe(base), torch.device("cpu"))
+    from ditgraft.models.adapters import model_dims
+
+    d = model_dims(teacher)
+    dim, heads, grid = d.dim, d.heads, d.grid
+    kept = projection_flops(grid[0] * grid[1], dim)
+    want = (operator_flops("swa", dim, heads, grid, window=2) - kept) / (operator_flops("mha", dim, heads, grid) - kept)
+    costs = operator_costs(teacher, "attn", s.candidates, "flops", "mixing")
+    assert costs["mha"] == 1.0 and costs["swa"] == pytest.approx(want)
+    assert costs["swa"] < operator_costs(teacher, "attn", s.candidates, "flops")["swa"]
+
+
+def test_a_mixing_budget_by_latency_is_refused(tmp_path, capsys):
+    path = _search(tmp_path, budget={"share": 0.6, "part": "mixing", "cost": "latency"})
+    assert main(["search", path]) == 2
+    assert "part = mixing needs cost = flops" in capsys.readouterr().err
+
+
 def test_unknown_candidate_is_refused(tmp_path, capsys):
     path = _search(tmp_path, candidates={"mha": {}, "nonsense": {}})
     assert main(["search", path]) == 2

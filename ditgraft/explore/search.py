@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ditgraft.explore.spec import build_sweep
 from ditgraft.recipe import Graft, find_recipe, parse_recipe, read_yaml_file, resolved_recipe_dict
@@ -46,9 +46,20 @@ KEEP = {"attn": "mha", "mlp": "mlp"}  # the teacher's own operator of each slot:
 
 
 class Budget(BaseModel):
+    """``share`` of the teacher's slot cost a design may spend. ``part: mixing`` counts only the FLOPs above the
+    teacher's attention projections (qkv and output, which every token mixer of the zoo keeps): the token-mixing
+    work the paper's attention FLOPs stand for, which at the testbed's 64 tokens is a fifth of the slot's FLOPs."""
     model_config = ConfigDict(extra="forbid")
     cost: str = Field(default="flops", pattern="^(flops|latency)$")
     share: float = Field(gt=0)
+    part: str = Field(default="slot", pattern="^(slot|mixing)$")
+
+    @model_validator(mode="after")
+    def _mixing_is_attention_flops(self):
+        if self.part == "mixing" and self.cost != "flops":
+            raise ValueError(f"part = mixing needs cost = flops (got cost = {self.cost}): only the FLOP formulas "
+                             "split a slot into projections and mixing")
+        return self
 
 
 class Probe(BaseModel):
@@ -131,17 +142,22 @@ def _candidate_module(teacher, slot: str, op: str, options: dict, layer: int = 0
 
 
 @torch.no_grad()
-def operator_costs(teacher, slot: str, candidates: dict, cost: str) -> dict[str, float]:
+def operator_costs(teacher, slot: str, candidates: dict, cost: str, part: str = "slot") -> dict[str, float]:
     """Each candidate's cost in one layer relative to the teacher's own operator: forward FLOPs by the operators'
     formulas (``ditgraft ops``: what the operator needs, e.g. a band for sliding-window attention, not what a dense
-    fallback executes), or forward latency measured side by side (candidates take turns; median of 7)."""
+    fallback executes), or forward latency measured side by side (candidates take turns; median of 7). With
+    ``part="mixing"`` the teacher's attention projections are taken off every candidate's FLOPs first."""
     from ditgraft.models.adapters import model_dims
+    from ditgraft.operators.common import projection_flops
     from ditgraft.operators.registry import operator_flops
 
     keep = KEEP[slot]
+    if part == "mixing" and slot != "attn":
+        raise ValueError(f"budget.part = mixing: only the attn slot has projections to take off (slot = {slot})")
     if cost == "flops":
         d = model_dims(teacher)
-        raw = {op: float(operator_flops(op, d.dim, d.heads, d.grid, **opts))
+        kept = projection_flops(d.grid[0] * d.grid[1], d.dim) if part == "mixing" else 0
+        raw = {op: float(operator_flops(op, d.dim, d.heads, d.grid, **opts)) - kept
                for op, opts in {keep: {}, **candidates}.items()}
     else:
         mods = {op: _candidate_module(teacher, slot, op, opts).eval() for op, opts in {keep: {}, **candidates}.items()}
@@ -316,11 +332,11 @@ def run_search(path: str, out: str | None = None, jobs: int = 1, device: str | N
     teacher, _ = load_teacher(parse_recipe(base), dev)
     depth = model_dims(teacher).depth
     ops = list(s.candidates)
-    rel = operator_costs(teacher, s.slot, s.candidates, s.budget.cost)
+    rel = operator_costs(teacher, s.slot, s.candidates, s.budget.cost, s.budget.part)
     cheapest = min(rel, key=rel.get)
     if rel[cheapest] > s.budget.share + 1e-9:
         raise ValueError(f"budget.share = {s.budget.share}: no design fits; the cheapest ({cheapest} in every layer) "
-                         f"costs {rel[cheapest]:.3f} of the teacher's {s.slot} {s.budget.cost} "
+                         f"costs {rel[cheapest]:.3f} of the teacher's {s.slot} {s.budget.cost} ({s.budget.part}) "
                          f"({', '.join(f'{o} {c:.3f}' for o, c in rel.items())})")
     ensure_writable(out, "search directory")
     with run_lock(out, f"ditgraft search {name}"):
@@ -412,7 +428,8 @@ def report_markdown(r: dict) -> str:
         return "-" if v is None else f"{v:.4g}"
 
     lines = [f"# Search {r['search']}", "",
-             f"Slot {r['slot']}; budget: {r['budget']['cost']} at most {r['budget']['share']:.3f} of the teacher's; "
+             f"Slot {r['slot']}; budget: {r['budget']['cost']} at most {r['budget']['share']:.3f} of the teacher's "
+             f"({'token-mixing FLOPs, projections taken off' if r['budget'].get('part') == 'mixing' else 'whole slot'}); "
              f"designs chosen by least total {r['signal']} (exact, MILP). Cost per layer relative to the teacher's "
              "operator: " + ", ".join(f"{o} {c:.3f}" for o, c in r["costs"].items()) + ".", "",
              "## Signals per layer", "", "| signal | candidate | " + " | ".join(
