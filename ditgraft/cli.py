@@ -111,25 +111,30 @@ def _print_summary(run_dir: str) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from ditgraft.explore.spec import load_sweep
+    from ditgraft.explore.spec import load_sweeps
     from ditgraft.explore.sweep import default_dir, format_status, run_sweep, sweep_status
     from ditgraft.explore.table import write_table
 
-    sweep = load_sweep(args.sweep)
-    out = args.out or default_dir(sweep)
-    if args.status:
-        print(format_status(sweep_status(sweep, out)))
-        return
-    if args.table:
-        if not os.path.exists(os.path.join(out, "points.json")):
-            raise FileNotFoundError(f"{out}: no sweep directory (points.json); run `ditgraft sweep {args.sweep}` first")
-        write_table(out)
-    else:
-        scheduler = {k: v for k, v in (("timeout_min", args.timeout_min), ("slurm_partition", args.partition))
-                     if v is not None}
-        run_sweep(sweep, out, jobs=args.jobs, launcher=args.launcher, device=args.device, threads=args.threads,
-                  gpus=args.gpus_per_point, cluster=args.cluster, scheduler=scheduler)
-    print(f"table: {os.path.join(out, 'results.md')}")
+    sweeps = load_sweeps(args.sweep)
+    folder = len(sweeps) > 1 or os.path.isdir(args.sweep)
+    for sweep in sweeps:  # a folder of sweep files: one after the other, each in OUT/<its name>
+        out = (os.path.join(args.out, sweep.name) if folder else args.out) if args.out else default_dir(sweep)
+        if folder:
+            print(f"== sweep {sweep.name} ({out})")
+        if args.status:
+            print(format_status(sweep_status(sweep, out)))
+            continue
+        if args.table:
+            if not os.path.exists(os.path.join(out, "points.json")):
+                raise FileNotFoundError(f"{out}: no sweep directory (points.json); run `ditgraft sweep {args.sweep}` "
+                                        "first")
+            write_table(out)
+        else:
+            scheduler = {k: v for k, v in (("timeout_min", args.timeout_min), ("slurm_partition", args.partition))
+                         if v is not None}
+            run_sweep(sweep, out, jobs=args.jobs, launcher=args.launcher, device=args.device, threads=args.threads,
+                      gpus=args.gpus_per_point, cluster=args.cluster, scheduler=scheduler)
+        print(f"table: {os.path.join(out, 'results.md')}")
 
 
 def cmd_search(args) -> None:
@@ -494,8 +499,10 @@ def _graft_args(s) -> None:
 def _sweep_args(s) -> None:
     from ditgraft.explore.launchers import CLUSTERS, LAUNCHERS
 
-    s.add_argument("sweep", help="the sweep .yaml (base recipe, grid / zip / points, baseline)")
-    s.add_argument("--out", default=None, help="the sweep directory (default sweeps/<sweep name>)")
+    s.add_argument("sweep", help="the sweep .yaml (base recipe, grid / zip / points, baseline), or a folder of them "
+                                 "(run in name order, e.g. the study's tables)")
+    s.add_argument("--out", default=None, help="the sweep directory (default sweeps/<sweep name>; for a folder: "
+                                               "the parent of one directory per sweep)")
     s.add_argument("--jobs", type=positive_int, default=1,
                    help="local launcher: points run at once; the CPU threads are split between them (default 1)")
     s.add_argument("--launcher", default="local", choices=LAUNCHERS,

@@ -249,6 +249,9 @@ class Lora(Strict):
 class Stage2(Strict):
     enabled: bool = True
     data: Data = Field(default_factory=Data)
+    # training images the batches are drawn from: a seeded random subset of the data's training rows (None: all);
+    # the paper's stage-2 data share (10% or 20% of ImageNet)
+    samples: int | None = Field(default=None, ge=1)
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-4, gt=0)
@@ -332,6 +335,11 @@ class Evaluation(Strict):
         return self
 
 
+# fields added after run directories were first recorded, left out of the recorded recipe while None, so that a run
+# recorded before them still resumes
+OMITTED_WHEN_UNSET = (("restructure",), ("stage2", "samples"))
+
+
 class Recipe(Strict):
     name: str = "graft"
     description: str = ""
@@ -365,8 +373,12 @@ class Recipe(Strict):
 
     def to_dict(self) -> dict:
         d = self.model_dump(mode="json")
-        if d.get("restructure") is None:  # recipes without it keep their recorded form
-            d.pop("restructure", None)
+        for path in OMITTED_WHEN_UNSET:  # recipes that do not use these fields keep their recorded form
+            parent = d
+            for key in path[:-1]:
+                parent = parent.get(key) or {}
+            if path[-1] in parent and parent[path[-1]] is None:
+                del parent[path[-1]]
         return d
 
 

@@ -109,3 +109,19 @@ def test_latents_recipe_runs_stage1_and_stage2(tmp_path):
                  np.arange(16) % 10)
     teacher = _teacher(tmp_path, input_size=8, patch_size=2, in_channels=4)
     _run_both_stages(_recipe(teacher, {"source": "latents", "path": path, "scale": 0.5}), str(tmp_path / "run"))
+
+
+def test_stage2_samples_draw_a_fixed_subset_and_a_too_large_one_is_refused(tmp_path):
+    from ditgraft.graft.data_split import check_data
+    from ditgraft.graft.teacher import load_teacher
+
+    half, _, _, _ = load_split("mnist5k", 2250, 250, seed=0)
+    again, _, _, _ = load_split("mnist5k", 2250, 250, seed=0)
+    full, _, _, _ = load_split("mnist5k", None, 250, seed=0)
+    assert len(half) == 2250 and len(full) == 4500 and torch.equal(half, again)
+    recipe = parse_recipe({"name": "tiny", "teacher": {"source": "testbed"}, "grafts": GRAFT,
+                           "stage2": {"samples": 4501}, "eval": {"enabled": False, "baselines": []}})
+    teacher, _ = load_teacher(recipe, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"stage2.samples = 4501: .* only 4500 training rows"):
+        check_data(recipe, teacher)
+    assert "samples" not in parse_recipe({**recipe.to_dict(), "stage2": {}}).to_dict()["stage2"]

@@ -242,9 +242,16 @@ def test_pipeline_restructure_with_baselines_at_matched_flops(tmp_path):
     r = parse_recipe({"name": "tiny", "teacher": {"source": path}, "restructure": {"parallel_pairs": "all"},
                       "stage1": {"samples": 32, "val_samples": 8, "steps": 4, "batch_size": 8, "eval_every": 2},
                       "stage2": {"steps": 3, "batch_size": 8, "ckpt_every": 2},
-                      "eval": {"num": 10, "steps": 2, "baselines": ["depth_pruned", "from_scratch"]}})
+                      "eval": {"num": 10, "steps": 2, "baselines": ["depth_pruned", "from_scratch"],
+                               "protocol": "decision", "seeds": [0, 1], "resamples": 20}})
     run = str(tmp_path / "run")
     report = run_graft(r, run, progress=False, log=lambda *_: None)
+    for name in rs.BASELINES:  # under the decision protocol: each baseline vs the teacher, and paired with the student
+        against_teacher = json.load(open(os.path.join(run, "eval", f"{name}_decision.json")))
+        paired = json.load(open(os.path.join(run, "eval", f"grafted_vs_{name}_decision.json")))
+        assert against_teacher["num"] == paired["num"] == 20
+        assert paired["against"]["fid"]["value"] == pytest.approx(against_teacher["model"]["fid"]["value"])
+    assert "grafted/depth_pruned" in open(os.path.join(run, "eval", "decision.txt")).read()
     c = report["compute"]
     assert c["total_flops"] == c["stage1_extraction_flops"] + c["stage1_operator_flops"] + c["stage2_flops"]
     assert c["stage1_operator_flops"] > 0 and c["stage2_flops"] > 0

@@ -175,6 +175,28 @@ def test_bad_sweep_files_are_refused_before_anything_runs(change, message, tmp_p
     assert not os.path.exists(tmp_path / "sweeps")  # nothing written
 
 
+def _folder_of_sweeps(folder, second: dict) -> str:
+    base = {"teacher": {"source": "testbed"}, "grafts": [{"slot": "attn", "layers": [1], "operator": "hyena_x"}]}
+    folder.mkdir()
+    (folder / "a.yaml").write_text(yaml.safe_dump({"name": "a", "base": base, "grid": {"stage2.steps": [2, 4]}}))
+    (folder / "b.yaml").write_text(yaml.safe_dump({"base": base, **second}))
+    return str(folder)
+
+
+def test_a_folder_of_sweeps_lists_each_and_is_validated_whole_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = _folder_of_sweeps(tmp_path / "study", {"name": "b", "points": [{"stage1.steps": 7}]})
+    assert main(["sweep", good, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "== sweep a (sweeps/a)" in out and "== sweep b (sweeps/b)" in out and "2 pending" in out
+    for i, (second, message) in enumerate((
+            ({"name": "b", "points": [{"stage9.steps": 7}]}, "stage9"),
+            ({"name": "a", "points": [{"stage1.steps": 7}]}, "sweep names must differ; used twice: a"))):
+        assert main(["sweep", _folder_of_sweeps(tmp_path / f"bad{i}", second)]) == 2
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "sweeps")  # the first, valid sweep did not start either
+
+
 def test_pareto_front_keeps_the_undominated_points():
     rows = [{"name": "a", "forward_flops": 1, "ratio": 3.0}, {"name": "b", "forward_flops": 2, "ratio": 2.0},
             {"name": "c", "forward_flops": 3, "ratio": 2.5}, {"name": "d", "forward_flops": 4, "ratio": 1.0},

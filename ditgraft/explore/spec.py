@@ -189,7 +189,7 @@ def build_sweep(data: dict, source: str = "<dict>", folder: str | None = None) -
     else:
         base = resolve_bases(dict(f.base), folder, source)
     base.pop("abstract", None)
-    base_recipe = parse_recipe(base, f"{source} (base)").to_dict()
+    base_recipe = parse_recipe(base, f"{source} (base)").model_dump(mode="json")  # every field, to walk paths
     name = f.name or (os.path.splitext(os.path.basename(source))[0] if source != "<dict>" else "sweep")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise _err(source, f"name = {name!r}: use letters, digits, '.', '_' and '-' (it names the sweep directory)")
@@ -217,6 +217,22 @@ def build_sweep(data: dict, source: str = "<dict>", folder: str | None = None) -
     if f.baseline != "teacher" and f.baseline not in seen:
         raise _err(source, f"baseline = {f.baseline!r}: use 'teacher' or one of the points: {list(seen)}")
     return Sweep(name, f.description, data, base_recipe, axes, tuple(points), f.baseline)
+
+
+def load_sweeps(path: str) -> list[Sweep]:
+    """The sweep file ``path``, or every ``*.yaml`` sweep file of the folder ``path`` in name order (a study: one
+    sweep per table), all read and validated before any runs; their names must differ."""
+    if not os.path.isdir(path):
+        return [load_sweep(path)]
+    files = sorted(f for f in os.listdir(path) if f.endswith((".yaml", ".yml")))
+    if not files:
+        raise FileNotFoundError(f"sweep folder {path!r}: no .yaml sweep files in it")
+    sweeps = [load_sweep(os.path.join(path, f)) for f in files]
+    names = [s.name for s in sweeps]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"sweep folder {path!r}: sweep names must differ; used twice: {', '.join(twice)}")
+    return sweeps
 
 
 def load_sweep(path: str) -> Sweep:

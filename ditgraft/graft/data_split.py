@@ -57,9 +57,13 @@ def stage1_split(cfg, seed: int, log=None) -> tuple[torch.Tensor, ...]:
 
 def check_data(recipe: Recipe, teacher) -> None:
     """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels)."""
-    for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples), ("stage2", recipe.stage2, None)):
+    for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples),
+                             ("stage2", recipe.stage2, recipe.stage2.samples)):
         if c.enabled:
             x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)
+            if name == "stage2" and n_train is not None and len(x) < n_train:
+                raise ValueError(f"stage2.samples = {n_train}: the data {c.data} has only {len(x)} training rows "
+                                 f"(after the {recipe.stage1.val_samples} held out); allowed: 1 to {len(x)}")
             check_data_fits(x, y, teacher, f"{name}.data = {c.data}")
             check_data_fits(xv, yv, teacher, f"{name}.data = {c.data} (validation rows)")
 

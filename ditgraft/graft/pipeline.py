@@ -188,7 +188,7 @@ def _restructure_baseline(name: str) -> Callable[[Run], None]:
         cfg = baseline_stage2(r.recipe, name, r.accounting[f"{name}_stage2_steps"])
         r.log(f"{name} baseline: {cfg.steps} stage-2 steps at lr {cfg.lr} (the same total FLOPs)")
         model = baseline_model(name, r.teacher, r.spec, r.recipe.seed)
-        x, y, _, _ = load_split(cfg.data, None, r.recipe.stage1.val_samples, r.recipe.seed)
+        x, y, _, _ = load_split(cfg.data, cfg.samples, r.recipe.stage1.val_samples, r.recipe.seed)
         model, _ = r.timed(f"baseline_{name}", lambda: run_stage2(
             model, cfg, x, y, r.path(f"baseline_{name}", "stage2"), r.recipe.seed, r.progress, teacher=r.teacher))
         extra = {"baseline": name}
@@ -404,7 +404,8 @@ def _stages_or_refusal(r: Run) -> list[int] | str:
 def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher, dev, progress, log,
               hooks: dict | None = None) -> None:
     """The decision protocol over ``recipe.eval.seeds``: student vs teacher (with the recipe's targets) and, when
-    asked, the random-init baseline vs the student; results in eval/*_decision.json and eval/decision.txt.
+    asked, the random-init baseline vs the student and each restructure baseline vs the teacher and vs the student;
+    results in eval/*_decision.json and eval/decision.txt.
     ``hooks`` (``eval_hooks``) sample and score as the quick protocol did; inception features are compared against
     ``eval.reference``."""
     e, out = recipe.eval, os.path.join(run_dir, "eval")
@@ -421,6 +422,17 @@ def _decision(recipe: Recipe, run_dir: str, protocol: Protocol, student, teacher
                             targets=Targets(1.0, 0.0), **kw)
         text.append(format_decision(res, "random_init", "grafted")
                     + "\n  (random init worse than grafting, beyond doubt: both verdicts 'missed')")
+    for name in BASELINES:  # restructuring's baselines at equal FLOPs: each against the teacher, and paired with
+        path = os.path.join(run_dir, f"baseline_{name}", "student.safetensors")  # the restructured student
+        if name in e.baselines and os.path.exists(path):
+            base, _ = load_grafted(path, dev)
+            res = decision_eval(base, out, against=teacher, tag=name, against_tag="teacher",
+                                targets=Targets(e.target_ratio, e.target_gap), **kw)
+            text.append(format_decision(res, name, "teacher"))
+            res = decision_eval(student, out, against=base, tag="grafted", against_tag=name,
+                                name=f"grafted_vs_{name}", targets=Targets(1.0, 0.0), **kw)
+            text.append(format_decision(res, "grafted", name)
+                        + f"\n  (the restructured student better than {name}, beyond doubt: both verdicts 'met')")
     on_main(lambda: atomic_write_text(os.path.join(out, "decision.txt"), "\n".join(text) + "\n"))
     log("\n".join(text))
 
@@ -441,7 +453,7 @@ def _train_student(r: Run, out_dir: str, stage1_dir: str | None, timing_key: str
     if not recipe.stage2.enabled:
         return student.eval()
     c = recipe.stage2 if steps is None else recipe.stage2.model_copy(update={"steps": steps})
-    x, y, _, _ = load_split(c.data, None, recipe.stage1.val_samples, recipe.seed)
+    x, y, _, _ = load_split(c.data, c.samples, recipe.stage1.val_samples, recipe.seed)
     student, _ = r.timed(timing_key, lambda: run_stage2(student, c, x, y, os.path.join(out_dir, "stage2"),
                                                         recipe.seed, r.progress, teacher=r.teacher,
                                                         grafts=r.grafts))
