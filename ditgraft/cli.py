@@ -445,7 +445,7 @@ def _synth_captions(args) -> None:
 def cmd_ops(args) -> None:
     from ditgraft.operators.table import format_ops_table, ops_table
 
-    rows = ops_table(args.dim, args.tokens, args.heads)
+    rows = ops_table(args.dim, args.tokens, args.heads, device=args.device, dtype=args.dtype)
     print(format_ops_table(rows, args.dim, args.tokens))
 
 
@@ -663,6 +663,9 @@ def _ops_args(s) -> None:
     s.add_argument("--dim", type=positive_int, default=1152)
     s.add_argument("--tokens", type=positive_int, default=256)
     s.add_argument("--heads", type=positive_int, default=16)
+    s.add_argument("--device", default="cpu",
+                   help="the device whose paths the 'path' column shows, e.g. cuda (need not be present; default cpu)")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of those paths")
 
 
 def _bench_args(s) -> None:
