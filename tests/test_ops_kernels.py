@@ -60,6 +60,16 @@ def test_flex_mask_equals_the_reference_mask(name, options, grid):
         assert not bool(wanted.all())  # blocks are skipped (a band of 130 reaches every block at N = 384)
 
 
+def test_layers_with_one_pattern_share_one_block_mask():
+    # compiled FlexAttention recompiles per mask_mod function: a model's layers must hand it one
+    grid = (16, 24)
+    a, b = (build_operator("local2d", DIM, HEADS, grid) for _ in range(2))
+    assert a.block_mask(grid, "cpu") is b.block_mask(grid, "cpu")
+    other = build_operator("local2d", DIM, HEADS, grid, kernel_size=3)
+    assert other.block_mask(grid, "cpu") is not a.block_mask(grid, "cpu")
+    assert build_operator("swa", DIM, HEADS, grid).block_mask(grid, "cpu") is not a.block_mask(grid, "cpu")
+
+
 @pytest.mark.parametrize("name,options", LOCAL, ids=str)
 def test_eager_flex_attention_equals_reference_attention(name, options):
     grid = (16, 24)

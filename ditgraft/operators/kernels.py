@@ -112,6 +112,20 @@ def flex_block_mask(pattern, grid: tuple[int, int], device, block: int = FLEX_BL
     return create_block_mask(flex_mask_mod(pattern, grid), None, None, n, n, device=device, BLOCK_SIZE=block)
 
 
+_BLOCK_MASKS: dict = {}
+
+
+def shared_block_mask(key: tuple, pattern, grid: tuple[int, int], device):
+    """``flex_block_mask`` built once per pattern ``key`` (the operator and the values its pattern depends on), grid
+    and device, and shared by every layer with that pattern: compiled FlexAttention recompiles for each new
+    ``mask_mod`` function (and falls back to eager past dynamo's recompile limit), so the layers of a model with one
+    pattern must hand it one function."""
+    full = (key, tuple(grid), str(device))
+    if full not in _BLOCK_MASKS:
+        _BLOCK_MASKS[full] = flex_block_mask(pattern, grid, device)
+    return _BLOCK_MASKS[full]
+
+
 @functools.cache
 def _compiled_flex():
     return torch.compile(kernel_function(FLEX), dynamic=False)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention
 from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
-from ditgraft.operators.kernels import FLEX, flex_attention, flex_block_mask, kernel_ready
+from ditgraft.operators.kernels import FLEX, flex_attention, kernel_ready, shared_block_mask
 from ditgraft.operators.registry import register
 
 LOCAL_IMPLS = ("auto", "tiled", "reference")
@@ -164,11 +164,10 @@ class _LocalAttention(nn.Module):
         return self._plans[key]
 
     def block_mask(self, grid: tuple[int, int], device):
-        """FlexAttention BlockMask of the pattern on ``grid`` (cached like the tile plans)."""
-        key = ("flex", tuple(grid), str(device))
-        if key not in self._plans:
-            self._plans[key] = flex_block_mask(self._pattern(grid), grid, device)
-        return self._plans[key]
+        """FlexAttention BlockMask of the pattern on ``grid``, one for all layers with this pattern (``kernels.
+        shared_block_mask``; ``pattern_fields`` are the attributes the pattern depends on)."""
+        key = (type(self).__name__,) + tuple(getattr(self, f) for f in self.pattern_fields)
+        return shared_block_mask(key, self._pattern(grid), grid, device)
 
     def kernel_path(self, device, dtype, tokens: int) -> str:
         """The path a call on ``tokens`` tokens takes on ``device`` / ``dtype``: FLEX, "tiled" or "reference"."""
@@ -215,9 +214,11 @@ class SWA(_LocalAttention):
         self.out_proj = nn.Linear(dim, dim)
 
     # SWA ignores the 2-D layout: the grid is viewed as one row of N tokens.
+    pattern_fields = ("window",)
+
     def _pattern(self, grid):
-        n = grid[0] * grid[1]
-        return lambda qy, qx, ky, kx: band_pattern(qy, qx, ky, kx, width=n, window=self.window)
+        n, window = grid[0] * grid[1], self.window
+        return lambda qy, qx, ky, kx: band_pattern(qy, qx, ky, kx, width=n, window=window)
 
     def _tile(self, grid):
         return (1, self.block)
@@ -295,6 +296,8 @@ class Local2D(_GridLocalAttention):
         super().__init__(dim, heads, grid, impl, tile)
         self.kernel_size = int(kernel_size)
 
+    pattern_fields = ("kernel_size",)
+
     def kernel(self, grid) -> tuple[int, int]:
         return (min(self.kernel_size, grid[0]), min(self.kernel_size, grid[1]))
 
@@ -330,8 +333,11 @@ class CLEAR(_GridLocalAttention):
         super().__init__(dim, heads, grid, impl, tile)
         self.radius = float(radius)
 
+    pattern_fields = ("radius",)
+
     def _pattern(self, grid):
-        return lambda qy, qx, ky, kx: circle_pattern(qy, qx, ky, kx, radius=self.radius)
+        radius = self.radius
+        return lambda qy, qx, ky, kx: circle_pattern(qy, qx, ky, kx, radius=radius)
 
     def _reach(self, grid):
         reach = circle_reach(self.radius)
