@@ -70,6 +70,19 @@ def test_layers_with_one_pattern_share_one_block_mask():
     assert build_operator("swa", DIM, HEADS, grid).block_mask(grid, "cpu") is not a.block_mask(grid, "cpu")
 
 
+@pytest.mark.parametrize("impl", ["tiled", "flex"])
+def test_masks_and_plans_cached_in_inference_mode_serve_autograd(impl):
+    grid = (16, 24)
+    op = build_operator("clear", DIM, HEADS, grid, radius=3.5, impl="tiled")
+    with torch.inference_mode():
+        cached = op.plan(grid, "cpu") if impl == "tiled" else op.block_mask(grid, "cpu")
+    tensors = [cached.blocked] if impl == "tiled" else [cached.kv_num_blocks, cached.kv_indices]
+    assert not any(t.is_inference() for t in tensors)
+    x = torch.randn(1, 384, DIM, requires_grad=True)
+    op(x, grid).sum().backward()  # the tiled path saves the cached mask for its backward
+    assert x.grad is not None
+
+
 @pytest.mark.parametrize("name,options", LOCAL, ids=str)
 def test_eager_flex_attention_equals_reference_attention(name, options):
     grid = (16, 24)
@@ -97,6 +110,16 @@ def test_local_attention_paths_follow_device_dtype_and_impl():
     for impl in ("reference", "tiled"):  # an explicit impl is what runs, kernel or not
         op.impl = impl
         assert op.kernel_path("cuda", torch.bfloat16, 4096) == impl
+
+
+def test_under_a_flop_counter_the_pytorch_paths_run():
+    # compiled FlexAttention cannot run under a dispatch mode, and fused kernels would hide their FLOPs from it
+    from torch.utils.flop_counter import FlopCounterMode
+
+    op = build_operator("swa", DIM, HEADS, (4, 4))
+    assert op.kernel_path("cuda", torch.float32, 4096) == FLEX
+    with FlopCounterMode(display=False):
+        assert op.kernel_path("cuda", torch.float32, 4096) == "tiled"
 
 
 def test_mamba2_and_hyena_paths_without_and_with_the_packages(monkeypatch):

@@ -23,6 +23,7 @@ import importlib
 import warnings
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 FLEX, MAMBA_SSM, CAUSAL_CONV1D = "flex_attention", "mamba_ssm", "causal_conv1d"
 # where each kernel's function lives (the package, for messages, is the first dotted part)
@@ -60,9 +61,12 @@ def kernel_function(kernel: str):
 
 def kernel_ready(kernel: str, device, dtype: torch.dtype) -> bool:
     """Whether ``kernel`` runs a call on ``device`` with ``dtype``: kernels enabled, a CUDA device, a dtype the kernel
-    takes, and the package importable. The operators' own shape limits (e.g. conv widths) are checked by them."""
+    takes, the package importable, and no Python dispatch mode active. Under such a mode (torch's FlopCounterMode in
+    ``ditgraft.flops``, tracers) the PyTorch path runs: compiled FlexAttention cannot run under one, and the fused
+    kernels would hide their work from a counter. The operators' own shape limits (e.g. conv widths) are checked by
+    them."""
     return (_STATE["enabled"] and torch.device(device).type == "cuda" and dtype in KERNEL_DTYPES
-            and kernel_function(kernel) is not None)
+            and _get_current_dispatch_mode() is None and kernel_function(kernel) is not None)
 
 
 def fallback_note(kernel: str, device, dtype: torch.dtype) -> str:
@@ -122,7 +126,8 @@ def shared_block_mask(key: tuple, pattern, grid: tuple[int, int], device):
     pattern must hand it one function."""
     full = (key, tuple(grid), str(device))
     if full not in _BLOCK_MASKS:
-        _BLOCK_MASKS[full] = flex_block_mask(pattern, grid, device)
+        with torch.inference_mode(False):  # built in inference mode, it must still serve calls with autograd
+            _BLOCK_MASKS[full] = flex_block_mask(pattern, grid, device)
     return _BLOCK_MASKS[full]
 
 
@@ -155,9 +160,10 @@ def causal_conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """causal-conv1d on tokens: x [B, N, C], weight [C, k] (tap k - 1 reads the current token), bias [C] ->
     [B, N, C], ``activation`` None or "silu" (applied after the bias). Same as
     ``common.reference_conv_tokens(x, weight, bias, left=k - 1)``. The kernel reads [B, C, N]; the transposed view of
-    a token-major x is its channel-last layout, taken where C is a multiple of 8, else a contiguous copy."""
+    a token-major x is its channel-last layout, taken where C and the token stride are multiples of 8, else a
+    contiguous copy."""
     xt = x.transpose(1, 2)
-    if x.shape[-1] % 8 or xt.stride(1) != 1:
+    if x.shape[-1] % 8 or x.stride(1) % 8 or x.stride(2) != 1:  # channel-last rows must be 8-aligned
         xt = xt.contiguous()
     return kernel_function(CAUSAL_CONV1D)(xt, weight, bias, activation=activation).transpose(1, 2)
 

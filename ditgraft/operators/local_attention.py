@@ -160,7 +160,9 @@ class _LocalAttention(nn.Module):
     def plan(self, grid: tuple[int, int], device) -> TilePlan:
         key = (tuple(grid), str(device))
         if key not in self._plans:
-            self._plans[key] = make_plan(self._pattern(grid), grid, self._tile(grid), self._reach(grid), device)
+            with torch.inference_mode(False):  # a plan cached in inference mode also serves later calls with autograd
+                self._plans[key] = make_plan(self._pattern(grid), grid, self._tile(grid), self._reach(grid),
+                                             device)
         return self._plans[key]
 
     def block_mask(self, grid: tuple[int, int], device):
