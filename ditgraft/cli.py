@@ -443,9 +443,10 @@ def _synth_captions(args) -> None:
 
 
 def cmd_ops(args) -> None:
+    from ditgraft.bench.common import DTYPES
     from ditgraft.operators.table import format_ops_table, ops_table
 
-    rows = ops_table(args.dim, args.tokens, args.heads, device=args.device, dtype=args.dtype)
+    rows = ops_table(args.dim, args.tokens, args.heads, device=args.device, dtype=DTYPES[args.dtype])
     print(format_ops_table(rows, args.dim, args.tokens))
 
 
@@ -665,7 +666,8 @@ def _ops_args(s) -> None:
     s.add_argument("--heads", type=positive_int, default=16)
     s.add_argument("--device", default="cpu",
                    help="the device whose paths the 'path' column shows, e.g. cuda (need not be present; default cpu)")
-    s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of those paths")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of those paths (default fp32)")
 
 
 def _bench_args(s) -> None:

@@ -4,6 +4,7 @@
 #   scripts/gpu_bench.sh [OUT_DIR]            on a machine with a CUDA GPU (bf16; about ten minutes)
 #   scripts/gpu_bench.sh --dry-run            print the plan, install and run nothing
 #   scripts/gpu_bench.sh --tiny [OUT_DIR]     every section at toy sizes on the CPU (checks the suite itself)
+#   scripts/gpu_bench.sh OUT_DIR -- --sections ops_fwd model    arguments after -- go to ditgraft.bench.suite
 #
 # Installs ditgraft (with diffusers, for PixArt) from this checkout, then tries the optional kernels mamba_ssm and
 # causal-conv1d (at most four minutes each; without them those operators run their PyTorch paths and
@@ -14,8 +15,12 @@ cd "$(dirname "$0")/.."
 preset=gpu
 dry=""
 out=""
-for arg in "$@"; do
+extra=()
+while (($#)); do
+  arg=$1
+  shift
   case "$arg" in
+    --) extra=("$@"); break ;;
     --dry-run) dry=--dry-run ;;
     --tiny) preset=tiny ;;
     -*) echo "unknown option $arg (use --dry-run, --tiny or an output folder)" >&2; exit 2 ;;
@@ -39,4 +44,4 @@ if [[ -z "$dry" && "$preset" == gpu ]]; then
   done
 fi
 
-exec "$py" -m ditgraft.bench.suite --preset "$preset" --out "$out" $dry
+exec "$py" -m ditgraft.bench.suite --preset "$preset" --out "$out" $dry ${extra[@]+"${extra[@]}"}

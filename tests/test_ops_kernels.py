@@ -146,15 +146,17 @@ def test_mamba2_and_hyena_paths_without_and_with_the_packages(monkeypatch):
 def test_ops_table_shows_the_path_on_the_asked_device():
     from ditgraft.operators.table import format_ops_table, ops_table
 
-    rows = {r["operator"]: r for r in ops_table(64, 4096, 4, device="cuda", dtype="bf16")}
+    rows = {r["operator"]: r for r in ops_table(64, 4096, 4, device="cuda", dtype=torch.bfloat16)}
     assert rows["swa"]["path"] == rows["local2d"]["path"] == rows["clear"]["path"] == FLEX
     assert rows["mamba2"]["path"].startswith("mamba_ssm" if kernels.kernel_function(MAMBA_SSM) else "chunked + taps (mamba_ssm not installed")
     assert rows["mha"]["path"] == "torch (sdpa)"
     cpu = ops_table(64, 4096, 4)
     assert {r["operator"]: r["path"] for r in cpu}["swa"] == "tiled"
     assert "| path on cpu |" in format_ops_table(cpu, 64, 4096)
-    with pytest.raises(ValueError, match="dtype='fp64'"):
-        ops_table(64, 256, 4, dtype="fp64")
+    with pytest.raises(ValueError, match="dtype='bf16'"):
+        ops_table(64, 256, 4, dtype="bf16")
+    with pytest.raises(ValueError, match="device='gpu'"):
+        ops_table(64, 256, 4, device="gpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import traceback
 
 import torch
 
-from ditgraft.bench.common import (environment, format_table, resolve_clock, resolve_device_dtype, round_robin,
-                                   summarize, synchronizer)
+from ditgraft.bench.common import (DTYPES, environment, format_table, resolve_clock, resolve_device_dtype,
+                                   round_robin, summarize, synchronizer)
 
 PRESETS = {
     "gpu": dict(device="cuda", dtype="bf16", dim=1152, heads=16, ops=["swa", "local2d", "clear", "hyena_x",
@@ -143,7 +143,7 @@ def sampling_rows(dim: int, heads: int, depth: int, input_size: int, batch: int,
 def _paths_rows(p: dict) -> list[dict]:
     from ditgraft.operators.table import ops_table
 
-    rows = ops_table(p["dim"], p["op_tokens"][-1], p["heads"], device=p["device"], dtype=p["dtype"])
+    rows = ops_table(p["dim"], p["op_tokens"][-1], p["heads"], device=p["device"], dtype=DTYPES[p["dtype"]])
     return [{"operator": r["operator"] + (f" {r['options']}" if r["options"] else ""), "path": r["path"]}
             for r in rows]
 

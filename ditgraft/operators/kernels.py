@@ -77,6 +77,8 @@ def fallback_note(kernel: str, device, dtype: torch.dtype) -> str:
         return "kernels disabled"
     if dtype not in KERNEL_DTYPES:
         return f"{kernel} does not take {dtype}"
+    if kernel == FLEX:
+        return f"no FlexAttention in torch {torch.__version__}"
     return f"{_SOURCES[kernel][0].split('.')[0]} not installed"
 
 

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from ditgraft.bench.common import DTYPES
 from ditgraft.operators.kernels import describe_path
 from ditgraft.operators.registry import build_operator, get_spec, operator_flops, operator_names
 
@@ -35,11 +34,11 @@ MAX_DIM, MAX_TOKENS = 1 << 16, 1 << 20  # 4x DiT-XL's width, 4096x its tokens: f
 
 
 def ops_table(dim: int = 1152, tokens: int = 256, heads: int = 16, device: str = "cpu",
-              dtype: str = "fp32") -> list[dict]:
+              dtype: torch.dtype = torch.float32) -> list[dict]:
     """One row per operator (and variant): params, forward FLOPs, ratio to the slot's baseline, and ``path``, what its
     forward runs on ``device`` (a name like "cuda"; no such device needs to be present) in ``dtype``."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not allowed; use one of {tuple(DTYPES)}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not allowed; use a torch.dtype such as torch.bfloat16")
     try:
         device = torch.device(device)
     except RuntimeError as err:
@@ -55,7 +54,7 @@ def ops_table(dim: int = 1152, tokens: int = 256, heads: int = 16, device: str =
             op = _build(name, dim, heads, grid, options)
             rows.append({"operator": name, "options": options, "slot": spec.slot,
                          "params": sum(p.numel() for p in op.parameters()),
-                         "path": describe_path(op, device, DTYPES[dtype], tokens), "device": str(device),
+                         "path": describe_path(op, device, dtype, tokens), "device": str(device),
                          "flops": operator_flops(name, dim, heads, grid, **options),
                          "description": spec.description})
     base = {"attn": operator_flops("mha", dim, heads, grid), "mlp": operator_flops("mlp", dim, heads, grid, ratio=4)}
