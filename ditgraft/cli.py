@@ -171,6 +171,12 @@ def cmd_sample(args) -> None:
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
+    if args.fuse_units:
+        from ditgraft.graft.restructure import fuse_parallel_units
+
+        if not fuse_parallel_units(model):
+            raise ValueError(f"--fuse-units: model {args.model!r} has no parallel unit of two DiT blocks to fuse "
+                             "(only a restructured model's units, `restructure: parallel_pairs` in a recipe, fuse)")
     clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     args.out = args.out or _model_dir("samples", args.model, model)
@@ -565,6 +571,9 @@ def _sample_args(s) -> None:
     s.add_argument("--out", default=None, help="default runs/samples/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
     s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
+    s.add_argument("--fuse-units", action="store_true",
+                   help="restructured models: run each parallel unit's two blocks as one fused block (the same "
+                        "model up to rounding; faster where one block does not fill a GPU)")
     _sampling_args(s)
 
 

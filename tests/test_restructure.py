@@ -88,6 +88,25 @@ def test_fused_unit_cache_follows_parameter_updates_and_unfusable_pairs_stay_seq
     assert not rs.can_fuse(other) and rs.fuse_parallel_units(other) == 0 and not other.fused
 
 
+def test_sample_fuse_units_gives_the_same_samples_and_refuses_a_model_without_units(tmp_path, capsys):
+    import numpy as np
+
+    from ditgraft.cli import main
+
+    model = rs.restructured_copy(tiny_dit(depth=4), rs.resolve_restructure({"parallel_pairs": "all"}, 4))
+    path = str(tmp_path / "parallel.safetensors")
+    save_grafted(path, model, [], {}, {}, extra={"restructure": model.restructure})
+    common = ["sample", path, "--num-samples", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--out", str(tmp_path / "fused"), "--fuse-units"]) == 0
+    plain, fused = (np.load(tmp_path / d / "samples.npz")["arr_0"].astype(int) for d in ("plain", "fused"))
+    assert plain.shape == fused.shape and np.abs(plain - fused).max() <= 1  # uint8 images, equal up to rounding
+    capsys.readouterr()
+    assert main(["sample", "testbed", "--fuse-units", "--num-samples", "1", "--steps", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "none")]) == 2
+    assert "--fuse-units" in capsys.readouterr().err and not (tmp_path / "none" / "samples.npz").exists()
+
+
 def test_restructure_keeps_dit_names_and_roundtrips_from_the_file_alone(tmp_path):
     teacher = tiny_dit(depth=6)
     spec = rs.resolve_restructure({"parallel_pairs": [[0, 1], [4, 5]], "drop": [3]}, 6)
