@@ -452,7 +452,9 @@ def cmd_ops(args) -> None:
     from ditgraft.bench.common import DTYPES
     from ditgraft.operators.table import format_ops_table, ops_table
 
-    rows = ops_table(args.dim, args.tokens, args.heads, device=args.device, dtype=DTYPES[args.dtype])
+    # the paths of a device that need not be here: only the default (auto) asks this machine
+    device = args.device if args.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ops_table(args.dim, args.tokens, args.heads, device=device, dtype=DTYPES[args.dtype])
     print(format_ops_table(rows, args.dim, args.tokens))
 
 
@@ -673,8 +675,9 @@ def _ops_args(s) -> None:
     s.add_argument("--dim", type=positive_int, default=1152)
     s.add_argument("--tokens", type=positive_int, default=256)
     s.add_argument("--heads", type=positive_int, default=16)
-    s.add_argument("--device", default="cpu",
-                   help="the device whose paths the 'path' column shows, e.g. cuda (need not be present; default cpu)")
+    s.add_argument("--device", default=None,
+                   help="the device whose paths the 'path' column shows, e.g. cuda (it need not be present); "
+                        "default auto: cuda if available, else cpu")
     s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="dtype of those paths (default fp32)")
 
