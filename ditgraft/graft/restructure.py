@@ -57,7 +57,8 @@ x, so a unit of two DiT blocks (MHA and MLP in each, one shape) can run as one b
 The result is the sequential-parallel unit's up to rounding (tests: outputs and gradients). It is opt-in because
 what it buys is GPU occupancy (one DiT-XL/2 block's matmuls at 256 tokens do not fill a GPU; two stacked do twice the
 work per launch) while on CPU the matmuls are already compute-bound (measured: no gain, docs/BENCHMARKS.md), and
-because it changes rounding, so default results stay bit-for-bit. Under ``torch.no_grad`` / inference the stacked
+because it changes rounding, so default results stay bit-for-bit; the blocks' submodules are not called in it, so
+hooks on them (activation capture, analysis) see nothing. Under ``torch.no_grad`` / inference the stacked
 weights are cached (re-stacked when a parameter changes); with autograd they are stacked on every call.
 """
 from __future__ import annotations
@@ -130,12 +131,12 @@ def fuse_parallel_units(model: nn.Module, enabled: bool = True) -> int:
 _FUSED_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
-def _fused_weights(unit: ParallelPair) -> dict:
-    """The two blocks' weights stacked on a pair axis: ``{name: (weight^T [2, in, out], bias [2, 1, out] | None)}``
-    for the projections, and ``adaLN`` as one concatenated (weight [12D, D], bias [12D]). Cached while no autograd
-    graph is recorded, keyed by the parameters' storage and version counters."""
+def _fused_weights(unit: ParallelPair, dtype: torch.dtype) -> dict:
+    """The two blocks' weights stacked on a pair axis, in ``dtype``: ``{name: (weight^T [2, in, out], bias [2, 1, out]
+    | None)}`` for the projections, and ``adaLN`` as one concatenated (weight [12D, D], bias [12D]). Cached while no
+    autograd graph is recorded, keyed by the parameters' storage and version counters."""
     params = list(unit.pair.parameters())
-    key = tuple((p.data_ptr(), p._version) for p in params)
+    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
     cached = unit.__dict__.get("_fused_cache")
     if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
         return cached[1]
@@ -143,10 +144,10 @@ def _fused_weights(unit: ParallelPair) -> dict:
     out = {}
     for name in _FUSED_LAYERS:
         la, lb = a.get_submodule(name), b.get_submodule(name)
-        bias = None if la.bias is None else torch.stack([la.bias, lb.bias])[:, None]
-        out[name] = (torch.stack([la.weight, lb.weight]).transpose(1, 2), bias)
+        bias = None if la.bias is None else torch.stack([la.bias, lb.bias]).to(dtype)[:, None]
+        out[name] = (torch.stack([la.weight, lb.weight]).to(dtype).transpose(1, 2), bias)
     ada_a, ada_b = a.adaLN_modulation[1], b.adaLN_modulation[1]
-    out["adaLN"] = (torch.cat([ada_a.weight, ada_b.weight]), torch.cat([ada_a.bias, ada_b.bias]))
+    out["adaLN"] = (torch.cat([ada_a.weight, ada_b.weight]).to(dtype), torch.cat([ada_a.bias, ada_b.bias]).to(dtype))
     if not torch.is_grad_enabled():
         unit.__dict__["_fused_cache"] = (key, out)
     return out
@@ -159,10 +160,11 @@ def _pair_linear(h: torch.Tensor, weights: tuple) -> torch.Tensor:
 
 
 def fused_pair_forward(unit: ParallelPair, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``unit(x, c)`` with the two blocks computed together (``can_fuse(unit)`` must hold)."""
+    """``unit(x, c)`` with the two blocks computed together (``can_fuse(unit)`` must hold). The blocks' submodules
+    are not called (their weights are read, cast to x's dtype), so hooks on them do not run."""
     a = unit.pair[0]
     B, N, D = x.shape
-    w = _fused_weights(unit)
+    w = _fused_weights(unit, x.dtype)
     # [B, 12D] -> six [2, B, 1, D] modulations, one per (shift, scale, gate) x (attention, MLP), block on axis 0
     mods = F.linear(F.silu(c), *w["adaLN"]).view(B, 2, 6, 1, D).permute(2, 1, 0, 3, 4)
     shift1, scale1, gate1, shift2, scale2, gate2 = mods
