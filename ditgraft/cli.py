@@ -176,6 +176,12 @@ def cmd_sample(args) -> None:
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
+    if args.fuse_units:
+        from ditgraft.graft.restructure import fuse_parallel_units
+
+        if not fuse_parallel_units(model):
+            raise ValueError(f"--fuse-units: model {args.model!r} has no parallel unit of two DiT blocks to fuse "
+                             "(only a restructured model's units, `restructure: parallel_pairs` in a recipe, fuse)")
     clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
     cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     args.out = args.out or _model_dir("samples", args.model, model)
@@ -448,9 +454,12 @@ def _synth_captions(args) -> None:
 
 
 def cmd_ops(args) -> None:
+    from ditgraft.bench.common import DTYPES
     from ditgraft.operators.table import format_ops_table, ops_table
 
-    rows = ops_table(args.dim, args.tokens, args.heads)
+    # the paths of a device that need not be here: only the default (auto) asks this machine
+    device = args.device if args.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ops_table(args.dim, args.tokens, args.heads, device=device, dtype=DTYPES[args.dtype])
     print(format_ops_table(rows, args.dim, args.tokens))
 
 
@@ -571,6 +580,9 @@ def _sample_args(s) -> None:
     s.add_argument("--out", default=None, help="default runs/samples/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
     s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
+    s.add_argument("--fuse-units", action="store_true",
+                   help="restructured models: run each parallel unit's two blocks as one fused block (the same "
+                        "model up to rounding; faster where one block does not fill a GPU)")
     _sampling_args(s)
 
 
@@ -670,6 +682,11 @@ def _ops_args(s) -> None:
     s.add_argument("--dim", type=positive_int, default=1152)
     s.add_argument("--tokens", type=positive_int, default=256)
     s.add_argument("--heads", type=positive_int, default=16)
+    s.add_argument("--device", default=None,
+                   help="the device whose paths the 'path' column shows, e.g. cuda (it need not be present); "
+                        "default auto: cuda if available, else cpu")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of those paths (default fp32)")
 
 
 def _bench_args(s) -> None:

@@ -282,3 +282,24 @@ def test_parse_options():
         "swa": {"window": 8, "impl": "tiled"}, "hyena_x": {"direction": "2d"}, "mamba2": {"chunk_size": 32}}
     with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
         parse_options(["window=8"])
+
+
+def test_suite_plan_and_a_tiny_cpu_run_write_json_and_markdown(tmp_path):
+    from ditgraft.bench import suite
+
+    plan = suite.run_suite(str(tmp_path / "plan"), "gpu", dry_run=True)
+    assert plan["settings"]["device"] == "cuda" and plan["settings"]["dtype"] == "bf16"
+    assert plan["sections"] == ["paths", "ops_fwd", "ops_fwd_bwd", "model", "pixart", "sampling"]
+    assert plan["settings"]["model_tokens"] == 256 and plan["settings"]["pixart"]["tokens"] == 16384
+    assert not (tmp_path / "plan").exists()
+    with pytest.raises(ValueError, match="section='nope'"):
+        suite.run_suite(str(tmp_path), "tiny", sections=["nope"])
+    result = suite.run_suite(str(tmp_path / "tiny"), "tiny", sections=["paths", "ops_fwd", "sampling"])
+    saved = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert saved["sections"].keys() == {"paths", "ops_fwd", "sampling"}
+    assert all(s["error"] is None for s in saved["sections"].values())
+    sampling = {r["candidate"]: r for r in result["sections"]["sampling"]["rows"]}
+    assert {"teacher", "parallel 1 units", "parallel 1 units, fused"} <= set(sampling)
+    assert sampling["teacher"]["speedup"] == 1.0
+    md = (tmp_path / "tiny" / "results.md").read_text()
+    assert "## ops_fwd" in md and "| mha |" in md and "| mamba2 | chunked + taps |" in md

@@ -39,6 +39,74 @@ def test_parallel_pair_matches_its_definition_for_every_merge_init():
     torch.testing.assert_close(unit(x, c), x + torch.cat([da, db], -1) @ unit.merge.weight.T + unit.merge.bias)
 
 
+def _random_unit(depth=2, seed=0):
+    torch.manual_seed(seed)
+    model = tiny_dit(depth=depth)
+    with torch.no_grad():  # adaLN starts at zero (gates 0): random weights so every path carries signal
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model, rs.ParallelPair(*model.blocks[:2])
+
+
+def _out_and_grads(unit, x, c, g):
+    unit.zero_grad(set_to_none=True)
+    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
+    out = unit(x, c)
+    (out * g).sum().backward()
+    return [out.detach(), x.grad, c.grad] + [p.grad for _, p in sorted(unit.named_parameters())]
+
+
+def test_fused_unit_equals_the_sequential_parallel_unit_outputs_and_gradients():
+    _, unit = _random_unit()
+    unit.double()  # the two differ by rounding only: in float64 that is far below the tolerance
+    x, c, g = (torch.randn(*shape, dtype=torch.float64) for shape in ((3, 16, 32), (3, 32), (3, 16, 32)))
+    plain = _out_and_grads(unit, x, c, g)
+    assert rs.fuse_parallel_units(unit) == 1 and unit.fused
+    fused = _out_and_grads(unit, x, c, g)
+    assert len(fused) == len(plain) == 3 + len(list(unit.parameters()))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert set(unit.state_dict()) == set(rs.ParallelPair(*_random_unit()[0].blocks[:2]).state_dict())
+
+
+def test_fused_unit_cache_follows_parameter_updates_and_unfusable_pairs_stay_sequential():
+    model, unit = _random_unit()
+    rs.fuse_parallel_units(unit)
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        first = unit(x, c)
+        unit.pair[1].mlp.fc1.weight.mul_(0.5)  # an in-place update: the stacked weights must follow it
+        fused = unit(x, c)
+        unit.fused = False
+        plain = unit(x, c)
+    assert not torch.allclose(first, fused)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    from ditgraft.operators import build_operator
+
+    other = rs.ParallelPair(*copy.deepcopy(model).blocks[:2])
+    other.pair[1].attn = build_operator("hyena_x", 32, 1, (4, 4))
+    assert not rs.can_fuse(other) and rs.fuse_parallel_units(other) == 0 and not other.fused
+
+
+def test_sample_fuse_units_gives_the_same_samples_and_refuses_a_model_without_units(tmp_path, capsys):
+    import numpy as np
+
+    from ditgraft.cli import main
+
+    model = rs.restructured_copy(tiny_dit(depth=4), rs.resolve_restructure({"parallel_pairs": "all"}, 4))
+    path = str(tmp_path / "parallel.safetensors")
+    save_grafted(path, model, [], {}, {}, extra={"restructure": model.restructure})
+    common = ["sample", path, "--num-samples", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--out", str(tmp_path / "fused"), "--fuse-units"]) == 0
+    plain, fused = (np.load(tmp_path / d / "samples.npz")["arr_0"].astype(int) for d in ("plain", "fused"))
+    assert plain.shape == fused.shape and np.abs(plain - fused).max() <= 1  # uint8 images, equal up to rounding
+    capsys.readouterr()
+    assert main(["sample", "testbed", "--fuse-units", "--num-samples", "1", "--steps", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "none")]) == 2
+    assert "--fuse-units" in capsys.readouterr().err and not (tmp_path / "none" / "samples.npz").exists()
+
+
 def test_restructure_keeps_dit_names_and_roundtrips_from_the_file_alone(tmp_path):
     teacher = tiny_dit(depth=6)
     spec = rs.resolve_restructure({"parallel_pairs": [[0, 1], [4, 5]], "drop": [3]}, 6)

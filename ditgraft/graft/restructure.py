@@ -42,7 +42,24 @@ reached 2.5-5x lower relative MSE than merge-only training (docs/RESULTS.md).
 
 Depth pruning: ``drop`` removes blocks; ``depth_pruned_spec`` is the baseline of the same depth as a parallel
 model (each pair's second block dropped). Sampling latency only approaches the depth bound (half the teacher's)
-where a unit's two blocks run concurrently: the plain forward here runs them one after the other.
+where a unit's two blocks run concurrently: the plain forward runs them one after the other.
+
+Fused execution (opt-in: ``fuse_parallel_units(model)``, or ``ParallelPair.fused = True``). Both blocks read the same
+x, so a unit of two DiT blocks (MHA and MLP in each, one shape) can run as one block of twice the width:
+
+- one adaLN matmul of the concatenated ``adaLN_modulation`` weights (both read c);
+- one LayerNorm of x (no affine: the same for both), then each block's own modulation, stacked on a pair axis;
+- each projection (``qkv``, ``proj``, ``fc1``, ``fc2``) as one batched matmul over the pair axis with the two blocks'
+  weights stacked: the block-diagonal matmul of the concatenated inputs, without its zero blocks (the inputs differ
+  by their modulations, so one concatenated qkv weight on a shared input would not be the same function);
+- one attention call over both blocks' heads (the pair axis joins the batch).
+
+The result is the sequential-parallel unit's up to rounding (tests: outputs and gradients). It is opt-in because
+what it buys is GPU occupancy (one DiT-XL/2 block's matmuls at 256 tokens do not fill a GPU; two stacked do twice the
+work per launch) while on CPU the matmuls are already compute-bound (measured: no gain, docs/BENCHMARKS.md), and
+because it changes rounding, so default results stay bit-for-bit; the blocks' submodules are not called in it, so
+hooks on them (activation capture, analysis) see nothing. Under ``torch.no_grad`` / inference the stacked
+weights are cached (re-stacked when a parameter changes); with autograd they are stacked on every call.
 """
 from __future__ import annotations
 
@@ -51,15 +68,23 @@ import copy
 import torch
 from torch import nn
 
-from ditgraft.models.dit import DiT
+import torch.nn.functional as F
+
+from ditgraft.models.dit import DiT, DiTBlock
 from ditgraft.models.families import family_of
+from ditgraft.operators.attention import MHA
+from ditgraft.operators.common import split_heads
+from ditgraft.operators.mlp import MLP
 
 MERGE_INITS = ("sum", "average", "first")
 BASELINES = ("depth_pruned", "from_scratch")  # restructure baselines of the same depth, at matched training FLOPs
 
 
 class ParallelPair(nn.Module):
-    """Two DiT blocks reading the same input; their residual updates merged by ``merge: Linear(2D -> D)``."""
+    """Two DiT blocks reading the same input; their residual updates merged by ``merge: Linear(2D -> D)``.
+    ``fused``: run the two blocks as one (``fused_pair_forward``; set by ``fuse_parallel_units``)."""
+
+    fused = False
 
     def __init__(self, first: nn.Module, second: nn.Module, merge_init: str = "sum"):
         super().__init__()
@@ -73,8 +98,86 @@ class ParallelPair(nn.Module):
         return self.pair[0].norm1
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused_pair_forward(self, x, c)
         deltas = torch.cat([block(x, c) - x for block in self.pair], dim=-1)
         return x + self.merge(deltas)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused execution of a parallel unit (see the module doc)
+# ---------------------------------------------------------------------------------------------------------------------
+def can_fuse(unit: ParallelPair) -> bool:
+    """Whether the unit's two blocks are DiT blocks that one fused forward computes: MHA (sdpa) and MLP of one shape
+    in both, the same LayerNorms."""
+    a, b = unit.pair
+    if not (type(a) is DiTBlock and type(b) is DiTBlock):
+        return False
+    if not all(type(blk.attn) is MHA and blk.attn.impl == "sdpa" and type(blk.mlp) is MLP for blk in (a, b)):
+        return False
+    same = lambda f: f(a) == f(b)  # noqa: E731
+    return (same(lambda k: (k.attn.dim, k.attn.heads, k.attn.qkv.bias is None, k.mlp.hidden))
+            and same(lambda k: (k.norm1.eps, k.norm2.eps)) and a.norm1.eps == a.norm2.eps)
+
+
+def fuse_parallel_units(model: nn.Module, enabled: bool = True) -> int:
+    """Turn fused execution on (or off) in every parallel unit of ``model`` that ``can_fuse``; returns how many."""
+    units = [m for m in model.modules() if isinstance(m, ParallelPair) and can_fuse(m)]
+    for unit in units:
+        unit.fused = enabled
+    return len(units)
+
+
+_FUSED_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def _fused_weights(unit: ParallelPair, dtype: torch.dtype) -> dict:
+    """The two blocks' weights stacked on a pair axis, in ``dtype``: ``{name: (weight^T [2, in, out], bias [2, 1, out]
+    | None)}`` for the projections, and ``adaLN`` as one concatenated (weight [12D, D], bias [12D]). Cached while no
+    autograd graph is recorded, keyed by the parameters' storage and version counters."""
+    params = list(unit.pair.parameters())
+    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+    cached = unit.__dict__.get("_fused_cache")
+    if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+        return cached[1]
+    a, b = unit.pair
+    out = {}
+    for name in _FUSED_LAYERS:
+        la, lb = a.get_submodule(name), b.get_submodule(name)
+        bias = None if la.bias is None else torch.stack([la.bias, lb.bias]).to(dtype)[:, None]
+        out[name] = (torch.stack([la.weight, lb.weight]).to(dtype).transpose(1, 2), bias)
+    ada_a, ada_b = a.adaLN_modulation[1], b.adaLN_modulation[1]
+    out["adaLN"] = (torch.cat([ada_a.weight, ada_b.weight]).to(dtype), torch.cat([ada_a.bias, ada_b.bias]).to(dtype))
+    if not torch.is_grad_enabled():
+        unit.__dict__["_fused_cache"] = (key, out)
+    return out
+
+
+def _pair_linear(h: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """[2, M, in] @ stacked [2, in, out] (+ bias): both blocks' projection in one batched matmul."""
+    weight, bias = weights
+    return torch.bmm(h, weight) if bias is None else torch.baddbmm(bias, h, weight)
+
+
+def fused_pair_forward(unit: ParallelPair, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``unit(x, c)`` with the two blocks computed together (``can_fuse(unit)`` must hold). The blocks' submodules
+    are not called (their weights are read, cast to x's dtype), so hooks on them do not run."""
+    a = unit.pair[0]
+    B, N, D = x.shape
+    w = _fused_weights(unit, x.dtype)
+    # [B, 12D] -> six [2, B, 1, D] modulations, one per (shift, scale, gate) x (attention, MLP), block on axis 0
+    mods = F.linear(F.silu(c), *w["adaLN"]).view(B, 2, 6, 1, D).permute(2, 1, 0, 3, 4)
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods
+    h = a.norm1(x)[None] * (1 + scale1) + shift1  # [2, B, N, D]: one norm, each block's modulation
+    qkv = _pair_linear(h.reshape(2, B * N, D), w["attn.qkv"])
+    q, k, v = split_heads(qkv.reshape(2 * B, N, 3 * D), a.attn.heads)  # both blocks' heads in one batch of 2B
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, B * N, D)
+    xs = x + gate1 * _pair_linear(o, w["attn.proj"]).view(2, B, N, D)  # each block's x after its attention
+    h = a.norm2(xs) * (1 + scale2) + shift2
+    hidden = a.mlp.act(_pair_linear(h.reshape(2, B * N, D), w["mlp.fc1"]))
+    out = xs + gate2 * _pair_linear(hidden, w["mlp.fc2"]).view(2, B, N, D)
+    deltas = (out - x).permute(1, 2, 0, 3).reshape(B, N, 2 * D)  # [delta_a, delta_b] as the unfused unit's cat
+    return x + unit.merge(deltas)
 
 
 def init_merge(merge: nn.Linear, how: str) -> None:

@@ -30,7 +30,9 @@ so tap ``k - 1`` multiplies the current token; the inner filter starts as the id
 ``impl="fast"`` runs the token-axis convs as ``TapConvTokens`` (a multiply-add per tap with its own backward: the CPU
 depthwise conv's backward costs ~50x its forward at N = 16384, C = 3456) and the 2-D convs as one grouped ``F.conv2d``
 on a channels-last view of the ``[B, N, C]`` activations (no transposes copied); ``impl="reference"`` is a plain sum
-over taps of shifted copies. Tests compare both, outputs and gradients.
+over taps of shifted copies. Tests compare both, outputs and gradients. On CUDA (fp32/bf16/fp16) the causal convs
+of ``impl="fast"`` run causal-conv1d's ``causal_conv1d_fn`` where it is installed (widths 2-4, ``kernels.py``), as
+in the release; ``kernel_path`` names the path a call takes.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from torch import nn
 
 from ditgraft.operators.common import (TapConvTokens, check_choice, from_mha, projection_flops,
                                       reference_conv_tokens)
+from ditgraft.operators.kernels import CAUSAL_CONV1D, causal_conv_tokens, conv_path
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
@@ -154,6 +157,9 @@ class _Hyena(nn.Module):
             return f(x, w, bias, grid)
         k = self.kernel_size
         if self.direction == "causal":
+            path = conv_path(self.impl, k, True, x.device, x.dtype)
+            if path == CAUSAL_CONV1D:
+                return causal_conv_tokens(x, w, bias)
             if fast:
                 return TapConvTokens.apply(x, w, bias, k - 1)
             return reference_conv_tokens(x, w, bias, left=k - 1)
@@ -163,6 +169,17 @@ class _Hyena(nn.Module):
         causal = reference_conv_tokens(x, w, bias, left=k - 1)
         anti = reference_conv_tokens(x, torch.cat([torch.zeros_like(w_rev[:, :1]), w_rev], dim=1), None, left=0)
         return causal + anti
+
+    gpu_kernels = (CAUSAL_CONV1D,)  # the GPU kernel kernel_path may choose
+
+    def kernel_path(self, device, dtype, tokens: int | None = None) -> str:
+        """The path of the short convs in a call: CAUSAL_CONV1D or "taps" (causal), "conv2d" (2d), "taps"
+        (bidirectional: a centred filter), or "reference"."""
+        if self.impl == "reference":
+            return "reference"
+        if self.direction == "2d":
+            return "conv2d"
+        return conv_path(self.impl, self.kernel_size, self.direction == "causal", device, dtype)
 
     def resolve_grid(self, n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
         grid = self.grid if grid is None else tuple(grid)

@@ -14,7 +14,9 @@ Each operator has two paths that give the same numbers:
 ``impl="tiled"`` cuts the grid into tiles of queries, gathers for each tile the small rectangle of keys that covers
 all its queries' windows, and runs ``tiled_attention`` (O(N * tile keys) memory, no N x N tensor).
 ``impl="auto"`` (default) takes the tiled path when N >= ``TILED_MIN_TOKENS`` (1024) and the reference below it,
-where the dense mask is tiny and one big matmul is as fast.
+where the dense mask is tiny and one big matmul is as fast. On CUDA (fp32/bf16/fp16) ``impl="auto"`` runs torch's
+FlexAttention instead (``kernels.flex_attention``), with a block mask from the same pattern; ``kernel_path`` names
+the path a call takes.
 
 Parameter names: ``swa`` keeps flash-attn's MHA names (``Wqkv``, ``out_proj``) like the grafting release;
 ``local2d`` and ``clear`` use DiT's (``qkv``, ``proj``) so an MHA state dict loads into them directly.
@@ -29,6 +31,7 @@ from torch import nn
 
 from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention
 from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
+from ditgraft.operators.kernels import FLEX, flex_attention, kernel_ready, shared_block_mask
 from ditgraft.operators.registry import register
 
 LOCAL_IMPLS = ("auto", "tiled", "reference")
@@ -131,6 +134,8 @@ def _check_grid(grid, n: int) -> tuple[int, int]:
 class _LocalAttention(nn.Module):
     """Shared body: heads, impl choice, cached tile plans. Subclasses define ``_pattern``, ``_tile``, ``_reach``."""
 
+    gpu_kernels = (FLEX,)  # the GPU kernels kernel_path may choose
+
     def __init__(self, dim: int, heads: int, grid: tuple[int, int], impl: str):
         super().__init__()
         self.dim, self.heads, self.grid = dim, heads, tuple(grid)
@@ -155,18 +160,34 @@ class _LocalAttention(nn.Module):
     def plan(self, grid: tuple[int, int], device) -> TilePlan:
         key = (tuple(grid), str(device))
         if key not in self._plans:
-            self._plans[key] = make_plan(self._pattern(grid), grid, self._tile(grid), self._reach(grid), device)
+            with torch.inference_mode(False):  # a plan cached in inference mode also serves later calls with autograd
+                self._plans[key] = make_plan(self._pattern(grid), grid, self._tile(grid), self._reach(grid),
+                                             device)
         return self._plans[key]
+
+    def block_mask(self, grid: tuple[int, int], device):
+        """FlexAttention BlockMask of the pattern on ``grid``, one for all layers with this pattern (``kernels.
+        shared_block_mask``; ``pattern_fields`` are the attributes the pattern depends on)."""
+        key = (type(self).__name__,) + tuple(getattr(self, f) for f in self.pattern_fields)
+        return shared_block_mask(key, self._pattern(grid), grid, device)
+
+    def kernel_path(self, device, dtype, tokens: int) -> str:
+        """The path a call on ``tokens`` tokens takes on ``device`` / ``dtype``: FLEX, "tiled" or "reference"."""
+        if self.impl != "auto":
+            return self.impl
+        if kernel_ready(FLEX, device, dtype):
+            return FLEX
+        return "tiled" if tokens >= TILED_MIN_TOKENS else "reference"
 
     def _attend(self, qkv: torch.Tensor, grid) -> torch.Tensor:
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
         grid = _check_grid(grid or self.grid, N)
         q, k, v = split_heads(qkv, self.heads)
-        impl = self.impl
-        if impl == "auto":
-            impl = "tiled" if N >= TILED_MIN_TOKENS else "reference"
-        if impl == "tiled":
+        impl = self.kernel_path(qkv.device, qkv.dtype, N)
+        if impl == FLEX:
+            out = flex_attention(q, k, v, self.block_mask(grid, qkv.device))
+        elif impl == "tiled":
             out = tiled_attention(q, k, v, self.plan(grid, qkv.device))
         else:
             out = reference_attention(q, k, v, self.mask(grid, qkv.device))
@@ -195,9 +216,11 @@ class SWA(_LocalAttention):
         self.out_proj = nn.Linear(dim, dim)
 
     # SWA ignores the 2-D layout: the grid is viewed as one row of N tokens.
+    pattern_fields = ("window",)
+
     def _pattern(self, grid):
-        n = grid[0] * grid[1]
-        return lambda qy, qx, ky, kx: band_pattern(qy, qx, ky, kx, width=n, window=self.window)
+        n, window = grid[0] * grid[1], self.window
+        return lambda qy, qx, ky, kx: band_pattern(qy, qx, ky, kx, width=n, window=window)
 
     def _tile(self, grid):
         return (1, self.block)
@@ -213,6 +236,10 @@ class SWA(_LocalAttention):
     def plan(self, grid, device):
         n = grid[0] * grid[1]
         return super().plan((1, n), device)
+
+    def block_mask(self, grid, device):
+        n = grid[0] * grid[1]
+        return super().block_mask((1, n), device)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         # Any N works for a band: without a grid, the sequence is one row.
@@ -271,6 +298,8 @@ class Local2D(_GridLocalAttention):
         super().__init__(dim, heads, grid, impl, tile)
         self.kernel_size = int(kernel_size)
 
+    pattern_fields = ("kernel_size",)
+
     def kernel(self, grid) -> tuple[int, int]:
         return (min(self.kernel_size, grid[0]), min(self.kernel_size, grid[1]))
 
@@ -306,8 +335,11 @@ class CLEAR(_GridLocalAttention):
         super().__init__(dim, heads, grid, impl, tile)
         self.radius = float(radius)
 
+    pattern_fields = ("radius",)
+
     def _pattern(self, grid):
-        return lambda qy, qx, ky, kx: circle_pattern(qy, qx, ky, kx, radius=self.radius)
+        radius = self.radius
+        return lambda qy, qx, ky, kx: circle_pattern(qy, qx, ky, kx, radius=radius)
 
     def _reach(self, grid):
         reach = circle_reach(self.radius)

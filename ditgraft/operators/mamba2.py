@@ -39,8 +39,9 @@ xd_s . dxd_s, and the terms in a_last (from e_s and g_k) give S_k + g_k E_k = E_
 through the cumulative sum and the products dt A, dt x. Only the inputs, y and the chunk boundary states are saved;
 the [Q, Q] blocks are recomputed.
 
-On a GPU, ``ssd_chunked`` is the one seam for a fused kernel (mamba_ssm's ``mamba_chunk_scan_combined`` takes the same
-x, dt, A, B, C and chunk size); none is dispatched to here, so every device runs this pure-torch path.
+On CUDA (fp32/bf16/fp16) ``impl="fast"`` runs mamba_ssm's fused ``mamba_chunk_scan_combined`` in place of
+``ssd_chunked`` (same x, dt, A, B, C and chunk size) and causal-conv1d's ``causal_conv1d_fn`` (with its SiLU) in place
+of the taps, each where its package is installed (``kernels.py``); ``kernel_path`` names the paths a call takes.
 
 Defaults follow the grafting release config (d_state 64, d_conv 4, expand 2, headdim 16) and mamba_ssm (ngroups 1,
 A_init_range (1, 16), dt in [1e-3, 0.1] with floor 1e-4, D = 1, conv bias, no projection biases). ``chunk_size``
@@ -62,6 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditgraft.operators.common import TapConvTokens, check_choice, reference_conv_tokens
+from ditgraft.operators.kernels import (CAUSAL_CONV1D, MAMBA_SSM, causal_conv_tokens, conv_path, kernel_ready,
+                                        mamba_ssd)
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
@@ -337,20 +340,42 @@ class Mamba2(nn.Module):
         if direction == "bidirectional":
             self.conv1d_rev = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, bias=True)
 
+    gpu_kernels = (MAMBA_SSM, CAUSAL_CONV1D)  # the GPU kernels kernel_path may choose
+
+    def paths(self, device, dtype) -> tuple[str, str]:
+        """(conv, scan) paths of a call on ``device`` / ``dtype``: conv CAUSAL_CONV1D, "taps" or "reference"; scan
+        MAMBA_SSM, "chunked" (``ssd_chunked``) or "reference" (``ssd_reference``)."""
+        conv = conv_path(self.impl, self.d_conv, True, device, dtype)
+        if self.impl == "reference":
+            return conv, "reference"
+        return conv, MAMBA_SSM if kernel_ready(MAMBA_SSM, device, dtype) else "chunked"
+
+    def kernel_path(self, device, dtype, tokens: int | None = None) -> str:
+        """The paths a call takes, "scan + conv", e.g. "mamba_ssm + causal_conv1d" or "chunked + taps"."""
+        conv, scan = self.paths(device, dtype)
+        return f"{scan} + {conv}"
+
     def scan(self, xBC: torch.Tensor, dt: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         """Conv + SiLU + SSM + D skip on one direction; xBC [b, L, conv_dim], dt [b, L, H] -> [b, L, d_inner]."""
         b, L, _ = xBC.shape
-        conv_fn = TapConvTokens.apply if self.impl == "fast" else reference_conv_tokens
+        conv_kind, scan_kind = self.paths(xBC.device, xBC.dtype)
         # the conv's weights are read outside its own forward: cast to the activations' dtype, so that weights stored
         # in another dtype (diffusers' layerwise casting hooks only a layer's own forward) compute in xBC's
-        xBC = F.silu(conv_fn(xBC, conv.weight[:, 0].to(xBC.dtype), conv.bias.to(xBC.dtype), self.d_conv - 1))
+        weight, bias = conv.weight[:, 0].to(xBC.dtype), conv.bias.to(xBC.dtype)
+        if conv_kind == CAUSAL_CONV1D:
+            xBC = causal_conv_tokens(xBC, weight, bias, activation="silu")
+        else:
+            conv_fn = TapConvTokens.apply if conv_kind == "taps" else reference_conv_tokens
+            xBC = F.silu(conv_fn(xBC, weight, bias, self.d_conv - 1))
         gn = self.ngroups * self.d_state
         x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))
         B = B.unflatten(-1, (self.ngroups, self.d_state))
         C = C.unflatten(-1, (self.ngroups, self.d_state))
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # fp32 at least
-        if self.impl == "fast":
+        if scan_kind == MAMBA_SSM:
+            y = mamba_ssd(x, dt, A, B, C, self.chunk_size)
+        elif scan_kind == "chunked":
             y = ssd_chunked(x, dt, A, B, C, self.chunk_size)
         else:
             y = ssd_reference(x, dt, A, B, C)
