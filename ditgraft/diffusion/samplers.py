@@ -41,6 +41,12 @@ class SamplingConfig:
             raise ValueError(f"eta={self.eta}: the {self.sampler} sampler is deterministic; use eta=0")
 
 
+def default_sampler(model) -> str:
+    """The sampler a model is sampled with unless one is asked for: Euler for a family trained with flow matching,
+    DDIM (DiT's protocol) otherwise."""
+    return FLOW_SAMPLERS[0] if isinstance(family_of(model).objective(model), FlowMatching) else "ddim"
+
+
 def guided_model(model, cfg_scale: float, cfg_channels: int):
     """Model fn ``fn(x, t, y)`` for [cond; uncond] batches: guides the first ``cfg_channels`` output channels of
     both halves.

@@ -248,6 +248,17 @@ class _GridLocalAttention(_LocalAttention):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         return self.proj(self._attend(self.qkv(x), grid))
 
+    def attend_with_lse(self, x: torch.Tensor, grid: tuple[int, int] | None = None):
+        """(per-head output [B, h, N, d] before ``proj``, log-normaliser [B, h, N] of the masked scores): what a
+        split joint-attention slot (``models/families/joint.py``) mixes with the softmax over text keys. Dense
+        [N, N] scores (the reference path); every query sees at least itself, so the normaliser is finite."""
+        grid = _check_grid(grid or self.grid, x.shape[1])
+        q, k, v = split_heads(self.qkv(x), self.heads)
+        scores = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).masked_fill(~self.mask(grid, x.device),
+                                                                                 float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse[..., None]) @ v, lse
+
     @classmethod
     def from_mha(cls, mha: MHA, **options):
         """The operator with the teacher's attention weights (same parameter names, strict load)."""

@@ -38,7 +38,7 @@ def split_attend(op: nn.Module, x: torch.Tensor, grid: tuple[int, int]):
         q, k, v = op.split_heads(x)
         return softmax_lse(q, k, v, op.head_dim ** -0.5)
     raise ValueError(f"a split attention slot needs an operator that reports its softmax normaliser; "
-                     f"{type(op).__name__} does not (supported: mha, rope_mha)")
+                     f"{type(op).__name__} does not (supported: mha, rope_mha, local2d, clear)")
 
 
 def heads(x: torch.Tensor, h: int) -> torch.Tensor:
