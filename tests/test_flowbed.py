@@ -117,3 +117,40 @@ def test_euler_sampling_and_eval_against_the_testbed_features(tmp_path, capsys):
     assert main(["eval", path, "--num-samples", "20", "--out", str(tmp_path / "eval")]) == 0
     row = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert row["protocol"]["sampler"] == "euler" and 0 <= row["accuracy"] <= 1 and row["fid"] > 0
+
+
+def _flowbed_recipe(tmp_path, teacher: str, **eval_overrides) -> str:
+    """The bundled flowbed recipe on ``teacher``, at a few steps and samples."""
+    import yaml
+
+    from ditgraft.recipe import RECIPES_DIR
+
+    with open(f"{RECIPES_DIR}/flowbed_clear_50.yaml") as f:
+        r = yaml.safe_load(f)
+    r["teacher"]["source"] = teacher
+    r["stage2"].update(steps=3, decay_steps=2, warmup_steps=1, batch_size=8, ckpt_every=2)
+    r["eval"].update(num=20, steps=2, seeds=[0, 1], batch_size=10, resamples=20, **eval_overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return str(path)
+
+
+def test_bundled_recipe_grafts_and_decides_against_the_teacher(tmp_path, capsys):
+    from ditgraft.models.checkpoints import save_safetensors
+
+    model = tiny(depth=4, input_size=32)
+    teacher = str(tmp_path / "teacher.safetensors")
+    save_safetensors(teacher, model, {"model_config": model.config, "family": "mmdit",
+                                      "pretrain": {"train_flops": 1e12}})
+    assert main(["graft", _flowbed_recipe(tmp_path, teacher, sampler="ddim"), "--run-dir", str(tmp_path / "bad")])
+    assert "eval.sampler='ddim' does not sample the mmdit teacher (flow_matching); allowed: euler" in \
+        capsys.readouterr().err
+    assert main(["graft", _flowbed_recipe(tmp_path, teacher), "--run-dir", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["eval"]) == {"grafted", "teacher", "random_init"}
+    assert report["eval"]["grafted"]["protocol"]["sampler"] == "euler"
+    assert [g["layer"] for g in report["grafts"]] == [1, 3] and report["grafts"][0]["operator"] == "clear"
+    decision = json.loads((tmp_path / "run" / "eval" / "grafted_decision.json").read_text())
+    assert decision["verdicts"]
+    student, _ = load_any(str(tmp_path / "run"))
+    assert isinstance(student.transformer_blocks[1].attn, JointSplitAttention)
