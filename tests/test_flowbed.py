@@ -154,3 +154,22 @@ def test_bundled_recipe_grafts_and_decides_against_the_teacher(tmp_path, capsys)
     assert decision["verdicts"]
     student, _ = load_any(str(tmp_path / "run"))
     assert isinstance(student.transformer_blocks[1].attn, JointSplitAttention)
+
+
+def test_card_ships_the_pretrained_flowbed_teacher(tmp_path, monkeypatch):
+    """``python -m ditgraft.train.card RUN`` on a flowbed run: the teacher file loads by family, the metrics are
+    Euler-protocol ones and the card states the command that made it (at a few samples here)."""
+    from ditgraft.eval import evaluate
+    from ditgraft.train import card
+
+    monkeypatch.setattr(card, "protocol_for", lambda **kw: evaluate.protocol_for(**kw, num=20, steps=2,
+                                                                                 batch_size=10))
+    _pretrain(tmp_path / "run", 2)
+    metrics = card.ship_teacher(str(tmp_path / "run"), str(tmp_path / "assets"), str(tmp_path / "docs"))
+    assert [e["protocol"]["sampler"] for e in metrics["evaluations"]] == ["euler", "euler"]
+    model, meta = load_any(str(tmp_path / "assets" / "teacher.safetensors"))
+    assert isinstance(model, MMDiT) and meta["pretrain"]["model"] == "flowbed"
+    text = (tmp_path / "assets" / "TEACHER.md").read_text()
+    assert "`ditgraft pretrain --model flowbed --run-dir runs/flowbed --steps 2 --batch-size 8" in text
+    assert "euler 2 steps" in text and "(velocity MSE)" in text and "torch 1 threads" in text
+    assert (tmp_path / "docs" / "flowbed_cfg1.5.png").exists()

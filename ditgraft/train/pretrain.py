@@ -139,6 +139,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "device": str(device),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "objective": diffusion.name,
     })
