@@ -14,10 +14,9 @@ import shutil
 
 from ditgraft.eval.evaluate import protocol_for, real_data_floor, sample_and_evaluate
 from ditgraft.flops import dit_train_flops_per_sample
-from ditgraft.graft.surgery import load_any
-from ditgraft.models.checkpoints import ASSETS, save_safetensors
+from ditgraft.models.checkpoints import ASSETS, load_state_strict, load_weights, save_safetensors
 from ditgraft.models.families import family_of
-from ditgraft.train.pretrain import stage_flops
+from ditgraft.train.pretrain import build_named, stage_flops
 from ditgraft.utils import atomic_write_json, atomic_write_text, read_json
 
 CFG_SCALES = (1.5, 4.0)
@@ -53,7 +52,10 @@ def ship_teacher(run_dir: str, out_dir: str | None = None, docs_dir: str = "docs
     if name not in TEACHERS:
         raise ValueError(f"{run_dir} pretrained model={name!r}; a card is written for: {', '.join(TEACHERS)}")
     out_dir = out_dir or os.path.join(ASSETS, name)
-    model, _ = load_any(os.path.join(run_dir, "model.safetensors"))
+    weights = os.path.join(run_dir, "model.safetensors")
+    model = build_named(name)  # the model the run pretrained, with its EMA weights
+    load_state_strict(model, load_weights(weights), weights)
+    model.eval()
     per_sample = dit_train_flops_per_sample(model)  # the same rule grafting runs use (3 x forward)
     info["train_flops_per_sample"] = per_sample
     info["train_flops"] = stage_flops(info.get("stages") or [{"from_step": 0, "loop": info["loop"]}], per_sample)
