@@ -165,15 +165,15 @@ def cmd_recipes(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ditgraft.diffusion.samplers import SamplingConfig, default_sampler
+    from ditgraft.diffusion.samplers import SamplingConfig, resolve_sampler
     from ditgraft.eval.sampling import decoding
     from ditgraft.utils import ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
-    cfg = SamplingConfig(sampler=args.sampler or default_sampler(model), steps=args.steps, cfg_scale=args.cfg,
-                         clip_denoised=clip)
+    cfg = SamplingConfig(sampler=resolve_sampler(model, args.sampler, "--sampler"), steps=args.steps,
+                         cfg_scale=args.cfg, clip_denoised=clip)
     args.out = args.out or _model_dir("samples", args.model, model)
     ensure_writable(args.out, "--out")
     if args.png_dir:
@@ -397,15 +397,15 @@ def cmd_synth(args) -> None:
     if args.prompts:
         return _synth_captions(args)
 
-    from ditgraft.diffusion.samplers import SamplingConfig, default_sampler
+    from ditgraft.diffusion.samplers import SamplingConfig, resolve_sampler
     from ditgraft.eval.sampling import decoding
     from ditgraft.utils import run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip, _ = decoding(model, clip=args.clip, need_decoder=False)  # raw latents: no decoder
-    cfg = SamplingConfig(sampler=args.sampler or default_sampler(model), steps=args.steps, cfg_scale=args.cfg,
-                         clip_denoised=clip)
+    cfg = SamplingConfig(sampler=resolve_sampler(model, args.sampler, "--sampler"), steps=args.steps,
+                         cfg_scale=args.cfg, clip_denoised=clip)
     out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         _synth(args, model, cfg, device, out)

@@ -47,6 +47,19 @@ def default_sampler(model) -> str:
     return FLOW_SAMPLERS[0] if isinstance(family_of(model).objective(model), FlowMatching) else "ddim"
 
 
+def resolve_sampler(model, sampler: str | None = None, option: str = "sampler") -> str:
+    """``sampler`` when it samples ``model``'s objective (None: ``default_sampler``), else a ValueError naming
+    ``option``, the value and the samplers allowed."""
+    if sampler is None:
+        return default_sampler(model)
+    flow = default_sampler(model) in FLOW_SAMPLERS
+    if (sampler in FLOW_SAMPLERS) != flow:
+        family = family_of(model)
+        raise ValueError(f"{option}={sampler!r} does not sample the {family.name} model ({family.objective(model).name}"
+                         f"); allowed: {', '.join(FLOW_SAMPLERS if flow else DIFFUSION_SAMPLERS)}")
+    return sampler
+
+
 def guided_model(model, cfg_scale: float, cfg_channels: int):
     """Model fn ``fn(x, t, y)`` for [cond; uncond] batches: guides the first ``cfg_channels`` output channels of
     both halves.

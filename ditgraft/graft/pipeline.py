@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ditgraft.diffusion.samplers import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, default_sampler
+from ditgraft.diffusion.samplers import resolve_sampler
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval import evaluate as evaluation
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
@@ -357,11 +357,7 @@ def check_supported(recipe: Recipe, teacher) -> None:
     if not e.enabled:
         return
     family.require("eval", "eval.enabled")
-    fits = default_sampler(teacher)
-    if (e.sampler in FLOW_SAMPLERS) != (fits in FLOW_SAMPLERS):
-        allowed = FLOW_SAMPLERS if fits in FLOW_SAMPLERS else DIFFUSION_SAMPLERS
-        raise ValueError(f"eval.sampler={e.sampler!r} does not sample the {family.name} teacher "
-                         f"({family.objective(teacher).name}); allowed: {', '.join(allowed)}")
+    resolve_sampler(teacher, e.sampler, "eval.sampler")
     if family.conditioning == "caption":
         if e.features == "testbed":
             raise ValueError(f"eval.features='testbed' does not apply to the {family.name} family (the testbed "
