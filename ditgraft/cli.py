@@ -165,21 +165,29 @@ def cmd_recipes(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ditgraft.diffusion.samplers import SamplingConfig, resolve_sampler
+    from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.sampling import decoding
     from ditgraft.utils import ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
-    cfg = SamplingConfig(sampler=resolve_sampler(model, args.sampler, "--sampler"), steps=args.steps,
-                         cfg_scale=args.cfg, clip_denoised=clip)
+    cfg = SamplingConfig(sampler=_sampler(args, model), steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     args.out = args.out or _model_dir("samples", args.model, model)
     ensure_writable(args.out, "--out")
     if args.png_dir:
         ensure_writable(args.png_dir, "--png-dir")
     with run_lock(args.out, "ditgraft sample"):
         _sample(args, model, cfg, device, decode)
+
+
+def _sampler(args, model) -> str:
+    """--sampler, or the model's objective's default; refused when it does not sample the model's objective."""
+    from ditgraft.diffusion.samplers import check_sampler, default_sampler
+
+    sampler = args.sampler or default_sampler(model)
+    check_sampler(model, sampler, "--sampler")
+    return sampler
 
 
 def _sample(args, model, cfg, device, decode) -> None:
@@ -189,7 +197,7 @@ def _sample(args, model, cfg, device, decode) -> None:
 
     rank, world = rank_world()
     images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
-                              rank=rank, world=world, decode=decode, progress=rank == 0)
+                              rank=rank, world=world, decode=decode, progress=rank == 0, captions=args.captions)
     gathered = gather_samples(args.out, images, labels, args.batch_size)
     if gathered is None:  # not rank 0: rank 0 writes the files
         return
@@ -397,15 +405,14 @@ def cmd_synth(args) -> None:
     if args.prompts:
         return _synth_captions(args)
 
-    from ditgraft.diffusion.samplers import SamplingConfig, resolve_sampler
+    from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.sampling import decoding
     from ditgraft.utils import run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip, _ = decoding(model, clip=args.clip, need_decoder=False)  # raw latents: no decoder
-    cfg = SamplingConfig(sampler=resolve_sampler(model, args.sampler, "--sampler"), steps=args.steps,
-                         cfg_scale=args.cfg, clip_denoised=clip)
+    cfg = SamplingConfig(sampler=_sampler(args, model), steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         _synth(args, model, cfg, device, out)
@@ -553,7 +560,7 @@ def _sampling_args(s, num: int = 100) -> None:
 
     s.add_argument("--num-samples", type=positive_int, default=num)
     s.add_argument("--sampler", default=None, choices=SAMPLERS,
-                   help="default: euler for a flow-matching model (flowbed), else ddim")
+                   help="default: the model's objective's (euler for flow matching: SD3, Flux, Wan; else ddim)")
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
     s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -568,6 +575,8 @@ def _sample_args(s) -> None:
     s.add_argument("--out", default=None, help="default runs/samples/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
     s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
+    s.add_argument("--captions", default=None, help="caption-conditioned models (PixArt, SD3, Flux, Wan): the caption "
+                                                   ".npz whose caption i %% n conditions sample i")
     _sampling_args(s)
 
 

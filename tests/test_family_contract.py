@@ -130,7 +130,7 @@ def test_protocol_sampling_where_supported(name):
     model = tiny(name).build(depth=DEPTH, seed=0)
     family = family_of(model)
     assert family.supports <= set(FEATURES) and family.conditioning in ("class", "caption")
-    cfg = SamplingConfig(sampler=default_sampler(model), steps=1, cfg_scale=1.0)  # Euler for flow matching
+    cfg = SamplingConfig(sampler=default_sampler(model), steps=1, cfg_scale=1.0)  # the objective's sampler
     captions = _protocol_captions(name, family)
     if "sample" not in family.supports:
         with pytest.raises(ValueError, match=f"the {name} family does not support sample"):

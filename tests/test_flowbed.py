@@ -143,7 +143,7 @@ def test_bundled_recipe_grafts_and_decides_against_the_teacher(tmp_path, capsys)
     save_safetensors(teacher, model, {"model_config": model.config, "family": "mmdit",
                                       "pretrain": {"train_flops": 1e12}})
     assert main(["graft", _flowbed_recipe(tmp_path, teacher, sampler="ddim"), "--run-dir", str(tmp_path / "bad")])
-    assert "eval.sampler='ddim' does not sample the mmdit model (flow_matching); allowed: euler" in \
+    assert "eval.sampler='ddim' does not sample the mmdit family's flow-matching objective; allowed: euler" in \
         capsys.readouterr().err
     assert main(["graft", _flowbed_recipe(tmp_path, teacher), "--run-dir", str(tmp_path / "run")]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())

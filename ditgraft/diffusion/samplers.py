@@ -42,22 +42,18 @@ class SamplingConfig:
 
 
 def default_sampler(model) -> str:
-    """The sampler a model is sampled with unless one is asked for: Euler for a family trained with flow matching,
-    DDIM (DiT's protocol) otherwise."""
-    return FLOW_SAMPLERS[0] if isinstance(family_of(model).objective(model), FlowMatching) else "ddim"
+    """The sampler of the model's objective when none is named: Euler for a flow-matching family, DDIM for IDDPM."""
+    return "euler" if isinstance(family_of(model).objective(model), FlowMatching) else "ddim"
 
 
-def resolve_sampler(model, sampler: str | None = None, option: str = "sampler") -> str:
-    """``sampler`` when it samples ``model``'s objective (None: ``default_sampler``), else a ValueError naming
-    ``option``, the value and the samplers allowed."""
-    if sampler is None:
-        return default_sampler(model)
-    flow = default_sampler(model) in FLOW_SAMPLERS
-    if (sampler in FLOW_SAMPLERS) != flow:
-        family = family_of(model)
-        raise ValueError(f"{option}={sampler!r} does not sample the {family.name} model ({family.objective(model).name}"
-                         f"); allowed: {', '.join(FLOW_SAMPLERS if flow else DIFFUSION_SAMPLERS)}")
-    return sampler
+def check_sampler(model, sampler: str, option: str = "sampler") -> None:
+    """Refuse, before any sampling, a sampler that does not sample the model's objective (``option`` names the
+    setting)."""
+    flow = isinstance(family_of(model).objective(model), FlowMatching)
+    if flow != (sampler in FLOW_SAMPLERS):
+        allowed = FLOW_SAMPLERS if flow else DIFFUSION_SAMPLERS
+        raise ValueError(f"{option}={sampler!r} does not sample the {family_of(model).name} family's "
+                         f"{'flow-matching' if flow else 'IDDPM'} objective; allowed: {', '.join(allowed)}")
 
 
 def guided_model(model, cfg_scale: float, cfg_channels: int):

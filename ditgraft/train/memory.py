@@ -93,16 +93,14 @@ def recipe_stage2_memory(recipe, gpus: int) -> str | None:
     """The expected stage-2 memory per GPU of a recipe, as one line, from the teacher's architecture alone (built on
     the meta device: no memory, no weights); a recipe whose teacher names no size gets a line saying what to set;
     None when stage 2 is off."""
-    from ditgraft.models.checkpoints import SHIPPED_TEACHERS
     from ditgraft.models.dit import build_dit
-    from ditgraft.train.pretrain import build_named
 
     t = recipe.teacher
-    name = t.source if t.source in SHIPPED_TEACHERS else t.model
+    name = "testbed" if t.source == "testbed" else t.model
     if name is None:
         return "stage 2 memory: set teacher.model (a size name) to see the estimate"
     if not recipe.stage2.enabled:
         return None
-    with torch.device("meta"):  # a shipped teacher is its pretraining name's architecture (testbed, flowbed)
-        teacher = (build_dit(name, input_size=t.image_size // 8) if t.image_size else build_named(name))
+    with torch.device("meta"):
+        teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
     return format_stage2_memory(teacher, recipe.stage2, gpus)
