@@ -24,7 +24,8 @@ from helpers import tiny_mmdit as tiny
 
 def inputs(n=4, seed=1, size=16):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, size, size, generator=g), torch.rand(n, generator=g) * 1000, torch.tensor([7, 0, 10, 3][:n])
+    labels = torch.tensor([7, 0, 10, 3][:n])  # 10: the empty caption
+    return torch.randn(n, 1, size, size, generator=g), torch.rand(n, generator=g) * 1000, labels
 
 
 def test_forward_shapes_captions_and_family():
@@ -37,6 +38,7 @@ def test_forward_shapes_captions_and_family():
     assert [CAPTION_WORDS[i] for i in tokens[0]] == ["a", "handwritten", "seven"] and tokens[1].tolist() == [0, 0, 0]
     fam = family_of(model)
     assert fam.name == "mmdit" and fam.dims(model).grid == (8, 8) and fam.dims(model).depth == 6
+    assert fam.split_text(model, 0, y) == (3, 128)  # the caption tokens entering each joint attention
     assert isinstance(fam.objective(model), FlowMatching) and default_sampler(model) == "euler"
     assert fam.protocol_cond(model, torch.arange(12), "cpu").tolist() == [*range(10), 0, 1]  # class-balanced
     assert fam.null_cond(model, torch.tensor([3, 4])).tolist() == [10, 10]  # the empty caption

@@ -67,6 +67,12 @@ class MMDiTFamily(SplitAttentionSlots, Family):
             mha.proj.load_state_dict(module.to_out[0].state_dict())
         return mha.to(module.to_q.weight.device)
 
+    def split_text(self, model: nn.Module, layer: int, cond) -> tuple[int, int]:
+        """(tokens, width) of the text stream entering a joint attention: the caption tokens, whatever ``cond`` (the
+        class labels) holds (what split-slot distillation needs where stage 1 supports it)."""
+        model = unwrap(model)
+        return model.config["caption_length"], model.config["hidden_size"]
+
     def dropped_labels_module(self, model: nn.Module) -> nn.Module:
         return unwrap(model).caption_embedder.tokens
 
