@@ -2,7 +2,7 @@
 
     ditgraft demo                      graft the shipped testbed teacher (50% attention -> Hyena-X), evaluate, report
     ditgraft graft RECIPE              run a recipe (stage 1 -> stage 2 -> eval -> report) in a run directory
-    ditgraft pretrain                  train a DiT from scratch (how the testbed teacher was made)
+    ditgraft pretrain                  train a DiT or MMDiT from scratch (how the testbed teachers were made)
     ditgraft sample MODEL              class-conditional samples: PNG grid + ADM .npz (latent models: --vae)
     ditgraft encode IMAGE_DIR --vae V  SD-VAE latents of an image folder (the data file of latent recipes)
     ditgraft import-release MODEL.pt CONFIG.yaml   a released grafted DiT-XL/2 as a ditgraft checkpoint
@@ -183,13 +183,22 @@ def cmd_sample(args) -> None:
             raise ValueError(f"--fuse-units: model {args.model!r} has no parallel unit of two DiT blocks to fuse "
                              "(only a restructured model's units, `restructure: parallel_pairs` in a recipe, fuse)")
     clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
+    cfg = SamplingConfig(sampler=_sampler(args, model), steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     args.out = args.out or _model_dir("samples", args.model, model)
     ensure_writable(args.out, "--out")
     if args.png_dir:
         ensure_writable(args.png_dir, "--png-dir")
     with run_lock(args.out, "ditgraft sample"):
         _sample(args, model, cfg, device, decode)
+
+
+def _sampler(args, model) -> str:
+    """--sampler, or the model's objective's default; refused when it does not sample the model's objective."""
+    from ditgraft.diffusion.samplers import check_sampler, default_sampler
+
+    sampler = args.sampler or default_sampler(model)
+    check_sampler(model, sampler, "--sampler")
+    return sampler
 
 
 def _sample(args, model, cfg, device, decode) -> None:
@@ -199,7 +208,7 @@ def _sample(args, model, cfg, device, decode) -> None:
 
     rank, world = rank_world()
     images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
-                              rank=rank, world=world, decode=decode, progress=rank == 0)
+                              rank=rank, world=world, decode=decode, progress=rank == 0, captions=args.captions)
     gathered = gather_samples(args.out, images, labels, args.batch_size)
     if gathered is None:  # not rank 0: rank 0 writes the files
         return
@@ -288,8 +297,8 @@ def cmd_eval(args) -> None:
             _refuse_ignored(args, "no --against", ["--against-out", "--target-ratio", "--target-gap",
                                                    "--allow-self"])
         device = _device(args)
-        protocol = protocol_for(cfg_scale=args.cfg, num=args.num_samples or 500, seed=args.seed or 0)
         model, _ = _load_model(args.target, device)
+        protocol = protocol_for(cfg_scale=args.cfg, model=model, num=args.num_samples or 500, seed=args.seed or 0)
         if is_latent(model):
             raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
                              "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
@@ -414,7 +423,7 @@ def cmd_synth(args) -> None:
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip, _ = decoding(model, clip=args.clip, need_decoder=False)  # raw latents: no decoder
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
+    cfg = SamplingConfig(sampler=_sampler(args, model), steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         _synth(args, model, cfg, device, out)
@@ -542,7 +551,8 @@ def _pretrain_args(s) -> None:
     from ditgraft.train.loop import PRECISIONS
 
     _tracker(s, "none")
-    s.add_argument("--model", default="testbed", help="size name, e.g. testbed, DiT-S/4 (default testbed)")
+    s.add_argument("--model", default="testbed",
+                   help="size name, e.g. testbed, DiT-S/4, flowbed (the MMDiT, rectified flow; default testbed)")
     s.add_argument("--data", default="mnist5k", help="mnist5k, an image folder, or latents .npy/.npz")
     s.add_argument("--run-dir", default="runs/pretrain")
     s.add_argument("--steps", type=positive_int, default=4000)
@@ -562,10 +572,11 @@ def _pretrain_args(s) -> None:
 
 
 def _sampling_args(s, num: int = 100) -> None:
-    from ditgraft.diffusion.samplers import DIFFUSION_SAMPLERS
+    from ditgraft.diffusion.samplers import SAMPLERS
 
     s.add_argument("--num-samples", type=positive_int, default=num)
-    s.add_argument("--sampler", default="ddim", choices=DIFFUSION_SAMPLERS)
+    s.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="default: the model's objective's (euler for flow matching: SD3, Flux, Wan; else ddim)")
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
     s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -583,6 +594,8 @@ def _sample_args(s) -> None:
     s.add_argument("--fuse-units", action="store_true",
                    help="restructured models: run each parallel unit's two blocks as one fused block (the same "
                         "model up to rounding; faster where one block does not fill a GPU)")
+    s.add_argument("--captions", default=None, help="caption-conditioned models (PixArt, SD3, Flux, Wan): the caption "
+                                                   ".npz whose caption i %% n conditions sample i")
     _sampling_args(s)
 
 
@@ -705,7 +718,7 @@ COMMANDS = (
                "sweep", _search_args, ()),
     ("recipes", "list the bundled recipes, or print one resolved (its base merged in) with its expected stage-2 "
                 "memory per GPU", _recipes_args, ()),
-    ("pretrain", "train a DiT from scratch (how the testbed teacher was made)", _pretrain_args, ()),
+    ("pretrain", "train a DiT or MMDiT from scratch (how the testbed teachers were made)", _pretrain_args, ()),
     ("sample", "class-conditional samples: samples.png + samples.npz (ADM layout)", _sample_args, ()),
     ("encode", "SD-VAE latents of an image folder (class subfolders -> labels)", _encode_args, ()),
     ("import-release", "a released grafted DiT-XL/2 (model.pt + YAML) -> ditgraft checkpoint",

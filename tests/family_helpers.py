@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from helpers import tiny_dit
+from helpers import tiny_dit, tiny_mmdit
 
 
 @dataclass(frozen=True)
@@ -96,4 +96,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                        graft=("mlp", "mlp", {"ratio": 3})),
     "wan": TinyFamily(_tiny("wan"), _wan_cond, needs=("diffusers",), plain_slots=("mlp",),
                       graft=("mlp", "mlp", {"ratio": 3})),
+    # ditgraft's own MMDiT (the flowbed teacher); its split attention slot is checked in tests/test_flowbed.py
+    "mmdit": TinyFamily(lambda depth, seed: tiny_mmdit(depth=depth, seed=seed), _labels(10), plain_slots=("mlp",),
+                        graft=("mlp", "mlp", {"ratio": 3})),
 }

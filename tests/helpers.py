@@ -5,6 +5,7 @@ import torch
 
 from ditgraft.models.checkpoints import save_safetensors
 from ditgraft.models.dit import DiT
+from ditgraft.models.mmdit import MMDiT
 
 
 def randomize_weights(model: torch.nn.Module, std: float, seed: int | None = None) -> torch.nn.Module:
@@ -25,6 +26,14 @@ def tiny_dit(depth: int = 2, seed: int = 0, **kw):
     cfg = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=10)
     cfg.update(kw)
     return randomize_weights(DiT(**cfg), 0.05)
+
+
+def tiny_mmdit(depth: int = 3, seed: int = 0, **kw):
+    """A small flowbed-family MMDiT (16x16x1, 4x4 patch grid, 3 caption tokens) with non-zero weights everywhere."""
+    torch.manual_seed(seed)
+    cfg = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=10)
+    cfg.update(kw)
+    return randomize_weights(MMDiT(**cfg), 0.1).eval()
 
 
 def tiny_vae(seed: int = 0):

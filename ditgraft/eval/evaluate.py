@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ditgraft.data.mnist5k import load_mnist5k, to_uint8
-from ditgraft.diffusion.samplers import SamplingConfig
+from ditgraft.diffusion.samplers import SamplingConfig, default_sampler
 from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval import adm, metrics
 from ditgraft.eval.classifier import CLASSIFIER_PATH, NUM_CLASSES, testbed_features
@@ -267,8 +267,12 @@ def _write_evaluation(out_dir: str, tag: str, images: np.ndarray, labels: np.nda
     return result
 
 
-def protocol_for(cfg_scale: float | None = None, **overrides) -> Protocol:
+def protocol_for(cfg_scale: float | None = None, model=None, **overrides) -> Protocol:
+    """The testbed protocol with ``cfg_scale`` and ``overrides``; for a ``model`` trained with flow matching (the
+    flowbed MMDiT) its sampler is Euler (``default_sampler``), the same steps, scale and seeds."""
     kw = asdict(TESTBED_PROTOCOL)
+    if model is not None:
+        kw["sampler"] = default_sampler(model)
     if cfg_scale is not None:
         kw["cfg_scale"] = cfg_scale
     kw.update(overrides)

@@ -18,7 +18,7 @@ from ditgraft.layers import resolve_layers
 from ditgraft.graft.restructure import restructure
 from ditgraft.models.adapters import model_dims, set_slot
 from ditgraft.models.checkpoints import (build_checked, build_from_config, load_dit, load_state_strict,
-                                         load_weights, read_metadata, save_safetensors)
+                                         load_weights, read_metadata, save_safetensors, shipped_path)
 from ditgraft.models.diffusers_dit import is_diffusers_source
 from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, get_family, load_diffusers
 from ditgraft.operators import build_operator
@@ -171,8 +171,10 @@ def load_any(source: str, map_location="cpu") -> tuple[nn.Module, dict]:
             if os.path.exists(os.path.join(source, name)):
                 return load_any(os.path.join(source, name), map_location)
         raise FileNotFoundError(f"{source} holds no student.safetensors or model.safetensors")
+    source = shipped_path(source)
     if source.endswith(".safetensors") and os.path.exists(source):
         meta = read_metadata(source)
-        if meta.get("grafts") or meta.get("restructure") or meta.get("recipe"):
+        if (meta.get("grafts") or meta.get("restructure") or meta.get("recipe")
+                or meta.get("family", "dit") != "dit"):  # a graft, or a plain model of another family (MMDiT)
             return load_grafted(source, map_location)
     return load_dit(source, map_location=map_location)

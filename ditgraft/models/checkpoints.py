@@ -2,6 +2,8 @@
 
 Sources a user can name (``load_dit``):
 - ``testbed``: the teacher shipped with ditgraft (EMA weights, ditgraft/assets/testbed/teacher.safetensors);
+  ``flowbed``, the flow-matching testbed teacher (an MMDiT, ditgraft/assets/flowbed/), loads through ``load_any``
+  (``ditgraft.graft.surgery``), as every checkpoint of a family other than DiT;
 - a ditgraft ``.safetensors`` file: weights plus JSON metadata (model config, and for grafted models the recipe),
   so nothing else is needed to rebuild the architecture;
 - an official DiT ``.pt`` file (``DiT-XL-2-256x256.pt``: a plain state dict; training checkpoints: the ``ema`` entry),
@@ -30,6 +32,18 @@ from ditgraft.utils import atomic_path, non_finite_tensors, torch_load_weights
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 TESTBED_TEACHER = os.path.join(ASSETS, "testbed", "teacher.safetensors")
+SHIPPED_TEACHERS = ("testbed", "flowbed")  # names a source may use: ditgraft/assets/<name>/teacher.safetensors
+
+
+def shipped_path(source: str) -> str:
+    """The file of a shipped teacher's name (``testbed``, ``flowbed``); any other source unchanged."""
+    if source not in SHIPPED_TEACHERS:
+        return source
+    path = os.path.join(ASSETS, source, "teacher.safetensors")
+    if not os.path.exists(path):
+        how = " (train it: see ditgraft/assets/flowbed/README.md)" if source == "flowbed" else ""
+        raise FileNotFoundError(f"the shipped {source} teacher is missing at {path}{how}")
+    return path
 METADATA_KEY = "ditgraft"
 
 
@@ -91,8 +105,8 @@ def check_config_fits_file(config, shapes: dict[str, tuple[int, ...]], source: s
         if isinstance(v, int) and not 0 < v <= len(shapes):
             raise ValueError(f"{source}: model_config {key}={v} does not fit the file (it holds {len(shapes)} "
                              f"tensors); allowed: 1..{len(shapes)}")
-    if "pos_embed" not in shapes or "x_embedder.proj.weight" not in shapes:
-        return
+    if any(k not in shapes for k in ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight")):
+        return  # not a DiT (the MMDiT shares its patch embedding names, not its class table)
     _, n, hidden = shapes["pos_embed"]
     out_ch, in_ch, p, _ = shapes["x_embedder.proj.weight"]
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -220,10 +234,7 @@ def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
 def load_dit(source: str, model: str | None = None, image_size: int | None = None,
              map_location: str | torch.device = "cpu") -> tuple[DiT, dict]:
     """Load a plain (ungrafted) DiT and its metadata from any supported source (see module doc)."""
-    if source == "testbed":
-        if not os.path.exists(TESTBED_TEACHER):
-            raise FileNotFoundError(f"the shipped testbed teacher is missing at {TESTBED_TEACHER}")
-        source = TESTBED_TEACHER
+    source = shipped_path(source)
     if source.startswith("hf://"):
         source = resolve_hub(source)
     if is_diffusers_source(source):
@@ -234,9 +245,10 @@ def load_dit(source: str, model: str | None = None, image_size: int | None = Non
                                 "hf://owner/repo/file, a diffusers folder or hub repo id")
     if source.endswith(".safetensors"):
         meta = read_metadata(source)
-        if meta.get("recipe") or meta.get("grafts"):
-            raise ValueError(f"{source} is a grafted model; load it with ditgraft.graft.surgery.load_grafted "
-                             "(or ditgraft.load_model, which loads any source)")
+        if meta.get("recipe") or meta.get("grafts") or meta.get("family", "dit") != "dit":
+            raise ValueError(f"{source} is a grafted model or a {meta.get('family', 'dit')} model (not a plain DiT); "
+                             "load it with ditgraft.graft.surgery.load_any (or ditgraft.load_model, which loads "
+                             "any source)")
         net = build_checked(lambda: build_from_config(meta.get("model_config"), source), meta.get("model_config"),
                             source)
         load_state_strict(net, load_weights(source, map_location), source)

@@ -18,6 +18,9 @@ where the dense mask is tiny and one big matmul is as fast. On CUDA (fp32/bf16/f
 FlexAttention instead (``kernels.flex_attention``), with a block mask from the same pattern; ``kernel_path`` names
 the path a call takes.
 
+``attend_with_lse`` returns the per-head output and its log-normaliser over each query's window (both paths), so a
+local operator can be the image-to-image part of a split joint image-text attention (SD3, Flux; CLEAR's setting).
+
 Parameter names: ``swa`` keeps flash-attn's MHA names (``Wqkv``, ``out_proj``) like the grafting release;
 ``local2d`` and ``clear`` use DiT's (``qkv``, ``proj``) so an MHA state dict loads into them directly.
 ``from_mha(mha, **options)`` builds any of them from a teacher's attention weights.
@@ -182,16 +185,28 @@ class _LocalAttention(nn.Module):
     def _attend(self, qkv: torch.Tensor, grid) -> torch.Tensor:
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
+        return self._attend_heads(qkv, grid).transpose(1, 2).reshape(B, N, self.dim)
+
+    def _attend_heads(self, qkv: torch.Tensor, grid, return_lse: bool = False):
+        """Per-head output [B, heads, N, d] (and with ``return_lse`` its log-normaliser [B, heads, N])."""
+        N = qkv.shape[1]
         grid = _check_grid(grid or self.grid, N)
         q, k, v = split_heads(qkv, self.heads)
         impl = self.kernel_path(qkv.device, qkv.dtype, N)
-        if impl == FLEX:
-            out = flex_attention(q, k, v, self.block_mask(grid, qkv.device))
-        elif impl == "tiled":
-            out = tiled_attention(q, k, v, self.plan(grid, qkv.device))
-        else:
-            out = reference_attention(q, k, v, self.mask(grid, qkv.device))
-        return out.transpose(1, 2).reshape(B, N, self.dim)
+        lse = {"return_lse": True} if return_lse else {}
+        if impl == FLEX and not return_lse:  # a split slot's log-normaliser comes from the PyTorch paths
+            return flex_attention(q, k, v, self.block_mask(grid, qkv.device))
+        if impl == "tiled" or (impl == FLEX and N >= TILED_MIN_TOKENS):
+            return tiled_attention(q, k, v, self.plan(grid, qkv.device), **lse)
+        return reference_attention(q, k, v, self.mask(grid, qkv.device), **lse)
+
+    def attend_with_lse(self, x: torch.Tensor, grid: tuple[int, int]):
+        """(per-head output [B, heads, N, d] before the output projection, log-normaliser [B, heads, N]) over each
+        query's window: what a split image-text attention slot mixes with the teacher's attention over text keys."""
+        return self._attend_heads(self.in_projection(x), grid, return_lse=True)
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x)
 
 
 @register("swa", slot="attn", description="sliding-window (band) attention in raster order, |i-j| <= window")
@@ -244,6 +259,14 @@ class SWA(_LocalAttention):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         # Any N works for a band: without a grid, the sequence is one row.
         return self.out_proj(self._attend(self.Wqkv(x), grid or (1, x.shape[1])))
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        return self.Wqkv(x)
+
+    @property
+    def proj(self) -> nn.Linear:
+        """The output projection under ``mha``'s name (what a split joint-attention slot projects with)."""
+        return self.out_proj
 
     @classmethod
     def from_mha(cls, mha: MHA, **options) -> "SWA":

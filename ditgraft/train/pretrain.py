@@ -1,4 +1,5 @@
-"""Pretraining a DiT from scratch with the shared loop (how the shipped testbed teacher was made)."""
+"""Pretraining from scratch with the shared loop (how the shipped testbed teachers were made): a DiT size
+(``testbed``: IDDPM) or an MMDiT (``flowbed``: rectified flow); the objective is the model family's."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ from ditgraft.diffusion.gaussian import GaussianDiffusion
 from ditgraft.distributed import barrier, is_main
 from ditgraft.flops import dit_train_flops_per_sample
 from ditgraft.models.checkpoints import save_safetensors
-from ditgraft.models.dit import build_dit
-from ditgraft.models.families import model_call
+from ditgraft.models.dit import DIT_CONFIGS, DiT, build_dit
+from ditgraft.models.families import family_of, model_call
+from ditgraft.models.mmdit import MMDIT_CONFIGS, MMDiT
 from ditgraft.models.families.base import cond_pack
 from ditgraft.train.loop import LoopConfig, latest_checkpoint, train
 from ditgraft.utils import atomic_write_json, read_json, run_lock
@@ -55,6 +57,15 @@ def record_stage(info: dict, loop: dict, resumed_from: int) -> list[dict]:
         # the first stage starts at 0 even when this call resumed a crashed call of the same command
         stages.append({"from_step": resumed_from if stages else 0, "loop": json.loads(json.dumps(loop))})
     return stages
+
+
+def build_named(name: str) -> DiT | MMDiT:
+    """A model to pretrain by its registered name: a DiT size (``DIT_CONFIGS``) or an MMDiT (``MMDIT_CONFIGS``)."""
+    if name in MMDIT_CONFIGS:
+        return MMDiT(**MMDIT_CONFIGS[name])
+    if name not in DIT_CONFIGS:
+        raise KeyError(f"model={name!r} is unknown; allowed: {', '.join([*DIT_CONFIGS, *MMDIT_CONFIGS])}")
+    return build_dit(name)
 
 
 @dataclass
@@ -105,10 +116,10 @@ def _pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
     info = read_json(info_path) if os.path.exists(info_path) else {}
     _refuse_rewrite(info, json.loads(json.dumps(asdict(cfg.loop))), run_dir)
     torch.manual_seed(cfg.loop.seed)
-    model = build_dit(cfg.model).to(device)
+    model = build_named(cfg.model).to(device)
     x, y = load_dataset(cfg.data)  # mnist5k -> its training split
     check_data_fits(x, y, model, cfg.data)
-    diffusion = GaussianDiffusion.dit_default(learn_sigma=model.learn_sigma)
+    diffusion = family_of(model).objective(model)  # DiT: IDDPM; MMDiT: rectified flow
     t0 = time.time()
     result = train(model, diffusion_step_fn(diffusion), (x, y), cfg.loop, run_dir, desc="pretrain")
     wall = time.time() - t0
@@ -128,10 +139,12 @@ def _pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "device": str(device),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "final_loss": result.history[-1]["loss"] if result.history else None,
+        "objective": diffusion.name,
     })
     atomic_write_json(info_path, info)
     save_safetensors(out, result.ema if result.ema is not None else model,
-                     {"model_config": model.config, "pretrain": info})
+                     {"model_config": model.config, "family": family_of(model).name, "pretrain": info})
     barrier()
     return out

@@ -16,6 +16,7 @@ from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, load_transf
 from ditgraft.models.families.diffusers_dit import DiffusersDiTFamily
 from ditgraft.models.families.dit import DiTFamily
 from ditgraft.models.families.flux import FluxFamily
+from ditgraft.models.families.mmdit import MMDiTFamily
 from ditgraft.models.families.pixart import PixArtFamily
 from ditgraft.models.families.sd3 import SD3Family
 from ditgraft.models.families.wan import WanFamily
@@ -27,6 +28,7 @@ _FAMILIES: dict[str, Family] = {f.name: f for f in (
     SD3Family(),
     FluxFamily(),
     WanFamily(),
+    MMDiTFamily(),
 )}
 
 
