@@ -206,6 +206,11 @@ class Family:
     def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
         """Raise where stage 1 cannot distil this slot from captured (input, output) pairs of one tensor each."""
 
+    def is_split_slot(self, model: nn.Module, layer: int, slot: str) -> bool:
+        """Whether the slot is the image-to-image part of a joint image-text attention (``joint.py``): stage 1
+        then captures both token streams and regresses the joint attention's image-token output."""
+        return False
+
     def dropped_labels_module(self, model: nn.Module) -> nn.Module | None:
         """The module whose input is the class labels after the model's own label dropout (so output distillation
         shows the teacher what the student saw), or None where conditioning reaches the model as given."""

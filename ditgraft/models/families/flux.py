@@ -108,6 +108,11 @@ class FluxFamily(SplitAttentionSlots, DiffusersFamily):
             return rope_mha_from_joint(module, axes_dims=tuple(model.config.axes_dims_rope), theta=10000.0)
         return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
 
+    def joint_rotary(self, model: nn.Module, text_tokens: int, grid: tuple[int, int], device):
+        """FLUX's (cos, sin) over [text; image] positions: zero text ids, then the image ids of ``grid``."""
+        ids = torch.cat([torch.zeros(text_tokens, 3, device=device), image_ids(*grid, device, torch.float32)])
+        return unwrap(model).pos_embed(ids)
+
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         parts = cond_tuple(cond)
         guided = bool(unwrap(model).config.guidance_embeds)
