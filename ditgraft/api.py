@@ -125,21 +125,23 @@ def run_pipeline(recipe, run_dir: str, stages=None, device: str | None = None, p
 
 
 @_input_errors
-def sample(model, num: int = 100, *, steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.5, seed: int = 0,
-           batch_size: int = 100, vae=None, clip: bool | None = None, device="cpu",
+def sample(model, num: int = 100, *, steps: int = 25, sampler: str | None = None, cfg_scale: float = 1.5,
+           seed: int = 0, batch_size: int = 100, vae=None, clip: bool | None = None, device="cpu",
            captions=None) -> tuple[np.ndarray, np.ndarray]:
     """Protocol samples as (uint8 NHWC images, labels), seeded as ``ditgraft sample``: class-balanced (labels
     i % num_classes) for class-conditional models; caption i % n of ``captions`` (a caption .npz or (embeddings,
     mask); labels are caption indices) for caption-conditioned ones such as PixArt. Latent models need ``vae`` (an
-    AutoencoderKL, its folder or hub id) to decode; ``clip`` defaults to on for pixel models and off for latents."""
-    from ditgraft.diffusion.samplers import SamplingConfig
+    AutoencoderKL, its folder or hub id) to decode; ``clip`` defaults to on for pixel models and off for latents.
+    ``sampler`` defaults to the model's objective's: euler for flow-matching families (SD3, Flux, Wan), else ddim."""
+    from ditgraft.diffusion.samplers import SamplingConfig, default_sampler
     from ditgraft.eval.sampling import decoding, generate
 
     device = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, device)
     clip, decode = decoding(model, vae, clip=clip, device=device, option="vae")
-    cfg = SamplingConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, clip_denoised=clip)
+    cfg = SamplingConfig(sampler=sampler or default_sampler(model), steps=steps, cfg_scale=cfg_scale,
+                         clip_denoised=clip)
     return generate(model.to(device), num, cfg, seed=seed, batch_size=batch_size, device=device, decode=decode,
                     captions=captions)
 

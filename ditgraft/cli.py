@@ -172,13 +172,22 @@ def cmd_sample(args) -> None:
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
+    cfg = SamplingConfig(sampler=_sampler(args, model), steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     args.out = args.out or _model_dir("samples", args.model, model)
     ensure_writable(args.out, "--out")
     if args.png_dir:
         ensure_writable(args.png_dir, "--png-dir")
     with run_lock(args.out, "ditgraft sample"):
         _sample(args, model, cfg, device, decode)
+
+
+def _sampler(args, model) -> str:
+    """--sampler, or the model's objective's default; refused when it does not sample the model's objective."""
+    from ditgraft.diffusion.samplers import check_sampler, default_sampler
+
+    sampler = args.sampler or default_sampler(model)
+    check_sampler(model, sampler, "--sampler")
+    return sampler
 
 
 def _sample(args, model, cfg, device, decode) -> None:
@@ -188,7 +197,7 @@ def _sample(args, model, cfg, device, decode) -> None:
 
     rank, world = rank_world()
     images, labels = generate(model, args.num_samples, cfg, seed=args.seed, batch_size=args.batch_size, device=device,
-                              rank=rank, world=world, decode=decode, progress=rank == 0)
+                              rank=rank, world=world, decode=decode, progress=rank == 0, captions=args.captions)
     gathered = gather_samples(args.out, images, labels, args.batch_size)
     if gathered is None:  # not rank 0: rank 0 writes the files
         return
@@ -403,7 +412,7 @@ def cmd_synth(args) -> None:
     device = _device(args)
     model, _ = _load_model(args.model, device)
     clip, _ = decoding(model, clip=args.clip, need_decoder=False)  # raw latents: no decoder
-    cfg = SamplingConfig(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
+    cfg = SamplingConfig(sampler=_sampler(args, model), steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     out = _npz_out(args.out)
     with run_lock(out, "ditgraft synth"):
         _synth(args, model, cfg, device, out)
@@ -546,10 +555,11 @@ def _pretrain_args(s) -> None:
 
 
 def _sampling_args(s, num: int = 100) -> None:
-    from ditgraft.diffusion.samplers import DIFFUSION_SAMPLERS
+    from ditgraft.diffusion.samplers import SAMPLERS
 
     s.add_argument("--num-samples", type=positive_int, default=num)
-    s.add_argument("--sampler", default="ddim", choices=DIFFUSION_SAMPLERS)
+    s.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="default: the model's objective's (euler for flow matching: SD3, Flux, Wan; else ddim)")
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--cfg", type=finite_float(1), default=1.5, help="guidance scale (1 = none)")
     s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -564,6 +574,8 @@ def _sample_args(s) -> None:
     s.add_argument("--out", default=None, help="default runs/samples/NAME-HASH (HASH: of the model's weights)")
     s.add_argument("--vae", default=None, help="latent models: AutoencoderKL folder or hub id that decodes samples")
     s.add_argument("--png-dir", default=None, help="also write one PNG per sample here (torch-fidelity, clean-fid)")
+    s.add_argument("--captions", default=None, help="caption-conditioned models (PixArt, SD3, Flux, Wan): the caption "
+                                                   ".npz whose caption i %% n conditions sample i")
     _sampling_args(s)
 
 

@@ -294,7 +294,7 @@ class Evaluation(Strict):
     enabled: bool = True
     num: int = Field(default=500, ge=10)
     steps: int = Field(default=25, ge=1)
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "euler"] = "ddim"  # euler: flow-matching teachers (SD3, Flux, Wan)
     cfg_scale: float = Field(default=1.5, ge=1)
     seed: Seed = 0
     batch_size: int = Field(default=250, ge=1)  # samples per sampling batch (part of the protocol: seeds are per batch)

@@ -123,14 +123,14 @@ def _protocol_captions(name: str, family):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_protocol_sampling_where_supported(name):
-    from ditgraft.diffusion.samplers import SamplingConfig
+    from ditgraft.diffusion.samplers import SamplingConfig, default_sampler
     from ditgraft.eval.sampling import generate
     from ditgraft.models.families.base import FEATURES
 
     model = tiny(name).build(depth=DEPTH, seed=0)
     family = family_of(model)
     assert family.supports <= set(FEATURES) and family.conditioning in ("class", "caption")
-    cfg = SamplingConfig(steps=1, cfg_scale=1.0)
+    cfg = SamplingConfig(sampler=default_sampler(model), steps=1, cfg_scale=1.0)  # the objective's sampler
     captions = _protocol_captions(name, family)
     if "sample" not in family.supports:
         with pytest.raises(ValueError, match=f"the {name} family does not support sample"):

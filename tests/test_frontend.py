@@ -70,7 +70,7 @@ def test_choices_come_from_the_registries(monkeypatch):
     import ditgraft.train.loop as loop
     import ditgraft.train.tracking as tracking
 
-    monkeypatch.setattr(samplers, "DIFFUSION_SAMPLERS", samplers.DIFFUSION_SAMPLERS + ("fake_sampler",))
+    monkeypatch.setattr(samplers, "SAMPLERS", samplers.SAMPLERS + ("fake_sampler",))
     monkeypatch.setattr(evaluate, "FEATURES", evaluate.FEATURES + ("fake_features",))
     monkeypatch.setattr(launchers, "CLUSTERS", launchers.CLUSTERS + ("fake_cluster",))
     monkeypatch.setattr(loop, "PRECISIONS", loop.PRECISIONS + ("fake_precision",))
@@ -87,11 +87,12 @@ def test_choices_come_from_the_registries(monkeypatch):
     assert "fake_family" in _option(model, "--family").choices
 
 
-def test_sampler_choices_are_the_diffusion_samplers():
-    from ditgraft.diffusion.samplers import FLOW_SAMPLERS, SAMPLERS
+def test_sampler_choices_are_every_sampler():
+    """Every sampler is a choice (euler for flow-matching models); the model's objective refuses the others."""
+    from ditgraft.diffusion.samplers import SAMPLERS
 
     choices = _option(_subcommands(build_parser())["sample"], "--sampler").choices
-    assert set(choices) == set(SAMPLERS) - set(FLOW_SAMPLERS)
+    assert set(choices) == set(SAMPLERS) and "euler" in choices
 
 
 def test_pretrain_loop_config_is_built_by_the_one_rule():

@@ -1,16 +1,26 @@
-"""Text-to-image training data: latents with their caption embeddings, so training needs no text encoder.
+"""Text-to-image (and text-to-video) training data: latents with their caption embeddings, so training needs no
+text encoder.
 
 An ``.npz`` with keys
-    latents                         float [N, C, H, W]  model-space latents (VAE latents x the VAE's scaling factor)
-    prompt_embeds                   float [N, L, E]     the teacher's text-encoder output per caption (T5 for PixArt)
-    prompt_attention_mask           {0,1} [N, L]        1 = real token, 0 = padding
-    negative_prompt_embeds          float [1, L, E]     the empty / negative prompt (classifier-free guidance)
-    negative_prompt_attention_mask  {0,1} [1, L]
+    latents                         float [N, C, H, W]  model-space latents (VAE latents as the teacher's pipeline
+                                    or [N, C, F, H, W]  hands them to its transformer; F frames for video)
+    prompt_embeds                   float [N, L, E]     the teacher's text-encoder output per caption (T5 for PixArt,
+                                                        CLIP + T5 for SD3, T5 for Flux, umT5 for Wan)
+    prompt_attention_mask           {0,1} [N, L]        1 = real token, 0 = padding (PixArt; optional)
+    pooled_prompt_embeds            float [N, P]        the pooled text embedding (SD3, Flux; optional)
+    guidance                        float [N]           the distilled guidance scale (Flux.1-dev; optional)
+    negative_<key>                  [1, ...]            the empty / negative prompt's <key> for classifier-free
+                                                        guidance (optional; all or none of the keys present)
     prompts                         str   [N]           the captions (optional; for reading, never for training)
-``load_caption_latents`` returns ``(latents, (prompt_embeds, prompt_attention_mask))``: the conditioning a PixArt
-family forward takes. Saving keeps caption tokens up to the longest caption (padded tokens are masked out of the
-cross-attention, so dropping columns that are padding in every row changes nothing) and stores embeddings as
-float16 by default: 12k PixArt-Sigma captions of <= 120 T5 tokens (E = 4096) take ~12 GB instead of ~59 GB. ``synth_captions`` makes such a file from a text-to-image diffusers pipeline.
+The conditioning of a row is the keys of ``COND_KEYS`` the file holds, in that order: ``load_caption_latents``
+returns ``(latents, (prompt_embeds, prompt_attention_mask))`` for PixArt's data, ``(latents, (prompt_embeds,
+pooled_prompt_embeds))`` for SD3's, and so on; each caption-conditioned family names the keys its forward takes
+(``Family.caption_keys``) and a run refuses a file that holds others. Saving keeps caption tokens up to the
+longest caption where there is a mask (padded tokens are masked out of the cross-attention, so dropping columns
+that are padding in every row changes nothing) and stores embeddings as float16 by default: 12k PixArt-Sigma
+captions of <= 120 T5 tokens (E = 4096) take ~12 GB instead of ~59 GB. ``synth_captions`` makes such a file from a
+PixArt pipeline; for a flow-matching teacher, ``save_caption_latents`` takes the pipeline's ``encode_prompt``
+output and latents (e.g. ``output_type="latent"`` samples of the teacher pipeline itself).
 """
 from __future__ import annotations
 
@@ -21,8 +31,9 @@ import torch
 
 from ditgraft.utils import atomic_path
 
-KEYS = ("latents", "prompt_embeds", "prompt_attention_mask")
-NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_prompt_attention_mask")
+COND_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds", "guidance")
+REQUIRED = ("latents", "prompt_embeds")
+_ROW_DIMS = {"prompt_embeds": 3, "prompt_attention_mask": 2, "pooled_prompt_embeds": 2, "guidance": 1}
 
 
 def is_caption_file(path: str) -> bool:
@@ -33,23 +44,37 @@ def is_caption_file(path: str) -> bool:
 
 
 def _check(arrays: dict, where: str) -> None:
-    missing = [k for k in KEYS if k not in arrays]
+    missing = [k for k in REQUIRED if k not in arrays]
     if missing:
-        raise ValueError(f"{where}: caption data needs keys {list(KEYS)}; missing {missing}")
-    lat, emb, mask = (arrays[k] for k in KEYS)
-    if lat.ndim != 4 or emb.ndim != 3 or mask.shape != emb.shape[:2]:
-        raise ValueError(f"{where}: shapes latents {lat.shape} (want [N, C, H, W]), prompt_embeds {emb.shape} "
-                         f"(want [N, L, E]), prompt_attention_mask {mask.shape} (want [N, L])")
-    if not len(lat) == len(emb) > 0:
-        raise ValueError(f"{where}: {len(lat)} latents but {len(emb)} caption embeddings (want equal, > 0)")
-    for k in ("latents", "prompt_embeds"):
-        if not np.isfinite(arrays[k]).all():
+        raise ValueError(f"{where}: caption data needs keys {list(REQUIRED)}; missing {missing}")
+    lat, emb = arrays["latents"], arrays["prompt_embeds"]
+    if lat.ndim not in (4, 5):
+        raise ValueError(f"{where}: latents of shape {lat.shape}; want [N, C, H, W] (or [N, C, F, H, W] for video)")
+    for k in COND_KEYS:
+        if k in arrays and (arrays[k].ndim != _ROW_DIMS[k] or len(arrays[k]) != len(lat)):
+            raise ValueError(f"{where}: {k} of shape {arrays[k].shape}; want {_ROW_DIMS[k]} dimensions with one row "
+                             f"per latent ({len(lat)})")
+    if "prompt_attention_mask" in arrays and arrays["prompt_attention_mask"].shape != emb.shape[:2]:
+        raise ValueError(f"{where}: prompt_attention_mask {arrays['prompt_attention_mask'].shape} does not match "
+                         f"prompt_embeds {emb.shape} (want [N, L])")
+    if not len(lat) > 0:
+        raise ValueError(f"{where}: holds no latents (want N > 0)")
+    for k in ("latents", "prompt_embeds", "pooled_prompt_embeds", "guidance"):
+        if k in arrays and not np.isfinite(arrays[k]).all():
             raise ValueError(f"{where}: {k} contains NaN or inf values")
 
 
-def save_caption_latents(path: str, latents, prompt_embeds, prompt_attention_mask, negative_prompt_embeds=None,
-                         negative_prompt_attention_mask=None, prompts=None, embed_dtype: str = "float16") -> None:
-    """Write the layout above (atomically); caption columns past the longest caption are dropped."""
+def caption_keys(path: str) -> tuple[str, ...]:
+    """The conditioning keys a caption .npz holds, in ``COND_KEYS`` order (its rows' conditioning)."""
+    with np.load(path, allow_pickle=False) as f:
+        return tuple(k for k in COND_KEYS if k in f.files)
+
+
+def save_caption_latents(path: str, latents, prompt_embeds, prompt_attention_mask=None, negative_prompt_embeds=None,
+                         negative_prompt_attention_mask=None, prompts=None, embed_dtype: str = "float16", *,
+                         pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, guidance=None) -> None:
+    """Write the layout above (atomically); with a mask, caption columns past the longest caption are dropped.
+    ``guidance``: a number (every row) or one value per row."""
     if not str(path).endswith(".npz"):
         raise ValueError(f"path {path!r}: caption data is written as .npz; end the name with .npz")
 
@@ -58,19 +83,31 @@ def save_caption_latents(path: str, latents, prompt_embeds, prompt_attention_mas
 
     if embed_dtype not in ("float16", "float32"):
         raise ValueError(f"embed_dtype={embed_dtype!r} is not allowed; use float16 or float32")
-    mask = arr(prompt_attention_mask, np.int64)
-    masks = [mask] if negative_prompt_embeds is None else [mask, arr(negative_prompt_attention_mask, np.int64)[:1]]
-    if any(m.ndim != 2 for m in masks):
-        raise ValueError(f"prompt_attention_mask: shape {mask.shape}; want [N, L]")
-    # one length for captions and the negative prompt (guidance batches them together)
-    keep = max(1, max(int(m.sum(axis=1).max()) for m in masks))
-    if any(m[:, keep:].any() for m in masks):
-        raise ValueError("prompt_attention_mask: real tokens must come first (padding at the end of each row)")
-    out = {"latents": arr(latents, np.float32), "prompt_embeds": arr(prompt_embeds, embed_dtype)[:, :keep],
-           "prompt_attention_mask": mask[:, :keep]}
+    emb = arr(prompt_embeds, embed_dtype)
+    keep = emb.shape[1] if emb.ndim == 3 else None
+    out = {"latents": arr(latents, np.float32)}
+    if prompt_attention_mask is not None:
+        mask = arr(prompt_attention_mask, np.int64)
+        masks = [mask] if negative_prompt_embeds is None else [mask, arr(negative_prompt_attention_mask, np.int64)[:1]]
+        if any(m.ndim != 2 for m in masks):
+            raise ValueError(f"prompt_attention_mask: shape {mask.shape}; want [N, L]")
+        # one length for captions and the negative prompt (guidance batches them together)
+        keep = max(1, max(int(m.sum(axis=1).max()) for m in masks))
+        if any(m[:, keep:].any() for m in masks):
+            raise ValueError("prompt_attention_mask: real tokens must come first (padding at the end of each row)")
+        out["prompt_attention_mask"] = mask[:, :keep]
+        if negative_prompt_embeds is not None:
+            out["negative_prompt_attention_mask"] = masks[1][:, :keep]
+    out["prompt_embeds"] = emb[:, :keep]
     if negative_prompt_embeds is not None:
         out["negative_prompt_embeds"] = arr(negative_prompt_embeds, embed_dtype)[:1, :keep]
-        out["negative_prompt_attention_mask"] = masks[1][:, :keep]
+    if pooled_prompt_embeds is not None:
+        out["pooled_prompt_embeds"] = arr(pooled_prompt_embeds, np.float32)
+    if negative_pooled_prompt_embeds is not None:
+        out["negative_pooled_prompt_embeds"] = arr(negative_pooled_prompt_embeds, np.float32)[:1]
+    if guidance is not None:
+        g = arr(guidance, np.float32)
+        out["guidance"] = np.full(len(out["latents"]), float(g), np.float32) if g.ndim == 0 else g
     if prompts is not None:
         out["prompts"] = np.asarray(list(prompts), dtype=str)
     _check(out, path)
@@ -79,23 +116,30 @@ def save_caption_latents(path: str, latents, prompt_embeds, prompt_attention_mas
             np.savez(f, **out)
 
 
-def load_caption_latents(path: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """-> (latents [N, C, H, W] float32, (prompt_embeds [N, L, E] float32, prompt_attention_mask [N, L] int64))."""
+def _tensor(key: str, a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.long() if key.endswith("attention_mask") else t.float()
+
+
+def load_caption_latents(path: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """-> (latents float32, the conditioning arrays the file holds in ``COND_KEYS`` order: float32 embeddings,
+    int64 masks); PixArt's data gives (prompt_embeds [N, L, E], prompt_attention_mask [N, L])."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"caption data {path!r} does not exist")
     with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in KEYS if k in f.files}
+        arrays = {k: f[k] for k in ("latents", *COND_KEYS) if k in f.files}
     _check(arrays, path)
-    lat, emb, mask = (torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in KEYS)
-    return lat.float(), (emb.float(), mask.long())
+    return _tensor("latents", arrays["latents"]), tuple(_tensor(k, arrays[k]) for k in COND_KEYS if k in arrays)
 
 
-def load_negative(path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The stored negative prompt's (embeddings [1, L, E], mask [1, L]), or None."""
+def load_negative(path: str) -> tuple[torch.Tensor, ...] | None:
+    """The stored negative prompt's conditioning (``negative_<key>`` [1, ...] for each conditioning key of the
+    file, in its order), or None when any of them is missing."""
+    keys = caption_keys(path)
     with np.load(path, allow_pickle=False) as f:
-        if not all(k in f.files for k in NEGATIVE_KEYS):
+        if not all(f"negative_{k}" in f.files for k in keys):
             return None
-        return tuple(torch.from_numpy(f[k]) for k in NEGATIVE_KEYS)
+        return tuple(_tensor(k, f[f"negative_{k}"]) for k in keys)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -78,7 +78,7 @@ def encode_images(vae, images: torch.Tensor, seeds: list[int] | None = None) -> 
         noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds])
         z = dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)
-    return (z * latent_scale(vae)).float()
+    return ((z - latent_shift(vae)) * latent_scale(vae)).float()
 
 
 def latent_scale(vae) -> float:
@@ -89,11 +89,19 @@ def latent_scale(vae) -> float:
     return float(scale) if scale else SD_VAE_SCALE
 
 
+def latent_shift(vae) -> float:
+    """The VAE's latent shift (``config.shift_factor``: 0.0609 for SD3's VAE, 0.1159 for FLUX's; 0 where the VAE
+    records none): model latents are (z - shift) * scale, as the SD3 and Flux pipelines hand them over."""
+    config = getattr(vae, "config", None)
+    return float(getattr(config, "shift_factor", None) or 0.0)
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1] (float32, same device as the latents)."""
+    """Model latents ((z - shift) * scale) -> images in [-1, 1] (float32, same device as the latents)."""
     p = _first_param(vae)
-    out = vae.decode(latents.to(device=p.device, dtype=p.dtype) / latent_scale(vae)).sample
+    z = latents.to(device=p.device, dtype=p.dtype) / latent_scale(vae) + latent_shift(vae)
+    out = vae.decode(z).sample
     return out.float().clamp(-1, 1).to(latents.device)
 
 

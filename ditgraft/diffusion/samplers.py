@@ -41,6 +41,21 @@ class SamplingConfig:
             raise ValueError(f"eta={self.eta}: the {self.sampler} sampler is deterministic; use eta=0")
 
 
+def default_sampler(model) -> str:
+    """The sampler of the model's objective when none is named: Euler for a flow-matching family, DDIM for IDDPM."""
+    return "euler" if isinstance(family_of(model).objective(model), FlowMatching) else "ddim"
+
+
+def check_sampler(model, sampler: str, option: str = "sampler") -> None:
+    """Refuse, before any sampling, a sampler that does not sample the model's objective (``option`` names the
+    setting)."""
+    flow = isinstance(family_of(model).objective(model), FlowMatching)
+    if flow != (sampler in FLOW_SAMPLERS):
+        allowed = FLOW_SAMPLERS if flow else DIFFUSION_SAMPLERS
+        raise ValueError(f"{option}={sampler!r} does not sample the {family_of(model).name} family's "
+                         f"{'flow-matching' if flow else 'IDDPM'} objective; allowed: {', '.join(allowed)}")
+
+
 def guided_model(model, cfg_scale: float, cfg_channels: int):
     """Model fn ``fn(x, t, y)`` for [cond; uncond] batches: guides the first ``cfg_channels`` output channels of
     both halves.

@@ -30,6 +30,7 @@ from ditgraft.distributed import on_main, rank_world
 from ditgraft.eval import evaluate as evaluation
 from ditgraft.eval.decision import Targets, decision_eval, format_decision
 from ditgraft.eval.evaluate import Protocol, eval_hooks, sample_and_evaluate
+from ditgraft.diffusion.samplers import check_sampler
 from ditgraft.eval.sampling import decoding
 from ditgraft.graft.accounting import compute_accounting
 from ditgraft.graft.data_split import check_data, eval_captions, load_split, stage1_split
@@ -356,6 +357,7 @@ def check_supported(recipe: Recipe, teacher) -> None:
     if not e.enabled:
         return
     family.require("eval", "eval.enabled")
+    check_sampler(teacher, e.sampler, "eval.sampler")
     if family.conditioning == "caption":
         if e.features == "testbed":
             raise ValueError(f"eval.features='testbed' does not apply to the {family.name} family (the testbed "

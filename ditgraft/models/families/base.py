@@ -158,10 +158,28 @@ class Family:
         """Classes of a class-conditional model (the null class, when there is one, is not counted)."""
         raise ValueError(f"the {self.name} family is conditioned on {self.conditioning}s, not class labels")
 
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        """A caption-conditioned family's conditioning as caption-data arrays (``ditgraft.data.captions``): the
+        keys, in its forward's order (PixArt: prompt_embeds, prompt_attention_mask)."""
+        raise ValueError(f"the {self.name} family is conditioned on {self.conditioning}s, not caption embeddings")
+
     def protocol_cond(self, model: nn.Module, rows: torch.Tensor, device, captions=None) -> Cond:
         """The conditioning of protocol samples ``rows`` (their indices in the sample set): class ``i %
-        num_classes`` (class-balanced). Caption families take caption ``i % n`` of ``captions``."""
-        return rows.to(device) % self.num_classes(model)
+        num_classes`` (class-balanced); caption families take caption ``i % n`` of ``captions`` (the arrays of
+        ``caption_keys``, n rows each)."""
+        if self.conditioning == "class":
+            return rows.to(device) % self.num_classes(model)
+        keys = self.caption_keys(model)
+        if captions is None:
+            raise ValueError(f"captions are missing: {self.name} samples are conditioned on caption embeddings "
+                             f"({', '.join(keys)}); pass a caption set (a caption .npz such as the run's training "
+                             "data, or those tensors)")
+        parts = cond_tuple(captions)
+        if len(parts) != len(keys) or any(len(p) != len(parts[0]) for p in parts):
+            raise ValueError(f"captions: the {self.name} family needs ({', '.join(keys)}) with one row per caption; "
+                             f"got shapes {[tuple(p.shape) for p in parts]}")
+        rows = rows.cpu() % len(parts[0])
+        return cond_pack(p[rows].to(device) for p in parts)
 
     # ---- blocks and slots -----------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:

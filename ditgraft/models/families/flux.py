@@ -68,7 +68,8 @@ def _set_call_grid_from_ids(model: nn.Module, args: tuple, kwargs: dict) -> None
 
 class FluxFamily(SplitAttentionSlots, DiffusersFamily):
     name = "flux"
-    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
+    supports: frozenset[str] = frozenset({"sample", "eval"})  # protocol samples from a caption set (a caption .npz)
+    conditioning = "caption"
     cls_name = "FluxTransformer2DModel"
     extra_config = ("sample_size", SCHEDULER_KEY)
 
@@ -107,6 +108,11 @@ class FluxFamily(SplitAttentionSlots, DiffusersFamily):
         if slot == "attn":
             return rope_mha_from_joint(module, axes_dims=tuple(model.config.axes_dims_rope), theta=10000.0)
         return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
+
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        """Prompt and pooled embeddings, and the distilled guidance scale for guidance-embedding models."""
+        guided = bool(unwrap(model).config.guidance_embeds)
+        return ("prompt_embeds", "pooled_prompt_embeds") + (("guidance",) if guided else ())
 
     def joint_rotary(self, model: nn.Module, text_tokens: int, grid: tuple[int, int], device):
         """FLUX's (cos, sin) over [text; image] positions: zero text ids, then the image ids of ``grid``."""

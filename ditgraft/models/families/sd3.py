@@ -30,7 +30,8 @@ SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler co
 
 class SD3Family(SplitAttentionSlots, DiffusersFamily):
     name = "sd3"
-    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
+    supports: frozenset[str] = frozenset({"sample", "eval"})  # protocol samples from a caption set (a caption .npz)
+    conditioning = "caption"
     cls_name = "SD3Transformer2DModel"
     extra_config = (SCHEDULER_KEY,)
 
@@ -49,6 +50,9 @@ class SD3Family(SplitAttentionSlots, DiffusersFamily):
         if slot == "attn":
             return _mha_from_diffusers(module, where=f"transformer_blocks[{layer}].attn")
         return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
+
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        return ("prompt_embeds", "pooled_prompt_embeds")
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         parts = cond_tuple(cond)

@@ -32,7 +32,10 @@ WAN_SHIFT = 3.0
 
 class WanFamily(DiffusersFamily):
     name = "wan"
-    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
+    # protocol samples from a caption set (the umT5 embeddings of a caption .npz); no evaluation: the image
+    # metrics do not score videos
+    supports: frozenset[str] = frozenset({"sample"})
+    conditioning = "caption"
     cls_name = "WanTransformer3DModel"
     extra_config = ("sample_size", "num_frames", SCHEDULER_KEY)
 
@@ -82,6 +85,9 @@ class WanFamily(DiffusersFamily):
         if type(module).__module__.startswith("ditgraft."):
             return module
         return _mlp_from_diffusers(module, where=f"blocks[{layer}].ffn")
+
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        return ("prompt_embeds",)
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         parts = cond_tuple(cond)
