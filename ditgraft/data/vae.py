@@ -39,7 +39,8 @@ def _autoencoder_cls():
 
 
 def load_vae(source: str, device="cpu", dtype: torch.dtype = torch.float32):
-    """``AutoencoderKL.from_pretrained(source)``: a local folder or a hub id (``owner/name``), in eval mode."""
+    """``AutoencoderKL.from_pretrained(source)``: a local folder (a VAE's, or a pipeline's with ``vae/``) or a hub id
+    (``owner/name``: a VAE repository, or a pipeline's ``vae/``), in eval mode."""
     cls = _autoencoder_cls()
     source = os.fspath(source)
     if os.path.isdir(source):
@@ -49,8 +50,11 @@ def load_vae(source: str, device="cpu", dtype: torch.dtype = torch.float32):
     elif os.path.exists(source):
         raise ValueError(f"vae={source!r} is a file; give the folder that holds config.json and the weights "
                          "(AutoencoderKL.save_pretrained output) or a hub id such as stabilityai/sd-vae-ft-ema")
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        vae = cls.from_pretrained(source, torch_dtype=dtype)  # a hub id
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):  # a hub id: a VAE, or a pipeline's vae/
+        try:
+            vae = cls.from_pretrained(source, torch_dtype=dtype)
+        except OSError:
+            vae = cls.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
     else:
         raise FileNotFoundError(f"vae={source!r}: no such folder, and not a hub id (owner/name, e.g. "
                                 "stabilityai/sd-vae-ft-ema)")

@@ -158,6 +158,12 @@ class Family:
         """Classes of a class-conditional model (the null class, when there is one, is not counted)."""
         raise ValueError(f"the {self.name} family is conditioned on {self.conditioning}s, not class labels")
 
+    def activation_layout(self, model: nn.Module) -> tuple[int, int]:
+        """(tokens, blocks) that keep activations for backward in training (the memory plan): the patch tokens and
+        the grafted block list by default; joint image-text families add their text tokens and extra blocks."""
+        dims = self.dims(model)
+        return dims.grid[0] * dims.grid[1], dims.depth
+
     def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
         """A caption-conditioned family's conditioning as caption-data arrays (``ditgraft.data.captions``): the
         keys, in its forward's order (PixArt: prompt_embeds, prompt_attention_mask)."""

@@ -31,6 +31,7 @@ from ditgraft.models.families.joint import SplitAttentionSlots, rope_mha_from_jo
 
 DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
 PACK = 2  # FluxPipeline packs 2 x 2 latent patches into one token
+FLUX_TEXT_TOKENS = 512  # FluxPipeline's T5 max_sequence_length (FLUX.1-dev)
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +109,12 @@ class FluxFamily(SplitAttentionSlots, DiffusersFamily):
         if slot == "attn":
             return rope_mha_from_joint(module, axes_dims=tuple(model.config.axes_dims_rope), theta=10000.0)
         return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
+
+    def activation_layout(self, model: nn.Module) -> tuple[int, int]:
+        """Image plus FluxPipeline's T5 tokens (max_sequence_length 512) through every block, the single-stream
+        blocks included."""
+        tokens, depth = super().activation_layout(model)
+        return tokens + FLUX_TEXT_TOKENS, depth + len(unwrap(model).single_transformer_blocks)
 
     def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
         """Prompt and pooled embeddings, and the distilled guidance scale for guidance-embedding models."""

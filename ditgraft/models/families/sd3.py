@@ -26,6 +26,7 @@ from ditgraft.models.families.diffusers_common import (SCHEDULER_KEY, DiffusersF
 from ditgraft.models.families.joint import SplitAttentionSlots, rope_mha_from_joint
 
 SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler config
+SD3_TEXT_TOKENS = 77 + 256  # StableDiffusion3Pipeline: CLIP tokens + T5 tokens (max_sequence_length=256)
 
 
 class SD3Family(SplitAttentionSlots, DiffusersFamily):
@@ -50,6 +51,11 @@ class SD3Family(SplitAttentionSlots, DiffusersFamily):
         if slot == "attn":
             return _mha_from_diffusers(module, where=f"transformer_blocks[{layer}].attn")
         return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
+
+    def activation_layout(self, model: nn.Module) -> tuple[int, int]:
+        """Image tokens plus StableDiffusion3Pipeline's text tokens (77 CLIP + max_sequence_length 256 T5)."""
+        tokens, depth = super().activation_layout(model)
+        return tokens + SD3_TEXT_TOKENS, depth
 
     def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
         return ("prompt_embeds", "pooled_prompt_embeds")
