@@ -137,7 +137,8 @@ class SplitSlotTarget(SlotTarget):
         for t in targets:
             if not split_unit_ready(ops[t.key]):
                 raise ValueError(f"grafts: operator={t.graft.operator!r} at {t.key} cannot be the image-to-image part "
-                                 "of a joint attention (it reports no softmax normaliser); allowed: mha, rope_mha")
+                                 "of a joint attention (it reports no softmax normaliser); allowed: mha, rope_mha, "
+                                 "swa, local2d, clear")
         return {t.key: SplitSlotUnit(ops[t.key], teacher, t.graft.layer) for t in targets}
 
 

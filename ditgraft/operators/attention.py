@@ -25,11 +25,16 @@ def check_impl(impl: str) -> str:
     return check_choice("impl", impl, IMPLS)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-    """Plain attention on [B, heads, N, d] tensors; ``mask`` is boolean [N, N], True = may attend."""
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                        return_lse: bool = False):
+    """Plain attention on [B, heads, N, d] tensors; ``mask`` is boolean [N, N], True = may attend. With
+    ``return_lse``: (output, log-normaliser [B, heads, N], the logsumexp of each query's allowed scores)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if return_lse:
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse[..., None]) @ v, lse
     return scores.softmax(dim=-1) @ v
 
 
@@ -91,12 +96,12 @@ class TilePlan:
     raster: bool
 
 
-def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, return_lse: bool = False):
     """Softmax attention on [B, heads, N, d] tensors where query i only sees the keys the plan allows.
 
     Each tile of Q queries attends to its own K gathered keys with a small [Q, K] mask, as one batched matmul over
     all tiles; memory and time are O(N * K) instead of O(N^2). Same result as
-    ``reference_attention(q, k, v, dense_mask)`` for the dense mask the plan encodes.
+    ``reference_attention(q, k, v, dense_mask)`` for the dense mask the plan encodes (also with ``return_lse``).
     """
     B, h, N, d = q.shape
     T, Q = plan.q_idx.shape
@@ -110,5 +115,12 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Til
     vt = v.index_select(2, plan.k_idx.flatten()).view(B, h, T, K, d)
     scores = qt @ kt.transpose(-2, -1)  # [B, h, T, Q, K]
     scores = scores.mul_(d ** -0.5).masked_fill_(plan.blocked, float("-inf"))
-    out = (scores.softmax(dim=-1) @ vt).view(B, h, T * Q, d)
-    return out[:, :, :N] if plan.raster else out.index_select(2, plan.inv)
+    if not return_lse:
+        out = (scores.softmax(dim=-1) @ vt).view(B, h, T * Q, d)
+        return out[:, :, :N] if plan.raster else out.index_select(2, plan.inv)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.exp(scores - lse[..., None]) @ vt).view(B, h, T * Q, d)
+    lse = lse.view(B, h, T * Q)
+    if plan.raster:
+        return out[:, :, :N], lse[:, :, :N]
+    return out.index_select(2, plan.inv), lse.index_select(2, plan.inv)

@@ -16,6 +16,9 @@ all its queries' windows, and runs ``tiled_attention`` (O(N * tile keys) memory,
 ``impl="auto"`` (default) takes the tiled path when N >= ``TILED_MIN_TOKENS`` (1024) and the reference below it,
 where the dense mask is tiny and one big matmul is as fast.
 
+``attend_with_lse`` returns the per-head output and its log-normaliser over each query's window (both paths), so a
+local operator can be the image-to-image part of a split joint image-text attention (SD3, Flux; CLEAR's setting).
+
 Parameter names: ``swa`` keeps flash-attn's MHA names (``Wqkv``, ``out_proj``) like the grafting release;
 ``local2d`` and ``clear`` use DiT's (``qkv``, ``proj``) so an MHA state dict loads into them directly.
 ``from_mha(mha, **options)`` builds any of them from a teacher's attention weights.
@@ -161,16 +164,28 @@ class _LocalAttention(nn.Module):
     def _attend(self, qkv: torch.Tensor, grid) -> torch.Tensor:
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
+        return self._attend_heads(qkv, grid).transpose(1, 2).reshape(B, N, self.dim)
+
+    def _attend_heads(self, qkv: torch.Tensor, grid, return_lse: bool = False):
+        """Per-head output [B, heads, N, d] (and with ``return_lse`` its log-normaliser [B, heads, N])."""
+        N = qkv.shape[1]
         grid = _check_grid(grid or self.grid, N)
         q, k, v = split_heads(qkv, self.heads)
         impl = self.impl
         if impl == "auto":
             impl = "tiled" if N >= TILED_MIN_TOKENS else "reference"
+        lse = {"return_lse": True} if return_lse else {}
         if impl == "tiled":
-            out = tiled_attention(q, k, v, self.plan(grid, qkv.device))
-        else:
-            out = reference_attention(q, k, v, self.mask(grid, qkv.device))
-        return out.transpose(1, 2).reshape(B, N, self.dim)
+            return tiled_attention(q, k, v, self.plan(grid, qkv.device), **lse)
+        return reference_attention(q, k, v, self.mask(grid, qkv.device), **lse)
+
+    def attend_with_lse(self, x: torch.Tensor, grid: tuple[int, int]):
+        """(per-head output [B, heads, N, d] before the output projection, log-normaliser [B, heads, N]) over each
+        query's window: what a split image-text attention slot mixes with the teacher's attention over text keys."""
+        return self._attend_heads(self.in_projection(x), grid, return_lse=True)
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x)
 
 
 @register("swa", slot="attn", description="sliding-window (band) attention in raster order, |i-j| <= window")
@@ -217,6 +232,14 @@ class SWA(_LocalAttention):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         # Any N works for a band: without a grid, the sequence is one row.
         return self.out_proj(self._attend(self.Wqkv(x), grid or (1, x.shape[1])))
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        return self.Wqkv(x)
+
+    @property
+    def proj(self) -> nn.Linear:
+        """The output projection under ``mha``'s name (what a split joint-attention slot projects with)."""
+        return self.out_proj
 
     @classmethod
     def from_mha(cls, mha: MHA, **options) -> "SWA":

@@ -7,7 +7,8 @@ log-normaliser lse_img) and one over text keys (A_txt, lse_txt), weighted by the
 w = sigmoid(lse_img - lse_txt), output = w A_img + (1 - w) A_txt, then the output projection. The split keeps that
 mix with the operator's A_img and lse_img, projected by the operator's own ``proj``, plus the teacher's text part
 projected by the teacher's output weight; so an operator that reproduces the teacher's image-only attention
-(``init: teacher``) reproduces the teacher. The operator reports both (``attend_with_lse(x, grid)``, or ``mha``).
+(``init: teacher``) reproduces the teacher. The operator reports both (``attend_with_lse(x, grid)``: ``rope_mha`` and
+the local attentions ``swa``, ``local2d``, ``clear``; or ``mha``).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def split_attend(op: nn.Module, x: torch.Tensor, grid: tuple[int, int]):
         q, k, v = op.split_heads(x)
         return softmax_lse(q, k, v, op.head_dim ** -0.5)
     raise ValueError(f"a split attention slot needs an operator that reports its softmax normaliser; "
-                     f"{type(op).__name__} does not (supported: mha, rope_mha)")
+                     f"{type(op).__name__} does not (supported: mha, rope_mha, swa, local2d, clear)")
 
 
 def heads(x: torch.Tensor, h: int) -> torch.Tensor:
