@@ -238,3 +238,28 @@ def test_activation_checkpointing_of_a_grafted_diffusers_student(family, tmp_pat
     diff = max(float((states[0][k] - states[1][k]).abs().max()) for k in states[0])
     print(f"{family}: recomputed vs stored activations, max abs weight diff after 2 steps {diff:.1e}")
     assert diff < 1e-6
+
+
+def test_bundled_flow_recipes_plan_their_memory():
+    """The bundled SD3 / Flux / Wan recipes validate and ``recipes --show``'s memory line comes from the published
+    architecture built on the meta device (parameter counts as published: SD3-medium 2.03B, FLUX.1-dev 11.9B, Wan
+    2.1 1.3B 1.42B, PixArt-Sigma 0.61B); a local pipeline folder's own config is read first."""
+    from ditgraft.models.families import diffusers_architecture, family_of
+    from ditgraft.recipe import load_recipe
+    from ditgraft.train.memory import recipe_stage2_memory
+
+    counts = {"stabilityai/stable-diffusion-3-medium-diffusers": 2_028_328_000,
+              "black-forest-labs/FLUX.1-dev": 11_901_408_320, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 1_418_996_800,
+              "PixArt-alpha/PixArt-Sigma-XL-2-2048-MS": 610_856_096}
+    for source, n in counts.items():
+        model = diffusers_architecture(source)
+        assert sum(p.numel() for p in model.parameters()) == n and next(model.parameters()).is_meta
+    flux = diffusers_architecture("black-forest-labs/FLUX.1-dev")
+    assert family_of(flux).activation_layout(flux) == (4096 + 512, 19 + 38)
+    for name, family in (("sd3_medium_local2d_50", "sd3"), ("flux_dev_mlp_r3_50", "flux"),
+                         ("wan21_1p3b_mlp_r3_50", "wan")):
+        recipe = load_recipe(name)
+        assert family_of(diffusers_architecture(recipe.teacher.source.split(":", 1)[1])).name == family
+        line = recipe_stage2_memory(recipe, 8)
+        assert line.startswith("stage 2 expected memory: ") and "GiB per GPU" in line
+    assert diffusers_architecture("someone/unknown-model") is None
