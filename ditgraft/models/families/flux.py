@@ -7,7 +7,7 @@ the timestep t / 1000 (the model scales it back) and unpacks the output velocity
 distilled guidance scale per sample ``[B]`` for guidance-embedding models (FLUX.1-dev, ``guidance_embeds=True``:
 the scale is an input, classifier-free guidance is not run). The objective: rectified flow with logit-normal t,
 the exponential resolution shift (mu from the token count) and the sigmas 1, ..., 1/steps that FluxPipeline
-samples with.
+samples with. Caption data holds prompt_embeds, pooled_prompt_embeds (and guidance for guidance-embedding models).
 
 The model has no fixed sample size; ``config["sample_size"]`` (a latent side, default 128 = 1024 px) sets the
 patch grid that stage 1 and the operators are built for (``register_to_config(sample_size=...)``).

@@ -3,7 +3,8 @@
 Conditioning is ``(prompt embeddings [B, L, joint_attention_dim], pooled embeddings [B, pooled_projection_dim])``;
 the call is ``model(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled).sample``
 with t in 0..1000 (flow matching's t * 1000) and the output a velocity. The objective is rectified flow with
-logit-normal t and SD3's static shift 3.0.
+logit-normal t and SD3's static shift 3.0. Training data and protocol samples take that conditioning from a caption
+.npz (``caption_keys``: prompt_embeds, pooled_prompt_embeds; the negative prompt's for guidance).
 
 Each ``transformer_blocks[i]`` is a joint block: one attention ``attn`` over image and text tokens together (image
 projections ``to_q/to_k/to_v/to_out``, text projections ``add_q_proj/add_k_proj/add_v_proj/to_add_out``), then
