@@ -57,9 +57,10 @@ def caption_set(captions, keys: tuple[str, ...] = ("prompt_embeds", "prompt_atte
         from ditgraft.data.captions import caption_keys, load_caption_latents, load_negative
 
         path = os.fspath(captions)
-        if caption_keys(path) != tuple(keys):
-            raise ValueError(f"captions={path!r} holds {', '.join(caption_keys(path))}; this model's conditioning "
-                             f"is {', '.join(keys)}")
+        held = caption_keys(path) if os.path.isfile(path) else None
+        if held is not None and held != tuple(keys):
+            raise ValueError(f"captions={path!r} holds {', '.join(held) or 'no caption embeddings'}; this model's "
+                             f"conditioning is {', '.join(keys)}")
         return load_caption_latents(path)[1], load_negative(path)
     parts = tuple(captions) if isinstance(captions, (tuple, list)) else (captions,)
     n = len(keys)

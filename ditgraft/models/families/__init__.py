@@ -68,15 +68,13 @@ def load_diffusers(source: str) -> nn.Module:
     return model.eval()
 
 
-PUBLISHED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "assets", "diffusers",
-                         "configs.json")
-
-
 def diffusers_architecture(source: str) -> nn.Module | None:
     """The transformer of a diffusers ``source`` built on the meta device (no weights, no memory, no network) from
     its config: a local model folder's ``config.json`` or pipeline folder's ``transformer/config.json``, else the
     published architecture of a hub id in ``assets/diffusers/configs.json``; None when neither is known."""
     import torch
+
+    from ditgraft.models.checkpoints import ASSETS
 
     config = None
     for path in (os.path.join(source, "config.json"), os.path.join(source, "transformer", "config.json")):
@@ -85,7 +83,7 @@ def diffusers_architecture(source: str) -> nn.Module | None:
                 config = json.load(f)
             break
     if config is None:
-        with open(PUBLISHED) as f:
+        with open(os.path.join(ASSETS, "diffusers", "configs.json")) as f:
             config = json.load(f).get(source)
     if config is None:
         return None
