@@ -1,6 +1,7 @@
 """The whole chain for each flow-matching family (SD3, Flux, Wan), offline with tiny random diffusers models:
-a pipeline folder (transformer + scheduler) as the teacher, caption data synthesised from the teacher itself
-(its own Euler samples for random prompt embeddings, stored as a caption .npz), then ``run_pipeline``: stage 1
+a pipeline folder as the teacher, caption data synthesised from the teacher itself (SD3, Flux: its own Euler
+samples for random prompt embeddings; Wan: ``ditgraft synth --prompts`` with its pipeline's text encoder), stored
+as a caption .npz, then ``run_pipeline`` (Wan: ``ditgraft graft RECIPE.yaml``): stage 1
 (split joint-attention slots included), stage 2 with the flow loss, the student saved, protocol sampling and
 evaluation through the family seam (SD3, Flux); the reloaded student then runs in the family's diffusers pipeline
 with precomputed prompt embeddings and gives ditgraft's own protocol samples."""
@@ -61,6 +62,28 @@ def _teacher_folder(family: str, d) -> str:
     return str(d / "teacher")
 
 
+WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "red", "blue", "photo", "of"]
+
+
+def _wan_pipeline_folder(d) -> str:
+    """A WanPipeline with a word-level tokenizer and a one-layer umT5 encoder (E = CAPTION_DIM), saved to d."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=CAPTION_DIM, d_kv=8, d_ff=32, num_layers=1,
+                                          num_heads=2)).eval()
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+    pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=tiny_wan(),
+                                 scheduler=FAMILIES["wan"][1]())
+    pipe.save_pretrained(str(d / "teacher"))
+    return str(d / "teacher")
+
+
 def _synth_data(family: str, teacher_dir: str, path: str) -> str:
     """Caption data from the teacher: its own Euler samples (4 steps) for random prompt embeddings."""
     from ditgraft.data.captions import save_caption_latents
@@ -89,9 +112,22 @@ def test_flow_family_chain(family, tmp_path, monkeypatch):
     from ditgraft.models.families import family_of
     from ditgraft.utils import read_json
 
+    from ditgraft.cli import main
+
     _, _, vae_fn, grafts, cfg = FAMILIES[family]
-    teacher_dir = _teacher_folder(family, tmp_path)
-    data = _synth_data(family, teacher_dir, str(tmp_path / "pairs.npz"))
+    if family == "wan":  # the command line: `ditgraft synth PIPELINE --prompts` encodes and samples with the teacher
+        teacher_dir = _wan_pipeline_folder(tmp_path)
+        (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\nphoto of a cat\n")
+        data = str(tmp_path / "pairs.npz")
+        assert main(["synth", teacher_dir, "--prompts", str(tmp_path / "prompts.txt"), "--num-samples", str(N),
+                     "--steps", "4", "--batch-size", "6", "--cfg", "1.0", "--height", "32", "--width", "32",
+                     "--frames", "9", "--max-tokens", str(TOKENS), "--out", data, "--device", "cpu"]) == 0
+        with np.load(data) as f:
+            assert f["latents"].shape == (N, 16, 3, 4, 4) and f["prompt_embeds"].shape == (N, TOKENS, CAPTION_DIM)
+            assert list(f["prompts"][:4]) == ["a red cat", "a blue dog", "photo of a cat", "a red cat"]
+    else:
+        teacher_dir = _teacher_folder(family, tmp_path)
+        data = _synth_data(family, teacher_dir, str(tmp_path / "pairs.npz"))
     latents, cond = load_caption_latents(data)
     assert len(latents) == N and torch.isfinite(latents).all()
     recipe = {
@@ -110,8 +146,6 @@ def test_flow_family_chain(family, tmp_path, monkeypatch):
     run = tmp_path / "run"
     if family == "wan":  # the command line: `ditgraft graft RECIPE.yaml` (the same run_graft call)
         import yaml
-
-        from ditgraft.cli import main
 
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         assert main(["graft", str(tmp_path / "recipe.yaml"), "--run-dir", str(run), "--quiet"]) == 0

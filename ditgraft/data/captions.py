@@ -154,49 +154,100 @@ def read_prompts(path: str) -> list[str]:
 
 
 def load_t2i_pipeline(source: str, device=None):
-    """A text-to-image diffusers pipeline (text encoder included) from a local directory or a hub repo id."""
+    """A text-to-image (or text-to-video) diffusers pipeline, text encoder included, from a local directory or a hub
+    repo id."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(source)
     if getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
-        raise ValueError(f"{source!r} is not a text-to-image pipeline with a text encoder (e.g. PixArt-Sigma)")
+        raise ValueError(f"{source!r} is not a text-conditioned pipeline with a text encoder (allowed: "
+                         f"{', '.join(SYNTH_PIPELINES)})")
     return pipe.to(device) if device is not None else pipe
+
+
+# the pipelines ``synth_captions`` reads, with their default caption length (max_sequence_length)
+SYNTH_PIPELINES = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120, "StableDiffusion3Pipeline": 256,
+                   "FluxPipeline": 512, "WanPipeline": 512}
+
+
+def _encode(pipe, batch: list[str], device, max_sequence_length: int, guidance_scale: float):
+    """(conditioning arrays by caption-data key, the negative prompt's or None, extra pipeline arguments) for one
+    batch of prompts, each pipeline's own ``encode_prompt``."""
+    kind = type(pipe).__name__
+    if kind.startswith("PixArt"):
+        pe, pm, ne, nm = pipe.encode_prompt(batch, do_classifier_free_guidance=True, negative_prompt="",
+                                            device=device, clean_caption=False,
+                                            max_sequence_length=max_sequence_length)
+        return ({"prompt_embeds": pe, "prompt_attention_mask": pm}, {"prompt_embeds": ne, "prompt_attention_mask": nm},
+                {"negative_prompt": None, "use_resolution_binning": False})
+    if kind == "StableDiffusion3Pipeline":
+        pe, ne, pp, npp = pipe.encode_prompt(batch, None, None, device=device, do_classifier_free_guidance=True,
+                                             negative_prompt="", max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pp}, {"prompt_embeds": ne, "pooled_prompt_embeds": npp}, {}
+    if kind == "FluxPipeline":  # FLUX.1-dev: the guidance scale is an input (stored per row), no negative prompt
+        pe, pp, _ = pipe.encode_prompt(batch, None, device=device, max_sequence_length=max_sequence_length)
+        cond = {"prompt_embeds": pe, "pooled_prompt_embeds": pp}
+        if pipe.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full((len(batch),), float(guidance_scale))
+        return cond, None, {}
+    if kind == "WanPipeline":
+        pe, ne = pipe.encode_prompt(batch, negative_prompt="", do_classifier_free_guidance=True,
+                                    max_sequence_length=max_sequence_length, device=device)
+        return {"prompt_embeds": pe}, {"prompt_embeds": ne}, {}
+    raise ValueError(f"synth: {kind} is not allowed; use one of {', '.join(SYNTH_PIPELINES)}")
 
 
 @torch.no_grad()
 def synth_captions(pipe, prompts: list[str], out: str, num_samples: int | None = None, steps: int = 20,
                    guidance_scale: float = 4.5, batch_size: int = 8, seed: int = 0, height: int | None = None,
-                   width: int | None = None, max_sequence_length: int = 300, progress: bool = True) -> str:
-    """Synthetic image-caption pairs from a text-to-image diffusers pipeline (PixArt-Sigma / -Alpha).
+                   width: int | None = None, max_sequence_length: int | None = None, progress: bool = True,
+                   num_frames: int | None = None) -> str:
+    """Synthetic caption data from the teacher's own text-conditioned diffusers pipeline (``SYNTH_PIPELINES``:
+    PixArt-Sigma / -Alpha, SD3, Flux, Wan), in the layout above.
 
     Captions cycle through ``prompts`` until ``num_samples`` (default: one per prompt). Each batch's prompts are
-    encoded once with the pipeline's text encoder; the same embeddings feed the pipeline (``prompt_embeds``) and are
-    stored beside the latents it returns (``output_type='latent'``: model space). Seeds: batch b uses
+    encoded once with the pipeline's ``encode_prompt`` (``max_sequence_length``: default the pipeline's); the same
+    embeddings feed the pipeline and are stored beside the latents it returns (``output_type='latent'``: the
+    transformer's space; FLUX's packed tokens unpacked to [C, H, W]). ``guidance_scale``: classifier-free guidance
+    with the empty negative prompt (stored for the protocol's guidance), or FLUX.1-dev's distilled guidance (stored
+    per row). ``height`` / ``width`` / ``num_frames`` (Wan): default the pipeline's. Seeds: batch b uses
     ``seed * 100_003 + b``.
     """
     from tqdm import tqdm
 
+    kind = type(pipe).__name__
+    if kind not in SYNTH_PIPELINES:
+        raise ValueError(f"synth: {kind} is not allowed; use one of {', '.join(SYNTH_PIPELINES)}")
     n = num_samples or len(prompts)
     if n < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
+    max_len = max_sequence_length or SYNTH_PIPELINES[kind]
     chosen = [prompts[i % len(prompts)] for i in range(n)]
-    lat, emb, mask = [], [], []
-    neg = None
+    rows: dict[str, list] = {"latents": []}
+    negative = None
     device = pipe._execution_device
     pipe.set_progress_bar_config(disable=True)
+    size = {"height": height, "width": width, **({"num_frames": num_frames} if kind == "WanPipeline" else {})}
     for b in tqdm(range(0, n, batch_size), disable=not progress, desc="synth"):
         batch = chosen[b:b + batch_size]
-        pe, pm, ne, nm = pipe.encode_prompt(batch, do_classifier_free_guidance=True, negative_prompt="",
-                                            device=device, clean_caption=False,
-                                            max_sequence_length=max_sequence_length)
+        cond, neg, extra = _encode(pipe, batch, device, max_len, guidance_scale)
         g = torch.Generator(device="cpu").manual_seed(seed * 100_003 + b // batch_size)
-        x = pipe(negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
-                 negative_prompt_attention_mask=nm, num_inference_steps=steps, guidance_scale=guidance_scale,
-                 height=height, width=width, use_resolution_binning=False, output_type="latent",
-                 generator=g).images
-        lat.append(x.float().cpu())
-        emb.append(pe.float().cpu())
-        mask.append(pm.cpu())
-        neg = neg or (ne[:1].float().cpu(), nm[:1].cpu())
-    save_caption_latents(out, torch.cat(lat), torch.cat(emb), torch.cat(mask), neg[0], neg[1], chosen)
+        call = {k: v for k, v in cond.items() if k != "guidance"}
+        call.update({f"negative_{k}": v for k, v in (neg or {}).items()})
+        result = pipe(**call, **extra, **size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      output_type="latent", generator=g)
+        x = result.frames if kind == "WanPipeline" else result.images
+        if kind == "FluxPipeline":
+            h = height or pipe.default_sample_size * pipe.vae_scale_factor
+            w = width or pipe.default_sample_size * pipe.vae_scale_factor
+            x = type(pipe)._unpack_latents(x, h, w, pipe.vae_scale_factor)
+        rows["latents"].append(x.float().cpu())
+        for k, v in cond.items():
+            rows.setdefault(k, []).append(v.cpu() if k.endswith("mask") else v.float().cpu())
+        negative = negative or ({k: (v[:1].cpu() if k.endswith("mask") else v[:1].float().cpu())
+                                 for k, v in neg.items()} if neg else None)
+    arrays = {k: torch.cat(v) for k, v in rows.items()}
+    negatives = {f"negative_{k}": v for k, v in (negative or {}).items()}
+    save_caption_latents(out, arrays.pop("latents"), arrays.pop("prompt_embeds"), prompts=chosen,
+                         **{k: v for k, v in arrays.items()}, **negatives)
     return out
