@@ -305,3 +305,68 @@ def test_bundled_flow_recipes_plan_their_memory():
         line = recipe_stage2_memory(recipe, 8)
         assert line.startswith("stage 2 expected memory: ") and "GiB per GPU" in line
     assert diffusers_architecture("someone/unknown-model") is None
+
+
+def _word_tokenizer(max_len: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_len)
+
+
+def _clip(cls, hidden: int, **kw):
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(0)
+    return cls(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8, eos_token_id=1,
+                              pad_token_id=0, bos_token_id=1, **kw)).eval()
+
+
+def _t5(d: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(1)
+    return T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=d, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=2)).eval()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_synth_from_sd3_and_flux_pipelines(family, tmp_path):
+    """``synth_captions`` on tiny SD3 (two CLIPs + T5: 8 + 6 tokens) and Flux (CLIP pooled + T5) pipelines: the
+    stored arrays are the family's caption keys, the embeddings are the pipeline's own encoding (float16), Flux's
+    latents are unpacked and its distilled guidance stored per row, SD3 keeps the empty prompt's pair for guidance."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ditgraft.data.captions import caption_keys, load_caption_latents, load_negative, synth_captions
+    from ditgraft.models.families import family_of
+
+    build, scheduler, vae_fn, _, _ = FAMILIES[family]
+    if family == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=build(), scheduler=scheduler(), vae=vae_fn(),
+            text_encoder=_clip(CLIPTextModelWithProjection, 8, projection_dim=8), tokenizer=_word_tokenizer(8),
+            text_encoder_2=_clip(CLIPTextModelWithProjection, 8, projection_dim=8), tokenizer_2=_word_tokenizer(8),
+            text_encoder_3=_t5(CAPTION_DIM), tokenizer_3=_word_tokenizer(8))
+    else:
+        pipe = diffusers.FluxPipeline(scheduler=scheduler(), vae=vae_fn(), text_encoder=_clip(CLIPTextModel, POOLED_DIM),
+                                      tokenizer=_word_tokenizer(8), text_encoder_2=_t5(CAPTION_DIM),
+                                      tokenizer_2=_word_tokenizer(8), transformer=build())
+    prompts = ["a red cat", "a blue dog", "photo of a cat"]
+    out = synth_captions(pipe, prompts, str(tmp_path / "pairs.npz"), num_samples=4, steps=2, batch_size=2,
+                         guidance_scale=3.5, height=16, width=16, max_sequence_length=6, progress=False)
+    latents, cond = load_caption_latents(out)
+    assert caption_keys(out) == family_of(pipe.transformer).caption_keys(pipe.transformer)
+    assert latents.shape == (4, 4, 8, 8) and torch.isfinite(latents).all()
+    if family == "sd3":
+        emb, _, pooled, _ = pipe.encode_prompt(prompts[1:3], None, None, max_sequence_length=6)
+        assert cond[0].shape == (4, 8 + 6, CAPTION_DIM)
+        assert [tuple(t.shape) for t in load_negative(out)] == [(1, 14, CAPTION_DIM), (1, POOLED_DIM)]
+    else:
+        emb, pooled, _ = pipe.encode_prompt(prompts[1:3], None, max_sequence_length=6)
+        assert cond[2].tolist() == [3.5] * 4 and load_negative(out) is None
+    torch.testing.assert_close(cond[0][1:3], emb, atol=2e-3, rtol=2e-3)  # stored as float16
+    torch.testing.assert_close(cond[1][1:3], pooled, atol=1e-6, rtol=0)
