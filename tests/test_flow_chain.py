@@ -177,6 +177,12 @@ def test_flow_family_chain(family, tmp_path, monkeypatch):
         images, _ = sample(student, n, steps=2, cfg_scale=cfg, batch_size=n, vae=str(tmp_path / "vae"),
                            captions=data)
         assert images.shape == (n, 16, 16, 3) and images.dtype == np.uint8
+        out_dir = tmp_path / "samples"  # `ditgraft sample`: the same samples from the command line
+        assert main(["sample", str(run / "student.safetensors"), "--captions", data, "--vae", str(tmp_path / "vae"),
+                     "--num-samples", str(n), "--steps", "2", "--cfg", str(cfg), "--batch-size", str(n), "--out",
+                     str(out_dir), "--device", "cpu"]) == 0
+        with np.load(str(out_dir / "samples.npz")) as f:
+            np.testing.assert_array_equal(f["arr_0"], images)
     raw, labels = generate(student, n, SamplingConfig(sampler="euler", steps=steps, cfg_scale=scale), seed=0,
                            batch_size=n, raw=True, captions=data)
     assert labels.tolist() == [0, 1]
