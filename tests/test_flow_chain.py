@@ -247,6 +247,11 @@ def test_flow_family_refusals_before_any_work(tmp_path):
     with pytest.raises(InputError, match="eval.sampler='ddim' does not sample the sd3 family's flow-matching "
                                          "objective; allowed: euler"):
         run_pipeline(recipe(good, enabled=True, features="inception", reference=good), run, device="cpu")
+    hyena = recipe(good)
+    hyena["grafts"][0]["operator"] = "hyena_x"
+    with pytest.raises(InputError, match="operator 'hyena_x' for attn of block 0 cannot be the image-to-image part "
+                                         "of the sd3 family's joint attention.*allowed: mha, .*local2d"):
+        run_pipeline(hyena, run, device="cpu")
     assert not (run / "stage1").exists()
 
     wan_dir = _teacher_folder("wan", tmp_path / "w")

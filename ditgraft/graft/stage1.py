@@ -56,7 +56,7 @@ from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_len, cond_pack, cond_rows, cond_to, cond_tuple
-from ditgraft.models.families.joint import SplitSlotUnit, hook_joint_attention, split_unit_ready
+from ditgraft.models.families.joint import SplitSlotUnit, hook_joint_attention, split_operators, split_unit_ready
 from ditgraft.recipe import Stage1
 from ditgraft.train.loop import TrainingDiverged, train
 from ditgraft.utils import atomic_path, atomic_write_json
@@ -137,8 +137,8 @@ class SplitSlotTarget(SlotTarget):
         for t in targets:
             if not split_unit_ready(ops[t.key]):
                 raise ValueError(f"grafts: operator={t.graft.operator!r} at {t.key} cannot be the image-to-image part "
-                                 "of a joint attention (it reports no softmax normaliser); allowed: mha, rope_mha, "
-                                 "swa, local2d, clear")
+                                 "of a joint attention (it reports no softmax normaliser); allowed: "
+                                 f"{', '.join(split_operators())}")
         return {t.key: SplitSlotUnit(ops[t.key], teacher, t.graft.layer) for t in targets}
 
 

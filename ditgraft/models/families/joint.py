@@ -39,7 +39,7 @@ def split_attend(op: nn.Module, x: torch.Tensor, grid: tuple[int, int]):
         q, k, v = op.split_heads(x)
         return softmax_lse(q, k, v, op.head_dim ** -0.5)
     raise ValueError(f"a split attention slot needs an operator that reports its softmax normaliser; "
-                     f"{type(op).__name__} does not (supported: mha, rope_mha, swa, local2d, clear)")
+                     f"{type(op).__name__} does not (supported: {', '.join(split_operators())})")
 
 
 def heads(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -162,9 +162,18 @@ class SplitAttentionSlots:
         block.attn = JointSplitAttention(module, self.dims(model).grid, joint)
 
 
-def split_unit_ready(op: nn.Module) -> bool:
-    """Whether ``op`` can be a split slot's image-to-image part (it reports its softmax normaliser)."""
-    return hasattr(op, "attend_with_lse") or isinstance(op, MHA)
+def split_unit_ready(op: nn.Module | type) -> bool:
+    """Whether operator ``op`` (or its class) can be a split slot's image-to-image part: it reports its softmax
+    normaliser (``attend_with_lse``, or ``mha``)."""
+    cls = op if isinstance(op, type) else type(op)
+    return hasattr(cls, "attend_with_lse") or issubclass(cls, MHA)
+
+
+def split_operators() -> list[str]:
+    """The registered attention operators that can be a split slot's image-to-image part."""
+    from ditgraft.operators.registry import get_spec, operator_names
+
+    return [name for name in operator_names("attn") if split_unit_ready(get_spec(name).cls)]
 
 
 def hook_joint_attention(model: nn.Module, layer: int, store: dict, key) -> torch.utils.hooks.RemovableHandle:
