@@ -99,7 +99,7 @@ def test_graft_stage1_stage2_reload_flux_pipeline(tmp_path):
     with capture_joint_attention(teacher, [1]) as seen, torch.no_grad():
         fam.forward(teacher, latents(2, 0), torch.tensor([100.0, 700.0]), _cond(2, 1))
         hs, ehs, target = seen[1]
-        diff = (SplitSlotUnit(fam.teacher_operator(teacher, 1, "attn"), teacher, 1)(hs, ehs) - target).abs().max()
+        diff = (SplitSlotUnit(fam.teacher_operator(teacher, 1, "attn"), fam, teacher, 1)(hs, ehs) - target).abs().max()
     assert diff < 1e-6, diff
     assert res["operators"]["attn1"]["val_rel_mse"] < 1e-3
     assert res["operators"]["attn0"]["val_rel_mse"] > res["operators"]["attn1"]["val_rel_mse"]

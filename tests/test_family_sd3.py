@@ -278,12 +278,13 @@ def test_stage1_distils_the_split_slot(tmp_path):
     with capture_joint_attention(teacher, [1]) as seen:
         _call(teacher, x, t, c)
     hs, ehs, target = seen[1]
-    exact = SplitSlotUnit(family_of(teacher).teacher_operator(teacher, 1, "attn"), teacher, 1)
+    fam = family_of(teacher)
+    exact = SplitSlotUnit(fam.teacher_operator(teacher, 1, "attn"), fam, teacher, 1)
     with torch.no_grad():
         diff = (exact(hs, ehs) - target).abs().max()
     print("init teacher unit vs teacher target", float(diff), float(target.abs().max()))
     assert diff < 1e-6
-    unit = SplitSlotUnit(get_slot(student, 1, "attn"), teacher, 1)
+    unit = SplitSlotUnit(get_slot(student, 1, "attn"), fam, teacher, 1)
     assert set(unit.state_dict()) == {f"op.{k}" for k in get_slot(student, 1, "attn").state_dict()}
     with torch.no_grad():
         got = student.transformer_blocks[1].attn(hs, ehs)[0]

@@ -139,7 +139,8 @@ class SplitSlotTarget(SlotTarget):
                 raise ValueError(f"grafts: operator={t.graft.operator!r} at {t.key} cannot be the image-to-image part "
                                  "of a joint attention (it reports no softmax normaliser); allowed: "
                                  f"{', '.join(split_operators())}")
-        return {t.key: SplitSlotUnit(ops[t.key], teacher, t.graft.layer) for t in targets}
+        family = family_of(teacher)
+        return {t.key: SplitSlotUnit(ops[t.key], family, teacher, t.graft.layer) for t in targets}
 
 
 class PairTarget:

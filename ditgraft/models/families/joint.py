@@ -20,6 +20,7 @@ from torch import nn
 
 from ditgraft.models.families.base import SlotAdapter, cond_tuple, unwrap
 from ditgraft.operators.attention import MHA
+from ditgraft.operators.registry import get_spec, operator_names
 from ditgraft.operators.rope_attention import RopeMHA, rotate
 
 
@@ -171,8 +172,6 @@ def split_unit_ready(op: nn.Module | type) -> bool:
 
 def split_operators() -> list[str]:
     """The registered attention operators that can be a split slot's image-to-image part."""
-    from ditgraft.operators.registry import get_spec, operator_names
-
     return [name for name in operator_names("attn") if split_unit_ready(get_spec(name).cls)]
 
 
@@ -202,18 +201,15 @@ def capture_joint_attention(model: nn.Module, layers: list[int]):
 
 
 class SplitSlotUnit(nn.Module):
-    """What stage 1 trains for a split slot: the operator ``op`` as the image-to-image part of the teacher's joint
-    attention of ``layer`` (every part that involves text stays the teacher's, frozen). Called on the captured
-    (image tokens, text tokens), it returns the image-token output, the teacher's regression target. Only ``op``
-    is registered, so the unit's state dict is the operator's own (``op.*``) and the teacher's weights are never
+    """What stage 1 trains for a split slot: the operator ``op`` as the image-to-image part of the joint attention
+    of ``layer`` in ``teacher`` (of the family ``family``); every part that involves text stays the teacher's,
+    frozen. Called on the captured (image tokens, text tokens), it returns the image-token output, the teacher's
+    regression target. Only ``op`` is registered, so the unit's state dict is the operator's own (``op.*``) and the teacher's weights are never
     trained or saved with it; ``weights`` is the module whose weights go into the student's slot."""
 
-    def __init__(self, op: nn.Module, teacher: nn.Module, layer: int):
+    def __init__(self, op: nn.Module, family, teacher: nn.Module, layer: int):
         super().__init__()
-        from ditgraft.models.families import family_of
-
         self.op = op
-        family = family_of(teacher)
         self._teacher = (family, teacher)  # a tuple: not registered as a submodule
         self._split = (JointSplitAttention(op, family.dims(teacher).grid, family.joint_attention(teacher, layer)),)
         self._rotary: dict = {}
