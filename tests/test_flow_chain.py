@@ -363,8 +363,9 @@ def test_synth_from_sd3_and_flux_pipelines(family, tmp_path):
             text_encoder_2=_clip(CLIPTextModelWithProjection, 8, projection_dim=8), tokenizer_2=_word_tokenizer(8),
             text_encoder_3=_t5(CAPTION_DIM), tokenizer_3=_word_tokenizer(8))
     else:
-        pipe = diffusers.FluxPipeline(scheduler=scheduler(), vae=vae_fn(), text_encoder=_clip(CLIPTextModel, POOLED_DIM),
-                                      tokenizer=_word_tokenizer(8), text_encoder_2=_t5(CAPTION_DIM),
+        pipe = diffusers.FluxPipeline(scheduler=scheduler(), vae=vae_fn(),
+                                      text_encoder=_clip(CLIPTextModel, POOLED_DIM), tokenizer=_word_tokenizer(8),
+                                      text_encoder_2=_t5(CAPTION_DIM),
                                       tokenizer_2=_word_tokenizer(8), transformer=build())
     prompts = ["a red cat", "a blue dog", "photo of a cat"]
     out = synth_captions(pipe, prompts, str(tmp_path / "pairs.npz"), num_samples=4, steps=2, batch_size=2,

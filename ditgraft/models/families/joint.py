@@ -204,8 +204,9 @@ class SplitSlotUnit(nn.Module):
     """What stage 1 trains for a split slot: the operator ``op`` as the image-to-image part of the joint attention
     of ``layer`` in ``teacher`` (of the family ``family``); every part that involves text stays the teacher's,
     frozen. Called on the captured (image tokens, text tokens), it returns the image-token output, the teacher's
-    regression target. Only ``op`` is registered, so the unit's state dict is the operator's own (``op.*``) and the teacher's weights are never
-    trained or saved with it; ``weights`` is the module whose weights go into the student's slot."""
+    regression target. Only ``op`` is registered, so the unit's state dict is the operator's own (``op.*``) and
+    the teacher's weights are never trained or saved with it; ``weights`` is the module whose weights go into the
+    student's slot."""
 
     def __init__(self, op: nn.Module, family, teacher: nn.Module, layer: int):
         super().__init__()
