@@ -622,8 +622,8 @@ def _push_args(s) -> None:
 
 
 def _synth_args(s) -> None:
-    s.add_argument("model", help="a class-conditional model, or with --prompts a diffusers pipeline (PixArt, SD3, Flux, "
-                                 "Wan)")
+    s.add_argument("model", help="a class-conditional model, or with --prompts a diffusers pipeline (PixArt, SD3, "
+                                 "Flux, Wan)")
     s.add_argument("--out", default="runs/synth.npz")
     s.add_argument("--prompts", default=None,
                    help="text file, one prompt per line: caption latents + embeddings (cycled to --num-samples)")

@@ -300,8 +300,8 @@ def test_stage1_distils_the_split_slot(tmp_path):
 @pytest.mark.parametrize("impl", ["reference", "tiled"])
 def test_local_attention_in_a_split_slot(impl, tmp_path):
     """Local attention reports its softmax normaliser over each query's window, so it can be a split slot's
-    image-to-image part: with a window covering the whole 4 x 4 grid (swa window 15, local2d kernel 5, clear radius 6) and the
-    teacher's weights the split reproduces the teacher; with a 3 x 3 window stage 1 distils it."""
+    image-to-image part: with a window covering the whole 4 x 4 grid (swa window 15, local2d kernel 5, clear radius
+    6) and the teacher's weights the split reproduces the teacher; with a 3 x 3 window stage 1 distils it."""
     from ditgraft.operators import build_operator
     from ditgraft.operators.attention import reference_attention
 
