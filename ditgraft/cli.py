@@ -458,7 +458,8 @@ def _synth_captions(args) -> None:
     with run_lock(out, "ditgraft synth"):
         pipe = load_t2i_pipeline(args.model, _device(args))
         synth_captions(pipe, prompts, out, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.cfg,
-                       batch_size=args.batch_size, seed=args.seed, max_sequence_length=args.max_tokens)
+                       batch_size=args.batch_size, seed=args.seed, max_sequence_length=args.max_tokens,
+                       height=args.height, width=args.width, num_frames=args.frames)
     print(f"synthetic image-caption pairs (latents + caption embeddings): {out}; use it as `data:` in a recipe")
 
 
@@ -641,11 +642,17 @@ def _push_args(s) -> None:
 
 
 def _synth_args(s) -> None:
-    s.add_argument("model", help="a class-conditional model, or with --prompts a diffusers pipeline (PixArt)")
+    s.add_argument("model", help="a class-conditional model, or with --prompts a diffusers pipeline (PixArt, SD3, "
+                                 "Flux, Wan)")
     s.add_argument("--out", default="runs/synth.npz")
     s.add_argument("--prompts", default=None,
                    help="text file, one prompt per line: caption latents + embeddings (cycled to --num-samples)")
-    s.add_argument("--max-tokens", type=int, default=300, help="caption tokens with --prompts (PixArt-Sigma: 300)")
+    s.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="caption tokens with --prompts (default the pipeline's: PixArt-Sigma 300, SD3 256, Flux and "
+                        "Wan 512)")
+    s.add_argument("--height", type=positive_int, default=None, help="with --prompts: pixels (default the pipeline's)")
+    s.add_argument("--width", type=positive_int, default=None, help="with --prompts: pixels (default the pipeline's)")
+    s.add_argument("--frames", type=positive_int, default=None, help="with --prompts, Wan: video frames (default 81)")
     _sampling_args(s, num=1000)
 
 

@@ -218,11 +218,11 @@ def check_data_fits(x: torch.Tensor, y, model, spec: str) -> None:
     family = family_of(model)
     want = tuple(family.sample_shape(model, 1)[1:])
     p = family.patch_size(model)
-    fits = x.ndim == 4 and x.shape[1] == want[0] and (
-        tuple(x.shape[2:]) == want[1:] if family.name == "dit" else x.shape[2] % p == 0 and x.shape[3] % p == 0)
+    fits = x.ndim == len(want) + 1 and x.shape[1] == want[0] and (
+        tuple(x.shape[2:]) == want[1:] if family.name == "dit" else x.shape[-2] % p == 0 and x.shape[-1] % p == 0)
     if not fits:
         raise ValueError(f"data {spec!r}: samples of shape {tuple(x.shape[1:])} do not fit the model; allowed: "
-                         f"{want} (its channels, height, width)")
+                         f"{want} (its channels, {'frames, ' if len(want) == 4 else ''}height, width)")
     if cond_len(y) != len(x):
         raise ValueError(f"data {spec!r}: {cond_len(y)} labels for {len(x)} samples; one label per sample is needed")
     num_classes = getattr(model, "num_classes", None) if isinstance(y, torch.Tensor) else None

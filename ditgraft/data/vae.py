@@ -39,7 +39,8 @@ def _autoencoder_cls():
 
 
 def load_vae(source: str, device="cpu", dtype: torch.dtype = torch.float32):
-    """``AutoencoderKL.from_pretrained(source)``: a local folder or a hub id (``owner/name``), in eval mode."""
+    """``AutoencoderKL.from_pretrained(source)``: a local folder (a VAE's, or a pipeline's with ``vae/``) or a hub id
+    (``owner/name``: a VAE repository, or a pipeline's ``vae/``), in eval mode."""
     cls = _autoencoder_cls()
     source = os.fspath(source)
     if os.path.isdir(source):
@@ -49,8 +50,11 @@ def load_vae(source: str, device="cpu", dtype: torch.dtype = torch.float32):
     elif os.path.exists(source):
         raise ValueError(f"vae={source!r} is a file; give the folder that holds config.json and the weights "
                          "(AutoencoderKL.save_pretrained output) or a hub id such as stabilityai/sd-vae-ft-ema")
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        vae = cls.from_pretrained(source, torch_dtype=dtype)  # a hub id
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):  # a hub id: a VAE, or a pipeline's vae/
+        try:
+            vae = cls.from_pretrained(source, torch_dtype=dtype)
+        except OSError:
+            vae = cls.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
     else:
         raise FileNotFoundError(f"vae={source!r}: no such folder, and not a hub id (owner/name, e.g. "
                                 "stabilityai/sd-vae-ft-ema)")
@@ -78,7 +82,7 @@ def encode_images(vae, images: torch.Tensor, seeds: list[int] | None = None) -> 
         noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds])
         z = dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)
-    return (z * latent_scale(vae)).float()
+    return ((z - latent_shift(vae)) * latent_scale(vae)).float()
 
 
 def latent_scale(vae) -> float:
@@ -89,11 +93,19 @@ def latent_scale(vae) -> float:
     return float(scale) if scale else SD_VAE_SCALE
 
 
+def latent_shift(vae) -> float:
+    """The VAE's latent shift (``config.shift_factor``: 0.0609 for SD3's VAE, 0.1159 for FLUX's; 0 where the VAE
+    records none): model latents are (z - shift) * scale, as the SD3 and Flux pipelines hand them over."""
+    config = getattr(vae, "config", None)
+    return float(getattr(config, "shift_factor", None) or 0.0)
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1] (float32, same device as the latents)."""
+    """Model latents ((z - shift) * scale) -> images in [-1, 1] (float32, same device as the latents)."""
     p = _first_param(vae)
-    out = vae.decode(latents.to(device=p.device, dtype=p.dtype) / latent_scale(vae)).sample
+    z = latents.to(device=p.device, dtype=p.dtype) / latent_scale(vae) + latent_shift(vae)
+    out = vae.decode(z).sample
     return out.float().clamp(-1, 1).to(latents.device)
 
 

@@ -45,21 +45,37 @@ def decoding(model, vae=None, clip: bool | None = None, device="cpu", option: st
     return ((not latent) if clip is None else bool(clip)), decode
 
 
-def caption_set(captions) -> tuple[tuple | None, tuple | None]:
-    """(captions, negative) of a protocol caption set: a caption .npz (``ditgraft.data.captions``: its prompt
-    embeddings and masks, and its negative prompt for guidance when stored) or (embeddings, mask) as given, with
-    an optional negative (embeddings [1, L, E], mask [1, L]) as third and fourth members. None: (None, None)."""
+def caption_set(captions, keys: tuple[str, ...] = ("prompt_embeds", "prompt_attention_mask")
+                ) -> tuple[tuple | None, tuple | None]:
+    """(captions, negative) of a protocol caption set for a family whose conditioning is the caption arrays
+    ``keys`` (``Family.caption_keys``): a caption .npz (``ditgraft.data.captions``: its conditioning arrays, and its
+    negative prompt's for guidance when stored; refused when they are not ``keys``) or the tensors as given, with
+    an optional negative ([1, ...] each) after them. None: (None, None)."""
     if captions is None:
         return None, None
     if isinstance(captions, (str, os.PathLike)):
-        from ditgraft.data.captions import load_caption_latents, load_negative
+        from ditgraft.data.captions import caption_keys, load_caption_latents, load_negative
 
-        return load_caption_latents(os.fspath(captions))[1], load_negative(os.fspath(captions))
-    parts = tuple(captions)
-    if len(parts) not in (2, 4):
-        raise ValueError(f"captions: need (embeddings, mask) or (embeddings, mask, negative embeddings, negative "
-                         f"mask); got {len(parts)} tensors")
-    return parts[:2], (parts[2:] or None)
+        path = os.fspath(captions)
+        held = caption_keys(path) if os.path.isfile(path) else None
+        if held is not None and held != tuple(keys):
+            raise ValueError(f"captions={path!r} holds {', '.join(held) or 'no caption embeddings'}; this model's "
+                             f"conditioning is {', '.join(keys)}")
+        return load_caption_latents(path)[1], load_negative(path)
+    parts = tuple(captions) if isinstance(captions, (tuple, list)) else (captions,)
+    n = len(keys)
+    if len(parts) not in (n, 2 * n):
+        raise ValueError(f"captions: need ({', '.join(keys)}), optionally followed by the negative prompt's; got "
+                         f"{len(parts)} tensors")
+    return parts[:n], (parts[n:] or None)
+
+
+def frames_side_by_side(x: torch.Tensor) -> torch.Tensor:
+    """A video sample [B, C, F, H, W] as one image [B, C, H, F * W] (its frames left to right); images unchanged."""
+    if x.ndim != 5:
+        return x
+    B, C, F, H, W = x.shape
+    return x.permute(0, 1, 3, 2, 4).reshape(B, C, H, F * W)
 
 
 @torch.no_grad()
@@ -84,10 +100,11 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
     check_seed(seed, "seed")
     family = family_of(model)
     family.require("sample")
-    captions, negative = caption_set(captions)
+    keys = family.caption_keys(model) if family.conditioning == "caption" else ()
+    captions, negative = caption_set(captions, keys) if keys else caption_set(captions)
     model.eval()
     num_batches = math.ceil(num / batch_size)
-    _, c, h, w = family.sample_shape(model, 1)
+    shape = family.sample_shape(model, 1)[1:]
     images, labels = [], []
     mine = [b for b in range(num_batches) if b % world == rank]
     for b in tqdm(mine, desc="sample", disable=not progress, leave=False):
@@ -95,14 +112,16 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
         y = family.protocol_cond(model, rows, device, captions)
         null = None if negative is None else tuple(n.expand(len(rows), *n.shape[1:]).to(device) for n in negative)
         g = torch.Generator().manual_seed(seed * 100_003 + b)
-        x = sample(model, y, (len(rows), c, h, w), cfg, generator=g, null_cond=null)
+        x = sample(model, y, (len(rows), *shape), cfg, generator=g, null_cond=null)
         if raw:
             images.append(x.cpu().numpy().astype(np.float32))
         else:
-            images.append(to_uint8(x if decode is None else decode(x)))
+            images.append(to_uint8(frames_side_by_side(x if decode is None else decode(x))))
         labels.append((y if family.conditioning == "class" else rows % len(captions[0])).cpu().numpy())
     if not images:
-        empty = np.zeros((0, c, h, w), np.float32) if raw else np.zeros((0, h, w, c), np.uint8)
+        c, *_, h, w = shape
+        w = w * (shape[1] if len(shape) == 4 and not raw else 1)  # a video's frames side by side
+        empty = np.zeros((0, *shape), np.float32) if raw else np.zeros((0, h, w, c), np.uint8)
         return empty, np.zeros((0,), np.int64)
     return np.concatenate(images), np.concatenate(labels)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ditgraft.data.captions import is_caption_file
+from ditgraft.data.captions import caption_keys, is_caption_file
 from ditgraft.data.images import check_data_fits, load_dataset
+from ditgraft.models.families import family_of
 from ditgraft.models.families.base import cond_rows
 from ditgraft.recipe import Data, Recipe
 
@@ -56,10 +57,20 @@ def stage1_split(cfg, seed: int, log=None) -> tuple[torch.Tensor, ...]:
 
 
 def check_data(recipe: Recipe, teacher) -> None:
-    """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels)."""
+    """Every dataset the recipe trains on loads and fits the teacher (channels, size, labels; for a caption-
+    conditioned teacher, a caption .npz holding the conditioning arrays its family takes)."""
+    family = family_of(teacher)
     for name, c, n_train in (("stage1", recipe.stage1, recipe.stage1.samples),
                              ("stage2", recipe.stage2, recipe.stage2.samples)):
         if c.enabled:
+            path = Data.model_validate(c.data).path
+            if family.conditioning == "caption":
+                held = caption_keys(path) if path is not None and is_caption_file(path) else None
+                want = family.caption_keys(teacher)
+                if held != want:
+                    raise ValueError(f"{name}.data = {c.data}: the {family.name} family trains on a caption .npz "
+                                     f"holding {', '.join(want)} (ditgraft.data.captions); "
+                                     + (f"this one holds {', '.join(held)}" if held else "it is not a caption .npz"))
             x, y, xv, yv = load_split(c.data, n_train, recipe.stage1.val_samples, recipe.seed)
             if name == "stage2" and n_train is not None and len(x) < n_train:
                 raise ValueError(f"stage2.samples = {n_train}: the data {c.data} has only {len(x)} training rows "

@@ -2,8 +2,11 @@
 
 One engine (``run_stage1``) distils a list of *targets*. A target knows which (input, output) it captures from one
 teacher forward and how to build its trainable module; the engine does the rest (noising, caching, sharding,
-training side by side, validation, best keeping, divergence, summary, resume) once for every kind. Two kinds:
+training side by side, validation, best keeping, divergence, summary, resume) once for every kind. Three kinds:
 - ``SlotTarget``: a grafted slot; the new operator regresses the slot's output from its input;
+- ``SplitSlotTarget``: the image-to-image part of a joint image-text attention (SD3, Flux); the operator, inside
+  the teacher's frozen joint attention (every part that involves text keeps the teacher's softmax), regresses the
+  joint attention's image-token output from the image and text token streams that enter it;
 - ``PairTarget``: a parallel unit of two adjacent blocks (``graft.restructure``); the unit reads block i's input
   (and the conditioning c) and regresses block i+1's output, the sequential pair's.
 
@@ -53,6 +56,7 @@ from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_len, cond_pack, cond_rows, cond_to, cond_tuple
+from ditgraft.models.families.joint import SplitSlotUnit, hook_joint_attention, split_operators, split_unit_ready
 from ditgraft.recipe import Stage1
 from ditgraft.train.loop import TrainingDiverged, train
 from ditgraft.utils import atomic_path, atomic_write_json
@@ -109,6 +113,36 @@ class SlotTarget:
         return make_operators(teacher, [t.graft for t in targets], seed)
 
 
+class SplitSlotTarget(SlotTarget):
+    """A split joint-attention slot: the image tokens and text tokens entering the teacher's joint attention of
+    ``graft.layer`` and its image-token output. The module is a ``SplitSlotUnit``: the new operator inside the
+    teacher's joint attention (text parts frozen, not saved), so what it learns is exactly the student's slot.
+    ``text`` = (tokens, width) of the text stream (``Family.split_text``)."""
+    arrays = ("in", "text", "out")
+
+    def __init__(self, graft: ResolvedGraft, text: tuple[int, int]):
+        super().__init__(graft)
+        self.text = tuple(text)
+
+    def row_shapes(self, dims) -> tuple[tuple[int, ...], ...]:
+        tokens = dims.grid[0] * dims.grid[1]
+        return (tokens, dims.dim), self.text, (tokens, dims.dim)
+
+    def hook(self, model: nn.Module, store: dict) -> list:
+        return [hook_joint_attention(model, self.graft.layer, store, self.key)]
+
+    @staticmethod
+    def build(teacher: nn.Module, targets: list[SplitSlotTarget], seed: int) -> dict[str, nn.Module]:
+        ops = make_operators(teacher, [t.graft for t in targets], seed)
+        for t in targets:
+            if not split_unit_ready(ops[t.key]):
+                raise ValueError(f"grafts: operator={t.graft.operator!r} at {t.key} cannot be the image-to-image part "
+                                 "of a joint attention (it reports no softmax normaliser); allowed: "
+                                 f"{', '.join(split_operators())}")
+        family = family_of(teacher)
+        return {t.key: SplitSlotUnit(ops[t.key], family, teacher, t.graft.layer) for t in targets}
+
+
 class PairTarget:
     """A parallel unit of the adjacent blocks ``pair`` = [i, i+1]: it reads block i's input x and the conditioning
     c, and regresses block i+1's output (the sequential pair's). Its module is a ``ParallelPair`` of copies of the
@@ -159,6 +193,18 @@ class PairTarget:
 
 def slot_targets(grafts: list[ResolvedGraft]) -> list[SlotTarget]:
     return [SlotTarget(g) for g in grafts]
+
+
+def teacher_targets(teacher: nn.Module, targets, y) -> list:
+    """``as_targets`` for this teacher and conditioning ``y``: a graft of a split joint-attention slot becomes its
+    ``SplitSlotTarget`` (the text stream's shape from ``y``), any other graft its ``SlotTarget``."""
+    family = family_of(teacher)
+    out = []
+    for t in targets:
+        if isinstance(t, ResolvedGraft) and family.is_split_slot(teacher, t.layer, t.slot):
+            t = SplitSlotTarget(t, family.split_text(teacher, t.layer, y))
+        out.append(t)
+    return as_targets(out)
 
 
 def pair_targets(spec: dict, rcfg) -> list[PairTarget]:
@@ -382,14 +428,20 @@ class BestKeeper:
             return
         if key in self.best and val_mse >= self.best[key]["val_mse"]:
             return
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in trained_weights(module).state_dict().items()}
         with atomic_path(os.path.join(self.folder, f"{key}.safetensors")) as tmp:
             save_file(state, tmp)
         self.best[key] = {"step": step, "val_mse": val_mse, "val_rel_mse": rel}
         atomic_write_json(os.path.join(self.folder, f"{key}.json"), self.best[key])
 
     def load_into(self, key: str, module: nn.Module) -> None:
-        module.load_state_dict(load_file(os.path.join(self.folder, f"{key}.safetensors")))
+        trained_weights(module).load_state_dict(load_file(os.path.join(self.folder, f"{key}.safetensors")))
+
+
+def trained_weights(module: nn.Module) -> nn.Module:
+    """The part of a stage-1 module whose weights are kept: the operator of a ``SplitSlotUnit`` (what goes into
+    the student's slot), else the module itself."""
+    return module.weights if isinstance(module, SplitSlotUnit) else module
 
 
 def run_stage1(teacher: nn.Module, targets: list, cfg: Stage1, x0: torch.Tensor, y,
@@ -399,15 +451,20 @@ def run_stage1(teacher: nn.Module, targets: list, cfg: Stage1, x0: torch.Tensor,
     {"plan", <group>: {key: best stats}, "history"} and leaves the best weights in run_dir/best and the same
     summary (without the history) in run_dir/summary.json. ``y`` / ``y_val``: the teacher's conditioning per
     sample (labels, or a tuple of tensors). ``desc``: the loop's name (progress bar, divergence errors)."""
-    targets = as_targets(targets)
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
+    targets = teacher_targets(teacher, targets, y)
     dims = model_dims(teacher)
     plan = memory_plan(targets, dims, len(x0), len(x0_val), cfg.cache_dtype, cfg.ram_budget_gb, cfg.cache,
                        copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
     log(format_plan(plan))
     dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
     family = family_of(teacher)
+    want = tuple(family.sample_shape(teacher, 1)[1:])
+    for name, xs in (("x0", x0), ("x0_val", x0_val)):
+        if tuple(xs.shape[1:]) != want:
+            raise ValueError(f"stage 1 {name}: samples of shape {tuple(xs.shape[1:])}; the teacher's activations are "
+                             f"distilled on its configured patch grid {dims.grid}, so samples must be {want}")
     for t in targets:
         if isinstance(t, SlotTarget):
             family.check_distillable(teacher, t.graft.layer, t.graft.slot)

@@ -21,6 +21,7 @@ from ditgraft.models.checkpoints import (build_checked, build_from_config, load_
                                          load_weights, read_metadata, save_safetensors, shipped_path)
 from ditgraft.models.diffusers_dit import is_diffusers_source
 from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, get_family, load_diffusers
+from ditgraft.models.families.joint import split_operators, split_unit_ready
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
 
@@ -80,17 +81,22 @@ def build_graft_operator(model: nn.Module, g: ResolvedGraft) -> nn.Module:
 def check_operators(model: nn.Module, grafts: list[ResolvedGraft]) -> None:
     """Every graft's operator builds with its options at the model's sizes (on the meta device where its init
     allows): a bad option fails here, before a run directory records the recipe."""
+    family = family_of(model)
     for g in grafts:
         try:
             try:
                 with torch.device("meta"):
-                    build_graft_operator(model, g)
+                    op = build_graft_operator(model, g)
             except (RuntimeError, NotImplementedError):  # an init that meta tensors cannot run
-                build_graft_operator(model, g)
+                op = build_graft_operator(model, g)
         except (TypeError, ValueError, KeyError) as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else err
             raise ValueError(f"grafts: operator {g.operator!r} for {g.slot} of block {g.layer} with options "
                              f"{g.options}: {msg}") from None
+        if family.is_split_slot(model, g.layer, g.slot) and not split_unit_ready(op):
+            raise ValueError(f"grafts: operator {g.operator!r} for {g.slot} of block {g.layer} cannot be the "
+                             f"image-to-image part of the {family.name} family's joint attention (it reports no "
+                             f"softmax normaliser); allowed: {', '.join(split_operators())}")
 
 
 def make_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -> dict[str, nn.Module]:

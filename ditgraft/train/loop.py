@@ -72,7 +72,7 @@ class LoopConfig:
     # scale settings (see ``_forward_backward``)
     precision: str = "fp32"  # or "bf16": bfloat16 autocast on CUDA (weights, gradients and Adam stay fp32)
     grad_accum_steps: int = 1  # each rank's share of the global batch runs as this many micro-batches
-    activation_checkpointing: bool = False  # recompute each DiT block in backward (model.grad_checkpointing)
+    activation_checkpointing: bool = False  # recompute each block in backward (DiT, diffusers transformers)
     sharding: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2, sharded per block)
 
     def __post_init__(self):
@@ -510,10 +510,13 @@ def _apply_scale_settings(model: nn.Module, cfg: LoopConfig, device: torch.devic
         raise ValueError(f"precision='bf16' needs a CUDA device, not {device.type!r}: bfloat16 matmuls are far "
                          "slower than fp32 on CPUs; use precision='fp32'")
     if cfg.activation_checkpointing:
-        if not hasattr(model, "grad_checkpointing"):
-            raise ValueError(f"activation_checkpointing=True needs a DiT (a model with blocks to recompute), "
-                             f"not {type(model).__name__}")
-        model.grad_checkpointing = True
+        if hasattr(model, "grad_checkpointing"):  # ditgraft's DiT
+            model.grad_checkpointing = True
+        elif getattr(model, "_supports_gradient_checkpointing", False):  # a diffusers transformer recomputes its blocks
+            model.enable_gradient_checkpointing()
+        else:
+            raise ValueError(f"activation_checkpointing=True needs a DiT or a diffusers transformer that supports "
+                             f"gradient checkpointing (a model with blocks to recompute), not {type(model).__name__}")
 
 
 def _forward_backward(net: nn.Module, step_fn: StepFn, batch: tuple, cfg: LoopConfig, device: torch.device) -> dict:

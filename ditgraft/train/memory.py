@@ -62,18 +62,29 @@ def dit_training_memory(params: int, trainable: int, tokens: int, dim: int, dept
                           adam=8 * trainable // shards, ema=4 * params // shards if ema else 0, activations=acts)
 
 
+def lora_parameters(model, rank: int, target_modules) -> int:
+    """Parameters of rank-``rank`` LoRA adapters on the linear layers named by ``target_modules`` (peft's rule: a
+    module whose name is, or ends with ``.`` + , one of them)."""
+    targets = list(target_modules)
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+
+
 def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
     """The estimate for a recipe's stage 2 (``cfg``) on ``world`` GPUs; also returns the micro-batch per GPU.
     ``student`` may be the teacher (or its architecture on the meta device): the operators change the parameter
     count by a few percent."""
     family = family_of(student)
     dims = family.dims(student)
+    tokens, depth = family.activation_layout(student)
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
     params = sum(p.numel() for p in student.parameters())
     trainable = params - sum(p.numel() for p in family.frozen_parameters(student))  # e.g. DiT's sin-cos table
+    if getattr(cfg, "lora", None) is not None:  # the adapters train (and the grafted operators, not counted here)
+        trainable = lora_parameters(student, cfg.lora.rank, cfg.lora.target_modules)
     shards = world if cfg.sharding == "fsdp" else 1
     block = max(sum(p.numel() for p in b.parameters()) for b in family.blocks(student))
-    est = dit_training_memory(params, trainable, dims.grid[0] * dims.grid[1], dims.dim, dims.depth, micro,
+    est = dit_training_memory(params, trainable, tokens, dims.dim, depth, micro,
                               cfg.precision, cfg.activation_checkpointing, ema=cfg.ema_decay is not None,
                               shards=shards, block_params=block)
     return est, micro
@@ -94,13 +105,20 @@ def recipe_stage2_memory(recipe, gpus: int) -> str | None:
     the meta device: no memory, no weights); a recipe whose teacher names no size gets a line saying what to set;
     None when stage 2 is off."""
     from ditgraft.models.dit import build_dit
+    from ditgraft.models.families import DIFFUSERS_PREFIX, diffusers_architecture
 
     t = recipe.teacher
+    if not recipe.stage2.enabled:
+        return None
+    if t.source.startswith(DIFFUSERS_PREFIX):
+        teacher = diffusers_architecture(t.source[len(DIFFUSERS_PREFIX):])
+        if teacher is None:
+            return (f"stage 2 memory: no architecture known offline for {t.source} (a local model or pipeline "
+                    "folder's config.json, or a published one in ditgraft/assets/diffusers/configs.json)")
+        return format_stage2_memory(teacher, recipe.stage2, gpus)
     name = "testbed" if t.source == "testbed" else t.model
     if name is None:
         return "stage 2 memory: set teacher.model (a size name) to see the estimate"
-    if not recipe.stage2.enabled:
-        return None
     with torch.device("meta"):
         teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
     return format_stage2_memory(teacher, recipe.stage2, gpus)

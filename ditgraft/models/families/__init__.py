@@ -70,6 +70,33 @@ def load_diffusers(source: str) -> nn.Module:
     return model.eval()
 
 
+def diffusers_architecture(source: str) -> nn.Module | None:
+    """The transformer of a diffusers ``source`` built on the meta device (no weights, no memory, no network) from
+    its config: a local model folder's ``config.json`` or pipeline folder's ``transformer/config.json``, else the
+    published architecture of a hub id in ``assets/diffusers/configs.json``; None when neither is known."""
+    import torch
+
+    from ditgraft.models.checkpoints import ASSETS
+
+    config = None
+    for path in (os.path.join(source, "config.json"), os.path.join(source, "transformer", "config.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                config = json.load(f)
+            break
+    if config is None:
+        with open(os.path.join(ASSETS, "diffusers", "configs.json")) as f:
+            config = json.load(f).get(source)
+    if config is None:
+        return None
+    cls_name = config.get("_class_name")
+    family = next((f for f in _FAMILIES.values() if getattr(f, "cls_name", None) == cls_name), None)
+    if family is None:
+        raise TypeError(f"{source}: {cls_name} is not a supported model family (known: {', '.join(_FAMILIES)})")
+    with torch.device("meta"):
+        return family.build({k: v for k, v in config.items() if not k.startswith("_")})
+
+
 def model_call(model: nn.Module):
     """``fn(x, t, cond)`` calling ``model`` (or its DDP wrapper) the way its family needs: ditgraft's model-fn
     convention for the diffusion code."""
@@ -81,5 +108,5 @@ def model_call(model: nn.Module):
     return fn
 
 
-__all__ = ["DIFFUSERS_PREFIX", "Family", "ModelDims", "SlotAdapter", "family_names", "family_of", "get_family",
-           "load_diffusers", "model_call"]
+__all__ = ["DIFFUSERS_PREFIX", "Family", "ModelDims", "SlotAdapter", "diffusers_architecture", "family_names",
+           "family_of", "get_family", "load_diffusers", "model_call"]

@@ -158,10 +158,34 @@ class Family:
         """Classes of a class-conditional model (the null class, when there is one, is not counted)."""
         raise ValueError(f"the {self.name} family is conditioned on {self.conditioning}s, not class labels")
 
+    def activation_layout(self, model: nn.Module) -> tuple[int, int]:
+        """(tokens, blocks) that keep activations for backward in training (the memory plan): the patch tokens and
+        the grafted block list by default; joint image-text families add their text tokens and extra blocks."""
+        dims = self.dims(model)
+        return dims.grid[0] * dims.grid[1], dims.depth
+
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        """A caption-conditioned family's conditioning as caption-data arrays (``ditgraft.data.captions``): the
+        keys, in its forward's order (PixArt: prompt_embeds, prompt_attention_mask)."""
+        raise ValueError(f"the {self.name} family is conditioned on {self.conditioning}s, not caption embeddings")
+
     def protocol_cond(self, model: nn.Module, rows: torch.Tensor, device, captions=None) -> Cond:
         """The conditioning of protocol samples ``rows`` (their indices in the sample set): class ``i %
-        num_classes`` (class-balanced). Caption families take caption ``i % n`` of ``captions``."""
-        return rows.to(device) % self.num_classes(model)
+        num_classes`` (class-balanced); caption families take caption ``i % n`` of ``captions`` (the arrays of
+        ``caption_keys``, n rows each)."""
+        if self.conditioning == "class":
+            return rows.to(device) % self.num_classes(model)
+        keys = self.caption_keys(model)
+        if captions is None:
+            raise ValueError(f"captions are missing: {self.name} samples are conditioned on caption embeddings "
+                             f"({', '.join(keys)}); pass a caption set (a caption .npz such as the run's training "
+                             "data, or those tensors)")
+        parts = cond_tuple(captions)
+        if len(parts) != len(keys) or any(len(p) != len(parts[0]) for p in parts):
+            raise ValueError(f"captions: the {self.name} family needs ({', '.join(keys)}) with one row per caption; "
+                             f"got shapes {[tuple(p.shape) for p in parts]}")
+        rows = rows.cpu() % len(parts[0])
+        return cond_pack(p[rows].to(device) for p in parts)
 
     # ---- blocks and slots -----------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -205,6 +229,11 @@ class Family:
 
     def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
         """Raise where stage 1 cannot distil this slot from captured (input, output) pairs of one tensor each."""
+
+    def is_split_slot(self, model: nn.Module, layer: int, slot: str) -> bool:
+        """Whether the slot is the image-to-image part of a joint image-text attention (``joint.py``): stage 1
+        then captures both token streams and regresses the joint attention's image-token output."""
+        return False
 
     def dropped_labels_module(self, model: nn.Module) -> nn.Module | None:
         """The module whose input is the class labels after the model's own label dropout (so output distillation

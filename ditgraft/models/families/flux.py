@@ -7,7 +7,7 @@ the timestep t / 1000 (the model scales it back) and unpacks the output velocity
 distilled guidance scale per sample ``[B]`` for guidance-embedding models (FLUX.1-dev, ``guidance_embeds=True``:
 the scale is an input, classifier-free guidance is not run). The objective: rectified flow with logit-normal t,
 the exponential resolution shift (mu from the token count) and the sigmas 1, ..., 1/steps that FluxPipeline
-samples with.
+samples with. Caption data holds prompt_embeds, pooled_prompt_embeds (and guidance for guidance-embedding models).
 
 The model has no fixed sample size; ``config["sample_size"]`` (a latent side, default 128 = 1024 px) sets the
 patch grid that stage 1 and the operators are built for (``register_to_config(sample_size=...)``).
@@ -31,6 +31,7 @@ from ditgraft.models.families.joint import SplitAttentionSlots, rope_mha_from_jo
 
 DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
 PACK = 2  # FluxPipeline packs 2 x 2 latent patches into one token
+FLUX_TEXT_TOKENS = 512  # FluxPipeline's T5 max_sequence_length (FLUX.1-dev)
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,8 @@ def _set_call_grid_from_ids(model: nn.Module, args: tuple, kwargs: dict) -> None
 
 class FluxFamily(SplitAttentionSlots, DiffusersFamily):
     name = "flux"
-    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
+    supports: frozenset[str] = frozenset({"sample", "eval"})  # protocol samples from a caption set (a caption .npz)
+    conditioning = "caption"
     cls_name = "FluxTransformer2DModel"
     extra_config = ("sample_size", SCHEDULER_KEY)
 
@@ -107,6 +109,22 @@ class FluxFamily(SplitAttentionSlots, DiffusersFamily):
         if slot == "attn":
             return rope_mha_from_joint(module, axes_dims=tuple(model.config.axes_dims_rope), theta=10000.0)
         return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
+
+    def activation_layout(self, model: nn.Module) -> tuple[int, int]:
+        """Image plus FluxPipeline's T5 tokens (max_sequence_length 512) through every block, the single-stream
+        blocks included."""
+        tokens, depth = super().activation_layout(model)
+        return tokens + FLUX_TEXT_TOKENS, depth + len(unwrap(model).single_transformer_blocks)
+
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        """Prompt and pooled embeddings, and the distilled guidance scale for guidance-embedding models."""
+        guided = bool(unwrap(model).config.guidance_embeds)
+        return ("prompt_embeds", "pooled_prompt_embeds") + (("guidance",) if guided else ())
+
+    def joint_rotary(self, model: nn.Module, text_tokens: int, grid: tuple[int, int], device):
+        """FLUX's (cos, sin) over [text; image] positions: zero text ids, then the image ids of ``grid``."""
+        ids = torch.cat([torch.zeros(text_tokens, 3, device=device), image_ids(*grid, device, torch.float32)])
+        return unwrap(model).pos_embed(ids)
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         parts = cond_tuple(cond)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.models.families.base import SlotAdapter
+from ditgraft.models.families.base import SlotAdapter, cond_tuple, unwrap
 from ditgraft.operators.attention import MHA
+from ditgraft.operators.registry import get_spec, operator_names
 from ditgraft.operators.rope_attention import RopeMHA, rotate
 
 
@@ -39,7 +40,7 @@ def split_attend(op: nn.Module, x: torch.Tensor, grid: tuple[int, int]):
         q, k, v = op.split_heads(x)
         return softmax_lse(q, k, v, op.head_dim ** -0.5)
     raise ValueError(f"a split attention slot needs an operator that reports its softmax normaliser; "
-                     f"{type(op).__name__} does not (supported: mha, rope_mha, swa, local2d, clear)")
+                     f"{type(op).__name__} does not (supported: {', '.join(split_operators())})")
 
 
 def heads(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -131,12 +132,24 @@ class SplitAttentionSlots:
     def slot_attr(self, slot: str) -> str:
         return {"attn": "attn", "mlp": "ff"}[slot]
 
-    def check_distillable(self, model: nn.Module, layer: int, slot: str) -> None:
-        """Stage 1 distils a slot from one captured input tensor; a split slot reads two token streams."""
-        if slot == "attn":
-            raise ValueError("stage 1 cannot distil a split joint-attention slot yet (its inputs are the image and "
-                             "the text tokens; ``capture_joint_attention`` gives them): graft it with "
-                             "stage1.enabled false or init: teacher and train it in stage 2")
+    def is_split_slot(self, model: nn.Module, layer: int, slot: str) -> bool:
+        return slot == "attn"
+
+    def split_text(self, model: nn.Module, layer: int, cond) -> tuple[int, int]:
+        """(tokens, width) of the text stream entering ``transformer_blocks[layer].attn`` for conditioning
+        ``cond`` (the prompt embeddings come first; the context embedder keeps their token count)."""
+        joint = self.joint_attention(model, layer)
+        return cond_tuple(cond)[0].shape[1], joint.add_k_proj.in_features
+
+    def joint_attention(self, model: nn.Module, layer: int) -> nn.Module:
+        """The teacher's joint attention of ``transformer_blocks[layer]`` (also under a split graft)."""
+        attn = unwrap(model).transformer_blocks[layer].attn
+        return attn.joint if isinstance(attn, JointSplitAttention) else attn
+
+    def joint_rotary(self, model: nn.Module, text_tokens: int, grid: tuple[int, int], device):
+        """The ``image_rotary_emb`` the model passes its joint attentions for this text length and patch grid
+        (None: no RoPE, as SD3)."""
+        return None
 
     def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
         """``attn``: ``module`` into the image-to-image part of ``transformer_blocks[layer].attn`` (keeping the
@@ -150,22 +163,66 @@ class SplitAttentionSlots:
         block.attn = JointSplitAttention(module, self.dims(model).grid, joint)
 
 
+def split_unit_ready(op: nn.Module | type) -> bool:
+    """Whether operator ``op`` (or its class) can be a split slot's image-to-image part: it reports its softmax
+    normaliser (``attend_with_lse``, or ``mha``)."""
+    cls = op if isinstance(op, type) else type(op)
+    return hasattr(cls, "attend_with_lse") or issubclass(cls, MHA)
+
+
+def split_operators() -> list[str]:
+    """The registered attention operators that can be a split slot's image-to-image part."""
+    return [name for name in operator_names("attn") if split_unit_ready(get_spec(name).cls)]
+
+
+def hook_joint_attention(model: nn.Module, layer: int, store: dict, key) -> torch.utils.hooks.RemovableHandle:
+    """A forward hook on ``transformer_blocks[layer].attn`` that puts (hidden_states, encoder_hidden_states, image
+    output) of each call at ``store[key]``: what a split slot's distillation regresses (the image-token outputs
+    from both token streams)."""
+    def hook(_module, args, kwargs, output):
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        store[key] = (hs.detach(), ehs.detach(), output[0].detach())
+
+    return unwrap(model).transformer_blocks[layer].attn.register_forward_hook(hook, with_kwargs=True)
+
+
 @contextmanager
 def capture_joint_attention(model: nn.Module, layers: list[int]):
-    """Forward hooks on ``transformer_blocks[layer].attn`` for each layer; yields {layer: (hidden_states,
-    encoder_hidden_states, image output)}, filled by each forward: what a split slot's distillation regresses
-    (the image-token outputs from both token streams)."""
+    """``hook_joint_attention`` for each layer; yields {layer: (hidden_states, encoder_hidden_states, image
+    output)}, filled by each forward."""
     store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for layer in layers:
-        def hook(_module, args, kwargs, output, layer=layer):
-            hs = kwargs.get("hidden_states", args[0] if args else None)
-            ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-            store[layer] = (hs.detach(), ehs.detach(), output[0].detach())
-
-        handles.append(model.transformer_blocks[layer].attn.register_forward_hook(hook, with_kwargs=True))
+    handles = [hook_joint_attention(model, layer, store, layer) for layer in layers]
     try:
         yield store
     finally:
         for h in handles:
             h.remove()
+
+
+class SplitSlotUnit(nn.Module):
+    """What stage 1 trains for a split slot: the operator ``op`` as the image-to-image part of the joint attention
+    of ``layer`` in ``teacher`` (of the family ``family``); every part that involves text stays the teacher's,
+    frozen. Called on the captured (image tokens, text tokens), it returns the image-token output, the teacher's
+    regression target. Only ``op`` is registered, so the unit's state dict is the operator's own (``op.*``) and
+    the teacher's weights are never trained or saved with it; ``weights`` is the module whose weights go into the
+    student's slot."""
+
+    def __init__(self, op: nn.Module, family, teacher: nn.Module, layer: int):
+        super().__init__()
+        self.op = op
+        self._teacher = (family, teacher)  # a tuple: not registered as a submodule
+        self._split = (JointSplitAttention(op, family.dims(teacher).grid, family.joint_attention(teacher, layer)),)
+        self._rotary: dict = {}
+
+    @property
+    def weights(self) -> nn.Module:
+        return self.op
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        family, teacher = self._teacher
+        split = self._split[0]
+        key = (encoder_hidden_states.shape[1], str(hidden_states.device))
+        if key not in self._rotary:
+            self._rotary[key] = family.joint_rotary(teacher, key[0], split.grid, hidden_states.device)
+        return split(hidden_states, encoder_hidden_states, image_rotary_emb=self._rotary[key])[0]

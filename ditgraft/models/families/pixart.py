@@ -22,17 +22,8 @@ class PixArtFamily(DiffusersFamily):
     cls_name = "PixArtTransformer2DModel"
     conditioning = "caption"
 
-    def protocol_cond(self, model: nn.Module, rows: torch.Tensor, device, captions=None):
-        """Caption ``i % n`` of ``captions`` = (embeddings [n, L, E], mask [n, L]) for protocol sample i."""
-        if captions is None:
-            raise ValueError("captions are missing: PixArt samples are conditioned on caption embeddings; pass a "
-                             "caption set (a caption .npz such as the run's training data, or (embeddings, mask))")
-        parts = cond_tuple(captions)
-        if len(parts) != 2 or parts[0].ndim != 3 or parts[1].shape != parts[0].shape[:2]:
-            raise ValueError("captions: need (embeddings [n, L, E], mask [n, L]); got shapes "
-                             f"{[tuple(p.shape) for p in parts]}")
-        rows = rows.cpu() % len(parts[0])
-        return tuple(p[rows].to(device) for p in parts)
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        return ("prompt_embeds", "prompt_attention_mask")
 
     def added_cond_kwargs(self, model: nn.Module, x: torch.Tensor) -> dict:
         if not unwrap(model).use_additional_conditions:

@@ -3,7 +3,8 @@
 Conditioning is ``(prompt embeddings [B, L, joint_attention_dim], pooled embeddings [B, pooled_projection_dim])``;
 the call is ``model(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled).sample``
 with t in 0..1000 (flow matching's t * 1000) and the output a velocity. The objective is rectified flow with
-logit-normal t and SD3's static shift 3.0.
+logit-normal t and SD3's static shift 3.0. Training data and protocol samples take that conditioning from a caption
+.npz (``caption_keys``: prompt_embeds, pooled_prompt_embeds; the negative prompt's for guidance).
 
 Each ``transformer_blocks[i]`` is a joint block: one attention ``attn`` over image and text tokens together (image
 projections ``to_q/to_k/to_v/to_out``, text projections ``add_q_proj/add_k_proj/add_v_proj/to_add_out``), then
@@ -26,11 +27,13 @@ from ditgraft.models.families.diffusers_common import (SCHEDULER_KEY, DiffusersF
 from ditgraft.models.families.joint import SplitAttentionSlots, rope_mha_from_joint
 
 SD3_SHIFT = 3.0  # the shift in SD3 / SD3.5's FlowMatchEulerDiscreteScheduler config
+SD3_TEXT_TOKENS = 77 + 256  # StableDiffusion3Pipeline: CLIP tokens + T5 tokens (max_sequence_length=256)
 
 
 class SD3Family(SplitAttentionSlots, DiffusersFamily):
     name = "sd3"
-    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
+    supports: frozenset[str] = frozenset({"sample", "eval"})  # protocol samples from a caption set (a caption .npz)
+    conditioning = "caption"
     cls_name = "SD3Transformer2DModel"
     extra_config = (SCHEDULER_KEY,)
 
@@ -49,6 +52,14 @@ class SD3Family(SplitAttentionSlots, DiffusersFamily):
         if slot == "attn":
             return _mha_from_diffusers(module, where=f"transformer_blocks[{layer}].attn")
         return _mlp_from_diffusers(module, where=f"transformer_blocks[{layer}].ff")
+
+    def activation_layout(self, model: nn.Module) -> tuple[int, int]:
+        """Image tokens plus StableDiffusion3Pipeline's text tokens (77 CLIP + max_sequence_length 256 T5)."""
+        tokens, depth = super().activation_layout(model)
+        return tokens + SD3_TEXT_TOKENS, depth
+
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        return ("prompt_embeds", "pooled_prompt_embeds")
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         parts = cond_tuple(cond)

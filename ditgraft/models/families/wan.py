@@ -5,7 +5,8 @@ encoder_hidden_states=emb).sample`` with t in 0..1000 and the output a velocity.
 embeddings [B, L, text_dim] (one tensor; padded tokens are zeros, as WanPipeline pads them). The objective is
 rectified flow with Wan's static ``flow_shift`` (3.0, its 480p setting; 5.0 for 720p) sampled over the
 scheduler's training levels, as WanPipeline's FlowMatchEulerDiscreteScheduler does; training t is drawn uniformly
-(then shifted).
+(then shifted). Caption data holds video latents and prompt_embeds; the family samples from a caption set but
+does not evaluate (the image metrics do not score videos).
 
 The model has no fixed video size: ``config["sample_size"]`` ([latent height, latent width], default 60 x 104 =
 480 x 832 px) and ``config["num_frames"]`` (latent frames, default 21 = 81 video frames) set the token count that
@@ -32,7 +33,10 @@ WAN_SHIFT = 3.0
 
 class WanFamily(DiffusersFamily):
     name = "wan"
-    supports: frozenset[str] = frozenset()  # grafting only: protocol sampling has no conditioning source for it
+    # protocol samples from a caption set (the umT5 embeddings of a caption .npz); no evaluation: the image
+    # metrics do not score videos
+    supports: frozenset[str] = frozenset({"sample"})
+    conditioning = "caption"
     cls_name = "WanTransformer3DModel"
     extra_config = ("sample_size", "num_frames", SCHEDULER_KEY)
 
@@ -82,6 +86,9 @@ class WanFamily(DiffusersFamily):
         if type(module).__module__.startswith("ditgraft."):
             return module
         return _mlp_from_diffusers(module, where=f"blocks[{layer}].ffn")
+
+    def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
+        return ("prompt_embeds",)
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         parts = cond_tuple(cond)
