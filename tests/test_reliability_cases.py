@@ -45,7 +45,7 @@ def d(tmp_path_factory):
     save_safetensors(good, model, {"model_config": model.config})
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     for name, change in (("deep", {"depth": 1_000_000}), ("wide", {"hidden_size": 131072}),
-                         ("huge_image", {"input_size": 100_000})):
+                         ("huge_image", {"input_size": 100_000}), ("heads0", {"num_heads": 0})):
         save_file(state, str(root / f"{name}.safetensors"),
                   metadata={"ditgraft": json.dumps({"model_config": {**model.config, **change}})})
     grafted = {"model_config": model.config, "family": "dit", "recipe": {"name": "x"},
@@ -117,6 +117,7 @@ CASES = [
      ["wide.safetensors", "hidden_size=131072", "allowed: 32"]),
     ("st-huge-image", ["sample", "{d}/huge_image.safetensors", "--out", "{d}/o_h"],
      ["huge_image.safetensors", "input_size=100000", "pos_embed holds 16"]),
+    ("st-heads-0", ["sample", "{d}/heads0.safetensors", "--out", "{d}/o_h"], ["heads0.safetensors", "heads=0"]),
     ("yaml-alias-bomb-show", ["recipes", "--show", "{d}/bomb.yaml"], ["bomb.yaml", "aliases", "not allowed"]),
     ("yaml-alias-bomb-graft", ["graft", "{d}/bomb.yaml", "--run-dir", "{d}/g_bomb"], ["aliases"]),
     ("ops-dim-1e10", ["ops", "--dim", "10000000000"], ["dim=10000000000", "1..65536"]),
