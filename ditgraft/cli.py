@@ -172,7 +172,7 @@ def cmd_recipes(args) -> None:
 def cmd_sample(args) -> None:
     from ditgraft.diffusion.samplers import SamplingConfig
     from ditgraft.eval.sampling import decoding
-    from ditgraft.utils import ensure_writable, run_lock
+    from ditgraft.utils import check_output_kind, ensure_writable, run_lock
 
     device = _device(args)
     model, _ = _load_model(args.model, device)
@@ -185,9 +185,11 @@ def cmd_sample(args) -> None:
     clip, decode = decoding(model, args.vae or None, clip=args.clip, device=device, option="--vae")
     cfg = SamplingConfig(sampler=_sampler(args, model), steps=args.steps, cfg_scale=args.cfg, clip_denoised=clip)
     args.out = args.out or _model_dir("samples", args.model, model)
-    ensure_writable(args.out, "--out")
-    if args.png_dir:
-        ensure_writable(args.png_dir, "--png-dir")
+    outputs = [(args.out, "--out")] + ([(args.png_dir, "--png-dir")] if args.png_dir else [])
+    for path, option in outputs:
+        check_output_kind(path, option)
+    for path, option in outputs:
+        ensure_writable(path, option)
     with run_lock(args.out, "ditgraft sample"):
         _sample(args, model, cfg, device, decode)
 
@@ -768,14 +770,17 @@ def _write_failure(err: BaseException) -> str | None:
     ENOSPC/EDQUOT/EFBIG, safetensors' SafetensorError and torch.save's RuntimeError carrying the same in their text."""
     import errno
 
-    seen = set()
+    seen, where = set(), None
     while err is not None and id(err) not in seen:
         seen.add(id(err))
+        where = where or getattr(err, "written_path", None)  # utils.writing: the file or checkpoint being written
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return f"{err.filename + ': ' if err.filename else ''}{err.strerror}"
+            where = where or err.filename
+            return f"{where + ': ' if where else ''}{err.strerror}"
         text = str(err)
         if not isinstance(err, (ValueError, KeyError)) and any(t in text for t in _WRITE_FAILED):
-            return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+            text = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+            return f"{where + ': ' if where else ''}{text}"
         err = err.__cause__ or err.__context__
     return None
 

@@ -48,13 +48,29 @@ def atomic_path(path: str):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.p{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         pause_inside_write()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def writing(path: str):
+    """An error raised while ``path`` is written carries it as ``err.written_path`` (the innermost path wins), so
+    that a full disk is reported naming the file or checkpoint that could not be written."""
+    try:
+        yield
+    except Exception as err:
+        if getattr(err, "written_path", None) is None:
+            try:
+                err.written_path = path
+            except AttributeError:  # an exception type without attributes: reported without the path
+                pass
+        raise
 
 
 def pause_inside_write() -> None:
@@ -192,14 +208,20 @@ def remove_orphan_temporaries(folder: str, depth: int = 4) -> list[str]:
     return removed
 
 
-def ensure_writable(path: str, what: str, folder: bool = True) -> None:
-    """Fail early (ValueError naming ``what`` and ``path``) when ``path`` (a folder, or a file's folder when
-    ``folder`` is False) cannot be created or written, before any long work starts."""
-    target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
+def check_output_kind(path: str, what: str, folder: bool = True) -> None:
+    """A folder output that names a file, or a file output that names a folder, is a ValueError naming ``what``
+    (nothing is created: a command checks all its outputs this way before it makes any of them)."""
     if not folder and (os.path.isdir(path) or path.endswith(("/", os.sep))):
         raise ValueError(f"{what}={path!r} is a folder; a file path is expected here")
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{what}={path!r} is a file; a folder is expected here")
+
+
+def ensure_writable(path: str, what: str, folder: bool = True) -> None:
+    """Fail early (ValueError naming ``what`` and ``path``) when ``path`` (a folder, or a file's folder when
+    ``folder`` is False) cannot be created or written, before any long work starts."""
+    target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
+    check_output_kind(path, what, folder)
     try:
         os.makedirs(target, exist_ok=True)
         # not a ".tmp" name: another rank's orphan sweep must not take a probe that is still in use
@@ -282,8 +304,12 @@ def run_lock(target: str, command: str = "ditgraft", log=None):
                    else f"an unknown process (lock file {path})")
             raise RunLocked(f"{target} is in use by {who}; wait for it to finish or use another output. "
                             f"If that process is gone, delete {path}") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
+        try:
+            with writing(path), os.fdopen(fd, "w") as f:
+                json.dump(mine, f)
+        except BaseException:  # a full disk: an empty lock left here would hold the folder for nobody
+            os.remove(path)
+            raise
         break
     try:
         if path == os.path.join(target, ".ditgraft.lock"):

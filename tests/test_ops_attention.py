@@ -110,7 +110,7 @@ def test_registry_builds_each_operator_by_name():
         op = build_operator(name, DIM, HEADS, (4, 4))
         assert type(op) is cls and op.grid == (4, 4)
         assert operator_flops(name, DIM, HEADS, (4, 4)) > 0
-    with pytest.raises(ValueError, match="bad options"):
+    with pytest.raises(ValueError, match="unknown option 'kernel_size'; allowed: window, impl, block"):
         build_operator("swa", DIM, HEADS, (4, 4), kernel_size=3)
 
 

@@ -45,7 +45,7 @@ def d(tmp_path_factory):
     save_safetensors(good, model, {"model_config": model.config})
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     for name, change in (("deep", {"depth": 1_000_000}), ("wide", {"hidden_size": 131072}),
-                         ("huge_image", {"input_size": 100_000})):
+                         ("huge_image", {"input_size": 100_000}), ("heads0", {"num_heads": 0})):
         save_file(state, str(root / f"{name}.safetensors"),
                   metadata={"ditgraft": json.dumps({"model_config": {**model.config, **change}})})
     grafted = {"model_config": model.config, "family": "dit", "recipe": {"name": "x"},
@@ -76,6 +76,8 @@ def d(tmp_path_factory):
     _write_recipe(root / "abs.yaml", good, name="/tmp/abs_probe")
     _write_recipe(root / "seed.yaml", good, seed=10**20)
     _write_recipe(root / "slice0.yaml", good, grafts=[{"slot": "attn", "layers": "::0", "operator": "hyena_x"}])
+    _write_recipe(root / "badopt.yaml", good,
+                  grafts=[{"slot": "attn", "layers": [1], "operator": "hyena_x", "options": {"bogus": 1}}])
     return str(root)
 
 
@@ -101,6 +103,8 @@ CASES = [
      ["--out", "sdir/", "is a folder"]),
     ("png-dir-is-a-file", ["sample", "{d}/tiny.safetensors", "--num-samples", "2", "--steps", "1",
                            "--out", "{d}/o_png", "--png-dir", "{d}/afile"], ["--png-dir", "afile", "is a file"]),
+    ("out-is-a-file", ["sample", "{d}/tiny.safetensors", "--num-samples", "2", "--steps", "1", "--out", "{d}/afile",
+                       "--png-dir", "{d}/o_png"], ["--out", "afile", "is a file"]),
     ("export-nonempty", ["export-diffusers", "{d}/tiny.safetensors", "--out", "{d}/nonempty"],
      ["--out", "nonempty", "not empty", "--overwrite"]),
     ("export-unwritable", ["export-diffusers", "{d}/tiny.safetensors", "--out", "{d}/afile/sub"],
@@ -113,10 +117,15 @@ CASES = [
      ["wide.safetensors", "hidden_size=131072", "allowed: 32"]),
     ("st-huge-image", ["sample", "{d}/huge_image.safetensors", "--out", "{d}/o_h"],
      ["huge_image.safetensors", "input_size=100000", "pos_embed holds 16"]),
+    ("st-heads-0", ["sample", "{d}/heads0.safetensors", "--out", "{d}/o_h"], ["heads0.safetensors", "heads=0"]),
     ("yaml-alias-bomb-show", ["recipes", "--show", "{d}/bomb.yaml"], ["bomb.yaml", "aliases", "not allowed"]),
     ("yaml-alias-bomb-graft", ["graft", "{d}/bomb.yaml", "--run-dir", "{d}/g_bomb"], ["aliases"]),
     ("ops-dim-1e10", ["ops", "--dim", "10000000000"], ["dim=10000000000", "1..65536"]),
     ("ops-tokens-huge", ["ops", "--tokens", "10000000000"], ["tokens=10000000000", "1..1048576"]),
+    ("bench-ops-dim-1e10", ["bench", "ops", "--dim", "10000000000", "--ops", "hyena_x"],
+     ["--dim=10000000000", "do not fit in memory", "use smaller sizes"]),
+    ("bench-ops-batch-huge", ["bench", "ops", "--batch", "100000000000", "--tokens", "16", "--dim", "64", "--heads", "1",
+                              "--ops", "hyena_x"], ["--batch=100000000000", "do not fit in memory"]),
     # tracebacks and messages that did not name the input
     ("device-meta", ["sample", "{d}/tiny.safetensors", "--device", "meta", "--out", "{d}/o_d"],
      ["device='meta'", "'cpu', 'cuda'"]),
@@ -128,6 +137,11 @@ CASES = [
     ("recipe-seed-huge", ["graft", "{d}/seed.yaml", "--run-dir", "{d}/g_seed"], ["seed", "4294967295"]),
     ("recipe-slice-step-0", ["graft", "{d}/slice0.yaml", "--run-dir", "{d}/g_slice"], ["'::0'", "step must not be 0"]),
     ("recipe-not-utf8", ["graft", "{d}/nonutf.yaml"], ["nonutf.yaml", "not UTF-8"]),
+    ("recipe-not-utf8-show", ["recipes", "--show", "{d}/nonutf.yaml"], ["nonutf.yaml", "not UTF-8"]),
+    ("recipe-bad-operator-option", ["graft", "{d}/badopt.yaml", "--run-dir", "{d}/g_opt"],
+     ["operator 'hyena_x'", "unknown option 'bogus'", "allowed: kernel_size, direction, impl"]),
+    ("pretrain-seed-huge", ["pretrain", "--seed", str(10**20), "--run-dir", "{d}/p_seed"], ["--seed", "[0, 4294967295]"]),
+    ("pretrain-device-meta", ["pretrain", "--device", "meta", "--run-dir", "{d}/p_meta"], ["device='meta'"]),
     ("pickle-builtins-eval", ["sample", "{d}/eval_pickle.pt", "--out", "{d}/o_p"],
      ["eval_pickle.pt", "refused", "naming eval"]),
     ("unknown-operator-meta", ["sample", "{d}/unknown_op.safetensors", "--out", "{d}/o_u"],
@@ -149,7 +163,8 @@ def test_hostile_input_is_one_clear_line_exit_2_fast_and_small(d, argv, expected
     for text in expected:
         assert text.replace("{d}", d) in err, (text, err)
     assert took < 10, took
-    assert set(os.listdir(d)) - set(before) <= {"o_png", "o_self", "o_s", "g_dup", "g_seed", "g_slice", "g_bomb"}
+    # refused before any output is made (a run directory that the check needs may exist, empty of results)
+    assert set(os.listdir(d)) - set(before) <= {"o_self", "o_s", "g_dup", "g_seed", "g_slice", "g_bomb", "g_opt"}
     assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(d)), "escape_probe"))
     assert os.path.exists("/tmp/abs_probe") == abs_probe  # the absolute recipe name made no run directory
     assert os.listdir(os.path.join(d, "nonempty")) == ["keep.txt"]
@@ -361,17 +376,55 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path):
                            text=True, timeout=300)
         assert r.returncode == 2, r.stderr[-3000:]
         assert "Traceback" not in r.stderr and "a write failed" in r.stderr and "run the same command again" in r.stderr
+        assert f"a write failed: {os.path.join(run, 'checkpoints', 'step_')}" in r.stderr  # names what was written
     r = subprocess.run([sys.executable, "-m", "ditgraft.cli", *argv], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(os.path.join(run, "model.safetensors"))
 
 
+def _no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_taking_a_lock_leaves_no_lock_behind(tmp_path, monkeypatch, capsys):
+    """An empty lock file left by the failed write would hold the folder for nobody: the rerun would be refused."""
+    from ditgraft import utils
+
+    model = _mnist_model()
+    path = str(tmp_path / "m.safetensors")
+    save_safetensors(path, model, {"model_config": model.config})
+    out = tmp_path / "out"
+    argv = ["sample", path, "--num-samples", "2", "--steps", "1", "--device", "cpu", "--out", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(utils.json, "dump", _no_space)
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"a write failed: {out / '.ditgraft.lock'}: No space left on device" in err and "Traceback" not in err
+    assert not (out / ".ditgraft.lock").exists()
+    assert main(argv) == 0, capsys.readouterr().err  # space freed: the same command runs
+
+
+def test_a_full_disk_during_export_names_the_folder_and_leaves_no_partial_export(tmp_path, monkeypatch, capsys):
+    from ditgraft.export import hf
+
+    model = _mnist_model()
+    path = str(tmp_path / "m.safetensors")
+    save_safetensors(path, model, {"model_config": model.config})
+    out = str(tmp_path / "export")
+    monkeypatch.setattr(hf, "atomic_write_text", _no_space)
+    assert main(["export-diffusers", path, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"a write failed: {out}: No space left on device" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["export", "m.safetensors"] and os.listdir(out) == []
+
+
 def test_a_closed_stdout_is_quiet(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     read, write = os.pipe()
-    p = subprocess.Popen([sys.executable, "-m", "ditgraft.cli", "recipes"], stdout=write, stderr=subprocess.PIPE,
-                         env=env)
+    p = subprocess.Popen([sys.executable, "-m", "ditgraft", "recipes"], stdout=write, stderr=subprocess.PIPE, env=env)
     os.close(write)
     os.close(read)
     err = p.stderr.read().decode()
@@ -388,7 +441,7 @@ def test_a_bad_operator_option_does_not_bind_the_run_directory(tmp_path, capsys)
                         grafts=[{"slot": "attn", "layers": [1], "operator": "hyena_x", "options": {"bogus": 1}}])
     assert main(["graft", bad, "--run-dir", run, "--stages", "stage1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "bogus" in err and "hyena_x" in err and "Traceback" not in err
+    assert "unknown option 'bogus'; allowed: kernel_size, direction, impl" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(run, "recipe.yaml"))
     good = _write_recipe(tmp_path / "good.yaml", TESTBED_TEACHER)
     assert main(["graft", good, "--run-dir", run, "--stages", "stage1", "--quiet"]) == 0, capsys.readouterr().err
@@ -414,6 +467,21 @@ def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path):
     x, _ = load_image_folder(str(tmp_path), 32, channels=1)
     assert float((x[0] >= 0.999).float().mean()) < 0.01  # was 99.6% saturated
     assert float((x[0] - x[1]).abs().max()) <= 2 / 255 + 1e-6  # the 16-bit image equals its 8-bit version
+
+
+def test_pretrain_reads_an_image_folder_at_the_model_size(tmp_path, capsys):
+    """``pretrain --data FOLDER`` (16-bit greyscale PNGs here) reads the images at the model's size and channels."""
+    from PIL import Image
+
+    for cls in ("zero", "one"):
+        os.makedirs(tmp_path / "digits" / cls)
+        for i in range(2):
+            ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+            Image.fromarray(np.roll(ramp, 100 * i)).save(tmp_path / "digits" / cls / f"{i}.png")
+    run = str(tmp_path / "run")
+    assert main(["pretrain", "--data", str(tmp_path / "digits"), "--run-dir", run, "--steps", "2", "--batch-size",
+                 "2", "--ckpt-every", "2", "--warmup", "0", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert os.path.exists(os.path.join(run, "model.safetensors"))
 
 
 def test_class_folder_links_back_to_the_root_or_outside_are_refused(tmp_path):

@@ -70,7 +70,24 @@ def add_bench_arguments(parser) -> None:
 
 def run_bench(args) -> dict:
     """Run ``bench ops``, ``bench model`` or ``bench stage1`` from parsed arguments: print the table(s), write JSON if
-    asked."""
+    asked. Sizes whose tensors cannot be allocated are a ValueError naming them (not a crash)."""
+    import torch
+
+    try:
+        return _run_bench(args)
+    except (RuntimeError, MemoryError) as err:
+        text = str(err)
+        if not (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+                or any(t in text for t in ("can't allocate memory", "out of memory", "size calculation overflowed"))):
+            raise
+        sizes = ", ".join(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("dim", "heads", "tokens", "batch",
+                                                                                   "blocks")
+                          if getattr(args, k, None) is not None)
+        raise ValueError(f"bench {args.bench_command}: {sizes} do not fit in memory on {args.device} ("
+                         f"{text.strip().splitlines()[0][:160]}); use smaller sizes") from None
+
+
+def _run_bench(args) -> dict:
     from ditgraft.utils import atomic_write_json
 
     set_threads(args.threads)

@@ -9,6 +9,7 @@ from ditgraft.data.vae import load_vae
 from ditgraft.models.adapters import SLOTS
 from ditgraft.models.diffusers_dit import _diffusers, _scheduler, to_diffusers_state_dict
 from ditgraft.models.dit import DiT
+from ditgraft.utils import writing
 
 __all__ = ["export_diffusers"]
 
@@ -56,7 +57,12 @@ def export_diffusers(model: DiT, out: str, vae=None) -> str:
     tmp = out.rstrip("/") + ".tmp-export"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp)
+    try:
+        with writing(out):
+            pipe.save_pretrained(tmp)
+    except BaseException:  # a full disk or a kill: no half-written export is left beside ``out``
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)

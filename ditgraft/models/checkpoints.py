@@ -170,7 +170,7 @@ def build_from_config(config: dict | None, source: str) -> DiT:
                          "not a ditgraft model checkpoint")
     try:
         return DiT(**config)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ArithmeticError) as err:  # ArithmeticError: e.g. mlp_ratio=1e308 (overflow)
         raise ValueError(f"{source}: model_config {config} cannot build a DiT ({err})") from None
 
 

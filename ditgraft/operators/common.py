@@ -2,6 +2,8 @@
 projections, starting from a teacher MHA's weights, and depthwise convolutions over the token axis."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,8 @@ def check_choice(field: str, value, allowed: tuple):
 
 def check_heads(dim: int, heads: int) -> int:
     """The per-head width ``dim // heads``, after checking that the heads divide the width."""
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+        raise ValueError(f"heads={heads!r} is not allowed; use an integer >= 1 that divides dim={dim}")
     if dim % heads != 0:
         raise ValueError(f"dim={dim} must be divisible by heads={heads}")
     return dim // heads

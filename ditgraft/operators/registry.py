@@ -10,6 +10,7 @@ operator module once, so that importing the package fills the registry.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,8 +53,22 @@ def get_spec(name: str) -> OperatorSpec:
     return _REGISTRY[name]
 
 
+def operator_options(name: str) -> list[str] | None:
+    """The option names an operator's builder takes beyond (dim, heads, grid); None when it takes any."""
+    params = inspect.signature(get_spec(name).cls.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in ("self", "dim", "heads", "grid")
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def build_operator(name: str, dim: int, heads: int, grid: tuple[int, int], **options) -> nn.Module:
     spec = get_spec(name)
+    allowed = operator_options(name)
+    unknown = sorted(set(options) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise ValueError(f"operator {name!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}; allowed: {', '.join(allowed) or 'none'}")
     try:
         return spec.cls(dim=dim, heads=heads, grid=tuple(grid), **options)
     except TypeError as err:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ditgraft.train import sharding as fsdp2
 from ditgraft.train import tracking
 from ditgraft.utils import (UnsafePickle, atomic_write_text, non_finite_tensors, pause_inside_write,
-                            remove_orphan_temporaries, torch_load_weights)
+                            remove_orphan_temporaries, torch_load_weights, writing)
 
 CKPT_NAME = re.compile(r"step_(\d{7})$")
 
@@ -205,13 +205,14 @@ def save_checkpoint(run_dir: str, step: int, model, ema, opt, cfg: LoopConfig, k
     final = os.path.join(root, f"step_{step:07d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(_state(model), os.path.join(tmp, "model.safetensors"))
-    if ema is not None:
-        save_file(_state(ema), os.path.join(tmp, "ema.safetensors"))
-    torch.save(opt if isinstance(opt, dict) else opt.state_dict(), os.path.join(tmp, "optim.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "config": asdict(cfg)}, f, indent=1)
+    with writing(final):
+        os.makedirs(tmp)
+        save_file(_state(model), os.path.join(tmp, "model.safetensors"))
+        if ema is not None:
+            save_file(_state(ema), os.path.join(tmp, "ema.safetensors"))
+        torch.save(opt if isinstance(opt, dict) else opt.state_dict(), os.path.join(tmp, "optim.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "config": asdict(cfg)}, f, indent=1)
     pause_inside_write()
     _remove_dir(final)
     os.rename(tmp, final)  # the commit point: before it the previous checkpoints are untouched

@@ -117,7 +117,10 @@ def _pretrain(cfg: PretrainConfig, run_dir: str, device: torch.device) -> str:
     _refuse_rewrite(info, json.loads(json.dumps(asdict(cfg.loop))), run_dir)
     torch.manual_seed(cfg.loop.seed)
     model = build_named(cfg.model).to(device)
-    x, y = load_dataset(cfg.data)  # mnist5k -> its training split
+    # mnist5k -> its training split; an image folder is read at the model's size and channels
+    size = model.config["input_size"]
+    x, y = load_dataset(cfg.data, image_size=size if isinstance(size, int) else max(size),
+                        channels=model.in_channels if model.in_channels in (1, 3) else 3)
     check_data_fits(x, y, model, cfg.data)
     diffusion = family_of(model).objective(model)  # DiT: IDDPM; MMDiT: rectified flow
     t0 = time.time()

@@ -1,0 +1,5 @@
+import sys
+
+from ditgraft.cli import main
+
+sys.exit(main())
