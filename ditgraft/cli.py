@@ -481,9 +481,16 @@ def cmd_bench(args) -> None:
     run_bench(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad command-line input reported in one line (the option, its value, what is allowed) instead
+    of the usage block followed by that line; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ditgraft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="ditgraft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_, arguments, aliases in COMMANDS:
