@@ -317,6 +317,9 @@ class Evaluation(Strict):
     target_ratio: float | None = Field(default=1.25, gt=0)  # FID ratio student / teacher, at most
     target_gap: float | None = Field(default=0.02, ge=0)  # class accuracy gap teacher - student, at most
     resamples: int = Field(default=500, ge=10)
+    # sample through the family's compiled forward (torch.compile: the first batch pays the compile, tens of seconds
+    # on a CPU; samples equal the eager ones to float rounding, so results are the same and cached alike)
+    compile: bool = False
 
     @field_validator("seeds")
     @classmethod
@@ -367,6 +370,8 @@ class Recipe(Strict):
         d = self.model_dump(mode="json")
         if d.get("restructure") is None:  # recipes without it keep their recorded form
             d.pop("restructure", None)
+        if not d["eval"]["compile"]:  # likewise recipes sampled eagerly (run directories recorded before the field)
+            d["eval"].pop("compile")
         return d
 
 

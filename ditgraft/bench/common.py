@@ -207,6 +207,9 @@ COLUMNS = (
     ("parts_ms", "parts ms (teacher fwd + ops fwd+bwd)", "{:.1f}"),
     ("step_ms", "stage-1 step ms", "{:.1f}"),
     ("overhead", "overhead", "{:+.1%}"),
+    ("first_s", "first call s (wall)", "{:.1f}"),
+    ("compile_s", "compile s (wall)", "{:.1f}"),
+    ("max_abs_diff", "max abs diff", "{:.1e}"),
     ("error", "error", "{}"),
 )
 
