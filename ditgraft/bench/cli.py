@@ -86,8 +86,8 @@ def add_bench_arguments(parser) -> None:
     add_device(p, default="cpu")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--clock", default=None, choices=CLOCKS,
-                   help="steady-state clock: cpu (process CPU time; the default on a CPU) or wall (the default on a "
-                        "GPU); first calls are always wall time")
+                   help="cpu (process CPU time, first calls with their child processes: the compiler; the default "
+                        "on a CPU) or wall (the default on a GPU)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(fn=run_bench)
 
