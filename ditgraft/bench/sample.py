@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 
-
 from ditgraft.bench.common import (check_counts, cpu_with_children, environment, resolve_clock, resolve_device_dtype,
                                    round_robin, summarize, synchronizer)
 from ditgraft.diffusion.samplers import SamplingConfig

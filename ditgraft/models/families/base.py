@@ -225,8 +225,10 @@ class Family:
         """``forward`` compiled by torch.compile, for sampling (``supports`` has "compile"). One compiled function per
         family and process, created on first use; the model is its first argument, so torch's guards tell models
         apart: the first call for a model structure and input shape compiles (tens of seconds on a CPU), every later
-        one (each batch and seed of a protocol, another model of the same structure) reuses it. A family that only
-        compiles part of its model overrides this."""
+        one (each batch and seed of a protocol, another model of the same structure) reuses it. torch compiles one
+        function for at most ``torch._dynamo.config.recompile_limit`` (8) structures and shapes; beyond that it runs
+        the forward eagerly (the same samples, at eager speed). A family that only compiles part of its model
+        overrides this."""
         if getattr(self, "_compiled", None) is None:
             self._compiled = torch.compile(self.forward)
         return self._compiled
