@@ -9,9 +9,9 @@ Testbed protocol (every testbed comparison in ditgraft uses it; see docs/RESULTS
 only numbers from this same protocol (the floor shows the bias).
 
 Compiled sampling (``compile=True``: the family's compiled forward, see ``diffusion.samplers``) is how the protocol
-is run, not part of it: compiled and eager samples agree to float rounding (tests/test_diffusion.py compares them),
-as samples on two machines or thread counts do, so a cached result is reused whichever way it was sampled; the
-metrics file records which (``compiled``).
+is run, not part of it: compiled and eager samples agree to float rounding (tests/test_compiled_sampling.py
+compares them), as samples on two machines or thread counts do, so a cached result is reused whichever way it was
+sampled; the metrics file records which (``compiled``).
 """
 from __future__ import annotations
 
