@@ -12,7 +12,7 @@
     ditgraft analyze MODEL             attention locality, entropy and activation statistics per layer
     ditgraft synth MODEL               synthetic training data from a teacher (samples + labels; or captions)
     ditgraft ops                       operator table: parameters and FLOPs at (dim, tokens)
-    ditgraft bench ops|model|stage1    side-by-side timings with FLOP-bound ratios
+    ditgraft bench ops|model|stage1|sample   side-by-side timings (FLOP-bound ratios; eager vs compiled sampling)
     ditgraft recipes                   list the bundled recipes
     ditgraft sweep SWEEP.yaml          a sweep over recipe fields: every point a run directory, one table and plots
     ditgraft search SEARCH.yaml        an operator per layer under a cost budget: cheap signals, exact choice, verify
@@ -273,18 +273,19 @@ def cmd_eval(args) -> None:
     from ditgraft.distributed import is_main
     from ditgraft.eval.evaluate import evaluate_samples, protocol_for, real_data_floor, sample_and_evaluate
     from ditgraft.eval.sampling import is_latent
+    from ditgraft.models.families import family_of
 
     decision = args.seeds is not None or args.against is not None
     if args.floor:
         _refuse_ignored(args, "--floor", ["--features", "--ref", "--inception-weights", "--cfg", "--num-samples",
                                           "--seed", "--out", "--seeds", "--against", "--against-out",
                                           "--target-ratio", "--target-gap", "--resamples", "--overwrite",
-                                          "--allow-self"])
+                                          "--allow-self", "--compile"])
         result = real_data_floor()
     elif args.target.endswith(".npz"):
         _refuse_ignored(args, "a samples .npz (its metrics only; sample a model to use the protocols)",
                         ["--cfg", "--num-samples", "--seed", "--out", "--seeds", "--against", "--against-out",
-                         "--target-ratio", "--target-gap", "--resamples", "--overwrite", "--allow-self"]
+                         "--target-ratio", "--target-gap", "--resamples", "--overwrite", "--allow-self", "--compile"]
                         + ([] if args.features == "inception" else ["--ref", "--inception-weights"]))
         result = evaluate_samples(args.target, features=args.features, reference=args.ref,
                                   inception_weights=args.inception_weights, device=_device(args))
@@ -304,6 +305,8 @@ def cmd_eval(args) -> None:
         if is_latent(model):
             raise ValueError(f"{args.target} is a latent model: the testbed protocol does not apply; sample it with "
                              "`ditgraft sample MODEL --vae V`, then `ditgraft eval SAMPLES.npz --features inception`")
+        if args.compile:
+            family_of(model).require("compile", "--compile")
         fingerprint = _fingerprint(model)
         out = args.out or _eval_dir(args.target, fingerprint)
         _check_eval_out(out, fingerprint, args.target, "--out", args.overwrite)
@@ -312,7 +315,7 @@ def cmd_eval(args) -> None:
         ensure_writable(out, "--out")
         with run_lock(out, "ditgraft eval"):
             # under torchrun: seeds shared out, rank 0 writes
-            result = sample_and_evaluate(model, out, protocol, device)
+            result = sample_and_evaluate(model, out, protocol, device, compile=args.compile)
         if is_main():
             print(f"samples and metrics in {out}")
     if is_main():
@@ -358,6 +361,7 @@ def _check_eval_out(out: str, fingerprint: str, source: str, option: str, overwr
 
 def _decision_eval(args, model, fingerprint: str, out: str, protocol, device) -> None:
     from ditgraft.eval.decision import DEFAULT_SEEDS, DEFAULT_RESAMPLES, Targets, decision_eval, format_decision
+    from ditgraft.models.families import family_of
     from ditgraft.utils import ensure_writable, run_lock
 
     seeds = DEFAULT_SEEDS if args.seeds is None else _int_list(args.seeds, "--seeds")
@@ -365,6 +369,8 @@ def _decision_eval(args, model, fingerprint: str, out: str, protocol, device) ->
     ensure_writable(out, "--out")
     if args.against is not None:
         against, _ = _load_model(args.against, device)
+        if args.compile:
+            family_of(against).require("compile", "--compile (the --against model)")
         a_fingerprint = _fingerprint(against)
         if a_fingerprint == fingerprint and not args.allow_self:
             raise ValueError(f"--against={args.against!r} is the same model as {args.target!r} (same weights, "
@@ -380,7 +386,8 @@ def _decision_eval(args, model, fingerprint: str, out: str, protocol, device) ->
                       0.02 if args.target_gap is None else args.target_gap)
     with run_lock(out, "ditgraft eval"):
         result = decision_eval(model, out, seeds, protocol, against, against_dir, targets=targets,
-                               resamples=args.resamples or DEFAULT_RESAMPLES, device=device)
+                               resamples=args.resamples or DEFAULT_RESAMPLES, device=device,
+                               hooks={"compile": True} if args.compile else None)
     print(format_decision(result, os.path.basename(args.target), os.path.basename(args.against or "baseline")))
     print(f"samples in {out}" + (f" and {against_dir}" if against_dir else "")
           + f"; decision in {os.path.join(out, 'samples_decision.json')}")
@@ -694,6 +701,10 @@ def _eval_args(s) -> None:
     s.add_argument("--target-gap", type=finite_float(), default=None,
                    help="verdict target for the accuracy gap (<=; default 0.02)")
     s.add_argument("--resamples", type=positive_int, default=None, help="bootstrap resamples (default 500)")
+    s.add_argument("--compile", action="store_true",
+                   help="sample through the model family's compiled forward (torch.compile): the first batch pays "
+                        "the compile once (tens of seconds on a CPU), every later batch and seed reuses it; samples "
+                        "equal the eager ones to float rounding, so cached results are reused either way")
 
 
 def _analyze_args(s) -> None:
@@ -748,7 +759,7 @@ COMMANDS = (
     ("eval", "metrics of a sample .npz, or run the testbed protocol on a model", _eval_args, ()),
     ("analyze", "attention locality and activation statistics per layer", _analyze_args, ()),
     ("ops", "operator table: params and FLOPs per operator", _ops_args, ()),
-    ("bench", "benchmarks: `bench ops`, `bench model` or `bench stage1`", _bench_args, ()),
+    ("bench", "benchmarks: `bench ops`, `bench model`, `bench stage1` or `bench sample`", _bench_args, ()),
 )
 
 def _init_distributed() -> None:

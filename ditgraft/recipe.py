@@ -320,6 +320,9 @@ class Evaluation(Strict):
     target_ratio: float | None = Field(default=1.25, gt=0)  # FID ratio student / teacher, at most
     target_gap: float | None = Field(default=0.02, ge=0)  # class accuracy gap teacher - student, at most
     resamples: int = Field(default=500, ge=10)
+    # sample through the family's compiled forward (torch.compile: the first batch pays the compile, tens of seconds
+    # on a CPU; samples equal the eager ones to float rounding, so results are the same and cached alike)
+    compile: bool = False
 
     @field_validator("seeds")
     @classmethod
@@ -379,6 +382,8 @@ class Recipe(Strict):
                 parent = parent.get(key) or {}
             if path[-1] in parent and parent[path[-1]] is None:
                 del parent[path[-1]]
+        if not d["eval"]["compile"]:  # likewise recipes sampled eagerly (run directories recorded before the field)
+            d["eval"].pop("compile")
         return d
 
 

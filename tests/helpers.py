@@ -36,6 +36,17 @@ def tiny_mmdit(depth: int = 3, seed: int = 0, **kw):
     return randomize_weights(MMDiT(**cfg), 0.1).eval()
 
 
+# Compiled sampling (torch.compile, tens of seconds per compile on a CPU): every test that compiles samples this one
+# structure at this one batch, so a test process compiles once (models of the same structure and input shapes share
+# the family's compiled forward) and those tests, marked slow, cost a few seconds each after the first.
+COMPILE_BATCH = 10
+
+
+def compile_dit(seed: int = 0):
+    """The tiny DiT of the compiled-sampling tests: 32x32x1 images as the testbed (16 tokens), depth 1."""
+    return tiny_dit(depth=1, input_size=32, patch_size=8, seed=seed)
+
+
 def tiny_vae(seed: int = 0):
     """AutoencoderKL with 2 resolution levels: 16x16x3 images <-> 8x8x4 latents (the SD VAE divides by 8)."""
     from diffusers import AutoencoderKL

@@ -303,3 +303,44 @@ def test_suite_plan_and_a_tiny_cpu_run_write_json_and_markdown(tmp_path):
     assert sampling["teacher"]["speedup"] == 1.0
     md = (tmp_path / "tiny" / "results.md").read_text()
     assert "## ops_fwd" in md and "| mha |" in md and "| mamba2 | chunked + taps |" in md
+
+
+# ---- bench sample: eager vs compiled sampling (compiles the shared tiny structure of tests/helpers.py) ----------
+
+@pytest.mark.slow
+def test_bench_sample_rows_and_cli_json(tmp_path, capsys):
+    from helpers import COMPILE_BATCH, compile_dit
+    from ditgraft.bench.sample import bench_sample
+    from ditgraft.models.checkpoints import save_safetensors
+
+    ticks = iter(range(1000))
+    res = bench_sample(compile_dit(seed=0), batch=COMPILE_BATCH, steps=2, repeats=2, clock=lambda: next(ticks))
+    eager, compiled = res["rows"]
+    assert (eager["candidate"], compiled["candidate"]) == ("eager", "compiled")
+    assert len(eager["samples_ms"]) == len(compiled["samples_ms"]) == 2
+    assert res["speedup"] == pytest.approx(eager["time_ms"] / compiled["time_ms"]) == compiled["speedup"]
+    assert eager["speedup"] == 1.0 and res["config"]["clock"] == "custom"
+    assert res["compile_s"] == pytest.approx(compiled["first_s"] - compiled["time_ms"] / 1e3)
+    assert res["max_abs_diff"] < 1e-4  # the same seeds: the same samples to float rounding
+    assert eager["gflops"] == compiled["gflops"] > 0
+    assert eager["gflop_per_s"] == pytest.approx(eager["gflops"] / (eager["time_ms"] / 1e3))
+
+    model = str(tmp_path / "tiny.safetensors")
+    m = compile_dit(seed=1)
+    save_safetensors(model, m, {"model_config": m.config})
+    path = tmp_path / "sample.json"
+    run_bench(_parse(["bench", "sample", "--model", model, "--batch", str(COMPILE_BATCH), "--steps", "2",
+                      "--repeats", "1", "--sampler", "ddpm", "--json", str(path)]))
+    data = json.loads(path.read_text())
+    assert data["command"] == "bench sample" and data["config"]["sampler"] == "ddpm"
+    assert data["config"]["clock"] == "cpu" and [r["candidate"] for r in data["rows"]] == ["eager", "compiled"]
+    assert "compile s" in capsys.readouterr().out
+
+
+def test_bench_sample_refuses_a_family_that_cannot_compile():
+    from family_helpers import TINY_FAMILIES
+    from ditgraft.bench.sample import bench_sample
+
+    pytest.importorskip("diffusers")
+    with pytest.raises(ValueError, match="bench sample: the diffusers_dit family does not support compile"):
+        bench_sample(TINY_FAMILIES["diffusers_dit"].build(depth=1, seed=0), batch=2, steps=1, repeats=1)

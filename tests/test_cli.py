@@ -76,3 +76,35 @@ def test_synth_is_the_sampling_entry_point_in_model_space(tmp_path):
     assert (to_uint8(x) == images).all()
     other, _ = generate(model, 5, SamplingConfig(steps=2, clip_denoised=True), seed=4, batch_size=2, raw=True)
     assert not torch.equal(torch.from_numpy(other), x)
+
+
+def test_eval_compile_is_refused_where_nothing_is_sampled(capsys):
+    assert main(["eval", "--floor", "--compile"]) == 2
+    assert "--compile: not used with --floor" in capsys.readouterr().err
+    assert main(["eval", "samples.npz", "--compile"]) == 2
+    assert "--compile: not used with a samples .npz" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_compile_samples_through_the_compiled_forward(tmp_path, capsys):
+    """`ditgraft eval MODEL --compile` and `--seeds ... --against ... --compile`: the metrics record compiled
+    sampling, for the model and its baseline (the tiny structure every compiling test shares)."""
+    import json
+
+    from helpers import COMPILE_BATCH, compile_dit
+    from ditgraft.models.checkpoints import save_safetensors
+
+    paths = []
+    for seed in (1, 2):
+        m = compile_dit(seed=seed)
+        paths.append(str(tmp_path / f"m{seed}.safetensors"))
+        save_safetensors(paths[-1], m, {"model_config": m.config})
+    common = ["--num-samples", str(COMPILE_BATCH), "--device", "cpu", "--compile"]
+    assert main(["eval", paths[0], "--out", str(tmp_path / "quick")] + common) == 0
+    assert json.loads((tmp_path / "quick" / "samples_metrics.json").read_text())["compiled"] is True
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["eval", paths[0], "--seeds", "0,1", "--against", paths[1], "--out", str(a), "--against-out", str(b),
+                 "--resamples", "20"] + common) == 0
+    assert "FID ratio" in capsys.readouterr().out
+    for d in (a, b):
+        assert json.loads((d / "samples_seed1_metrics.json").read_text())["compiled"] is True

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import tiny_dit
+from helpers import COMPILE_BATCH, compile_dit, tiny_dit
 from ditgraft.eval import metrics
 from ditgraft.eval.decision import (Targets, basic_interval, compare_features, decision_eval, format_decision,
                                     verdict, weighted_stats)
@@ -129,6 +129,31 @@ def test_decision_eval_samples_each_seed_once_paired(tmp_path, small_reference):
     assert os.path.getmtime(os.path.join(b, "samples_seed3.npz")) == mtime and again["ratio"] == out["ratio"]
     with pytest.raises(ValueError, match="distinct seeds"):
         decision_eval(student, a, [0, 0], protocol, resamples=20, progress=False)
+
+
+@pytest.mark.slow
+def test_compiled_decision_protocol_equals_eager_and_shares_its_cache(tmp_path, small_reference):
+    """``hooks={"compile": True}`` (``ditgraft eval --compile``, ``eval.compile``): the same decision as eager
+    sampling (samples equal to float rounding, so uint8 images and FIDs agree), the metrics record how they were
+    sampled, and a compiled request reuses samples cached by an eager run (compile is not part of the key)."""
+    from ditgraft.eval.evaluate import read_metrics
+
+    student, teacher = compile_dit(seed=1), compile_dit(seed=2)
+    protocol = protocol_for(num=2 * COMPILE_BATCH, steps=2, batch_size=COMPILE_BATCH)
+    runs = {}
+    for name, hooks in (("eager", None), ("compiled", {"compile": True})):
+        a, b = str(tmp_path / name / "student"), str(tmp_path / name / "teacher")
+        runs[name] = decision_eval(student, a, [0, 3], protocol, teacher, b, resamples=20, progress=False,
+                                   hooks=hooks)
+        assert read_metrics(os.path.join(a, "samples_seed3_metrics.json"))["compiled"] is (hooks is not None)
+    for key in ("model", "against"):
+        assert runs["compiled"][key]["fid"]["value"] == pytest.approx(runs["eager"][key]["fid"]["value"], rel=1e-3)
+    assert runs["compiled"]["ratio"]["value"] == pytest.approx(runs["eager"]["ratio"]["value"], rel=1e-3)
+    a, b = str(tmp_path / "eager" / "student"), str(tmp_path / "eager" / "teacher")
+    mtime = os.path.getmtime(os.path.join(a, "samples_seed3.npz"))
+    again = decision_eval(student, a, [0, 3], protocol, teacher, b, resamples=20, progress=False,
+                          hooks={"compile": True})
+    assert os.path.getmtime(os.path.join(a, "samples_seed3.npz")) == mtime and again["ratio"] == runs["eager"]["ratio"]
 
 
 def test_pipeline_eval_stage_runs_the_decision_protocol_when_asked(tmp_path, small_reference):

@@ -143,6 +143,21 @@ def test_protocol_sampling_where_supported(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_compiled_sampling_refused_where_not_supported(name):
+    """A family without "compile" refuses compiled sampling in one line before any work; the families that declare
+    it compare compiled and eager samples in tests/test_compiled_sampling.py."""
+    from ditgraft.models.families import model_call
+
+    model = tiny(name).build(depth=DEPTH, seed=0)
+    family = family_of(model)
+    if "compile" in family.supports:
+        assert name == "dit", f"family {name!r} declares compile: compare its samples in test_compiled_sampling.py"
+        return
+    with pytest.raises(ValueError, match=f"the {name} family does not support compile"):
+        model_call(model, compiled=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_analysis_where_supported(name):
     from ditgraft.analysis.locality import analyze_model
 

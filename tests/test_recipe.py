@@ -57,3 +57,21 @@ def test_stage2_decay_reaches_the_training_loop():
     loop = r.stage2.loop_config(seed=0, progress=False)
     assert loop.decay_steps == 90
     assert loop.lr_at(9) == pytest.approx(1e-4) and loop.lr_at(99) == pytest.approx(1e-4 / 91)
+
+
+def test_eval_compile_is_opt_in_and_refused_before_any_work_where_unsupported():
+    """eval.compile defaults to false and is left out of the recorded form then (run directories recorded before
+    the field keep matching); a teacher whose family cannot be compiled is refused at the start of a run."""
+    from family_helpers import TINY_FAMILIES
+    from helpers import tiny_dit
+    from ditgraft.graft.pipeline import check_supported
+
+    r = parse_recipe(BASE)
+    assert r.eval.compile is False and "compile" not in r.to_dict()["eval"]
+    on = parse_recipe({**BASE, "eval": {"compile": True}})
+    assert on.to_dict()["eval"]["compile"] is True and parse_recipe(on.to_dict()) == on
+    assert parse_recipe(r.to_dict()) == r
+    check_supported(on, tiny_dit())
+    pytest.importorskip("diffusers")
+    with pytest.raises(ValueError, match="eval.compile: the diffusers_dit family does not support compile"):
+        check_supported(on, TINY_FAMILIES["diffusers_dit"].build(depth=1, seed=0))

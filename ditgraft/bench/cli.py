@@ -1,6 +1,6 @@
-"""The ``ditgraft bench`` command line: ``ops``, ``model`` and ``stage1`` sub-commands. The CLI module only wires these
-in: ``add_bench_arguments(sub.add_parser("bench"))``; ``run_bench(args)`` runs one, prints its table(s) and writes
-JSON if asked."""
+"""The ``ditgraft bench`` command line: ``ops``, ``model``, ``stage1`` and ``sample`` sub-commands. The CLI module only
+wires these in: ``add_bench_arguments(sub.add_parser("bench"))``; ``run_bench(args)`` runs one, prints its table(s)
+and writes JSON if asked."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,8 @@ from ditgraft.bench.model import LAYER_SETS
 
 
 def add_bench_arguments(parser) -> None:
-    """Add the ``ops``, ``model`` and ``stage1`` sub-commands to the ``bench`` parser; each sets ``fn=run_bench``."""
+    """Add the ``ops``, ``model``, ``stage1`` and ``sample`` sub-commands to the ``bench`` parser; each sets
+    ``fn=run_bench``."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
 
     from ditgraft.argtypes import add_device, positive_int
@@ -67,10 +68,33 @@ def add_bench_arguments(parser) -> None:
     shared(t, repeats=3)
     stack(t, [4096])
 
+    from ditgraft.argtypes import finite_float, nonneg_int, seed_int
+    from ditgraft.diffusion.samplers import SAMPLERS
+    from ditgraft.eval.evaluate import TESTBED_PROTOCOL as P
+
+    p = sub.add_parser("sample", help="a model's protocol sampling, eager vs compiled (torch.compile) side by side: "
+                                      "first-call compile cost and steady-state speed-up")
+    p.add_argument("--model", default="testbed", help="testbed, a checkpoint or a run directory (default testbed)")
+    p.add_argument("--batch", type=positive_int, default=P.batch_size,
+                   help=f"samples per sampling call (default {P.batch_size}, the protocol's batch)")
+    p.add_argument("--steps", type=positive_int, default=P.steps, help=f"sampling steps (default {P.steps})")
+    p.add_argument("--sampler", default=P.sampler, choices=SAMPLERS, help=f"default {P.sampler}")
+    p.add_argument("--cfg", type=finite_float(1), default=P.cfg_scale, help=f"cfg scale (default {P.cfg_scale})")
+    p.add_argument("--seed", type=seed_int, default=P.seed)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls of each, interleaved (median reported)")
+    p.add_argument("--warmup", type=nonneg_int, default=0, help="untimed interleaved rounds after the first calls")
+    add_device(p, default="cpu")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", default=None, choices=CLOCKS,
+                   help="cpu (process CPU time, first calls with their child processes: the compiler; the default "
+                        "on a CPU) or wall (the default on a GPU)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(fn=run_bench)
+
 
 def run_bench(args) -> dict:
-    """Run ``bench ops``, ``bench model`` or ``bench stage1`` from parsed arguments: print the table(s), write JSON if
-    asked. Sizes whose tensors cannot be allocated are a ValueError naming them (not a crash)."""
+    """Run ``bench ops``, ``bench model``, ``bench stage1`` or ``bench sample`` from parsed arguments: print the
+    table(s), write JSON if asked. Sizes whose tensors cannot be allocated are a ValueError naming them (not a crash)."""
     import torch
 
     try:
@@ -91,8 +115,16 @@ def _run_bench(args) -> dict:
     from ditgraft.utils import atomic_write_json
 
     set_threads(args.threads)
-    options = parse_options(args.option)
-    if args.bench_command == "ops":
+    options = parse_options(getattr(args, "option", None))
+    if args.bench_command == "sample":
+        from ditgraft.bench.sample import bench_sample
+
+        result = bench_sample(args.model, batch=args.batch, steps=args.steps, sampler=args.sampler,
+                              cfg_scale=args.cfg, seed=args.seed, repeats=args.repeats, warmup=args.warmup,
+                              device=args.device, clock=args.clock)
+        result["command"] = "bench sample"
+        print(format_table(result["rows"]))
+    elif args.bench_command == "ops":
         from ditgraft.bench.ops import bench_ops
 
         rows, envs = [], []

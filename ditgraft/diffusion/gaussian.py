@@ -2,7 +2,9 @@
 
 Linear beta schedule over 1000 steps, epsilon prediction, learned-range variance, loss = MSE(eps) + VLB (the VLB
 term sees a detached mean so it only trains the variance), timestep respacing for faster sampling.
-All schedule arithmetic is float64 numpy, as upstream; tensors are gathered per timestep.
+All schedule arithmetic is float64 numpy, as upstream; tensors are gathered per timestep from copies of the tables
+kept on each device they are asked for (the first gather on a device copies the table there, later ones, every
+sampling step included, only index it: no host-device copy inside a sampling loop).
 """
 from __future__ import annotations
 
@@ -47,11 +49,6 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int] | int) -
             cur += frac_stride
         start += size
     return sorted(set(kept))
-
-
-def _gather(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    out = torch.from_numpy(arr).to(device=t.device)[t].float()
-    return out.reshape(-1, *([1] * (ndim - 1)))
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +110,23 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_one_minus_alphas_cumprod = np.log(self.one_minus_alphas_cumprod)
+        # fixed "large" variance (betas, with the posterior variance at t = 0), as IDDPM's FIXED_LARGE
+        self.log_fixed_large_variance = np.log(np.append(first, betas[1:]))
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The schedule array ``name`` as a float64 tensor on ``device``, copied there once."""
+        key = (name, device)
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(np.asarray(getattr(self, name))).to(device)
+        return self._tables[key]
+
+    def _gather(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Entries t of the schedule array ``name`` in float32, shaped [B, 1, ...] to broadcast over ndim dims."""
+        return self._table(name, t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -139,32 +153,34 @@ class GaussianDiffusion:
 
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps as the model sees them (original scale)."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self._table("timestep_map", t.device)[t]
 
     # ---- forward process ----------------------------------------------------------------------------------------
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
-        mean = _gather(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-        var = _gather(1.0 - self.alphas_cumprod, t, x_start.ndim)
-        return mean, var, _gather(np.log(1.0 - self.alphas_cumprod), t, x_start.ndim)
+        mean = self._gather("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
+        var = self._gather("one_minus_alphas_cumprod", t, x_start.ndim)
+        return mean, var, self._gather("log_one_minus_alphas_cumprod", t, x_start.ndim)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         noise = torch.randn_like(x_start) if noise is None else noise
-        return (_gather(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
+        return (self._gather("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
+                + self._gather("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise)
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         nd = x_t.ndim
-        mean = _gather(self.posterior_mean_coef1, t, nd) * x_start + _gather(self.posterior_mean_coef2, t, nd) * x_t
-        return mean, _gather(self.posterior_variance, t, nd), _gather(self.posterior_log_variance_clipped, t, nd)
+        mean = (self._gather("posterior_mean_coef1", t, nd) * x_start
+                + self._gather("posterior_mean_coef2", t, nd) * x_t)
+        return mean, self._gather("posterior_variance", t, nd), self._gather("posterior_log_variance_clipped", t, nd)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         nd = x_t.ndim
-        return _gather(self.sqrt_recip_alphas_cumprod, t, nd) * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, nd) * eps
+        return (self._gather("sqrt_recip_alphas_cumprod", t, nd) * x_t
+                - self._gather("sqrt_recipm1_alphas_cumprod", t, nd) * eps)
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
         nd = x_t.ndim
-        return (_gather(self.sqrt_recip_alphas_cumprod, t, nd) * x_t - pred_xstart) / _gather(
-            self.sqrt_recipm1_alphas_cumprod, t, nd)
+        return ((self._gather("sqrt_recip_alphas_cumprod", t, nd) * x_t - pred_xstart)
+                / self._gather("sqrt_recipm1_alphas_cumprod", t, nd))
 
     # ---- reverse process ----------------------------------------------------------------------------------------
     def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
@@ -174,13 +190,11 @@ class GaussianDiffusion:
             if model_output.shape[1] != 2 * C:
                 raise ValueError(f"model output has {model_output.shape[1]} channels; learn_sigma needs {2 * C}")
             eps, var_values = model_output[:, :C], model_output[:, C:]
-            min_log = _gather(self.posterior_log_variance_clipped, t, nd)
-            max_log = _gather(np.log(self.betas), t, nd)
+            min_log = self._gather("posterior_log_variance_clipped", t, nd)
+            max_log = self._gather("log_betas", t, nd)
             frac = (var_values + 1) / 2  # model predicts in [-1, 1]
             return eps, frac * max_log + (1 - frac) * min_log
-        # fixed "large" variance (betas, with the posterior variance at t = 0), as IDDPM's FIXED_LARGE
-        fixed = np.append(self.posterior_variance[1], self.betas[1:])
-        return model_output, _gather(np.log(fixed), t, nd)
+        return model_output, self._gather("log_fixed_large_variance", t, nd)
 
     def p_mean_variance_from_output(self, model_output, x_t, t, clip_denoised: bool = False):
         eps, log_var = self.split_output(model_output, x_t, t)

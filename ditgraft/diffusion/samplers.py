@@ -1,8 +1,15 @@
 """The one sampling entry point: DDPM or DDIM over a (respaced) IDDPM process, or Euler over a flow-matching one
 (the model's family says which objective it was trained with), with batched classifier-free guidance.
 
-Guidance doubles the batch once per step ([x; x] with labels [y; null]) so the model runs one forward per step.
-The loop keeps everything on the model's device and never syncs with the host inside the loop.
+Guidance doubles the batch once per step ([x; x] with labels [y; null]) so the model runs one forward per step:
+both branches in one batch. The loop keeps everything on the model's device and never waits for it inside the loop:
+no ``.item()``, no Python branch on a tensor's value, the schedule tables copied to the device once
+(``GaussianDiffusion``), and a stochastic sampler's per-step noise (drawn on the CPU generator, so samples do not
+depend on the device) sent to a GPU by an asynchronous copy from pinned memory.
+
+``compile=True`` calls the model through its family's compiled forward (``model_call(model, compiled=True)``:
+torch.compile, one compilation per model structure and input shape in a process, reused by every later batch and
+seed); everything else in the loop is the same code, so its samples equal the eager ones to float rounding.
 """
 from __future__ import annotations
 
@@ -79,12 +86,14 @@ def guided_model(model, cfg_scale: float, cfg_channels: int):
 def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = SamplingConfig(),
            generator: torch.Generator | None = None, diffusion: GaussianDiffusion | FlowMatching | None = None,
            null_class: int | None = None, cfg_channels: int | None = None, learn_sigma: bool = True,
-           null_cond=None) -> torch.Tensor:
+           null_cond=None, compile: bool = False) -> torch.Tensor:
     """Draw samples x_0 of ``shape`` = (B, C, H, W) for conditioning ``labels`` (class labels [B], or a tuple
     such as caption embeddings and masks).
 
     A model of a known family is called through it (``ditgraft.models.families``); any other callable as
-    ``model(x, t, y)``; it returns eps (and variance values when learn_sigma). Guidance mixes in ``null_cond``
+    ``model(x, t, y)``; it returns eps (and variance values when learn_sigma). ``compile``: call it through the
+    family's compiled forward (see the module docstring; refused for a family that cannot be compiled and for a
+    plain callable). Guidance mixes in ``null_cond``
     (default: the family's null conditioning, or labels ``null_class``). Noise comes from ``generator`` (CPU
     generator; tensors are moved to the conditioning's device), so results do not depend on the global RNG.
 
@@ -111,9 +120,12 @@ def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = Sampling
     if cfg_channels is None:
         cfg_channels = family.cfg_channels(model) if family else getattr(model, "cfg_channels", shape[1])
     guided = cfg.cfg_scale > 1.0
-    x = torch.randn(shape, generator=generator).to(device)
+    if compile and family is None:
+        raise ValueError(f"compile=True needs a model of a known family; got {type(model).__name__} (call it "
+                         "eagerly: compile=False)")
+    x = to_device(torch.randn(shape, generator=generator), device)
     y = labels
-    fn = model_call(model) if family else model
+    fn = model_call(model, compiled=compile) if family else model
     if guided:
         if null_class is None and family is None:
             null_class = getattr(model, "num_classes", None)
@@ -134,12 +146,21 @@ def sample(model, labels, shape: tuple[int, ...], cfg: SamplingConfig = Sampling
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
         out = diffusion.p_mean_variance(fn, x, t, clip_denoised=cfg.clip_denoised, model_kwargs=dict(y=y))
-        noise = torch.randn(x.shape, generator=generator).to(device) if stochastic else None
+        noise = to_device(torch.randn(x.shape, generator=generator), device) if stochastic else None
         if cfg.sampler == "ddpm":
             x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise
         else:
             x = ddim_step(diffusion, x, t, i, out, cfg.eta, noise)
     return x[: cond_len(labels)]
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU by an asynchronous copy from pinned memory, so the host does not wait
+    for the work already queued there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def ddim_step(diffusion: GaussianDiffusion, x, t, i: int, out: dict, eta: float, noise) -> torch.Tensor:

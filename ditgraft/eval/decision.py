@@ -165,7 +165,8 @@ def pooled_samples(model, out_dir: str, seeds, protocol: Protocol = TESTBED_PROT
                    device="cpu", progress: bool = True,
                    hooks: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """The protocol's samples at each seed (sampled once, then read back from ``out_dir``), concatenated; ``hooks``
-    (``evaluate.eval_hooks``) decode, condition and score them."""
+    (``evaluate.eval_hooks``) decode, condition and score them, and compile the sampling (compiled once for the
+    first seed, reused by the others)."""
     images, labels, rows = [], [], []
     for s in seeds:
         t = seed_tag(tag, s, protocol.seed)
@@ -205,7 +206,8 @@ def decision_eval(model, out_dir: str, seeds=DEFAULT_SEEDS, protocol: Protocol =
     Testbed models: testbed classifier features, class accuracy and the real-data floor. With ``net`` (an
     Inception-shaped network: ``extract(images)["pool"]``) and ``reference`` (an ADM reference batch .npz): FID
     and the FID ratio on the network's features against the reference's, no accuracy and no floor (the latent and
-    caption-conditioned models); ``hooks`` (``evaluate.eval_hooks``: decode, captions, evaluate) go to sampling."""
+    caption-conditioned models); ``hooks`` (``evaluate.eval_hooks``: decode, captions, evaluate, compile) go to
+    sampling, for the model and the baseline alike."""
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds}: need one or more distinct seeds")

@@ -7,6 +7,11 @@ Testbed protocol (every testbed comparison in ditgraft uses it; see docs/RESULTS
     The real-data floor is the same metrics for the 500 validation digits against the same reference.
 500 samples keep one evaluation around a minute on a 2-core CPU; FID from 500 samples is biased upwards, so compare
 only numbers from this same protocol (the floor shows the bias).
+
+Compiled sampling (``compile=True``: the family's compiled forward, see ``diffusion.samplers``) is how the protocol
+is run, not part of it: compiled and eager samples agree to float rounding (tests/test_compiled_sampling.py
+compares them), as samples on two machines or thread counts do, so a cached result is reused whichever way it was
+sampled; the metrics file records which (``compiled``).
 """
 from __future__ import annotations
 
@@ -168,14 +173,19 @@ def evaluate_samples(path: str, features: str = "testbed", reference: str | None
 
 
 def eval_hooks(model, vae: str | None = None, features: str = "testbed", reference: str | None = None,
-               inception_weights: str | None = None, device="cpu", net=None, captions=None) -> dict:
-    """``decode`` / ``evaluate`` / ``captions`` for ``sample_and_evaluate``: latent models (channels other than 1 or
-    3) decode with the VAE; ``features='inception'`` scores against an ADM reference batch (``net``: any network
-    with ``extract``, default the FID Inception); caption-conditioned families (PixArt) sample the caption set
-    ``captions`` (see ``sampling.caption_set``). Empty for the testbed."""
+               inception_weights: str | None = None, device="cpu", net=None, captions=None,
+               compile: bool = False) -> dict:
+    """``decode`` / ``evaluate`` / ``captions`` / ``compile`` for ``sample_and_evaluate``: latent models (channels
+    other than 1 or 3) decode with the VAE; ``features='inception'`` scores against an ADM reference batch (``net``:
+    any network with ``extract``, default the FID Inception); caption-conditioned families (PixArt) sample the
+    caption set ``captions`` (see ``sampling.caption_set``); ``compile`` samples through the family's compiled
+    forward (refused here for a family that cannot be compiled). Empty for the testbed sampled eagerly."""
     family = family_of(model)
     family.require("eval")
     hooks = {}
+    if compile:
+        family.require("compile", "eval.compile")
+        hooks["compile"] = True
     if family.conditioning == "caption":
         if captions is None:
             raise ValueError(f"eval captions are missing: the {family.name} family samples from captions; name a "
@@ -207,12 +217,13 @@ def eval_hooks(model, vae: str | None = None, features: str = "testbed", referen
 
 def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOCOL, device="cpu",
                         progress: bool = True, tag: str = "samples", decode=None, evaluate=None,
-                        captions=None) -> dict:
+                        captions=None, compile: bool = False) -> dict:
     """Run the protocol: write ``{tag}.npz``, ``{tag}.png`` (first 100) and ``{tag}_metrics.json`` in out_dir.
     Skipped (metrics read back) when the metrics file exists for the same protocol. ``decode`` (latents -> images)
     and ``evaluate`` ((images, labels) -> metrics; default the testbed metrics) come from ``eval_hooks``. Under
     torchrun the sample batches are shared out over the ranks and gathered on rank 0, which alone writes; every rank
-    returns the metrics. ``captions``: the caption set of a caption-conditioned model (``generate``)."""
+    returns the metrics. ``captions``: the caption set of a caption-conditioned model (``generate``). ``compile``:
+    sample through the family's compiled forward; not part of the cache key (see the module docstring)."""
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
     fingerprint = model_fingerprint(model)
@@ -228,10 +239,11 @@ def sample_and_evaluate(model, out_dir: str, protocol: Protocol = TESTBED_PROTOC
     t0 = time.time()
     images, labels = generate(model, protocol.num, protocol.sampling(), seed=protocol.seed,
                               batch_size=protocol.batch_size, device=device, rank=rank, world=world, decode=decode,
-                              progress=progress and rank == 0, captions=captions)
+                              progress=progress and rank == 0, captions=captions, compile=compile)
     wall = time.time() - t0
     gathered = gather_samples(out_dir, images, labels, protocol.batch_size)
-    return on_main(lambda: _write_evaluation(out_dir, tag, *gathered, protocol, wall, evaluate, fingerprint))
+    return on_main(lambda: _write_evaluation(out_dir, tag, *gathered, protocol, wall, evaluate, fingerprint,
+                                             compile))
 
 
 def read_metrics(path: str) -> dict:
@@ -256,13 +268,14 @@ def other_model_results(out_dir: str, fingerprint: str) -> str | None:
 
 
 def _write_evaluation(out_dir: str, tag: str, images: np.ndarray, labels: np.ndarray, protocol: Protocol,
-                      wall: float, evaluate=None, fingerprint: str | None = None) -> dict:
+                      wall: float, evaluate=None, fingerprint: str | None = None, compiled: bool = False) -> dict:
     metrics_path = os.path.join(out_dir, f"{tag}_metrics.json")
     adm.save_samples_npz(os.path.join(out_dir, f"{tag}.npz"), images, labels)
     order = np.argsort(labels[:100] if len(labels) >= 100 else labels, kind="stable")
     save_grid(os.path.join(out_dir, f"{tag}.png"), images[:100][order])
     result = (evaluate or testbed_metrics)(images, labels)
-    result.update({"protocol": asdict(protocol), "model_sha256": fingerprint, "sampling_seconds": wall})
+    result.update({"protocol": asdict(protocol), "model_sha256": fingerprint, "sampling_seconds": wall,
+                   "compiled": bool(compiled)})
     atomic_write_json(metrics_path, result)
     return result
 

@@ -81,7 +81,7 @@ def frames_side_by_side(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: int = 100, device="cpu",
              rank: int = 0, world: int = 1, decode=None, progress: bool = False,
-             raw: bool = False, captions=None) -> tuple[np.ndarray, np.ndarray]:
+             raw: bool = False, captions=None, compile: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Samples as uint8 NHWC with their labels. ``decode`` maps model-space samples to [-1, 1] images
     (e.g. a VAE decoder for latent models, see ``decoding``); the testbed is in pixel space and needs none.
     ``raw=True`` returns the model-space samples themselves (float32 NCHW, no decoding): synthetic training data.
@@ -89,7 +89,8 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
     Class-conditional models: sample i has class i % num_classes (its label). Caption-conditioned models (PixArt)
     need ``captions`` (see ``caption_set``; the protocol's caption set is the caption file the model was grafted
     on, i.e. the run's training data): sample i takes caption i % n and its label is that caption's index;
-    guidance (cfg > 1) uses the stored negative prompt."""
+    guidance (cfg > 1) uses the stored negative prompt. ``compile``: sample through the family's compiled forward
+    (``diffusion.samplers``; compiled once, reused by every batch)."""
     from tqdm import tqdm
 
     from ditgraft.utils import check_seed
@@ -112,7 +113,7 @@ def generate(model, num: int, cfg: SamplingConfig, seed: int = 0, batch_size: in
         y = family.protocol_cond(model, rows, device, captions)
         null = None if negative is None else tuple(n.expand(len(rows), *n.shape[1:]).to(device) for n in negative)
         g = torch.Generator().manual_seed(seed * 100_003 + b)
-        x = sample(model, y, (len(rows), *shape), cfg, generator=g, null_cond=null)
+        x = sample(model, y, (len(rows), *shape), cfg, generator=g, null_cond=null, compile=compile)
         if raw:
             images.append(x.cpu().numpy().astype(np.float32))
         else:

@@ -59,7 +59,8 @@ def compare_with_baseline(sweep: Sweep, sweep_dir: str, device=None, log=print) 
         res = decision_eval(model, os.path.join(d, "eval"), e.seeds, protocol, against=base_model,
                             against_dir=os.path.join(point_dir(sweep_dir, b), "eval"), tag="grafted",
                             against_tag="grafted", targets=Targets(e.target_ratio, e.target_gap),
-                            resamples=e.resamples, device=dev, progress=False, name="sweep_baseline")
+                            resamples=e.resamples, device=dev, progress=False, name="sweep_baseline",
+                            hooks={"compile": True} if e.compile else None)
         atomic_write_json(out, {**res, "against_point": b})
 
 

@@ -206,7 +206,8 @@ def _restructure_baseline_wanted(name: str) -> Callable[[Run], bool]:
 def _evaluate(r: Run) -> None:
     out, ev = r.path("eval"), r.recipe.eval
     hooks = eval_hooks(r.teacher, vae=ev.vae, features=ev.features, reference=ev.reference,
-                       inception_weights=ev.inception_weights, device=r.device, captions=eval_captions(r.recipe))
+                       inception_weights=ev.inception_weights, device=r.device, captions=eval_captions(r.recipe),
+                       compile=ev.compile)
     student, _ = load_grafted(r.path("student.safetensors"), r.device)
     r.evals["grafted"] = r.timed("eval", lambda: sample_and_evaluate(student, out, r.protocol, r.device, r.progress,
                                                                       tag="grafted", **hooks))
@@ -358,6 +359,8 @@ def check_supported(recipe: Recipe, teacher) -> None:
         return
     family.require("eval", "eval.enabled")
     check_sampler(teacher, e.sampler, "eval.sampler")
+    if e.compile:
+        family.require("compile", "eval.compile")
     if family.conditioning == "caption":
         if e.features == "testbed":
             raise ValueError(f"eval.features='testbed' does not apply to the {family.name} family (the testbed "

@@ -97,13 +97,18 @@ def diffusers_architecture(source: str) -> nn.Module | None:
         return family.build({k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def model_call(model: nn.Module):
+def model_call(model: nn.Module, compiled: bool = False):
     """``fn(x, t, cond)`` calling ``model`` (or its DDP wrapper) the way its family needs: ditgraft's model-fn
-    convention for the diffusion code."""
+    convention for the diffusion code. ``compiled``: through the family's compiled forward
+    (``Family.compiled_forward``), refused in one line for a family that does not support it."""
     family = family_of(model)
+    forward = family.forward
+    if compiled:
+        family.require("compile", "compiled sampling")
+        forward = family.compiled_forward()
 
     def fn(x, t, y):
-        return family.forward(model, x, t, y)
+        return forward(model, x, t, y)
 
     return fn
 

@@ -6,8 +6,8 @@ learns its variance, the objective it was trained with (``objective``: IDDPM or 
 noising, stage 2's loss and the sampler take), how to count its FLOPs and how to save and rebuild its config.
 Everything else in ditgraft (stage 1, stage 2, sampling, evaluation, the locality analysis, restructuring, FLOP
 accounting, the grafted-model loader) reaches a model through its family. A family declares in ``supports`` which
-of sampling, evaluation, analysis and restructuring it takes part in; asking for another is refused in one line
-(``require``) before any work.
+of sampling, evaluation, analysis, restructuring and compiled sampling it takes part in; asking for another is
+refused in one line (``require``) before any work.
 
 Conditioning (``cond``) is one tensor (class labels) or a tuple of tensors with the batch first (caption
 embeddings and their mask); ``cond_tuple`` / ``cond_cat`` / ``cond_rows`` treat both alike.
@@ -100,7 +100,7 @@ class SlotAdapter(nn.Module):
         return self.op(hidden_states, grid=self.grid_for(hidden_states.shape[1]))
 
 
-FEATURES = ("sample", "eval", "analysis", "restructure")  # what a family can declare in ``supports``
+FEATURES = ("sample", "eval", "analysis", "restructure", "compile")  # what a family can declare in ``supports``
 
 
 class Family:
@@ -109,7 +109,8 @@ class Family:
     name: str = ""
     # what ditgraft can do with the family's models beyond grafting (stage 1 and 2): ``sample`` and ``eval``
     # (protocol sampling and metrics), ``analysis`` (the attention-locality protocol), ``restructure`` (parallel
-    # pairs and dropped blocks, which rebuild the block list)
+    # pairs and dropped blocks, which rebuild the block list), ``compile`` (sampling through ``compiled_forward``;
+    # declared where a test has compared compiled and eager samples)
     supports: frozenset[str] = frozenset({"sample", "eval", "analysis"})
     # what a protocol sample is conditioned on: "class" (labels i % num_classes) or "caption" (caption i % n of a
     # caption set: embeddings and mask)
@@ -248,6 +249,18 @@ class Family:
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """The model output [B, out_channels, H, W] for noised input ``x``, timesteps ``t`` (0..999), ``cond``."""
         raise NotImplementedError
+
+    def compiled_forward(self):
+        """``forward`` compiled by torch.compile, for sampling (``supports`` has "compile"). One compiled function per
+        family and process, created on first use; the model is its first argument, so torch's guards tell models
+        apart: the first call for a model structure and input shape compiles (tens of seconds on a CPU), every later
+        one (each batch and seed of a protocol, another model of the same structure) reuses it. torch compiles one
+        function for at most ``torch._dynamo.config.recompile_limit`` (8) structures and shapes; beyond that it runs
+        the forward eagerly (the same samples, at eager speed). A family that only compiles part of its model
+        overrides this."""
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(self.forward)
+        return self._compiled
 
     def null_cond(self, model: nn.Module, cond):
         """The unconditional ``cond`` for classifier-free guidance (same batch as ``cond``)."""

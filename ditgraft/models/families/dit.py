@@ -14,7 +14,7 @@ from ditgraft.models.families.base import Family, ModelDims, cond_tuple, unwrap
 
 class DiTFamily(Family):
     name = "dit"
-    supports = frozenset({"sample", "eval", "analysis", "restructure"})
+    supports = frozenset({"sample", "eval", "analysis", "restructure", "compile"})
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, DiT) or (hasattr(model, "blocks") and hasattr(model, "grid")
