@@ -97,6 +97,40 @@ def test_backward_mode_runs_and_triples_flops(fake_time):
     assert rows[1]["gflops"] == pytest.approx(3 * operator_flops("hyena_x", 64, 4, (8, 8)) / 1e9)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_matmul_limit_column(fake_time, monkeypatch, backward):
+    """The limit is the reference matmul's FLOPs / its median time in the same run; each operator's share is its
+    GFLOP/s over that."""
+    real = bops.matmul_limit_call
+    seen = {}
+
+    def slow_limit(rows, dim, bwd, *args):
+        call, flops = real(rows, dim, bwd, *args)
+        seen.update(rows=rows, dim=dim, backward=bwd, flops=flops)
+
+        def timed():
+            call()
+            fake_time.now += 0.002
+        return timed, flops
+    monkeypatch.setattr(bops, "matmul_limit_call", slow_limit)
+    rows = bops.bench_ops(64, 64, 4, ["hyena_x"], batch=2, backward=backward, repeats=3, warmup=1, clock=fake_time)
+    assert seen["rows"] == 2 * 64 and seen["dim"] == 64 and seen["backward"] is backward
+    assert seen["flops"] == 2 * 128 * 64 * 192 * (3 if backward else 1)
+    limit = seen["flops"] / 1e9 / 0.002
+    for r in rows:
+        assert r["limit_gflop_per_s"] == pytest.approx(limit)
+        assert r["limit_share"] == pytest.approx(r["gflop_per_s"] / limit)
+    table = format_table(rows)
+    assert "matmul limit GFLOP/s" in table and "share of limit" in table
+    assert not any(r["operator"] == bops.LIMIT for r in rows)  # the reference matmul is a column, not a row
+
+
+def test_matmul_limit_call_computes_the_products():
+    call, flops = bops.matmul_limit_call(8, 4, True, torch.device("cpu"), torch.float32, torch.Generator())
+    call()
+    assert flops == 3 * 2 * 8 * 4 * 12
+
+
 def test_broken_operator_gets_error_row_not_crash():
     rows = bops.bench_ops(32, 16, 2, ["swa", "hyena_x"], repeats=1, warmup=0, options={"swa": {"window": -1}})
     by = {r["operator"]: r for r in rows}

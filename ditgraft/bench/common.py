@@ -200,6 +200,8 @@ COLUMNS = (
     ("teacher_ms", "teacher ms", "{:.1f}"),
     ("candidate_ms", "candidate ms", "{:.1f}"),
     ("gflop_per_s", "GFLOP/s", "{:.1f}"),
+    ("limit_gflop_per_s", "matmul limit GFLOP/s", "{:.1f}"),
+    ("limit_share", "share of limit", "{:.0%}"),
     ("speedup", "speed-up", "{:.2f}x"),
     ("flop_speedup", "FLOP-bound speed-up", "{:.2f}x"),
     ("efficiency", "efficiency", "{:.0%}"),
