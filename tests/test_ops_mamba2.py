@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ditgraft.operators.common import TapConvTokens, reference_conv_tokens
-from ditgraft.operators.mamba2 import SSDChunkScan, decayed_cumsum_, ssd_chunked, ssd_reference
+from ditgraft.operators.mamba2 import (GatedRMSNorm, GatedRMSNormFunction, SSDChunkScan, decayed_cumsum_, ssd_chunked,
+                                      ssd_reference)
 from ditgraft.operators.registry import build_operator, get_spec, operator_flops
 
 TOL = 3e-5  # fp32 (fp64 depthwise convs are ~1000x slower on CPU torch); real bugs give O(1) errors
@@ -216,6 +217,20 @@ def test_gated_norm_matches_mamba_ssm_formula():
     g = (y * F.silu(z)).reshape(3, 2, 16)
     want = (g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)).reshape(3, 32) * op.norm.weight
     torch.testing.assert_close(op.norm(y, z), want)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_gated_norm_matches_formula_and_gradcheck(groups):
+    """GatedRMSNormFunction (the fast path's norm): output and gradients of y, z and weight, in float64."""
+    g = torch.Generator().manual_seed(groups)
+    y, z = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(8, generator=g, dtype=torch.float64)
+    norm = GatedRMSNorm(8, 8 // groups).double()
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    torch.testing.assert_close(norm(y, z, fused=True), norm(y, z, fused=False))
+    inputs = tuple(t.clone().requires_grad_() for t in (y, z, w))
+    assert torch.autograd.gradcheck(lambda *t: GatedRMSNormFunction.apply(*t, 8 // groups, 1e-5), inputs)
 
 
 # ----------------------------------------------------------------------------------------------- mamba_ssm fidelity

@@ -276,8 +276,51 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int):
     return y[:, :L]
 
 
+class GatedRMSNormFunction(torch.autograd.Function):
+    """``GatedRMSNorm``'s fused path: out = rms_norm_groups(y * silu(z)) * weight, with its own backward.
+
+    With g = y silu(z), r = (mean_group g^2 + eps)^(-1/2) per token and group, and t = dout * weight:
+
+        dg = r t - g r^3 mean_group(g t),   dy = dg silu(z),   dz = dg y silu'(z),   dweight = sum_tokens dout g r
+
+    Saves y, z, silu(z) and g; r is recomputed in the backward (one pass)."""
+
+    @staticmethod
+    def forward(ctx, y, z, weight, group_size: int, eps: float):
+        sz = F.silu(z)
+        g = y * sz
+        gv = g.unflatten(-1, (-1, group_size))
+        if gv.shape[-2] == 1:  # one group: the weight goes into the fused norm
+            out = F.rms_norm(gv, (group_size,), weight, eps=eps).flatten(-2)
+        else:
+            out = F.rms_norm(gv, (group_size,), eps=eps).flatten(-2).mul_(weight)
+        ctx.save_for_backward(y, z, sz, g, weight)
+        ctx.group_size, ctx.eps = group_size, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, sz, g, weight = ctx.saved_tensors
+        gs = ctx.group_size
+        gv = g.unflatten(-1, (-1, gs))
+        r = torch.linalg.vecdot(gv, gv).div_(gs).add_(ctx.eps).rsqrt_()  # [..., G]
+        dweight = None
+        if ctx.needs_input_grad[2]:
+            dog = (dout * g).unflatten(-1, (-1, gs))
+            dweight = torch.einsum("...g,...gc->gc", r, dog).flatten()
+            del dog
+        tv = (dout * weight).unflatten(-1, (-1, gs))
+        coef = torch.linalg.vecdot(gv, tv).mul_(r.pow(3)).div_(-gs)  # -r^3 mean_group(g t)
+        dg = tv.mul_(r[..., None]).addcmul_(gv, coef[..., None]).flatten(-2)
+        dy = dg * sz if ctx.needs_input_grad[0] else None
+        dz = torch.ops.aten.silu_backward(dg.mul_(y), z) if ctx.needs_input_grad[1] else None
+        return dy, dz, dweight, None, None
+
+
 class GatedRMSNorm(nn.Module):
-    """mamba_ssm ``RMSNormGated`` with norm_before_gate=False: RMS-normalise ``y * silu(z)`` in groups, times weight."""
+    """mamba_ssm ``RMSNormGated`` with norm_before_gate=False: RMS-normalise ``y * silu(z)`` in groups, times weight.
+    ``fused=True`` runs ``GatedRMSNormFunction`` (same numbers, fewer passes over the activations); the default is
+    the plain formula with autograd."""
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
         super().__init__()
@@ -287,12 +330,10 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        y = y * F.silu(z)
-        g = y.unflatten(-1, (-1, self.group_size))
         if fused:
-            g = F.rms_norm(g, (self.group_size,), eps=self.eps)
-        else:
-            g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+            return GatedRMSNormFunction.apply(y, z, self.weight.to(y.dtype), self.group_size, self.eps)
+        g = (y * F.silu(z)).unflatten(-1, (-1, self.group_size))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return g.flatten(-2) * self.weight
 
 
