@@ -108,17 +108,31 @@ def test_chunked_scan_every_gradient_matches_recurrence(b, L, H, P, G, n, chunk,
         torch.testing.assert_close(a, ref, msg=lambda m: f"{name}: {m}")
 
 
-def test_scan_function_passes_gradcheck():
-    """SSDChunkScan's hand-written backward against finite differences (float64, decays away from the clamp)."""
+@pytest.mark.parametrize("with_d", [True, False])
+def test_scan_function_passes_gradcheck(with_d):
+    """SSDChunkScan's hand-written backward against finite differences (float64, decays away from the clamp), with
+    and without the D skip; dt and a_cum are independent inputs here (the block derives a_cum from dt)."""
     b, L, H, P, G, n, Q = 1, 12, 4, 2, 2, 3, 4
     g = torch.Generator().manual_seed(7)
-    xd = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    x = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, L, H, generator=g, dtype=torch.float64) + 0.1
     step = -torch.rand(b, G, H // G, L // Q, Q, generator=g, dtype=torch.float64) - 0.05
     a_cum = step.cumsum(-1)
     B = torch.randn(b, L, G, n, generator=g, dtype=torch.float64)
     C = torch.randn(b, L, G, n, generator=g, dtype=torch.float64)
-    inputs = tuple(t.requires_grad_() for t in (xd, a_cum, B, C))
-    assert torch.autograd.gradcheck(lambda *t: SSDChunkScan.apply(*t, Q), inputs)
+    D = torch.randn(H, generator=g, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, dt, a_cum, B, C) + ((D,) if with_d else ()))
+    if with_d:
+        assert torch.autograd.gradcheck(lambda *t: SSDChunkScan.apply(*t, Q), inputs)
+    else:
+        assert torch.autograd.gradcheck(lambda *t: SSDChunkScan.apply(*t, None, Q), inputs)
+
+
+def test_chunked_scan_d_skip_adds_d_times_x():
+    x, dt, A, B, C = ssd_inputs(L=13)
+    D = torch.randn(x.shape[2], dtype=x.dtype)
+    torch.testing.assert_close(ssd_chunked(x, dt, A, B, C, 4, D=D),
+                               ssd_reference(x, dt, A, B, C) + x * D[:, None])
 
 
 @pytest.mark.parametrize("left", [0, 1, 3])
