@@ -4,8 +4,10 @@
 for self-grafting. ``impl="sdpa"`` is the fast path (torch scaled_dot_product_attention); ``impl="reference"``
 is the plain softmax(QK^T / sqrt(d)) V that tests compare it with.
 
-``tiled_attention`` is the shared fast path of the local operators (swa, local2d, clear in local_attention.py):
-softmax attention under a sparse pattern, computed tile by tile so no N x N tensor is ever built.
+``tiled_attention`` is softmax attention under a sparse pattern, computed tile by tile so no N x N tensor is ever
+built (plain autograd). ``tiled_attention_packed`` computes the same from the packed qkv projection with its own
+backward (``TiledAttention``): the shared fast path of the local operators (swa, local2d, clear in
+local_attention.py).
 """
 from __future__ import annotations
 
@@ -112,3 +114,75 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Til
     scores = scores.mul_(d ** -0.5).masked_fill_(plan.blocked, float("-inf"))
     out = (scores.softmax(dim=-1) @ vt).view(B, h, T * Q, d)
     return out[:, :, :N] if plan.raster else out.index_select(2, plan.inv)
+
+
+class TiledAttention(torch.autograd.Function):
+    """``tiled_attention`` on the packed qkv [B, N, 3D] -> [B, N, D] (heads merged), with its own backward.
+
+    Forward, per tile: q_t (gathered, times d^-1/2), k_t, v_t (gathered keys); p = softmax(q_t k_t^T, blocked = -inf);
+    o_t = p v_t. Backward, given do_t (the output gradient gathered into tile slots; zero in the padding slots, whose
+    outputs the forward dropped):
+
+        dv_t = p^T do_t,   ds = p * (do_t v_t^T - rowsum(do_t * o_t)),   dq_t = d^-1/2 ds k_t,   dk_t = ds^T q_t
+
+    then dq is read back from each token's one real slot and dk, dv are summed over the tiles that gathered each key.
+    The gradients land in one packed [B, N, 3, heads, d] buffer, the layout of the qkv projection's output, so nothing
+    is stacked or re-laid out afterwards. Saves the gathered q_t, k_t, v_t, p and the output; the softmax runs in place
+on the scores, since every activation-sized temporary is a fresh allocation whose page faults cost more on CPU than
+the arithmetic that fills it."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, plan: TilePlan):
+        B, N, three_d = qkv.shape
+        d = three_d // (3 * heads)
+        T, Q = plan.q_idx.shape
+        K = plan.k_idx.shape[1]
+        q, k, v = (qkv.view(B, N, 3, heads, d)[:, :, i].transpose(1, 2) for i in range(3))  # [B, h, N, d] views
+        qt = q.index_select(2, plan.q_idx.flatten()).view(B, heads, T, Q, d).mul_(d ** -0.5)
+        kt = k.index_select(2, plan.k_idx.flatten()).view(B, heads, T, K, d)
+        vt = v.index_select(2, plan.k_idx.flatten()).view(B, heads, T, K, d)
+        p = torch.matmul(qt, kt.transpose(-2, -1)).masked_fill_(plan.blocked, float("-inf"))
+        p = _softmax_(p)
+        out = (p @ vt).view(B, heads, T * Q, d).transpose(1, 2).index_select(1, plan.inv)  # [B, N, h, d]
+        ctx.save_for_backward(qt, kt, vt, p, out)
+        ctx.plan, ctx.shape = plan, (B, N, heads, d)
+        return out.view(B, N, heads * d)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qt, kt, vt, p, out = ctx.saved_tensors
+        plan = ctx.plan
+        B, N, heads, d = ctx.shape
+        T, Q = plan.q_idx.shape
+        K = plan.k_idx.shape[1]
+        do = dout.reshape(B, N, heads, d)
+        dot = dout.new_zeros(B, heads, T * Q, d)  # padding slots stay zero
+        dot.index_copy_(2, plan.inv, do.transpose(1, 2))
+        dot = dot.view(B, heads, T, Q, d)
+        # rowsum(do_t * o_t) = rowsum(dp * p), per token and head from the merged output, then into tile slots
+        delta = dout.new_zeros(B, heads, T * Q)
+        delta.index_copy_(2, plan.inv, torch.einsum("bnhd,bnhd->bhn", do, out))
+        dvt = p.transpose(-2, -1) @ dot
+        ds = torch.matmul(dot, vt.transpose(-2, -1)).sub_(delta.view(B, heads, T, Q, 1)).mul_(p)  # [B, h, T, Q, K]
+        dqt = (ds @ kt).mul_(d ** -0.5)
+        dkt = ds.transpose(-2, -1) @ qt
+        del ds
+        dqkv = dout.new_empty(B, N, 3, heads, d)
+        dqkv[:, :, 0] = dqt.view(B, heads, T * Q, d).transpose(1, 2).index_select(1, plan.inv)
+        for i, grad in ((1, dkt), (2, dvt)):
+            acc = dout.new_zeros(B, heads, N, d).index_add_(2, plan.k_idx.flatten(), grad.view(B, heads, T * K, d))
+            dqkv[:, :, i] = acc.transpose(1, 2)
+        return dqkv.view(B, N, 3 * heads * d), None, None
+
+
+def _softmax_(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, in place (rows hold at least one finite score). No autograd."""
+    s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+    return s.div_(s.sum(dim=-1, keepdim=True))
+
+
+def tiled_attention_packed(qkv: torch.Tensor, heads: int, plan: TilePlan) -> torch.Tensor:
+    """Packed q, k, v [B, N, 3D] (the qkv projection's output) -> attention output [B, N, D] (heads merged), where
+    query i only sees the keys the plan allows. Same result as ``tiled_attention`` on ``split_heads(qkv, heads)``,
+    merged; its backward is ``TiledAttention``'s."""
+    return TiledAttention.apply(qkv, heads, plan)

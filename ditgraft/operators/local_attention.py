@@ -12,7 +12,7 @@ Three patterns, one machinery:
 Each operator has two paths that give the same numbers:
 ``impl="reference"`` builds the dense [N, N] boolean mask and calls ``reference_attention``;
 ``impl="tiled"`` cuts the grid into tiles of queries, gathers for each tile the small rectangle of keys that covers
-all its queries' windows, and runs ``tiled_attention`` (O(N * tile keys) memory, no N x N tensor).
+all its queries' windows, and runs ``tiled_attention_packed`` (O(N * tile keys) memory, no N x N tensor).
 ``impl="auto"`` (default) takes the tiled path when N >= ``TILED_MIN_TOKENS`` (1024) and the reference below it,
 where the dense mask is tiny and one big matmul is as fast.
 
@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention
+from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention_packed
 from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
 from ditgraft.operators.registry import register
 
@@ -162,14 +162,13 @@ class _LocalAttention(nn.Module):
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
         grid = _check_grid(grid or self.grid, N)
-        q, k, v = split_heads(qkv, self.heads)
         impl = self.impl
         if impl == "auto":
             impl = "tiled" if N >= TILED_MIN_TOKENS else "reference"
         if impl == "tiled":
-            out = tiled_attention(q, k, v, self.plan(grid, qkv.device))
-        else:
-            out = reference_attention(q, k, v, self.mask(grid, qkv.device))
+            return tiled_attention_packed(qkv, self.heads, self.plan(grid, qkv.device))
+        q, k, v = split_heads(qkv, self.heads)
+        out = reference_attention(q, k, v, self.mask(grid, qkv.device))
         return out.transpose(1, 2).reshape(B, N, self.dim)
 
 
