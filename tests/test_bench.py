@@ -316,3 +316,18 @@ def test_parse_options():
         "swa": {"window": 8, "impl": "tiled"}, "hyena_x": {"direction": "2d"}, "mamba2": {"chunk_size": 32}}
     with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
         parse_options(["window=8"])
+
+
+def test_retain_memory_is_recorded_in_the_environment():
+    """--retain-memory changes the allocator of the whole process, so it runs in a child process here."""
+    import subprocess
+    import sys
+
+    from ditgraft.bench.common import environment
+
+    assert environment(torch.device("cpu"))["malloc"] == "default"
+    code = ("import torch; from ditgraft.bench.common import environment, retain_freed_memory; "
+            "ok = retain_freed_memory(); print(ok, environment(torch.device('cpu'))['malloc'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out in (["True", "retain"], ["False", "default"])
+    assert _parse(["bench", "ops", "--retain-memory"]).retain_memory is True
