@@ -306,12 +306,16 @@ def test_flops_count_the_allowed_pairs():
     assert operator_flops("swa", dim, heads, (16, 16)) == proj(n) + 4 * (n * 9 - 20) * dim
 
 
+@pytest.mark.parametrize("slab_scores", [1, 100, 1 << 20])  # one tile per slab, a few, all tiles in one slab
 @pytest.mark.parametrize("grid,tile", [((5, 7), 3), ((4, 4), 2)])
-def test_packed_tiled_attention_matches_split_and_gradcheck(grid, tile):
-    """TiledAttention (packed qkv in, merged heads out, own backward) against tiled_attention on split heads, with
-    padded tiles on the 5 x 7 grid; float64 gradcheck of its backward."""
+def test_packed_tiled_attention_matches_split_and_gradcheck(grid, tile, slab_scores, monkeypatch):
+    """TiledAttention (packed qkv in, merged heads out, own backward, tiles in slabs) against tiled_attention on split
+    heads, with padded tiles on the 5 x 7 grid; float64 gradcheck of its backward."""
+    from ditgraft.operators import attention as att
     from ditgraft.operators.attention import TiledAttention, tiled_attention, tiled_attention_packed
     from ditgraft.operators.common import split_heads
+
+    monkeypatch.setattr(att, "TILE_SLAB_SCORES", slab_scores)
 
     op = Local2D(8, 2, grid, kernel_size=3, tile=tile)
     plan = op.plan(grid, "cpu")

@@ -116,6 +116,30 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Til
     return out[:, :, :N] if plan.raster else out.index_select(2, plan.inv)
 
 
+# Tiles are processed a slab at a time, with about this many attention scores per slab (4 MiB in fp32): the gathered
+# keys, values and scores of a slab stay in cache and under the size from which glibc's malloc maps (and page-faults)
+# every allocation afresh.
+TILE_SLAB_SCORES = 1 << 20
+
+
+def _tile_slabs(plan: TilePlan, scores_per_tile: int) -> list[slice]:
+    T = plan.q_idx.shape[0]
+    step = max(1, TILE_SLAB_SCORES // scores_per_tile)
+    return [slice(t, min(t + step, T)) for t in range(0, T, step)]
+
+
+def _slab_probs(q, k, v, plan: TilePlan, sl: slice):
+    """Gathered q_t (times d^-1/2), k_t, v_t and the probabilities p of the tiles in ``sl``: [B, h, tiles, ., .]."""
+    B, h, _, d = q.shape
+    n, Q = plan.q_idx[sl].shape
+    K = plan.k_idx.shape[1]
+    qt = q.index_select(2, plan.q_idx[sl].flatten()).view(B, h, n, Q, d).mul_(d ** -0.5)
+    kt = k.index_select(2, plan.k_idx[sl].flatten()).view(B, h, n, K, d)
+    vt = v.index_select(2, plan.k_idx[sl].flatten()).view(B, h, n, K, d)
+    p = _softmax_(torch.matmul(qt, kt.transpose(-2, -1)).masked_fill_(plan.blocked[sl], float("-inf")))
+    return qt, kt, vt, p
+
+
 class TiledAttention(torch.autograd.Function):
     """``tiled_attention`` on the packed qkv [B, N, 3D] -> [B, N, D] (heads merged), with its own backward.
 
@@ -126,10 +150,11 @@ class TiledAttention(torch.autograd.Function):
         dv_t = p^T do_t,   ds = p * (do_t v_t^T - rowsum(do_t * o_t)),   dq_t = d^-1/2 ds k_t,   dk_t = ds^T q_t
 
     then dq is read back from each token's one real slot and dk, dv are summed over the tiles that gathered each key.
-    The gradients land in one packed [B, N, 3, heads, d] buffer, the layout of the qkv projection's output, so nothing
-    is stacked or re-laid out afterwards. Saves the gathered q_t, k_t, v_t, p and the output; the softmax runs in place
-on the scores, since every activation-sized temporary is a fresh allocation whose page faults cost more on CPU than
-the arithmetic that fills it."""
+    Tiles run a slab at a time (``TILE_SLAB_SCORES``) and the backward recomputes each slab's gathers and p instead
+    of saving them (as flash attention does): only qkv and the output are saved, so no tensor of the size of all
+    gathered keys or all scores is ever allocated (on CPU each such allocation page-faults its memory in again, which
+    costs more than the extra q_t k_t^T product). The gradients land in one packed [B, N, 3, heads, d] buffer, the
+    layout of the qkv projection's output, so nothing is stacked or re-laid out afterwards."""
 
     @staticmethod
     def forward(ctx, qkv, heads: int, plan: TilePlan):
@@ -138,41 +163,45 @@ the arithmetic that fills it."""
         T, Q = plan.q_idx.shape
         K = plan.k_idx.shape[1]
         q, k, v = (qkv.view(B, N, 3, heads, d)[:, :, i].transpose(1, 2) for i in range(3))  # [B, h, N, d] views
-        qt = q.index_select(2, plan.q_idx.flatten()).view(B, heads, T, Q, d).mul_(d ** -0.5)
-        kt = k.index_select(2, plan.k_idx.flatten()).view(B, heads, T, K, d)
-        vt = v.index_select(2, plan.k_idx.flatten()).view(B, heads, T, K, d)
-        p = torch.matmul(qt, kt.transpose(-2, -1)).masked_fill_(plan.blocked, float("-inf"))
-        p = _softmax_(p)
-        out = (p @ vt).view(B, heads, T * Q, d).transpose(1, 2).index_select(1, plan.inv)  # [B, N, h, d]
-        ctx.save_for_backward(qt, kt, vt, p, out)
-        ctx.plan, ctx.shape = plan, (B, N, heads, d)
+        ot = qkv.new_empty(B, heads, T, Q, d)
+        for sl in _tile_slabs(plan, B * heads * Q * K):
+            _, _, vt, p = _slab_probs(q, k, v, plan, sl)
+            ot[:, :, sl] = p @ vt
+        out = ot.view(B, heads, T * Q, d).transpose(1, 2).index_select(1, plan.inv)  # [B, N, h, d]
+        ctx.save_for_backward(qkv, out)
+        ctx.plan, ctx.heads = plan, heads
         return out.view(B, N, heads * d)
 
     @staticmethod
     def backward(ctx, dout):
-        qt, kt, vt, p, out = ctx.saved_tensors
-        plan = ctx.plan
-        B, N, heads, d = ctx.shape
+        qkv, out = ctx.saved_tensors
+        plan, heads = ctx.plan, ctx.heads
+        B, N, h, d = out.shape
         T, Q = plan.q_idx.shape
         K = plan.k_idx.shape[1]
-        do = dout.reshape(B, N, heads, d)
-        dot = dout.new_zeros(B, heads, T * Q, d)  # padding slots stay zero
+        q, k, v = (qkv.view(B, N, 3, h, d)[:, :, i].transpose(1, 2) for i in range(3))
+        do = dout.reshape(B, N, h, d)
+        dot = dout.new_zeros(B, h, T * Q, d)  # the output gradient in tile slots; padding slots stay zero
         dot.index_copy_(2, plan.inv, do.transpose(1, 2))
-        dot = dot.view(B, heads, T, Q, d)
+        dot = dot.view(B, h, T, Q, d)
         # rowsum(do_t * o_t) = rowsum(dp * p), per token and head from the merged output, then into tile slots
-        delta = dout.new_zeros(B, heads, T * Q)
+        delta = dout.new_zeros(B, h, T * Q)
         delta.index_copy_(2, plan.inv, torch.einsum("bnhd,bnhd->bhn", do, out))
-        dvt = p.transpose(-2, -1) @ dot
-        ds = torch.matmul(dot, vt.transpose(-2, -1)).sub_(delta.view(B, heads, T, Q, 1)).mul_(p)  # [B, h, T, Q, K]
-        dqt = (ds @ kt).mul_(d ** -0.5)
-        dkt = ds.transpose(-2, -1) @ qt
-        del ds
-        dqkv = dout.new_empty(B, N, 3, heads, d)
-        dqkv[:, :, 0] = dqt.view(B, heads, T * Q, d).transpose(1, 2).index_select(1, plan.inv)
-        for i, grad in ((1, dkt), (2, dvt)):
-            acc = dout.new_zeros(B, heads, N, d).index_add_(2, plan.k_idx.flatten(), grad.view(B, heads, T * K, d))
-            dqkv[:, :, i] = acc.transpose(1, 2)
-        return dqkv.view(B, N, 3 * heads * d), None, None
+        delta = delta.view(B, h, T, Q, 1)
+        dqt = torch.empty_like(dot)
+        dk, dv = dout.new_zeros(B, h, N, d), dout.new_zeros(B, h, N, d)
+        for sl in _tile_slabs(plan, B * h * Q * K):
+            qt, kt, vt, p = _slab_probs(q, k, v, plan, sl)
+            keys = plan.k_idx[sl].flatten()
+            dv.index_add_(2, keys, (p.transpose(-2, -1) @ dot[:, :, sl]).flatten(2, 3))
+            ds = torch.matmul(dot[:, :, sl], vt.transpose(-2, -1)).sub_(delta[:, :, sl]).mul_(p)  # [B, h, n, Q, K]
+            dqt[:, :, sl] = ds @ kt
+            dk.index_add_(2, keys, (ds.transpose(-2, -1) @ qt).flatten(2, 3))
+        dqkv = dout.new_empty(B, N, 3, h, d)
+        dqkv[:, :, 0] = dqt.mul_(d ** -0.5).view(B, h, T * Q, d).transpose(1, 2).index_select(1, plan.inv)
+        dqkv[:, :, 1] = dk.transpose(1, 2)
+        dqkv[:, :, 2] = dv.transpose(1, 2)
+        return dqkv.view(B, N, 3 * h * d), None, None
 
 
 def _softmax_(s: torch.Tensor) -> torch.Tensor:
