@@ -309,8 +309,8 @@ def test_flops_count_the_allowed_pairs():
 @pytest.mark.parametrize("slab_scores", [1, 100, 1 << 20])  # one tile per slab, a few, all tiles in one slab
 @pytest.mark.parametrize("grid,tile", [((5, 7), 3), ((4, 4), 2)])
 def test_packed_tiled_attention_matches_split_and_gradcheck(grid, tile, slab_scores, monkeypatch):
-    """TiledAttention (packed qkv in, merged heads out, own backward, tiles in slabs) against tiled_attention on split
-    heads, with padded tiles on the 5 x 7 grid; float64 gradcheck of its backward."""
+    """TiledAttention (packed qkv in, merged heads out, own backward; tiles in slabs when no gradient is needed)
+    against tiled_attention on split heads, with padded tiles on the 5 x 7 grid; float64 gradcheck of its backward."""
     from ditgraft.operators import attention as att
     from ditgraft.operators.attention import TiledAttention, tiled_attention, tiled_attention_packed
     from ditgraft.operators.common import split_heads
@@ -322,5 +322,5 @@ def test_packed_tiled_attention_matches_split_and_gradcheck(grid, tile, slab_sco
     n = grid[0] * grid[1]
     qkv = torch.randn(2, n, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = tiled_attention(*split_heads(qkv, 2), plan).transpose(1, 2).reshape(2, n, 8)
-    torch.testing.assert_close(tiled_attention_packed(qkv, 2, plan), want)
+    torch.testing.assert_close(tiled_attention_packed(qkv, 2, plan), want)  # no gradient: tiles in slabs
     assert torch.autograd.gradcheck(lambda t: TiledAttention.apply(t, 2, plan), (qkv.requires_grad_(),))

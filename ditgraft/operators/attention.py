@@ -150,11 +150,12 @@ class TiledAttention(torch.autograd.Function):
         dv_t = p^T do_t,   ds = p * (do_t v_t^T - rowsum(do_t * o_t)),   dq_t = d^-1/2 ds k_t,   dk_t = ds^T q_t
 
     then dq is read back from each token's one real slot and dk, dv are summed over the tiles that gathered each key.
-    Tiles run a slab at a time (``TILE_SLAB_SCORES``) and the backward recomputes each slab's gathers and p instead
-    of saving them (as flash attention does): only qkv and the output are saved, so no tensor of the size of all
-    gathered keys or all scores is ever allocated (on CPU each such allocation page-faults its memory in again, which
-    costs more than the extra q_t k_t^T product). The gradients land in one packed [B, N, 3, heads, d] buffer, the
-    layout of the qkv projection's output, so nothing is stacked or re-laid out afterwards."""
+    Without gradients (inference) the tiles run a slab at a time (``TILE_SLAB_SCORES``) and nothing is kept: no
+    tensor of the size of all gathered keys or all scores is allocated (on CPU each such allocation page-faults its
+    memory in again, which costs more than the arithmetic on it). With gradients all tiles run at once and q_t, k_t,
+    v_t, p and the output are saved (recomputing them in the backward, as flash attention does, measured no faster
+    here). The gradients land in one packed [B, N, 3, heads, d] buffer, the layout of the qkv projection's output, so
+    nothing is stacked or re-laid out afterwards."""
 
     @staticmethod
     def forward(ctx, qkv, heads: int, plan: TilePlan):
@@ -163,23 +164,27 @@ class TiledAttention(torch.autograd.Function):
         T, Q = plan.q_idx.shape
         K = plan.k_idx.shape[1]
         q, k, v = (qkv.view(B, N, 3, heads, d)[:, :, i].transpose(1, 2) for i in range(3))  # [B, h, N, d] views
-        ot = qkv.new_empty(B, heads, T, Q, d)
-        for sl in _tile_slabs(plan, B * heads * Q * K):
-            _, _, vt, p = _slab_probs(q, k, v, plan, sl)
-            ot[:, :, sl] = p @ vt
+        if ctx.needs_input_grad[0]:
+            qt, kt, vt, p = _slab_probs(q, k, v, plan, slice(0, T))
+            ot = p @ vt
+        else:
+            ot = qkv.new_empty(B, heads, T, Q, d)
+            for sl in _tile_slabs(plan, B * heads * Q * K):
+                _, _, vt, p = _slab_probs(q, k, v, plan, sl)
+                ot[:, :, sl] = p @ vt
         out = ot.view(B, heads, T * Q, d).transpose(1, 2).index_select(1, plan.inv)  # [B, N, h, d]
-        ctx.save_for_backward(qkv, out)
-        ctx.plan, ctx.heads = plan, heads
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(qt, kt, vt, p, out)
+            ctx.plan = plan
         return out.view(B, N, heads * d)
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, out = ctx.saved_tensors
-        plan, heads = ctx.plan, ctx.heads
+        qt, kt, vt, p, out = ctx.saved_tensors
+        plan = ctx.plan
         B, N, h, d = out.shape
         T, Q = plan.q_idx.shape
         K = plan.k_idx.shape[1]
-        q, k, v = (qkv.view(B, N, 3, h, d)[:, :, i].transpose(1, 2) for i in range(3))
         do = dout.reshape(B, N, h, d)
         dot = dout.new_zeros(B, h, T * Q, d)  # the output gradient in tile slots; padding slots stay zero
         dot.index_copy_(2, plan.inv, do.transpose(1, 2))
@@ -187,20 +192,17 @@ class TiledAttention(torch.autograd.Function):
         # rowsum(do_t * o_t) = rowsum(dp * p), per token and head from the merged output, then into tile slots
         delta = dout.new_zeros(B, h, T * Q)
         delta.index_copy_(2, plan.inv, torch.einsum("bnhd,bnhd->bhn", do, out))
-        delta = delta.view(B, h, T, Q, 1)
-        dqt = torch.empty_like(dot)
-        dk, dv = dout.new_zeros(B, h, N, d), dout.new_zeros(B, h, N, d)
-        for sl in _tile_slabs(plan, B * h * Q * K):
-            qt, kt, vt, p = _slab_probs(q, k, v, plan, sl)
-            keys = plan.k_idx[sl].flatten()
-            dv.index_add_(2, keys, (p.transpose(-2, -1) @ dot[:, :, sl]).flatten(2, 3))
-            ds = torch.matmul(dot[:, :, sl], vt.transpose(-2, -1)).sub_(delta[:, :, sl]).mul_(p)  # [B, h, n, Q, K]
-            dqt[:, :, sl] = ds @ kt
-            dk.index_add_(2, keys, (ds.transpose(-2, -1) @ qt).flatten(2, 3))
+        keys = plan.k_idx.flatten()
         dqkv = dout.new_empty(B, N, 3, h, d)
-        dqkv[:, :, 0] = dqt.mul_(d ** -0.5).view(B, h, T * Q, d).transpose(1, 2).index_select(1, plan.inv)
-        dqkv[:, :, 1] = dk.transpose(1, 2)
-        dqkv[:, :, 2] = dv.transpose(1, 2)
+        dvt = (p.transpose(-2, -1) @ dot).view(B, h, T * K, d)
+        dqkv[:, :, 2] = dout.new_zeros(B, h, N, d).index_add_(2, keys, dvt).transpose(1, 2)
+        del dvt
+        ds = torch.matmul(dot, vt.transpose(-2, -1)).sub_(delta.view(B, h, T, Q, 1)).mul_(p)  # [B, h, T, Q, K]
+        dqt = (ds @ kt).mul_(d ** -0.5).view(B, h, T * Q, d)
+        dqkv[:, :, 0] = dqt.transpose(1, 2).index_select(1, plan.inv)
+        del dqt
+        dkt = (ds.transpose(-2, -1) @ qt).view(B, h, T * K, d)
+        dqkv[:, :, 1] = dout.new_zeros(B, h, N, d).index_add_(2, keys, dkt).transpose(1, 2)
         return dqkv.view(B, N, 3 * h * d), None, None
 
 
