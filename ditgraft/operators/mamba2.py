@@ -12,7 +12,7 @@ Block (mamba_ssm ``Mamba2`` with ``rmsnorm=True, norm_before_gate=False, D_has_h
 ``impl="reference"`` runs that recurrence token by token (slow, obviously correct; small N only) and the gated norm as
 written above. ``impl="fast"`` is the chunked SSD form (Mamba-2 paper, ``ssd_minimal``) with its own backward
 (``SSDChunkScan``, the structure of mamba_ssm's kernels), and the short conv as a sum over its taps with its own
-backward (``common.TapConvTokens``); the gated norm uses the fused ``F.rms_norm``.
+backward (``common.TapConvTokens``); the gated norm is ``GatedRMSNormFunction`` (same formula, own backward).
 
 Chunked scan, per head (A < 0, dt >= 0). The sequence is zero-padded to a multiple of the chunk size Q. With
 xd_t = dt_t x_t and, inside chunk k, a_l = sum_{r <= l in the chunk} dt_r A (so a is non-increasing), g_k = exp(a_last)
@@ -36,7 +36,8 @@ gradient of E_k; dS_k = G_{k+1}):
 The da line follows from the others: each exp(a_l - a_s), exp(a_l), e_s, g_k contributes (its gradient x its value)
 with + for a_l and - for a_s; summed over the products they scale, the + terms give dy_l . y_l and the - terms
 xd_s . dxd_s, and the terms in a_last (from e_s and g_k) give S_k + g_k E_k = E_{k+1}. Autograd then takes a back
-through the cumulative sum and the products dt A, dt x. Only the inputs, y and the chunk boundary states are saved;
+through the cumulative sum and the product dt A (xd = dt x and the D skip are inside the Function: dx = dt dxd + D dy,
+d dt = sum_P x dxd). Only the inputs, xd, y and the chunk boundary states are saved;
 the [Q, Q] blocks are recomputed.
 
 On a GPU, ``ssd_chunked`` is the one seam for a fused kernel (mamba_ssm's ``mamba_chunk_scan_combined`` takes the same
@@ -311,23 +312,23 @@ class GatedRMSNormFunction(torch.autograd.Function):
 
         dg = r t - g r^3 mean_group(g t),   dy = dg silu(z),   dz = dg y silu'(z),   dweight = sum_tokens dout g r
 
-    Saves y, z, silu(z), g and r. Every activation-sized temporary is a fresh allocation, which on CPU costs more
-    (page faults) than the arithmetic that fills it, so the sums run as batched products and products run in place."""
+    Saves y, z, g and r (silu(z) is recomputed in the backward, into dy's buffer). Every activation-sized temporary
+    is a fresh allocation, which on CPU costs more (page faults) than the arithmetic that fills it, so the sums run as
+    batched products and products run in place."""
 
     @staticmethod
     def forward(ctx, y, z, weight, group_size: int, eps: float):
-        sz = F.silu(z)
-        g = y * sz
+        g = F.silu(z).mul_(y)
         gv = g.unflatten(-1, (-1, group_size))
         r = torch.einsum("...c,...c->...", gv, gv).div_(group_size).add_(eps).rsqrt_()  # [..., G]
         out = (gv * r[..., None]).flatten(-2).mul_(weight)
-        ctx.save_for_backward(y, z, sz, g, r, weight)
+        ctx.save_for_backward(y, z, g, r, weight)
         ctx.group_size = group_size
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        y, z, sz, g, r, weight = ctx.saved_tensors
+        y, z, g, r, weight = ctx.saved_tensors
         gs = ctx.group_size
         gv = g.unflatten(-1, (-1, gs))
         buf = torch.empty_like(g)  # dout * g, then t = dout * weight, then dg, in one buffer
@@ -338,7 +339,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         tv = torch.mul(dout, weight, out=buf).unflatten(-1, (-1, gs))
         coef = torch.einsum("...c,...c->...", gv, tv).mul_(r.pow(3)).div_(-gs)  # -r^3 mean_group(g t)
         dg = tv.mul_(r[..., None]).addcmul_(gv, coef[..., None]).flatten(-2)
-        dy = dg * sz if ctx.needs_input_grad[0] else None
+        dy = F.silu(z).mul_(dg) if ctx.needs_input_grad[0] else None
         dz = torch.ops.aten.silu_backward(dg.mul_(y), z) if ctx.needs_input_grad[1] else None
         return dy, dz, dweight, None, None
 
