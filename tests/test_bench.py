@@ -97,6 +97,40 @@ def test_backward_mode_runs_and_triples_flops(fake_time):
     assert rows[1]["gflops"] == pytest.approx(3 * operator_flops("hyena_x", 64, 4, (8, 8)) / 1e9)
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_matmul_limit_column(fake_time, monkeypatch, backward):
+    """The limit is the reference matmul's FLOPs / its median time in the same run; each operator's share is its
+    GFLOP/s over that."""
+    real = bops.matmul_limit_call
+    seen = {}
+
+    def slow_limit(rows, dim, bwd, *args):
+        call, flops = real(rows, dim, bwd, *args)
+        seen.update(rows=rows, dim=dim, backward=bwd, flops=flops)
+
+        def timed():
+            call()
+            fake_time.now += 0.002
+        return timed, flops
+    monkeypatch.setattr(bops, "matmul_limit_call", slow_limit)
+    rows = bops.bench_ops(64, 64, 4, ["hyena_x"], batch=2, backward=backward, repeats=3, warmup=1, clock=fake_time)
+    assert seen["rows"] == 2 * 64 and seen["dim"] == 64 and seen["backward"] is backward
+    assert seen["flops"] == 2 * 128 * 64 * 192 * (3 if backward else 1)
+    limit = seen["flops"] / 1e9 / 0.002
+    for r in rows:
+        assert r["limit_gflop_per_s"] == pytest.approx(limit)
+        assert r["limit_share"] == pytest.approx(r["gflop_per_s"] / limit)
+    table = format_table(rows)
+    assert "matmul limit GFLOP/s" in table and "share of limit" in table
+    assert not any(r["operator"] == bops.LIMIT for r in rows)  # the reference matmul is a column, not a row
+
+
+def test_matmul_limit_call_computes_the_products():
+    call, flops = bops.matmul_limit_call(8, 4, True, torch.device("cpu"), torch.float32, torch.Generator())
+    call()
+    assert flops == 3 * 2 * 8 * 4 * 12
+
+
 def test_broken_operator_gets_error_row_not_crash():
     rows = bops.bench_ops(32, 16, 2, ["swa", "hyena_x"], repeats=1, warmup=0, options={"swa": {"window": -1}})
     by = {r["operator"]: r for r in rows}
@@ -344,3 +378,18 @@ def test_bench_sample_refuses_a_family_that_cannot_compile():
     pytest.importorskip("diffusers")
     with pytest.raises(ValueError, match="bench sample: the diffusers_dit family does not support compile"):
         bench_sample(TINY_FAMILIES["diffusers_dit"].build(depth=1, seed=0), batch=2, steps=1, repeats=1)
+
+
+def test_retain_memory_is_recorded_in_the_environment():
+    """--retain-memory changes the allocator of the whole process, so it runs in a child process here."""
+    import subprocess
+    import sys
+
+    from ditgraft.bench.common import environment
+
+    assert environment(torch.device("cpu"))["malloc"] == "default"
+    code = ("import torch; from ditgraft.bench.common import environment, retain_freed_memory; "
+            "ok = retain_freed_memory(); print(ok, environment(torch.device('cpu'))['malloc'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out in (["True", "retain"], ["False", "default"])
+    assert _parse(["bench", "ops", "--retain-memory"]).retain_memory is True

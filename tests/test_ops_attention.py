@@ -241,7 +241,8 @@ def test_auto_picks_tiled_from_threshold(monkeypatch):
 
     calls = []
     monkeypatch.setattr(la, "reference_attention", lambda *a: calls.append("ref") or att.reference_attention(*a))
-    monkeypatch.setattr(la, "tiled_attention", lambda *a: calls.append("tiled") or att.tiled_attention(*a))
+    monkeypatch.setattr(la, "tiled_attention_packed",
+                        lambda *a: calls.append("tiled") or att.tiled_attention_packed(*a))
     small, big = (8, 8), (32, 32)
     assert big[0] * big[1] >= la.TILED_MIN_TOKENS > small[0] * small[1]
     op = SWA(8, 2, small)
@@ -303,3 +304,23 @@ def test_flops_count_the_allowed_pairs():
     assert operator_flops("linear_attn", dim, heads, (16, 16), conv=3) == proj(n) + 4 * n * dim * (d + 1) + 18 * n * dim
     # DiT-XL/2 at 256 px: swa's attention core is 4 * (N*9 - 20) * D
     assert operator_flops("swa", dim, heads, (16, 16)) == proj(n) + 4 * (n * 9 - 20) * dim
+
+
+@pytest.mark.parametrize("slab_scores", [1, 100, 1 << 20])  # one tile per slab, a few, all tiles in one slab
+@pytest.mark.parametrize("grid,tile", [((5, 7), 3), ((4, 4), 2)])
+def test_packed_tiled_attention_matches_split_and_gradcheck(grid, tile, slab_scores, monkeypatch):
+    """TiledAttention (packed qkv in, merged heads out, own backward; tiles in slabs when no gradient is needed)
+    against tiled_attention on split heads, with padded tiles on the 5 x 7 grid; float64 gradcheck of its backward."""
+    from ditgraft.operators import attention as att
+    from ditgraft.operators.attention import TiledAttention, tiled_attention, tiled_attention_packed
+    from ditgraft.operators.common import split_heads
+
+    monkeypatch.setattr(att, "TILE_SLAB_SCORES", slab_scores)
+
+    op = Local2D(8, 2, grid, kernel_size=3, tile=tile)
+    plan = op.plan(grid, "cpu")
+    n = grid[0] * grid[1]
+    qkv = torch.randn(2, n, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = tiled_attention(*split_heads(qkv, 2), plan).transpose(1, 2).reshape(2, n, 8)
+    torch.testing.assert_close(tiled_attention_packed(qkv, 2, plan), want)  # no gradient: tiles in slabs
+    assert torch.autograd.gradcheck(lambda t: TiledAttention.apply(t, 2, plan), (qkv.requires_grad_(),))

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ditgraft.operators.common import TapConvTokens, reference_conv_tokens
-from ditgraft.operators.mamba2 import SSDChunkScan, decayed_cumsum_, ssd_chunked, ssd_reference
+from ditgraft.operators.mamba2 import (GatedRMSNorm, GatedRMSNormFunction, SSDChunkScan, decayed_cumsum_, ssd_chunked,
+                                      ssd_reference)
 from ditgraft.operators.registry import build_operator, get_spec, operator_flops
 
 TOL = 3e-5  # fp32 (fp64 depthwise convs are ~1000x slower on CPU torch); real bugs give O(1) errors
@@ -107,17 +108,31 @@ def test_chunked_scan_every_gradient_matches_recurrence(b, L, H, P, G, n, chunk,
         torch.testing.assert_close(a, ref, msg=lambda m: f"{name}: {m}")
 
 
-def test_scan_function_passes_gradcheck():
-    """SSDChunkScan's hand-written backward against finite differences (float64, decays away from the clamp)."""
+@pytest.mark.parametrize("with_d", [True, False])
+def test_scan_function_passes_gradcheck(with_d):
+    """SSDChunkScan's hand-written backward against finite differences (float64, decays away from the clamp), with
+    and without the D skip; dt and a_cum are independent inputs here (the block derives a_cum from dt)."""
     b, L, H, P, G, n, Q = 1, 12, 4, 2, 2, 3, 4
     g = torch.Generator().manual_seed(7)
-    xd = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    x = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, L, H, generator=g, dtype=torch.float64) + 0.1
     step = -torch.rand(b, G, H // G, L // Q, Q, generator=g, dtype=torch.float64) - 0.05
     a_cum = step.cumsum(-1)
     B = torch.randn(b, L, G, n, generator=g, dtype=torch.float64)
     C = torch.randn(b, L, G, n, generator=g, dtype=torch.float64)
-    inputs = tuple(t.requires_grad_() for t in (xd, a_cum, B, C))
-    assert torch.autograd.gradcheck(lambda *t: SSDChunkScan.apply(*t, Q), inputs)
+    D = torch.randn(H, generator=g, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, dt, a_cum, B, C) + ((D,) if with_d else ()))
+    if with_d:
+        assert torch.autograd.gradcheck(lambda *t: SSDChunkScan.apply(*t, Q), inputs)
+    else:
+        assert torch.autograd.gradcheck(lambda *t: SSDChunkScan.apply(*t, None, Q), inputs)
+
+
+def test_chunked_scan_d_skip_adds_d_times_x():
+    x, dt, A, B, C = ssd_inputs(L=13)
+    D = torch.randn(x.shape[2], dtype=x.dtype)
+    torch.testing.assert_close(ssd_chunked(x, dt, A, B, C, 4, D=D),
+                               ssd_reference(x, dt, A, B, C) + x * D[:, None])
 
 
 @pytest.mark.parametrize("left", [0, 1, 3])
@@ -216,6 +231,20 @@ def test_gated_norm_matches_mamba_ssm_formula():
     g = (y * F.silu(z)).reshape(3, 2, 16)
     want = (g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)).reshape(3, 32) * op.norm.weight
     torch.testing.assert_close(op.norm(y, z), want)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_gated_norm_matches_formula_and_gradcheck(groups):
+    """GatedRMSNormFunction (the fast path's norm): output and gradients of y, z and weight, in float64."""
+    g = torch.Generator().manual_seed(groups)
+    y, z = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(8, generator=g, dtype=torch.float64)
+    norm = GatedRMSNorm(8, 8 // groups).double()
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    torch.testing.assert_close(norm(y, z, fused=True), norm(y, z, fused=False))
+    inputs = tuple(t.clone().requires_grad_() for t in (y, z, w))
+    assert torch.autograd.gradcheck(lambda *t: GatedRMSNormFunction.apply(*t, 8 // groups, 1e-5), inputs)
 
 
 # ----------------------------------------------------------------------------------------------- mamba_ssm fidelity

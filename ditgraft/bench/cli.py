@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ditgraft.bench.common import CLOCKS, DTYPES, format_table, set_threads
+from ditgraft.bench.common import CLOCKS, DTYPES, format_table, retain_freed_memory, set_threads
 from ditgraft.bench.model import LAYER_SETS
 
 
@@ -30,6 +30,10 @@ def add_bench_arguments(parser) -> None:
         p.add_argument("--clock", default="wall", choices=CLOCKS,
                        help="wall (latency, default) or cpu (process CPU time: robust on a shared machine with "
                             "--threads 1)")
+        p.add_argument("--retain-memory", action="store_true",
+                       help="CPU: keep freed memory in the process (glibc malloc without per-block mmap), so that "
+                            "large temporaries are not page-faulted in again on every allocation; see "
+                            "docs/BENCHMARKS.md")
         p.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                        help="operator build option, repeatable, e.g. swa.window=8 or hyena_x.direction=2d")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -115,6 +119,8 @@ def _run_bench(args) -> dict:
     from ditgraft.utils import atomic_write_json
 
     set_threads(args.threads)
+    if getattr(args, "retain_memory", False) and not retain_freed_memory():
+        raise ValueError("--retain-memory is not allowed here: it needs glibc's malloc (Linux)")
     options = parse_options(getattr(args, "option", None))
     if args.bench_command == "sample":
         from ditgraft.bench.sample import bench_sample

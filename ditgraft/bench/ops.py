@@ -9,6 +9,11 @@ run (see ``common.round_robin``). Columns:
 - ``efficiency``   = speedup / flop_speedup (1.0 = the operator is as fast as its FLOPs promise, relative to MHA)
 - ``gflop_per_s``  = achieved throughput (FLOPs / time), which shows whether an operator is compute- or
                      memory/overhead-bound
+- ``limit_gflop_per_s`` = the matmul limit: this machine's fp32 (or ``dtype``) matmul throughput, measured in the same
+                     interleaved run on the shape of an attention block's qkv projection, [batch * N, D] @ [D, 3D]
+                     (with ``backward=True``: the three products of that linear layer's forward and backward, y = x W,
+                     dx = dy W^T, dW = x^T dy, the same 3 x convention)
+- ``limit_share``  = gflop_per_s / limit_gflop_per_s: how close the operator runs to the speed of one large matmul
 
 With ``backward=True`` each call is forward + backward with respect to the input and all parameters; FLOPs are then
 taken as 3 x forward (the usual rule: backward of a matmul costs twice its forward), so the FLOP-bound speed-up is the
@@ -26,6 +31,7 @@ from ditgraft.bench.common import (check_counts, environment, format_table, grid
 from ditgraft.operators import build_operator, operator_flops, operator_names
 
 BASELINE = "mha"
+LIMIT = "(matmul limit)"  # the round-robin name of the reference matmul; no operator name has brackets
 
 __all__ = ["bench_ops", "format_table", "BASELINE"]
 
@@ -55,6 +61,26 @@ def _make_call(op: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int], back
         op.zero_grad(set_to_none=True)
         op(xg, grid=grid).backward(grad_out)
     return forward_backward
+
+
+def matmul_limit_call(rows: int, dim: int, backward: bool, device: torch.device, dtype: torch.dtype,
+                      gen: torch.Generator):
+    """The reference matmul of the limit column: (a no-argument callable, its FLOPs). [rows, D] @ [D, 3D] into a
+    preallocated output (no allocation timed); with ``backward`` also dx = dy W^T and dW = x^T dy, as a linear layer's
+    backward computes them."""
+    x = torch.randn(rows, dim, generator=gen).to(device, dtype)
+    w = torch.randn(dim, 3 * dim, generator=gen).to(device, dtype) / math.sqrt(dim)
+    y = torch.empty(rows, 3 * dim, device=device, dtype=dtype)
+    flops = 2 * rows * dim * 3 * dim
+    if not backward:
+        return (lambda: torch.mm(x, w, out=y)), flops
+    dx, dw = torch.empty_like(x), torch.empty_like(w)
+
+    def forward_backward():
+        torch.mm(x, w, out=y)
+        torch.mm(y, w.t(), out=dx)  # y stands in for the output gradient: same shape, same cost
+        torch.mm(x.t(), y, out=dw)
+    return forward_backward, 3 * flops
 
 
 def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, batch: int = 1, backward: bool = False,
@@ -116,7 +142,13 @@ def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, b
                 raise
             row["error"] = f"{type(err).__name__}: {err}"
 
+    limit_call, limit_flops = matmul_limit_call(batch * tokens, dim, backward, dev, dt, gen)
+    limit_call()
+    sync()
+    calls[LIMIT] = limit_call
     times = round_robin(calls, repeats, warmup, sync=sync, clock=timer)
+    limit_s = summarize(times.pop(LIMIT))["time_ms"] / 1e3
+    limit = limit_flops / 1e9 / limit_s if limit_s > 0 else math.nan
 
     base = summarize(times[BASELINE])["time_ms"]
     base_gflops = rows[BASELINE]["gflops"]
@@ -128,6 +160,8 @@ def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, b
         row["speedup"] = base / row["time_ms"] if row["time_ms"] > 0 else math.nan
         row["flop_speedup"] = base_gflops / row["gflops"]
         row["efficiency"] = row["speedup"] / row["flop_speedup"]
+        row["limit_gflop_per_s"] = limit
+        row["limit_share"] = row["gflop_per_s"] / limit
         row["env"] = env
         if profile:
             row["profile"] = profile_call(calls[name], dev)

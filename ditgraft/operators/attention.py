@@ -4,8 +4,10 @@
 for self-grafting. ``impl="sdpa"`` is the fast path (torch scaled_dot_product_attention); ``impl="reference"``
 is the plain softmax(QK^T / sqrt(d)) V that tests compare it with.
 
-``tiled_attention`` is the shared fast path of the local operators (swa, local2d, clear in local_attention.py):
-softmax attention under a sparse pattern, computed tile by tile so no N x N tensor is ever built.
+``tiled_attention`` is softmax attention under a sparse pattern, computed tile by tile so no N x N tensor is ever
+built (plain autograd). ``tiled_attention_packed`` computes the same from the packed qkv projection with its own
+backward (``TiledAttention``): the shared fast path of the local operators (swa, local2d, clear in
+local_attention.py).
 """
 from __future__ import annotations
 
@@ -124,3 +126,106 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Til
     if plan.raster:
         return out[:, :, :N], lse[:, :, :N]
     return out.index_select(2, plan.inv), lse.index_select(2, plan.inv)
+
+
+# Tiles are processed a slab at a time, with about this many attention scores per slab (4 MiB in fp32): the gathered
+# keys, values and scores of a slab stay in cache and under the size from which glibc's malloc maps (and page-faults)
+# every allocation afresh.
+TILE_SLAB_SCORES = 1 << 20
+
+
+def _tile_slabs(plan: TilePlan, scores_per_tile: int) -> list[slice]:
+    T = plan.q_idx.shape[0]
+    step = max(1, TILE_SLAB_SCORES // scores_per_tile)
+    return [slice(t, min(t + step, T)) for t in range(0, T, step)]
+
+
+def _slab_probs(q, k, v, plan: TilePlan, sl: slice):
+    """Gathered q_t (times d^-1/2), k_t, v_t and the probabilities p of the tiles in ``sl``: [B, h, tiles, ., .]."""
+    B, h, _, d = q.shape
+    n, Q = plan.q_idx[sl].shape
+    K = plan.k_idx.shape[1]
+    qt = q.index_select(2, plan.q_idx[sl].flatten()).view(B, h, n, Q, d).mul_(d ** -0.5)
+    kt = k.index_select(2, plan.k_idx[sl].flatten()).view(B, h, n, K, d)
+    vt = v.index_select(2, plan.k_idx[sl].flatten()).view(B, h, n, K, d)
+    p = _softmax_(torch.matmul(qt, kt.transpose(-2, -1)).masked_fill_(plan.blocked[sl], float("-inf")))
+    return qt, kt, vt, p
+
+
+class TiledAttention(torch.autograd.Function):
+    """``tiled_attention`` on the packed qkv [B, N, 3D] -> [B, N, D] (heads merged), with its own backward.
+
+    Forward, per tile: q_t (gathered, times d^-1/2), k_t, v_t (gathered keys); p = softmax(q_t k_t^T, blocked = -inf);
+    o_t = p v_t. Backward, given do_t (the output gradient gathered into tile slots; zero in the padding slots, whose
+    outputs the forward dropped):
+
+        dv_t = p^T do_t,   ds = p * (do_t v_t^T - rowsum(do_t * o_t)),   dq_t = d^-1/2 ds k_t,   dk_t = ds^T q_t
+
+    then dq is read back from each token's one real slot and dk, dv are summed over the tiles that gathered each key.
+    Without gradients (inference) the tiles run a slab at a time (``TILE_SLAB_SCORES``) and nothing is kept: no
+    tensor of the size of all gathered keys or all scores is allocated (on CPU each such allocation page-faults its
+    memory in again, which costs more than the arithmetic on it). With gradients all tiles run at once and q_t, k_t,
+    v_t, p and the output are saved (recomputing them in the backward, as flash attention does, measured no faster
+    here). The gradients land in one packed [B, N, 3, heads, d] buffer, the layout of the qkv projection's output, so
+    nothing is stacked or re-laid out afterwards."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, plan: TilePlan):
+        B, N, three_d = qkv.shape
+        d = three_d // (3 * heads)
+        T, Q = plan.q_idx.shape
+        K = plan.k_idx.shape[1]
+        q, k, v = (qkv.view(B, N, 3, heads, d)[:, :, i].transpose(1, 2) for i in range(3))  # [B, h, N, d] views
+        if ctx.needs_input_grad[0]:
+            qt, kt, vt, p = _slab_probs(q, k, v, plan, slice(0, T))
+            ot = p @ vt
+        else:
+            ot = qkv.new_empty(B, heads, T, Q, d)
+            for sl in _tile_slabs(plan, B * heads * Q * K):
+                _, _, vt, p = _slab_probs(q, k, v, plan, sl)
+                ot[:, :, sl] = p @ vt
+        out = ot.view(B, heads, T * Q, d).transpose(1, 2).index_select(1, plan.inv)  # [B, N, h, d]
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(qt, kt, vt, p, out)
+            ctx.plan = plan
+        return out.view(B, N, heads * d)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qt, kt, vt, p, out = ctx.saved_tensors
+        plan = ctx.plan
+        B, N, h, d = out.shape
+        T, Q = plan.q_idx.shape
+        K = plan.k_idx.shape[1]
+        do = dout.reshape(B, N, h, d)
+        dot = dout.new_zeros(B, h, T * Q, d)  # the output gradient in tile slots; padding slots stay zero
+        dot.index_copy_(2, plan.inv, do.transpose(1, 2))
+        dot = dot.view(B, h, T, Q, d)
+        # rowsum(do_t * o_t) = rowsum(dp * p), per token and head from the merged output, then into tile slots
+        delta = dout.new_zeros(B, h, T * Q)
+        delta.index_copy_(2, plan.inv, torch.einsum("bnhd,bnhd->bhn", do, out))
+        keys = plan.k_idx.flatten()
+        dqkv = dout.new_empty(B, N, 3, h, d)
+        dvt = (p.transpose(-2, -1) @ dot).view(B, h, T * K, d)
+        dqkv[:, :, 2] = dout.new_zeros(B, h, N, d).index_add_(2, keys, dvt).transpose(1, 2)
+        del dvt
+        ds = torch.matmul(dot, vt.transpose(-2, -1)).sub_(delta.view(B, h, T, Q, 1)).mul_(p)  # [B, h, T, Q, K]
+        dqt = (ds @ kt).mul_(d ** -0.5).view(B, h, T * Q, d)
+        dqkv[:, :, 0] = dqt.transpose(1, 2).index_select(1, plan.inv)
+        del dqt
+        dkt = (ds.transpose(-2, -1) @ qt).view(B, h, T * K, d)
+        dqkv[:, :, 1] = dout.new_zeros(B, h, N, d).index_add_(2, keys, dkt).transpose(1, 2)
+        return dqkv.view(B, N, 3 * h * d), None, None
+
+
+def _softmax_(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, in place (rows hold at least one finite score). No autograd."""
+    s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+    return s.div_(s.sum(dim=-1, keepdim=True))
+
+
+def tiled_attention_packed(qkv: torch.Tensor, heads: int, plan: TilePlan) -> torch.Tensor:
+    """Packed q, k, v [B, N, 3D] (the qkv projection's output) -> attention output [B, N, D] (heads merged), where
+    query i only sees the keys the plan allows. Same result as ``tiled_attention`` on ``split_heads(qkv, heads)``,
+    merged; its backward is ``TiledAttention``'s."""
+    return TiledAttention.apply(qkv, heads, plan)

@@ -94,11 +94,16 @@ class TapConvTokens(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         N, T = x.shape[1], weight.shape[1]
-        dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        # dx's buffer first holds each tap's products for dweight: a fresh activation-sized tensor per tap would cost
+        # more in page faults than the products themselves
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         dweight = torch.empty_like(weight)
         for k in range(T):
             out, inp = _tap_spans(k, ctx.left, N)
+            dweight[:, k] = torch.mul(dy[:, out], x[:, inp], out=dx[:, : out.stop - out.start]).sum((0, 1))
+        dx.zero_()
+        for k in range(T):
+            out, inp = _tap_spans(k, ctx.left, N)
             dx[:, inp].addcmul_(dy[:, out], weight[:, k])
-            dweight[:, k] = torch.linalg.vecdot(dy[:, out], x[:, inp], dim=1).sum(0)
         dbias = dy.sum((0, 1)) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None

@@ -12,7 +12,7 @@ Three patterns, one machinery:
 Each operator has two paths that give the same numbers:
 ``impl="reference"`` builds the dense [N, N] boolean mask and calls ``reference_attention``;
 ``impl="tiled"`` cuts the grid into tiles of queries, gathers for each tile the small rectangle of keys that covers
-all its queries' windows, and runs ``tiled_attention`` (O(N * tile keys) memory, no N x N tensor).
+all its queries' windows, and runs ``tiled_attention_packed`` (O(N * tile keys) memory, no N x N tensor).
 ``impl="auto"`` (default) takes the tiled path when N >= ``TILED_MIN_TOKENS`` (1024) and the reference below it,
 where the dense mask is tiny and one big matmul is as fast. On CUDA (fp32/bf16/fp16) ``impl="auto"`` runs torch's
 FlexAttention instead (``kernels.flex_attention``), with a block mask from the same pattern; ``kernel_path`` names
@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention
+from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention, tiled_attention_packed
 from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
 from ditgraft.operators.kernels import FLEX, flex_attention, kernel_ready, shared_block_mask
 from ditgraft.operators.registry import register
@@ -185,6 +185,8 @@ class _LocalAttention(nn.Module):
     def _attend(self, qkv: torch.Tensor, grid) -> torch.Tensor:
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
+        if self.kernel_path(qkv.device, qkv.dtype, N) == "tiled":  # packed in, merged out: no re-layout
+            return tiled_attention_packed(qkv, self.heads, self.plan(_check_grid(grid or self.grid, N), qkv.device))
         return self._attend_heads(qkv, grid).transpose(1, 2).reshape(B, N, self.dim)
 
     def _attend_heads(self, qkv: torch.Tensor, grid, return_lse: bool = False):

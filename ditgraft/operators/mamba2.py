@@ -12,7 +12,7 @@ Block (mamba_ssm ``Mamba2`` with ``rmsnorm=True, norm_before_gate=False, D_has_h
 ``impl="reference"`` runs that recurrence token by token (slow, obviously correct; small N only) and the gated norm as
 written above. ``impl="fast"`` is the chunked SSD form (Mamba-2 paper, ``ssd_minimal``) with its own backward
 (``SSDChunkScan``, the structure of mamba_ssm's kernels), and the short conv as a sum over its taps with its own
-backward (``common.TapConvTokens``); the gated norm uses the fused ``F.rms_norm``.
+backward (``common.TapConvTokens``); the gated norm is ``GatedRMSNormFunction`` (same formula, own backward).
 
 Chunked scan, per head (A < 0, dt >= 0). The sequence is zero-padded to a multiple of the chunk size Q. With
 xd_t = dt_t x_t and, inside chunk k, a_l = sum_{r <= l in the chunk} dt_r A (so a is non-increasing), g_k = exp(a_last)
@@ -36,7 +36,8 @@ gradient of E_k; dS_k = G_{k+1}):
 The da line follows from the others: each exp(a_l - a_s), exp(a_l), e_s, g_k contributes (its gradient x its value)
 with + for a_l and - for a_s; summed over the products they scale, the + terms give dy_l . y_l and the - terms
 xd_s . dxd_s, and the terms in a_last (from e_s and g_k) give S_k + g_k E_k = E_{k+1}. Autograd then takes a back
-through the cumulative sum and the products dt A, dt x. Only the inputs, y and the chunk boundary states are saved;
+through the cumulative sum and the product dt A (xd = dt x and the D skip are inside the Function: dx = dt dxd + D dy,
+d dt = sum_P x dxd). Only the inputs, xd, y and the chunk boundary states are saved;
 the [Q, Q] blocks are recomputed.
 
 On CUDA (fp32/bf16/fp16) ``impl="fast"`` runs mamba_ssm's fused ``mamba_chunk_scan_combined`` in place of
@@ -133,6 +134,10 @@ class _ChunkLayout:
     def scale_tokens(self, t, s):  # token-major t [b, G, c, Q, hg * P] times per-head s [b, G, hg, c, Q]
         return (t.unflatten(-1, (self.hg, self.P)) * self.per_token(s)).flatten(-2)
 
+    def scale_tokens_into(self, out, t, s):  # the same into ``out`` (contiguous, t's shape)
+        torch.mul(t.unflatten(-1, (self.hg, self.P)), self.per_token(s), out=out.unflatten(-1, (self.hg, self.P)))
+        return out
+
     def scale_tokens_(self, t, s):  # the same in place (t contiguous)
         t.unflatten(-1, (self.hg, self.P)).mul_(self.per_token(s))
         return t
@@ -173,30 +178,33 @@ SLAB_ELEMENTS = 1 << 17
 
 
 class SSDChunkScan(torch.autograd.Function):
-    """The chunked SSD scan with its own chunked backward (formulas in the module docstring).
+    """The chunked SSD scan with its own chunked backward (formulas in the module docstring), plus the D skip.
 
-    Inputs: ``xd = dt * x`` [b, L, H, P], ``a_cum`` [b, G, hg, c, Q] (the within-chunk cumulative sum of dt * A),
-    ``B, C`` [b, L, G, n]; L a multiple of ``Q``; output y [b, L, H, P] (no D term). Saves the inputs, the output
-    and the chunk boundary states [b, G, c + 1, n, hg * P] (n P / Q^2 times the size of all the intra-chunk blocks:
-    the same size at the defaults); the [Q, Q] decay blocks are recomputed in the backward, a slab of chunks at a
-    time."""
+    Inputs: ``x`` [b, L, H, P], ``dt`` [b, L, H], ``a_cum`` [b, G, hg, c, Q] (the within-chunk cumulative sum of
+    dt * A), ``B, C`` [b, L, G, n], ``D`` [H] or None; L a multiple of ``Q``; output y + D x [b, L, H, P]. The products
+    xd = dt x and D x and their gradients (dx = dt dxd + D dy, d dt = sum_P x dxd, dD = sum x dy) are done here, so
+    autograd keeps no extra full-size tensors for them. Saves the inputs, xd, the output and the chunk boundary states
+    [b, G, c + 1, n, hg * P] (n P / Q^2 times the size of all the intra-chunk blocks: the same size at the defaults);
+    the [Q, Q] decay blocks are recomputed in the backward, a slab of chunks at a time."""
 
     @staticmethod
-    def forward(ctx, xd, a_cum, B, C, Q: int):
-        b, L, H, P = xd.shape
+    def forward(ctx, x, dt, a_cum, B, C, D, Q: int):
+        b, L, H, P = x.shape
         G, n = B.shape[-2:]
         lay = _ChunkLayout(b, L, H, P, G, n, Q)
-        xd = xd.contiguous()
+        xd = (x * dt[..., None]).contiguous()
         Bc, Cc = lay.groups(B), lay.groups(C)
         # 2. each chunk's own end state (from zero), S_k = sum_s B_s^T exp(a_last - a_s) xd_s, stored at index k + 1
         #    of ``bounds`` [b, G, c + 1, n, hg * P]; 3. carried in place: bounds[k] = E_k, the state entering chunk k
         bounds = xd.new_empty(b, G, lay.c + 1, n, lay.hg * P)
         bounds[:, :, 0] = 0
-        torch.matmul(Bc.transpose(-1, -2), lay.scale_tokens(lay.tokens(xd), torch.exp(a_cum[..., -1:] - a_cum)),
-                     out=bounds[:, :, 1:])
+        y = torch.empty_like(lay.tokens(xd), memory_format=torch.contiguous_format)  # [b, G, c, Q, hg * P]
+        lay.scale_tokens_into(y, lay.tokens(xd), torch.exp(a_cum[..., -1:] - a_cum))
+        torch.matmul(Bc.transpose(-1, -2), y, out=bounds[:, :, 1:])
         decayed_cumsum_(bounds[:, :, 1:], _chunk_decay(a_cum, P)[..., None, :], dim=2)
-        # 4. read the entering state out inside each chunk: exp(a_l) C_l . E_k -> [b, G, c, Q, hg * P]
-        y = Cc @ bounds[:, :, :-1]
+        # 4. read the entering state out inside each chunk: exp(a_l) C_l . E_k, into the same buffer (a fresh
+        #    activation-sized tensor costs more in page faults than the product that fills it)
+        torch.matmul(Cc, bounds[:, :, :-1], out=y)
         lay.scale_tokens_(y, torch.exp(a_cum))
         # 1. plus within chunks: y_l += sum_{s <= l} W_ls xd_s with W = M * (C B^T)
         cb, xh, yv = _masked_cb(Bc, Cc), lay.heads(xd), y.unflatten(-1, (lay.hg, P))
@@ -204,31 +212,35 @@ class SSDChunkScan(torch.autograd.Function):
             w = _decay_blocks(a_cum[:, :, :, k]).mul_(cb[:, :, :, k])  # [b, G, hg, slab, Q, Q]
             yv[:, :, k] += (w @ xh[:, :, :, k]).permute(0, 1, 3, 4, 2, 5)
         y = lay.to_tokens(y)
-        ctx.save_for_backward(xd, a_cum, B, C, bounds, y)
+        if D is not None:
+            y.addcmul_(x, D[:, None])
+        ctx.save_for_backward(x, dt, xd, a_cum, B, C, D, bounds, y)
         ctx.Q = Q
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xd, a_cum, B, C, bounds, y = ctx.saved_tensors
+        x, dt, xd, a_cum, B, C, D, bounds, y = ctx.saved_tensors
         b, L, H, P = xd.shape
         G, n = B.shape[-2:]
         lay = _ChunkLayout(b, L, H, P, G, n, ctx.Q)
         dy = dy.contiguous()
         Bc, Cc = lay.groups(B), lay.groups(C)
         # 4. read-out: dC_l = (exp(a_l) dy_l) E_k^T;  dE_k = sum_l C_l^T exp(a_l) dy_l, wanted for k >= 1 (E_0 = 0)
-        dy_scaled = lay.scale_tokens(lay.tokens(dy), torch.exp(a_cum))
+        dy_scaled = torch.empty_like(lay.tokens(xd), memory_format=torch.contiguous_format)  # reused below
+        lay.scale_tokens_into(dy_scaled, lay.tokens(dy), torch.exp(a_cum))
         dC = dy_scaled @ bounds[:, :, :-1].transpose(-1, -2)  # [b, G, c, Q, n]
         # 3. reversed carry, in place: d_states[k] = dS_k = G_{k+1}, with G_k = dE_k + g_k G_{k+1} and G_c = 0
         d_states = xd.new_empty(b, G, lay.c, n, lay.hg * P)
         d_states[:, :, -1] = 0
         torch.matmul(Cc[:, :, 1:].transpose(-1, -2), dy_scaled[:, :, 1:], out=d_states[:, :, :-1])
-        del dy_scaled
         decay = _chunk_decay(a_cum, P)[..., None, :]
         decayed_cumsum_(d_states, torch.cat([decay[:, :, 1:], decay[:, :, -1:]], dim=2), dim=2, reverse=True)
         # 2. end states: d(e_s xd_s) = B_s dS_k,  dB_s = dS_k (e_s xd_s)^T,  with e_s = exp(a_last - a_s)
         to_end = torch.exp(a_cum[..., -1:] - a_cum)
-        dB = lay.scale_tokens(lay.tokens(xd), to_end) @ d_states.transpose(-1, -2)  # [b, G, c, Q, n]
+        xd_end = lay.scale_tokens_into(dy_scaled, lay.tokens(xd), to_end)  # dy_scaled is no longer needed
+        dB = xd_end @ d_states.transpose(-1, -2)  # [b, G, c, Q, n]
+        del dy_scaled, xd_end
         dxd = lay.scale_tokens_(Bc @ d_states, to_end)  # token-major [b, G, c, Q, hg * P]
         # d a_last^k gets sum_{n,P} dS_k * E_{k+1} (carry and end state together)
         ends = d_states.mul_(bounds[:, :, 1:]).sum(-2)  # [b, G, c, hg * P]
@@ -245,11 +257,27 @@ class SSDChunkScan(torch.autograd.Function):
         d_cb.mul_(_lower(ctx.Q, d_cb))  # M is 1 above the diagonal (see _decay_blocks)
         dC += d_cb @ Bc
         dB += d_cb.transpose(-1, -2) @ Cc
-        dxd = lay.to_tokens(dxd)
-        # d a_cum = sum_P (dy_l y_l - xd_l dxd_l) at every token, + the end-state term at each chunk's last token
-        da = lay.head_sum(lay.tokens((dy * y).addcmul_(xd, dxd, value=-1)))
+        dxd = lay.to_tokens(dxd)  # [b, L, H, P]
+        # d a_cum = sum_P (dy_l y_l - xd_l dxd_l) at every token (y without the D skip), + the end-state term at each
+        # chunk's last token; sum_P xd dxd = dt * d dt, and y = y_scan + D x
+        ddt = _dot_last(dxd, x)  # [b, L, H]
+        da = _dot_last(dy, y).sub_(ddt * dt)
+        dD = None
+        if D is not None:
+            dyx = _dot_last(dy, x)
+            da.sub_(dyx * D)
+            dD = dyx.sum((0, 1))
+        dx = dxd.mul_(dt[..., None])
+        if D is not None:
+            dx.addcmul_(dy, D[:, None])
+        da = da.view(b, lay.c, ctx.Q, G, lay.hg).permute(0, 3, 4, 1, 2)  # [b, G, hg, c, Q]
         da[..., -1] += ends.unflatten(-1, (lay.hg, P)).sum(-1).permute(0, 1, 3, 2)
-        return dxd, da, lay.from_groups(dB), lay.from_groups(dC), None
+        return dx, ddt, da, lay.from_groups(dB), lay.from_groups(dC), dD, None
+
+
+def _dot_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of a * b, as a batched product (torch.linalg.vecdot allocates the full product first)."""
+    return torch.einsum("...p,...p->...", a, b)
 
 
 def _slabs(lay: _ChunkLayout) -> list[slice]:
@@ -264,9 +292,10 @@ def _chunk_decay(a_cum: torch.Tensor, P: int) -> torch.Tensor:
     return torch.exp(a_cum[..., -1]).permute(0, 1, 3, 2).repeat_interleave(P, dim=-1)
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int):
-    """Chunked SSD scan; same result as ``ssd_reference`` (see the module docstring). The products x * dt and the
-    within-chunk cumulative sum of dt * A are left to autograd; the scan itself is ``SSDChunkScan``."""
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None):
+    """Chunked SSD scan; same result as ``ssd_reference`` (see the module docstring), plus D x when ``D`` [H] is given
+    (the block's skip). The within-chunk cumulative sum of dt * A is left to autograd; the scan itself is
+    ``SSDChunkScan``."""
     b, L, H, P = x.shape
     G = B.shape[-2]
     Q = chunk_size
@@ -275,12 +304,53 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int):
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     c = (L + pad) // Q
     a_cum = (dt * A).reshape(b, c, Q, G, H // G).permute(0, 3, 4, 1, 2).cumsum(-1)  # [b, G, hg, c, Q]
-    y = SSDChunkScan.apply(x * dt[..., None], a_cum, B, C, Q)
+    y = SSDChunkScan.apply(x, dt, a_cum, B, C, D, Q)
     return y[:, :L]
 
 
+class GatedRMSNormFunction(torch.autograd.Function):
+    """``GatedRMSNorm``'s fused path: out = rms_norm_groups(y * silu(z)) * weight, with its own backward.
+
+    With g = y silu(z), r = (mean_group g^2 + eps)^(-1/2) per token and group, and t = dout * weight:
+
+        dg = r t - g r^3 mean_group(g t),   dy = dg silu(z),   dz = dg y silu'(z),   dweight = sum_tokens dout g r
+
+    Saves y, z, g and r (silu(z) is recomputed in the backward, into dy's buffer). Every activation-sized temporary
+    is a fresh allocation, which on CPU costs more (page faults) than the arithmetic that fills it, so the sums run as
+    batched products and products run in place."""
+
+    @staticmethod
+    def forward(ctx, y, z, weight, group_size: int, eps: float):
+        g = F.silu(z).mul_(y)
+        gv = g.unflatten(-1, (-1, group_size))
+        r = torch.einsum("...c,...c->...", gv, gv).div_(group_size).add_(eps).rsqrt_()  # [..., G]
+        out = (gv * r[..., None]).flatten(-2).mul_(weight)
+        ctx.save_for_backward(y, z, g, r, weight)
+        ctx.group_size = group_size
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, g, r, weight = ctx.saved_tensors
+        gs = ctx.group_size
+        gv = g.unflatten(-1, (-1, gs))
+        buf = torch.empty_like(g)  # dout * g, then t = dout * weight, then dg, in one buffer
+        dweight = None
+        if ctx.needs_input_grad[2]:
+            dog = torch.mul(dout, g, out=buf).unflatten(-1, (-1, gs))
+            dweight = torch.einsum("...g,...gc->gc", r, dog).flatten()
+        tv = torch.mul(dout, weight, out=buf).unflatten(-1, (-1, gs))
+        coef = torch.einsum("...c,...c->...", gv, tv).mul_(r.pow(3)).div_(-gs)  # -r^3 mean_group(g t)
+        dg = tv.mul_(r[..., None]).addcmul_(gv, coef[..., None]).flatten(-2)
+        dy = F.silu(z).mul_(dg) if ctx.needs_input_grad[0] else None
+        dz = torch.ops.aten.silu_backward(dg.mul_(y), z) if ctx.needs_input_grad[1] else None
+        return dy, dz, dweight, None, None
+
+
 class GatedRMSNorm(nn.Module):
-    """mamba_ssm ``RMSNormGated`` with norm_before_gate=False: RMS-normalise ``y * silu(z)`` in groups, times weight."""
+    """mamba_ssm ``RMSNormGated`` with norm_before_gate=False: RMS-normalise ``y * silu(z)`` in groups, times weight.
+    ``fused=True`` runs ``GatedRMSNormFunction`` (same numbers, fewer passes over the activations); the default is
+    the plain formula with autograd."""
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
         super().__init__()
@@ -290,12 +360,10 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        y = y * F.silu(z)
-        g = y.unflatten(-1, (-1, self.group_size))
         if fused:
-            g = F.rms_norm(g, (self.group_size,), eps=self.eps)
-        else:
-            g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+            return GatedRMSNormFunction.apply(y, z, self.weight.to(y.dtype), self.group_size, self.eps)
+        g = (y * F.silu(z)).unflatten(-1, (-1, self.group_size))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return g.flatten(-2) * self.weight
 
 
@@ -376,7 +444,7 @@ class Mamba2(nn.Module):
         if scan_kind == MAMBA_SSM:
             y = mamba_ssd(x, dt, A, B, C, self.chunk_size)
         elif scan_kind == "chunked":
-            y = ssd_chunked(x, dt, A, B, C, self.chunk_size)
+            return ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D.to(x.dtype)).flatten(-2)  # with the D skip
         else:
             y = ssd_reference(x, dt, A, B, C)
         return torch.addcmul(y, x, self.D[:, None]).flatten(-2)  # + D skip
