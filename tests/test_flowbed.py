@@ -4,6 +4,7 @@ its split attention slots, pretraining and resume, Euler sampling, ``ditgraft ev
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -130,6 +131,7 @@ def _flowbed_recipe(tmp_path, teacher: str, **eval_overrides) -> str:
     with open(f"{RECIPES_DIR}/flowbed_clear_50.yaml") as f:
         r = yaml.safe_load(f)
     r["teacher"]["source"] = teacher
+    r["stage1"].update(samples=24, val_samples=8, steps=3, batch_size=8, eval_every=3)
     r["stage2"].update(steps=3, decay_steps=2, warmup_steps=1, batch_size=8, ckpt_every=2)
     r["eval"].update(num=20, steps=2, seeds=[0, 1], batch_size=10, resamples=20, **eval_overrides)
     path = tmp_path / "recipe.yaml"
@@ -152,6 +154,7 @@ def test_bundled_recipe_grafts_and_decides_against_the_teacher(tmp_path, capsys)
     assert set(report["eval"]) == {"grafted", "teacher", "random_init"}
     assert report["eval"]["grafted"]["protocol"]["sampler"] == "euler"
     assert [g["layer"] for g in report["grafts"]] == [1, 3] and report["grafts"][0]["operator"] == "clear"
+    assert os.path.exists(tmp_path / "run" / "stage1" / "summary.json")  # the split slots were distilled
     decision = json.loads((tmp_path / "run" / "eval" / "grafted_decision.json").read_text())
     assert decision["verdicts"]
     student, _ = load_any(str(tmp_path / "run"))
