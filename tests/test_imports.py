@@ -107,6 +107,7 @@ LAYERS = (
     ("ditgraft.recipe",),
     ("ditgraft.graft",),
     ("ditgraft.explore", "ditgraft.export", "ditgraft.bench", "ditgraft.cli", "ditgraft.api"),
+    ("ditgraft.__main__",),  # python -m ditgraft: the command line
 )
 
 
