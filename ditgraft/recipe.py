@@ -338,9 +338,9 @@ class Evaluation(Strict):
         return self
 
 
-# fields added after run directories were first recorded, left out of the recorded recipe while None, so that a run
-# recorded before them still resumes
-OMITTED_WHEN_UNSET = (("restructure",), ("stage2", "samples"))
+# fields added after run directories were first recorded, and the value that means "not used": left out of the
+# recorded recipe while they hold it, so that a run recorded before them still resumes
+OMITTED_WHEN_UNSET = ((("restructure",), None), (("stage2", "samples"), None), (("eval", "compile"), False))
 
 
 class Recipe(Strict):
@@ -376,14 +376,12 @@ class Recipe(Strict):
 
     def to_dict(self) -> dict:
         d = self.model_dump(mode="json")
-        for path in OMITTED_WHEN_UNSET:  # recipes that do not use these fields keep their recorded form
+        for path, unset in OMITTED_WHEN_UNSET:  # recipes that do not use these fields keep their recorded form
             parent = d
             for key in path[:-1]:
                 parent = parent.get(key) or {}
-            if path[-1] in parent and parent[path[-1]] is None:
+            if path[-1] in parent and parent[path[-1]] is unset:
                 del parent[path[-1]]
-        if not d["eval"]["compile"]:  # likewise recipes sampled eagerly (run directories recorded before the field)
-            d["eval"].pop("compile")
         return d
 
 
