@@ -116,7 +116,7 @@ def cmd_sweep(args) -> None:
     from ditgraft.explore.table import write_table
 
     sweeps = load_sweeps(args.sweep)
-    folder = len(sweeps) > 1 or os.path.isdir(args.sweep)
+    folder = os.path.isdir(args.sweep)
     for sweep in sweeps:  # a folder of sweep files: one after the other, each in OUT/<its name>
         out = (os.path.join(args.out, sweep.name) if folder else args.out) if args.out else default_dir(sweep)
         if folder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -56,6 +57,31 @@ def atomic_path(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_empty_folder(out: str) -> None:
+    """``out`` may become a new folder: it is absent or an empty folder."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"out={out!r} exists and is not an empty folder; choose a new folder")
+
+
+@contextmanager
+def atomic_folder(out: str):
+    """Yield a temporary folder beside ``out`` (absent or empty); on success it replaces ``out``, on an error or a
+    kill it is removed, so no half-written folder is ever left (errors inside name ``out``, see ``writing``)."""
+    check_empty_folder(out)
+    tmp = out.rstrip("/") + ".tmp-export"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    try:
+        with writing(out):
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
 
 
 @contextmanager

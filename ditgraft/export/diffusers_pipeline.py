@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 
 from ditgraft.data.vae import load_vae
 from ditgraft.models.adapters import SLOTS
 from ditgraft.models.diffusers_dit import _diffusers, _scheduler, to_diffusers_state_dict
 from ditgraft.models.dit import DiT
-from ditgraft.utils import writing
+from ditgraft.utils import atomic_folder
 
 __all__ = ["export_diffusers"]
 
@@ -52,18 +51,6 @@ def export_diffusers(model: DiT, out: str, vae=None) -> str:
         vae = load_vae(vae)
     pipe = diffusers.DiTPipeline(transformer=tr, vae=vae, scheduler=_scheduler())
     out = os.fspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"out={out!r} exists and is not an empty folder; choose a new folder")
-    tmp = out.rstrip("/") + ".tmp-export"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    try:
-        with writing(out):
-            pipe.save_pretrained(tmp)
-    except BaseException:  # a full disk or a kill: no half-written export is left beside ``out``
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp)
     return out
