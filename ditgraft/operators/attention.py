@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.common import check_choice, check_heads, projection_flops, split_heads
+from ditgraft.operators.common import check_choice, check_heads, grid_tokens, projection_flops, split_heads
 from ditgraft.operators.registry import register
 
 IMPLS = ("sdpa", "reference")
@@ -73,7 +73,7 @@ class MHA(nn.Module):
 
     @staticmethod
     def flops(dim: int, heads: int, grid: tuple[int, int], **_) -> int:
-        n = grid[0] * grid[1]
+        n = grid_tokens(grid)
         return projection_flops(n, dim) + 2 * 2 * n * n * dim
 
 

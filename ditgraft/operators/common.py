@@ -2,6 +2,7 @@
 projections, starting from a teacher MHA's weights, and depthwise convolutions over the token axis."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -23,6 +24,11 @@ def check_heads(dim: int, heads: int) -> int:
     if dim % heads != 0:
         raise ValueError(f"dim={dim} must be divisible by heads={heads}")
     return dim // heads
+
+
+def grid_tokens(grid) -> int:
+    """Tokens on a patch grid: the product of its sides, (rows, columns) or (frames, rows, columns)."""
+    return math.prod(int(side) for side in grid)
 
 
 def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.common import (TapConvTokens, check_choice, from_mha, projection_flops,
+from ditgraft.operators.common import (TapConvTokens, check_choice, from_mha, grid_tokens, projection_flops,
                                       reference_conv_tokens)
 from ditgraft.operators.kernels import CAUSAL_CONV1D, causal_conv_tokens, conv_path
 from ditgraft.operators.registry import register
@@ -201,7 +201,7 @@ class _Hyena(nn.Module):
 
     @classmethod
     def _flops(cls, dim: int, grid: tuple[int, int], kernel_size: int = 4, direction: str = "causal") -> int:
-        n = grid[0] * grid[1]
+        n = grid_tokens(grid)
         taps = {"causal": kernel_size, "bidirectional": 2 * kernel_size - 1, "2d": kernel_size ** 2}[direction]
         flops = projection_flops(n, dim)  # in_proj, out_proj
         flops += 2 * n * dim  # the two gates
@@ -252,7 +252,7 @@ class MLPHyenaX(nn.Module):
                  kernel_size: int = 4, impl: str = "fast"):
         super().__init__()
         check_choice("impl", impl, IMPLS)
-        n = grid[0] * grid[1]
+        n = grid_tokens(grid)
         if n <= 0:
             raise ValueError(f"grid={tuple(grid)} gives N={n} tokens; mlp_hyena_x needs the grid (one filter per token)")
         if not isinstance(kernel_size, int) or kernel_size < 1:
@@ -283,6 +283,6 @@ class MLPHyenaX(nn.Module):
 
     @staticmethod
     def flops(dim: int, heads: int, grid: tuple[int, int], expansion_ratio: int = 2, kernel_size: int = 4, **_) -> int:
-        n = grid[0] * grid[1]
+        n = grid_tokens(grid)
         hidden = int(dim * expansion_ratio)
         return 2 * n * dim * 3 * hidden + 2 * kernel_size * 3 * hidden * n + 2 * n * hidden + 2 * n * hidden * dim

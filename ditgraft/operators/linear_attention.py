@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditgraft.operators.attention import MHA
-from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
+from ditgraft.operators.common import (check_choice, check_heads, from_mha, grid_tokens, projection_flops,
+                                       split_heads)
 from ditgraft.operators.registry import register
 
 LINEAR_IMPLS = ("fast", "reference")
@@ -96,7 +97,7 @@ class LinearAttention(nn.Module):
 
     @staticmethod
     def flops(dim: int, heads: int, grid: tuple[int, int], conv: int = 0, **_) -> int:
-        n = grid[0] * grid[1]
+        n = grid_tokens(grid)
         d = dim // heads
         projections = projection_flops(n, dim)
         kernel = 2 * 2 * n * dim * (d + 1)  # phi(K)^T [V, 1] and phi(Q) (that), per head: 2 * N * d * (d+1) each

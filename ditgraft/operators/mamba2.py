@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.common import TapConvTokens, check_choice, reference_conv_tokens
+from ditgraft.operators.common import TapConvTokens, check_choice, grid_tokens, reference_conv_tokens
 from ditgraft.operators.kernels import (CAUSAL_CONV1D, MAMBA_SSM, causal_conv_tokens, conv_path, kernel_ready,
                                         mamba_ssd)
 from ditgraft.operators.registry import register
@@ -462,7 +462,7 @@ class Mamba2(nn.Module):
     def flops(dim: int, heads: int, grid: tuple[int, int], d_state: int = 64, d_conv: int = 4, expand: int = 2,
               headdim: int = 16, ngroups: int = 1, chunk_size: int = 32, direction: str = "causal", **_) -> int:
         """Forward FLOPs of the fast path (multiply-add = 2; padded chunks counted in full)."""
-        n_tok = grid[0] * grid[1]
+        n_tok = grid_tokens(grid)
         d_inner = expand * dim
         H, P, n, G, Q = d_inner // headdim, headdim, d_state, ngroups, chunk_size
         conv_dim = d_inner + 2 * G * n

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditgraft.operators.common import grid_tokens
 from ditgraft.operators.registry import register
 
 
@@ -26,4 +27,4 @@ class MLP(nn.Module):
     @staticmethod
     def flops(dim: int, heads: int, grid: tuple[int, int], ratio: float = 4.0, hidden: int | None = None, **_) -> int:
         hidden = int(hidden if hidden is not None else dim * ratio)
-        return 2 * 2 * grid[0] * grid[1] * dim * hidden
+        return 2 * 2 * grid_tokens(grid) * dim * hidden

@@ -107,12 +107,14 @@ class JointSplitAttention(SlotAdapter):
         return a.to_out[1](img), txt
 
 
-def rope_mha_from_joint(attn: nn.Module, axes_dims=None, theta: float = 10000.0) -> RopeMHA:
-    """The image-to-image part of a joint attention with qk-norm (SD3.5, FLUX) as a ditgraft ``rope_mha``:
-    ``qkv`` = [to_q; to_k; to_v], ``proj`` = to_out.0, ``norm_q`` / ``norm_k`` the teacher's; ``axes_dims`` FLUX's
-    RoPE split (None: no RoPE)."""
+def rope_mha_from_joint(attn: nn.Module, axes_dims=None, theta: float = 10000.0,
+                        qk_norm: str = "rms_norm") -> RopeMHA:
+    """The image-to-image part of a joint attention with qk-norm (SD3.5, FLUX), or a self-attention with qk-norm
+    laid out the same way (Wan's ``attn1``), as a ditgraft ``rope_mha``: ``qkv`` = [to_q; to_k; to_v], ``proj`` =
+    to_out.0, ``norm_q`` / ``norm_k`` the teacher's (``qk_norm``: per head, or "rms_norm_across_heads");
+    ``axes_dims`` the teacher's RoPE split (None: no RoPE)."""
     dim, h = attn.to_q.in_features, attn.heads
-    op = RopeMHA(dim, h, axes_dims=axes_dims, theta=theta, eps=attn.norm_q.eps,
+    op = RopeMHA(dim, h, axes_dims=axes_dims, theta=theta, qk_norm=qk_norm, eps=attn.norm_q.eps,
                  qkv_bias=attn.to_q.bias is not None)
     with torch.no_grad():
         op.qkv.weight.copy_(torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
