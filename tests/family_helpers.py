@@ -94,8 +94,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
                       graft=("mlp", "mlp", {"ratio": 3})),
     "flux": TinyFamily(_tiny("flux"), _flux_cond, needs=("diffusers",), plain_slots=("mlp",),
                        graft=("mlp", "mlp", {"ratio": 3})),
-    "wan": TinyFamily(_tiny("wan"), _wan_cond, needs=("diffusers",), plain_slots=("mlp",),
-                      graft=("mlp", "mlp", {"ratio": 3})),
+    "wan": TinyFamily(_tiny("wan"), _wan_cond, needs=("diffusers",)),  # attn: the video self-attention attn1
     # ditgraft's own MMDiT (the flowbed teacher); its split attention slot is checked in tests/test_flowbed.py
     "mmdit": TinyFamily(lambda depth, seed: tiny_mmdit(depth=depth, seed=seed), _labels(10), plain_slots=("mlp",),
                         graft=("mlp", "mlp", {"ratio": 3})),

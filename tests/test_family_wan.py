@@ -1,5 +1,6 @@
-"""The Wan family (diffusers WanTransformer3DModel, text-to-video): forward parity, the mlp slot, the flow-matching
-stages and WanPipeline with the grafted student (tiny random models, offline)."""
+"""The Wan family (diffusers WanTransformer3DModel, text-to-video): forward parity, the attn and mlp slots (the
+teacher's video self-attention as a rope_mha), the flow-matching stages and WanPipeline with the grafted student
+(tiny random models, offline)."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,30 +33,61 @@ def test_forward_reproduces_diffusers_and_slots():
     model = tiny_wan()
     fam = family_of(model)
     assert fam.name == "wan" and fam.sample_shape(model, 2) == (2, 16, 3, 4, 4)
-    assert tuple(model_dims(model).__dict__.values()) == (2, 16, 2, (6, 2))  # (frames x rows, columns) tokens
+    assert tuple(model_dims(model).__dict__.values()) == (2, 16, 2, (3, 2, 2))  # (frames, rows, columns) patches
     x, t, emb = _videos(2, 0), torch.tensor([30.0, 870.5]), _prompts(2, 1)
     with torch.no_grad():
         ref = model(hidden_states=x, timestep=t, encoder_hidden_states=emb).sample
         assert (fam.forward(model, x, t, emb) - ref).abs().max() == 0  # max abs diff 0
     assert get_slot(model, 1, "mlp") is model.blocks[1].ffn
-    with pytest.raises(ValueError, match="slot='attn' is not available for Wan"):
-        get_slot(model, 0, "attn")
+    assert get_slot(model, 0, "attn") is model.blocks[0].attn1  # video self-attention; attn2 is never a slot
     obj = fam.objective(model)
     assert isinstance(obj, FlowMatching) and obj.shift == 3.0 and not obj.use_dynamic_shifting
+
+
+def _identity_grafts(model):
+    """``init: teacher`` rope_mha with the teacher's own options in every attn slot."""
+    op = family_of(model).teacher_operator(model, 0, "attn")
+    options = {"axes_dims": list(op.axes_dims), "qk_norm": op.qk_norm}
+    return [ResolvedGraft("attn", i, "rope_mha", options, init="teacher") for i in range(len(model.blocks))]
+
+
+def test_identity_attn_graft_reproduces_the_teacher():
+    """The teacher operator of attn1 (qk-norm across heads, RoPE over frame, row, column) put back into every attn
+    slot gives the teacher's output, at the configured video size and at another one (the call's grid)."""
+    teacher = tiny_wan()
+    fam = family_of(teacher)
+    grafts = _identity_grafts(teacher)
+    assert grafts[0].options == {"axes_dims": [4, 2, 2], "qk_norm": "rms_norm_across_heads"}  # head dim 8
+    student = graft_model(teacher, grafts)
+    assert type(get_slot(student, 1, "attn")).__name__ == "RopeMHA"
+    t, emb = torch.tensor([30.0, 870.5]), _prompts(2, 1)
+    for x in (_videos(2, 0), torch.randn(2, 16, 5, 6, 8, generator=torch.Generator().manual_seed(3))):
+        with torch.no_grad():
+            ref, out = fam.forward(teacher, x, t, emb), fam.forward(student, x, t, emb)
+        diff = float((out - ref).abs().max())
+        print(f"wan identity attn graft, latents {tuple(x.shape[2:])}: max abs diff {diff:.1e} (output scale "
+              f"{float(ref.abs().max()):.2f})")
+        assert diff < 1e-5, diff
+    wrong = tiny_wan()
+    wrong.blocks[1].attn1.norm_q = torch.nn.RMSNorm(8)  # a per-head qk-norm is not Wan's attention
+    with pytest.raises(ValueError, match="blocks\\[1\\].attn1: this attention is not Wan's video self-attention"):
+        fam.teacher_operator(wrong, 1, "attn")
 
 
 def test_graft_stage1_stage2_reload_wan_pipeline(tmp_path):
     teacher = tiny_wan()
     fam = family_of(teacher)
     grafts = [ResolvedGraft("mlp", 0, "mlp", {"ratio": 2.0}),
-              ResolvedGraft("mlp", 1, "mlp", {"ratio": 2.0}, init="teacher")]
+              ResolvedGraft("mlp", 1, "mlp", {"ratio": 2.0}, init="teacher"), _identity_grafts(teacher)[0],
+              ResolvedGraft("attn", 1, "linear_attn", {})]
     x0, cond = _videos(16, 0), _prompts(16, 1)
     s1 = Stage1(samples=16, val_samples=8, steps=4, batch_size=8, eval_every=2, extract_batch_size=8)
     res = run_stage1(teacher, grafts, s1, x0, cond, _videos(8, 2), _prompts(8, 3), str(tmp_path / "s1"), 0, "cpu",
                      progress=False, log=lambda *_: None)
-    assert set(res["operators"]) == {"mlp0", "mlp1"}
-    # init: teacher copies ffn exactly (its ratio is ffn_dim / dim = 2)
-    assert res["operators"]["mlp1"]["val_mse"] < 1e-10
+    assert set(res["operators"]) == {"mlp0", "mlp1", "attn0", "attn1"}
+    # init: teacher copies ffn exactly (its ratio is ffn_dim / dim = 2), and attn1 as a rope_mha with its options
+    assert res["operators"]["mlp1"]["val_mse"] < 1e-10 and res["operators"]["attn0"]["val_mse"] < 1e-10
+    assert res["operators"]["attn1"]["val_mse"] > 1e-4
     student = graft_model(teacher, grafts)
     load_best_operators(student, grafts, str(tmp_path / "s1"))
     s2 = Stage2(steps=2, batch_size=4, ckpt_every=2, ema_decay=0.9)

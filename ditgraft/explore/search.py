@@ -127,9 +127,10 @@ def load_search(path: str) -> tuple[SearchFile, dict, str]:
 
 def _slot_input(teacher, batch: int = 1) -> torch.Tensor:
     from ditgraft.models.adapters import model_dims
+    from ditgraft.operators.common import grid_tokens
 
     d = model_dims(teacher)
-    return torch.randn(batch, d.grid[0] * d.grid[1], d.dim, device=next(teacher.parameters()).device)
+    return torch.randn(batch, grid_tokens(d.grid), d.dim, device=next(teacher.parameters()).device)
 
 
 def _candidate_module(teacher, slot: str, op: str, options: dict, layer: int = 0):
@@ -148,7 +149,7 @@ def operator_costs(teacher, slot: str, candidates: dict, cost: str, part: str = 
     fallback executes), or forward latency measured side by side (candidates take turns; median of 7). With
     ``part="mixing"`` the teacher's attention projections are taken off every candidate's FLOPs first."""
     from ditgraft.models.adapters import model_dims
-    from ditgraft.operators.common import projection_flops
+    from ditgraft.operators.common import grid_tokens, projection_flops
     from ditgraft.operators.registry import operator_flops
 
     keep = KEEP[slot]
@@ -156,7 +157,7 @@ def operator_costs(teacher, slot: str, candidates: dict, cost: str, part: str = 
         raise ValueError(f"budget.part = mixing: only the attn slot has projections to take off (slot = {slot})")
     if cost == "flops":
         d = model_dims(teacher)
-        kept = projection_flops(d.grid[0] * d.grid[1], d.dim) if part == "mixing" else 0
+        kept = projection_flops(grid_tokens(d.grid), d.dim) if part == "mixing" else 0
         raw = {op: float(operator_flops(op, d.dim, d.heads, d.grid, **opts)) - kept
                for op, opts in {keep: {}, **candidates}.items()}
     else:

@@ -57,6 +57,7 @@ from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_len, cond_pack, cond_rows, cond_to, cond_tuple
 from ditgraft.models.families.joint import SplitSlotUnit, hook_joint_attention, split_operators, split_unit_ready
+from ditgraft.operators.common import grid_tokens
 from ditgraft.recipe import Stage1
 from ditgraft.train.loop import TrainingDiverged, train
 from ditgraft.utils import atomic_path, atomic_write_json
@@ -92,7 +93,7 @@ class SlotTarget:
         self.key, self.loss, self.huber_delta = graft.key, graft.loss, graft.huber_delta
 
     def row_shapes(self, dims) -> tuple[tuple[int, ...], ...]:
-        tokens = dims.grid[0] * dims.grid[1]
+        tokens = grid_tokens(dims.grid)
         return (tokens, dims.dim), (tokens, dims.dim)
 
     def hook(self, model: nn.Module, store: dict) -> list:
@@ -125,7 +126,7 @@ class SplitSlotTarget(SlotTarget):
         self.text = tuple(text)
 
     def row_shapes(self, dims) -> tuple[tuple[int, ...], ...]:
-        tokens = dims.grid[0] * dims.grid[1]
+        tokens = grid_tokens(dims.grid)
         return (tokens, dims.dim), self.text, (tokens, dims.dim)
 
     def hook(self, model: nn.Module, store: dict) -> list:
@@ -157,7 +158,7 @@ class PairTarget:
         self.key, self.loss, self.huber_delta = unit_key(pair), loss, huber_delta
 
     def row_shapes(self, dims) -> tuple[tuple[int, ...], ...]:
-        tokens = dims.grid[0] * dims.grid[1]
+        tokens = grid_tokens(dims.grid)
         return (tokens, dims.dim), (dims.dim,), (tokens, dims.dim)
 
     def hook(self, model: nn.Module, store: dict) -> list:

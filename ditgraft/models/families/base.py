@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ditgraft.diffusion.gaussian import GaussianDiffusion
+from ditgraft.operators.common import grid_tokens
 from ditgraft.slots import SLOTS
 
 Cond = torch.Tensor | tuple
@@ -35,7 +36,7 @@ class ModelDims:
     depth: int
     dim: int
     heads: int
-    grid: tuple[int, int]
+    grid: tuple[int, ...]  # the patch grid: (rows, columns), or (frames, rows, columns) for video
 
 
 def cond_tuple(cond) -> tuple:
@@ -75,21 +76,22 @@ class SlotAdapter(nn.Module):
     Extra arguments (``encoder_hidden_states=None``, ``attention_mask=None``, processor kwargs) are those of a
     self-attention call and carry nothing the operator needs. The grid is the patch grid of the current model call
     (``call_grid``, set by the family's pre-hook on the model), else the build-time grid when the token count
-    matches it, else the square grid of N tokens.
+    matches it, else (for an image grid) the square grid of N tokens. A video family's grids are (frames, rows,
+    columns).
     """
 
-    def __init__(self, op: nn.Module, grid: tuple[int, int]):
+    def __init__(self, op: nn.Module, grid: tuple[int, ...]):
         super().__init__()
         self.op = op
         self.grid = tuple(grid)
-        self.call_grid: tuple[int, int] | None = None  # the patch grid of the current model call, when known
+        self.call_grid: tuple[int, ...] | None = None  # the patch grid of the current model call, when known
 
-    def grid_for(self, n: int) -> tuple[int, int]:
+    def grid_for(self, n: int) -> tuple[int, ...]:
         for grid in (self.call_grid, self.grid):
-            if grid is not None and n == grid[0] * grid[1]:
+            if grid is not None and n == grid_tokens(grid):
                 return grid
         side = int(round(n ** 0.5))
-        if side * side != n:
+        if len(self.grid) != 2 or side * side != n:
             raise ValueError(f"a grafted slot got {n} tokens: neither the model's grid {self.grid} nor a square grid")
         return (side, side)
 
@@ -163,7 +165,7 @@ class Family:
         """(tokens, blocks) that keep activations for backward in training (the memory plan): the patch tokens and
         the grafted block list by default; joint image-text families add their text tokens and extra blocks."""
         dims = self.dims(model)
-        return dims.grid[0] * dims.grid[1], dims.depth
+        return grid_tokens(dims.grid), dims.depth
 
     def caption_keys(self, model: nn.Module) -> tuple[str, ...]:
         """A caption-conditioned family's conditioning as caption-data arrays (``ditgraft.data.captions``): the
