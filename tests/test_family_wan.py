@@ -67,7 +67,7 @@ def test_identity_attn_graft_reproduces_the_teacher():
         diff = float((out - ref).abs().max())
         print(f"wan identity attn graft, latents {tuple(x.shape[2:])}: max abs diff {diff:.1e} (output scale "
               f"{float(ref.abs().max()):.2f})")
-        assert diff < 1e-5, diff
+        assert diff < 1e-6, diff  # a wrong RoPE split or a per-head qk-norm gives ~1e-4 here
     wrong = tiny_wan()
     wrong.blocks[1].attn1.norm_q = torch.nn.RMSNorm(8)  # a per-head qk-norm is not Wan's attention
     with pytest.raises(ValueError, match="blocks\\[1\\].attn1: this attention is not Wan's video self-attention"):

@@ -64,6 +64,8 @@ class DiffusersFamily(Family):
     # keys a family reads from the model config that are not constructor arguments (a model without a fixed sample
     # size records the one it is grafted for with ``register_to_config``); ``build`` registers them again
     extra_config: tuple[str, ...] = ()
+    # forward pre-hook on the model that tells its slot adapters the patch grid of each call (from its input)
+    grid_hook = staticmethod(_set_call_grid)
 
     def flow_objective(self, model: nn.Module, **defaults):
         """A flow-matching family's objective: ``defaults`` (the published training and sampling settings), with
@@ -106,7 +108,7 @@ class DiffusersFamily(Family):
 
     def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
         if not getattr(model, "_ditgraft_grid_hook", False):
-            model.register_forward_pre_hook(_set_call_grid, with_kwargs=True)
+            model.register_forward_pre_hook(self.grid_hook, with_kwargs=True)
             model._ditgraft_grid_hook = True
         return SlotAdapter(op, self.dims(model).grid)
 

@@ -65,6 +65,7 @@ class WanFamily(DiffusersFamily):
     conditioning = "caption"
     cls_name = "WanTransformer3DModel"
     extra_config = ("sample_size", "num_frames", SCHEDULER_KEY)
+    grid_hook = staticmethod(_set_call_grid_from_video)
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == self.cls_name and hasattr(model, "blocks")
@@ -100,12 +101,6 @@ class WanFamily(DiffusersFamily):
 
     def slot_attr(self, slot: str) -> str:
         return {"attn": "attn1", "mlp": "ffn"}[slot]
-
-    def adapt(self, model: nn.Module, op: nn.Module) -> nn.Module:
-        if not getattr(model, "_ditgraft_grid_hook", False):
-            model.register_forward_pre_hook(_set_call_grid_from_video, with_kwargs=True)
-            model._ditgraft_grid_hook = True
-        return SlotAdapter(op, self.dims(model).grid)
 
     def teacher_operator(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
         """``attn1`` as a ``rope_mha`` (qk-norm across heads, the model's RoPE split over frame, row, column), or
