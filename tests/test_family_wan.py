@@ -74,6 +74,23 @@ def test_identity_attn_graft_reproduces_the_teacher():
         fam.teacher_operator(wrong, 1, "attn")
 
 
+@pytest.mark.parametrize("operator", ["mha", "linear_attn", "hyena_x", "hyena_y", "mamba2"])
+def test_grid_free_operators_take_the_attn_slot(operator):
+    """Operators that do not read the grid run in attn1 at any video size; their FLOPs count the 3-D grid's tokens."""
+    from ditgraft.operators import operator_flops
+
+    teacher = tiny_wan()
+    fam = family_of(teacher)
+    student = graft_model(teacher, [ResolvedGraft("attn", 1, operator, {})])
+    t, emb = torch.tensor([30.0, 870.5]), _prompts(2, 1)
+    for x in (_videos(2, 0), torch.randn(2, 16, 2, 6, 4, generator=torch.Generator().manual_seed(3))):
+        with torch.no_grad():
+            out, ref = fam.forward(student, x, t, emb), fam.forward(teacher, x, t, emb)
+        assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.allclose(out, ref)
+    grid = model_dims(teacher).grid
+    assert operator_flops(operator, 16, 2, grid) == operator_flops(operator, 16, 2, (1, 12)) > 0
+
+
 def test_graft_stage1_stage2_reload_wan_pipeline(tmp_path):
     teacher = tiny_wan()
     fam = family_of(teacher)
