@@ -12,12 +12,26 @@ samples with. Caption data holds prompt_embeds, pooled_prompt_embeds (and guidan
 The model has no fixed sample size; ``config["sample_size"]`` (a latent side, default 128 = 1024 px) sets the
 patch grid that stage 1 and the operators are built for (``register_to_config(sample_size=...)``).
 
-Slots, in the double-stream blocks (``layer`` counts them; the single-stream blocks stay): ``mlp`` is the image
-stream's ``transformer_blocks[i].ff`` (``ff_context`` stays); ``attn`` is a split slot of the joint attention
-(``joint.JointSplitAttention``): image queries over image keys go through the new operator, attention involving
-text keeps the teacher's qk-norm, RoPE and softmax. The teacher's image-to-image part is a ``rope_mha`` with
-``axes_dims`` = the model's ``axes_dims_rope`` (``init: teacher`` with those options reproduces the teacher); the
-patch grid of each call comes from ``img_ids``.
+Slots. ``attn`` layers count every attention of the model: 0..D-1 are the double-stream blocks
+``transformer_blocks`` (D = 19 in FLUX.1), D..D+S-1 the single-stream blocks ``single_transformer_blocks`` (S = 38),
+so ``select: all``, ``fraction`` and index lists cover all 57; ``mlp`` layers are the double-stream blocks only
+(``Family.slot_depth``; ``dims().depth`` stays D, the block list).
+- ``mlp`` is the image stream's ``transformer_blocks[i].ff`` (``ff_context`` stays). A single-stream block's MLP
+  (``proj_mlp``, then the MLP columns of the ``proj_out`` it shares with the attention) is not a slot: asking for one
+  is refused.
+- ``attn`` of a double-stream block is a split slot of the joint attention (``joint.JointSplitAttention``): image
+  queries over image keys go through the new operator, attention involving text keeps the teacher's qk-norm, RoPE
+  and softmax.
+- ``attn`` of a single-stream block is a split slot too (``SingleStreamSplitAttention``): one attention over the
+  [text; image] tokens with projections shared by both; image queries over image keys go through the operator,
+  text queries over all tokens and image queries over text keys keep the teacher's shared projections, qk-norm,
+  RoPE and softmax. Its output stays the attention's own (the block concatenates it with the MLP branch and
+  ``proj_out`` projects both), so the operator's ``proj`` is one linear more than the teacher has there.
+The teacher's image-to-image part is a ``rope_mha`` with ``axes_dims`` = the model's ``axes_dims_rope`` (in a
+single-stream block with the identity as ``proj``); ``init: teacher`` with those options reproduces the teacher. The
+patch grid of each call comes from ``img_ids``; a single-stream slot takes the image tokens (the last ones) from it.
+Stage 1 captures a single-stream attention's input split into its text and image tokens (the block's text length)
+and regresses its image-token output.
 """
 from __future__ import annotations
 
