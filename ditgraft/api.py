@@ -83,7 +83,7 @@ def graft_model(model, recipe=None, *, operator: str | None = None, layers="inte
     an analysis run through ``run_pipeline``) or ``operator`` (+ ``layers``: indices, a slice string or a selector
     such as "interleave" / {"select": "interleave", "fraction": 0.75}; ``slot`` defaults to the operator's)."""
     from ditgraft.graft import surgery
-    from ditgraft.models.adapters import model_dims
+    from ditgraft.models.adapters import slot_depths
     from ditgraft.operators import get_spec
 
     if isinstance(model, (str, os.PathLike)):
@@ -95,7 +95,7 @@ def graft_model(model, recipe=None, *, operator: str | None = None, layers="inte
         recipe = {"grafts": [{"slot": slot or spec.slot, "layers": layers, "operator": operator,
                               "options": dict(options or {}), "init": init}], "seed": seed}
     r = _recipe(recipe, {})
-    grafts = surgery.resolve_grafts(r, model_dims(model).depth)
+    grafts = surgery.resolve_grafts(r, slot_depths(model))
     student = surgery.graft_model(model, grafts, seed=r.seed).eval()
     # what a saved student's metadata would say (export reads it): earlier grafts stay where no new one replaces them
     meta = getattr(model, "ditgraft_meta", None) or {}

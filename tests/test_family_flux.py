@@ -170,3 +170,91 @@ def test_a_pipeline_folders_scheduler_sets_the_objective(tmp_path):
                   generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours, diffusers.FluxPipeline._unpack_latents(packed, 64, 64, 8), atol=1e-5,
                                rtol=1e-5)
+
+
+# ---- the single-stream blocks' attention as split slots (layers 2, 3 of tiny_flux(single=2)) ----------------------
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (2, 4, 8, 4)])
+def test_single_stream_identity_graft_reproduces_the_teacher(shape):
+    """Attention layers count the double-stream blocks, then the single-stream ones. The single-stream attentions
+    split (image-to-image through the teacher's own part, a rope_mha with the identity as proj; text through the
+    teacher's shared projections and softmax): the teacher's output, alone and with every double-stream attention
+    split too; a random operator there changes it. The parallel MLP of a single-stream block is refused as a slot."""
+    from ditgraft.graft.surgery import resolve_grafts
+    from ditgraft.models.adapters import slot_depths
+    from ditgraft.models.families.flux import SingleStreamSplitAttention
+    from ditgraft.recipe import parse_recipe
+
+    teacher = tiny_flux(single=2)
+    fam = family_of(teacher)
+    assert slot_depths(teacher) == {"attn": 4, "mlp": 2} and model_dims(teacher).depth == 2
+    recipe = parse_recipe({"grafts": [{"slot": "attn", "layers": {"select": "all"}, "operator": "clear"},
+                                      {"slot": "mlp", "layers": {"select": "all"}, "operator": "mlp"}]})
+    assert [(g.slot, g.layer) for g in resolve_grafts(recipe, slot_depths(teacher))] == [
+        ("attn", 0), ("mlp", 0), ("attn", 1), ("mlp", 1), ("attn", 2), ("attn", 3)]
+    assert get_slot(teacher, 3, "attn") is teacher.single_transformer_blocks[1].attn
+    x, t, c = torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.tensor([30.0, 870.5]), _cond(2, 1)
+    with torch.no_grad():
+        ref = fam.forward(teacher, x, t, c)
+        for layers in ([2, 3], [0, 1, 2, 3]):
+            student = graft_model(teacher, [ResolvedGraft("attn", i, "rope_mha", ROPE, init="teacher")
+                                             for i in layers])
+            assert all(isinstance(b.attn, SingleStreamSplitAttention) for b in student.single_transformer_blocks)
+            diff = float((fam.forward(student, x, t, c) - ref).abs().max())
+            assert diff < 1e-6, diff  # measured at most 2.4e-7 (8 x 8), 1.8e-7 (8 x 4), fp32, on outputs up to 1.3
+        rand = graft_model(teacher, [ResolvedGraft("attn", 3, "rope_mha", ROPE)])
+        assert float((fam.forward(rand, x, t, c) - ref).abs().max()) > 1e-3  # measured 0.022, 0.026
+    with pytest.raises(ValueError, match="layer=2 for slot='mlp' is a single-stream block"):
+        graft_model(teacher, [ResolvedGraft("mlp", 2, "mlp")])
+    with pytest.raises(ValueError, match="layer=4 is out of range"):
+        graft_model(teacher, [ResolvedGraft("attn", 4, "clear")])
+
+
+def test_clear_in_every_attention_stage1_stage2_reload_flux_pipeline(tmp_path):
+    """CLEAR's setting: a circular window in every attention, double- and single-stream (text attending to and
+    from everything through the teacher's softmax). Split-slot stage 1 regresses each attention's image output
+    (the teacher's own part starts at its single-stream target), stage 2 trains with the flow loss plus output
+    distillation, the reloaded student runs in FluxPipeline from precomputed embeddings."""
+    from ditgraft.models.families.joint import SplitSlotUnit, capture_joint_attention
+
+    teacher = tiny_flux(single=2)
+    fam = family_of(teacher)
+    with capture_joint_attention(teacher, [1, 3]) as seen, torch.no_grad():
+        fam.forward(teacher, latents(2, 0), torch.tensor([100.0, 700.0]), _cond(2, 1))
+        for layer in (1, 3):
+            hs, ehs, target = seen[layer]
+            assert hs.shape == (2, 16, 16) and ehs.shape == (2, 6, 16) and target.shape == (2, 16, 16)
+            unit = SplitSlotUnit(fam.teacher_operator(teacher, layer, "attn"), fam, teacher, layer)
+            diff = float((unit(hs, ehs) - target).abs().max())
+            assert diff < 1e-6, (layer, diff)  # measured 5e-8 (double), 1.2e-7 (single) on targets up to 0.46
+
+    grafts = [ResolvedGraft("attn", i, "clear", {"radius": 2}, init="teacher") for i in range(4)]
+    x0, cond = latents(16, 0), _cond(16, 1)
+    s1 = Stage1(samples=16, val_samples=8, steps=4, batch_size=8, eval_every=2, extract_batch_size=8, lr=1e-3,
+                cache="stream")
+    res = run_stage1(teacher, grafts, s1, x0, cond, latents(8, 2), _cond(8, 3), str(tmp_path / "s1"), 0,
+                     "cpu", progress=False, log=lambda *_: None)
+    assert set(res["operators"]) == {"attn0", "attn1", "attn2", "attn3"}
+    assert all(np.isfinite(r["val_rel_mse"]) for r in res["operators"].values())
+    student = graft_model(teacher, grafts)
+    load_best_operators(student, grafts, str(tmp_path / "s1"))
+    s2 = Stage2(steps=2, batch_size=4, ckpt_every=2, ema_decay=None, distill_weight=1.0)
+    student, history = run_stage2(student, s2, x0, cond, str(tmp_path / "s2"), 0, progress=False, teacher=teacher)
+    assert history and np.isfinite(history[-1]["loss"])
+
+    path = str(tmp_path / "student.safetensors")
+    save_grafted(path, student, grafts, None)
+    loaded, _ = load_grafted(path)
+    x, t, c = latents(2, 4), torch.tensor([5.0, 999.0]), _cond(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fam.forward(loaded, x, t, c), fam.forward(student, x, t, c))
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                      max_shift=1.15)
+    pipe = diffusers.FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                  tokenizer_2=None, transformer=loaded)
+    emb, pooled, g = _cond(2, 7)
+    packed = pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, num_inference_steps=3, guidance_scale=3.5,
+                  height=64, width=64, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    ours = sample(loaded, (emb, pooled, g), (2, 4, 8, 8), SamplingConfig(sampler="euler", steps=3, cfg_scale=1.0),
+                  generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, diffusers.FluxPipeline._unpack_latents(packed, 64, 64, 8), atol=1e-5,
+                               rtol=1e-5)

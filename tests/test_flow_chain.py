@@ -268,7 +268,7 @@ def test_flow_family_refusals_before_any_work(tmp_path):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_activation_checkpointing_of_a_grafted_diffusers_student(family, tmp_path):
     """``activation_checkpointing`` turns on diffusers' own block recomputation; a split-slot student trained with
-    it takes the same steps (stage 2 through the shared loop)."""
+    it takes the same steps (stage 2 through the shared loop), Flux's single-stream split slot included."""
     from ditgraft.graft.stage2 import run_stage2
     from ditgraft.graft.surgery import ResolvedGraft, graft_model
     from ditgraft.models.families import family_of
@@ -276,7 +276,8 @@ def test_activation_checkpointing_of_a_grafted_diffusers_student(family, tmp_pat
 
     teacher = FAMILIES[family][0]()
     op = ("mha", {}) if family == "sd3" else ("rope_mha", {"axes_dims": [2, 2, 4]})
-    grafts = [ResolvedGraft("attn", 0, op[0], op[1])]
+    layers = [0] if family == "sd3" else [0, 2]  # Flux: a double- and a single-stream attention
+    grafts = [ResolvedGraft("attn", i, op[0], op[1]) for i in layers]
     emb = _embeddings(family, 8, 0)
     keys = family_of(teacher).caption_keys(teacher)
     cond = tuple(emb[k] if k != "guidance" else torch.full((8,), emb[k]) for k in keys)
@@ -313,12 +314,19 @@ def test_bundled_flow_recipes_plan_their_memory():
     flux = diffusers_architecture("black-forest-labs/FLUX.1-dev")
     assert family_of(flux).activation_layout(flux) == (4096 + 512, 19 + 38)
     for name, family in (("sd3_medium_local2d_50", "sd3"), ("flux_dev_mlp_r3_50", "flux"),
-                         ("wan21_1p3b_mlp_r3_50", "wan"), ("wan21_1p3b_local3d_50", "wan"),
-                         ("wan21_1p3b_linear_50", "wan")):
+                         ("flux_dev_clear_all", "flux"), ("wan21_1p3b_mlp_r3_50", "wan"),
+                         ("wan21_1p3b_local3d_50", "wan"), ("wan21_1p3b_linear_50", "wan")):
         recipe = load_recipe(name)
         assert family_of(diffusers_architecture(recipe.teacher.source.split(":", 1)[1])).name == family
         line = recipe_stage2_memory(recipe, 8)
         assert line.startswith("stage 2 expected memory: ") and "GiB per GPU" in line
+    # CLEAR in every attention of FLUX.1-dev: 19 double-stream + 38 single-stream split slots, operators that build
+    from ditgraft.graft.surgery import check_operators, resolve_grafts
+    from ditgraft.models.adapters import slot_depths
+
+    grafts = resolve_grafts(load_recipe("flux_dev_clear_all"), slot_depths(flux))
+    assert [g.layer for g in grafts] == list(range(57)) and {g.operator for g in grafts} == {"clear"}
+    check_operators(flux, grafts)
     assert diffusers_architecture("someone/unknown-model") is None
     wan = diffusers_architecture("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     assert family_of(wan).dims(wan).grid == (21, 30, 52)  # 32,760 video tokens, (frames, rows, columns)

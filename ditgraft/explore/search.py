@@ -227,7 +227,7 @@ def _signals(s: SearchFile, base: dict, out: str, device, log) -> dict:
     from ditgraft.graft.teacher import load_teacher
     from ditgraft.graft.stage1 import load_best_operators, noised_inputs, run_stage1
     from ditgraft.graft.surgery import ResolvedGraft, graft_model
-    from ditgraft.models.adapters import model_dims
+    from ditgraft.models.adapters import slot_depths
     from ditgraft.models.families import model_call
 
     path = os.path.join(out, "signals.json")
@@ -235,7 +235,7 @@ def _signals(s: SearchFile, base: dict, out: str, device, log) -> dict:
         return read_json(path)
     recipe = parse_recipe(base)
     teacher, _ = load_teacher(recipe, device)
-    depth = model_dims(teacher).depth
+    depth = slot_depths(teacher)[s.slot]
     keep = KEEP[s.slot]
     cfg = recipe.stage1.model_copy(update={
         "steps": s.probe.steps, "samples": s.probe.samples, "val_samples": s.probe.val_samples,
@@ -302,7 +302,7 @@ def design_grafts(design: list[str], slot: str, candidates: dict) -> list[dict]:
     return out
 
 
-def _resolved(recipe: dict, depth: int) -> list[tuple]:
+def _resolved(recipe: dict, depth: dict[str, int]) -> list[tuple]:
     """A recipe's grafts as sorted (slot, layer, operator, options): equal lists are the same design."""
     from ditgraft.graft.surgery import resolve_grafts
 
@@ -310,9 +310,9 @@ def _resolved(recipe: dict, depth: int) -> list[tuple]:
                   for g in resolve_grafts(parse_recipe(recipe), depth))
 
 
-def _base_design(base: dict, slot: str, depth: int) -> list[str]:
-    design = [KEEP[slot]] * depth
-    for g_slot, layer, op, _ in _resolved(base, depth):
+def _base_design(base: dict, slot: str, depths: dict[str, int]) -> list[str]:
+    design = [KEEP[slot]] * depths[slot]
+    for g_slot, layer, op, _ in _resolved(base, depths):
         if g_slot == slot:
             design[layer] = op
     return design
@@ -324,14 +324,15 @@ def run_search(path: str, out: str | None = None, jobs: int = 1, device: str | N
     verification sweep and the report (``report.md``, ``report.json``)."""
     from ditgraft.explore.sweep import run_sweep
     from ditgraft.graft.teacher import load_teacher
-    from ditgraft.models.adapters import model_dims
+    from ditgraft.models.adapters import slot_depths
     from ditgraft.utils import resolve_device
 
     s, base, name = load_search(path)
     out = out or os.path.join("searches", name)
     dev = resolve_device(device)
     teacher, _ = load_teacher(parse_recipe(base), dev)
-    depth = model_dims(teacher).depth
+    depths = slot_depths(teacher)
+    depth = depths[s.slot]
     ops = list(s.candidates)
     rel = operator_costs(teacher, s.slot, s.candidates, s.budget.cost, s.budget.part)
     cheapest = min(rel, key=rel.get)
@@ -351,13 +352,13 @@ def run_search(path: str, out: str | None = None, jobs: int = 1, device: str | N
             layers = [ops[c] for c in d]
             designs.append({"name": f"design{i}", "layers": layers, "cost": float(cost[range(depth), d].mean()),
                             **{f"predicted_{sig}": float(scores[sig][range(depth), d].sum()) for sig in SIGNALS}})
-        base_layers = _base_design(base, s.slot, depth)
+        base_layers = _base_design(base, s.slot, depths)
         base_row = None
         if "base" in s.compare:
             idx = [ops.index(o) if o in ops else None for o in base_layers]
             known = all(i is not None for i in idx)
             same = [d["name"] for d in designs[:s.verify] if _resolved(
-                {**base, "grafts": design_grafts(d["layers"], s.slot, s.candidates)}, depth) == _resolved(base, depth)]
+                {**base, "grafts": design_grafts(d["layers"], s.slot, s.candidates)}, depths) == _resolved(base, depths)]
             base_row = {"name": "base", "layers": base_layers, "same_as": same[0] if same else None,
                         "cost": float(np.mean([rel.get(o, float("nan")) for o in base_layers])) if known else None,
                         **{f"predicted_{sig}": float(scores[sig][range(depth), idx].sum()) if known else None

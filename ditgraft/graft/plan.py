@@ -11,7 +11,7 @@ from ditgraft.graft.data_split import eval_captions, stage1_split
 from ditgraft.graft.stage1 import run_stage1
 from ditgraft.graft.surgery import ResolvedGraft, resolve_grafts
 from ditgraft.layers import selector_needs
-from ditgraft.models.adapters import model_dims
+from ditgraft.models.adapters import slot_depths
 from ditgraft.recipe import Recipe
 from ditgraft.utils import atomic_write_json, read_json
 
@@ -39,10 +39,10 @@ def _probe_losses(recipe: Recipe, teacher, run_dir: str, device, log) -> dict[in
     """Selectors that need probe losses: distil the candidate operator into every layer briefly; relative val MSE
     per layer."""
     out = {}
-    depth = model_dims(teacher).depth
     for gi, g in enumerate(recipe.grafts):
         if "probe_losses" not in selector_needs(g.layers):
             continue
+        depth = slot_depths(teacher)[g.slot]
         probe = [ResolvedGraft(g.slot, i, g.operator, dict(g.options), g.loss, g.huber_delta, g.init)
                  for i in range(depth)]
         cfg = recipe.stage1.model_copy(update={"steps": g.layers.probe_steps,
@@ -62,6 +62,6 @@ def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> lis
     analysis = (_analysis(teacher, run_dir, device, log, eval_captions(recipe)) if _needs(recipe, "analysis")
                 else None)
     probes = _probe_losses(recipe, teacher, run_dir, device, log) if _needs(recipe, "probe_losses") else None
-    grafts = resolve_grafts(recipe, model_dims(teacher).depth, analysis=analysis, probe_losses=probes)
+    grafts = resolve_grafts(recipe, slot_depths(teacher), analysis=analysis, probe_losses=probes)
     on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))
     return grafts

@@ -56,7 +56,7 @@ from ditgraft.graft.surgery import ResolvedGraft, make_operators
 from ditgraft.models.adapters import get_slot, model_dims
 from ditgraft.models.families import family_of, model_call
 from ditgraft.models.families.base import cond_len, cond_pack, cond_rows, cond_to, cond_tuple
-from ditgraft.models.families.joint import SplitSlotUnit, hook_joint_attention, split_operators, split_unit_ready
+from ditgraft.models.families.joint import SplitSlotUnit, split_operators, split_unit_ready
 from ditgraft.operators.common import grid_tokens
 from ditgraft.recipe import Stage1
 from ditgraft.train.loop import TrainingDiverged, train
@@ -130,7 +130,7 @@ class SplitSlotTarget(SlotTarget):
         return (tokens, dims.dim), self.text, (tokens, dims.dim)
 
     def hook(self, model: nn.Module, store: dict) -> list:
-        return [hook_joint_attention(model, self.graft.layer, store, self.key)]
+        return family_of(model).hook_split_slot(model, self.graft.layer, store, self.key)
 
     @staticmethod
     def build(teacher: nn.Module, targets: list[SplitSlotTarget], seed: int) -> dict[str, nn.Module]:

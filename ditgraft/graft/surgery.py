@@ -41,12 +41,14 @@ class ResolvedGraft:
         return f"{self.slot}{self.layer}"
 
 
-def resolve_grafts(recipe, depth: int, analysis=None, probe_losses=None) -> list[ResolvedGraft]:
-    """Expand every graft's layer selector; a slot may be grafted once."""
+def resolve_grafts(recipe, depth: int | dict[str, int], analysis=None, probe_losses=None) -> list[ResolvedGraft]:
+    """Expand every graft's layer selector against its slot's depth (``depth``: one number for every slot, or
+    ``slot_depths(model)``: {slot: depth}); a slot may be grafted once."""
     out, seen = [], {}
     for gi, g in enumerate(recipe.grafts):
         probe = probe_losses.get(gi) if probe_losses else None
-        for layer in resolve_layers(g.layers, depth, analysis=analysis, probe_losses=probe):
+        n = depth[g.slot] if isinstance(depth, dict) else depth
+        for layer in resolve_layers(g.layers, n, analysis=analysis, probe_losses=probe):
             key = (g.slot, layer)
             if key in seen:
                 raise ValueError(f"grafts.{gi}: {g.slot} of block {layer} is already grafted by grafts.{seen[key]}")

@@ -12,11 +12,18 @@ from torch import nn
 from ditgraft.models.families import family_of
 from ditgraft.models.families.base import SLOTS, ModelDims
 
-__all__ = ["SLOTS", "ModelDims", "get_slot", "model_dims", "set_slot"]
+__all__ = ["SLOTS", "ModelDims", "get_slot", "model_dims", "set_slot", "slot_depths"]
 
 
 def model_dims(model: nn.Module) -> ModelDims:
     return family_of(model).dims(model)
+
+
+def slot_depths(model: nn.Module) -> dict[str, int]:
+    """{slot: how many slots of that kind the model has} (what layer selectors resolve against; ``Family.slot_depth``:
+    one per block, except FLUX's attention, which also counts the single-stream blocks)."""
+    family = family_of(model)
+    return {slot: family.slot_depth(model, slot) for slot in SLOTS}
 
 
 def get_slot(model: nn.Module, layer: int, slot: str) -> nn.Module:

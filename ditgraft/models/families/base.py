@@ -206,10 +206,15 @@ class Family:
     def slot_attr(self, slot: str) -> str:
         raise NotImplementedError
 
+    def slot_depth(self, model: nn.Module, slot: str) -> int:
+        """How many ``slot`` slots the model has (``layer`` runs over 0..slot_depth - 1): one per block by default;
+        a family with more attentions than blocks (FLUX's single-stream blocks) counts them here."""
+        return self.dims(model).depth
+
     def check(self, model: nn.Module, layer: int, slot: str) -> None:
         if slot not in SLOTS:
             raise ValueError(f"slot={slot!r} is not allowed; use one of {SLOTS}")
-        depth = self.dims(model).depth
+        depth = self.slot_depth(model, slot)
         if not isinstance(layer, int) or not 0 <= layer < depth:
             raise ValueError(f"layer={layer} is out of range for a depth-{depth} model")
 

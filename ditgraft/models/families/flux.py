@@ -12,12 +12,26 @@ samples with. Caption data holds prompt_embeds, pooled_prompt_embeds (and guidan
 The model has no fixed sample size; ``config["sample_size"]`` (a latent side, default 128 = 1024 px) sets the
 patch grid that stage 1 and the operators are built for (``register_to_config(sample_size=...)``).
 
-Slots, in the double-stream blocks (``layer`` counts them; the single-stream blocks stay): ``mlp`` is the image
-stream's ``transformer_blocks[i].ff`` (``ff_context`` stays); ``attn`` is a split slot of the joint attention
-(``joint.JointSplitAttention``): image queries over image keys go through the new operator, attention involving
-text keeps the teacher's qk-norm, RoPE and softmax. The teacher's image-to-image part is a ``rope_mha`` with
-``axes_dims`` = the model's ``axes_dims_rope`` (``init: teacher`` with those options reproduces the teacher); the
-patch grid of each call comes from ``img_ids``.
+Slots. ``attn`` layers count every attention of the model: 0..D-1 are the double-stream blocks
+``transformer_blocks`` (D = 19 in FLUX.1), D..D+S-1 the single-stream blocks ``single_transformer_blocks`` (S = 38),
+so ``select: all``, ``fraction`` and index lists cover all 57; ``mlp`` layers are the double-stream blocks only
+(``Family.slot_depth``; ``dims().depth`` stays D, the block list).
+- ``mlp`` is the image stream's ``transformer_blocks[i].ff`` (``ff_context`` stays). A single-stream block's MLP
+  (``proj_mlp``, then the MLP columns of the ``proj_out`` it shares with the attention) is not a slot: asking for one
+  is refused.
+- ``attn`` of a double-stream block is a split slot of the joint attention (``joint.JointSplitAttention``): image
+  queries over image keys go through the new operator, attention involving text keeps the teacher's qk-norm, RoPE
+  and softmax.
+- ``attn`` of a single-stream block is a split slot too (``SingleStreamSplitAttention``): one attention over the
+  [text; image] tokens with projections shared by both; image queries over image keys go through the operator,
+  text queries over all tokens and image queries over text keys keep the teacher's shared projections, qk-norm,
+  RoPE and softmax. Its output stays the attention's own (the block concatenates it with the MLP branch and
+  ``proj_out`` projects both), so the operator's ``proj`` is one linear more than the teacher has there.
+The teacher's image-to-image part is a ``rope_mha`` with ``axes_dims`` = the model's ``axes_dims_rope`` (in a
+single-stream block with the identity as ``proj``); ``init: teacher`` with those options reproduces the teacher. The
+patch grid of each call comes from ``img_ids``; a single-stream slot takes the image tokens (the last ones) from it.
+Stage 1 captures a single-stream attention's input split into its text and image tokens (the block's text length)
+and regresses its image-token output.
 """
 from __future__ import annotations
 
@@ -27,7 +41,9 @@ from torch import nn
 from ditgraft.diffusion.flow_matching import FlowMatching
 from ditgraft.models.families.base import ModelDims, SlotAdapter, cond_tuple, unwrap
 from ditgraft.models.families.diffusers_common import SCHEDULER_KEY, DiffusersFamily, _mlp_from_diffusers
-from ditgraft.models.families.joint import SplitAttentionSlots, rope_mha_from_joint
+from ditgraft.models.families.joint import (SplitAttentionSlots, heads, merge, rope_mha_from_joint, softmax_lse,
+                                            split_attend)
+from ditgraft.operators.rope_attention import rotate
 
 DEFAULT_LATENT_SIDE = 128  # 1024 px through FLUX's 8x VAE
 PACK = 2  # FluxPipeline packs 2 x 2 latent patches into one token
@@ -67,6 +83,81 @@ def _set_call_grid_from_ids(model: nn.Module, args: tuple, kwargs: dict) -> None
             m.call_grid = grid
 
 
+class SingleStreamSplitAttention(SlotAdapter):
+    """The attention of a FLUX single-stream block with its image-to-image part through the operator ``op``;
+    ``joint`` is the teacher's ``FluxAttention`` (``pre_only``: shared ``to_q/to_k/to_v`` for text and image tokens,
+    qk-norm, no output projection). Text queries over all keys and image queries over text keys keep the teacher's
+    softmax; image queries over image keys go through ``op``, mixed by their shares of the joint normaliser as in
+    ``joint.JointSplitAttention``. The image output is ``op.proj(w A_img) + (1 - w) A_txt``: in the attention's own
+    output space, which the block concatenates with its MLP branch and projects by ``proj_out`` (the teacher's
+    image-to-image part is a ``rope_mha`` whose ``proj`` is the identity).
+
+    Called as the block calls it, ``(hidden_states=[text; image] tokens, image_rotary_emb)`` -> the output of every
+    token (the image token count from the call's patch grid); called with ``encoder_hidden_states`` (stage 1's
+    ``SplitSlotUnit``: the two streams apart) -> (image output, text output)."""
+
+    def __init__(self, op: nn.Module, grid: tuple[int, int], joint: nn.Module):
+        super().__init__(op, grid)
+        self.joint = joint
+
+    def image_grid(self, tokens: int) -> tuple[int, int]:
+        """The patch grid of this call's image tokens among ``tokens`` text and image tokens."""
+        for grid in (self.call_grid, self.grid):
+            if grid is not None and 0 < grid[0] * grid[1] < tokens:
+                return grid
+        raise ValueError(f"a single-stream split attention slot got {tokens} tokens: fewer than the image tokens of "
+                         f"the call's grid {self.call_grid} and of the model's grid {self.grid} plus text")
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, image_rotary_emb=None, *args, **kwargs):
+        if args or kwargs or attention_mask is not None:
+            raise ValueError(f"a single-stream split attention slot takes hidden_states and image_rotary_emb only; "
+                             f"got {len(args)} more positional arguments, attention_mask="
+                             f"{'given' if attention_mask is not None else None} and {sorted(kwargs)} (IP-adapter "
+                             "and other processor arguments are not supported)")
+        if encoder_hidden_states is not None:
+            return self.streams(hidden_states, encoder_hidden_states, image_rotary_emb)
+        grid = self.image_grid(hidden_states.shape[1])
+        n_txt = hidden_states.shape[1] - grid[0] * grid[1]
+        img, txt = self.streams(hidden_states[:, n_txt:], hidden_states[:, :n_txt], image_rotary_emb)
+        return torch.cat([txt, img], dim=1)
+
+    def streams(self, img: torch.Tensor, txt: torch.Tensor, image_rotary_emb=None):
+        """(image output, text output) for image tokens ``img`` and text tokens ``txt``; ``image_rotary_emb`` is
+        FLUX's (cos, sin) over [text; image] tokens."""
+        a, n_txt = self.joint, txt.shape[1]
+        x = torch.cat([txt, img], dim=1)
+        q, k, v = a.norm_q(heads(a.to_q(x), a.heads)), a.norm_k(heads(a.to_k(x), a.heads)), heads(a.to_v(x), a.heads)
+        if image_rotary_emb is not None:
+            cos, sin = image_rotary_emb
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        scale = a.head_dim ** -0.5
+        # text queries over all keys: the teacher's softmax, unchanged
+        txt_out, _ = softmax_lse(q[:, :, :n_txt], k, v, scale)
+        # image queries: image keys through the operator, text keys through the teacher's softmax, mixed per head
+        img_part, lse_img = split_attend(self.op, img, self.grid_for(img.shape[1]))
+        txt_part, lse_txt = softmax_lse(q[:, :, n_txt:], k[:, :, :n_txt], v[:, :, :n_txt], scale)
+        w = torch.sigmoid(lse_img - lse_txt)[..., None]
+        return self.op.proj(merge(w * img_part)) + merge((1 - w) * txt_part), merge(txt_out)
+
+
+def _hook_single_stream(block: nn.Module, store: dict, key) -> list:
+    """Hooks on a single-stream block and its attention that put (image tokens, text tokens, image output) of each
+    call of the attention at ``store[key]`` (the block's text length splits its concatenated stream)."""
+    text = {}
+
+    def pre(_module, args, kwargs):
+        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        text["tokens"] = ehs.shape[1]
+
+    def post(_module, args, kwargs, output):
+        hs, n = kwargs.get("hidden_states", args[0] if args else None), text["tokens"]
+        store[key] = (hs[:, n:].detach(), hs[:, :n].detach(), output[:, n:].detach())
+
+    return [block.register_forward_pre_hook(pre, with_kwargs=True),
+            block.attn.register_forward_hook(post, with_kwargs=True)]
+
+
 class FluxFamily(SplitAttentionSlots, DiffusersFamily):
     name = "flux"
     supports: frozenset[str] = frozenset({"sample", "eval"})  # protocol samples from a caption set (a caption .npz)
@@ -85,6 +176,56 @@ class FluxFamily(SplitAttentionSlots, DiffusersFamily):
         return ModelDims(len(model.transformer_blocks), c.num_attention_heads * c.attention_head_dim,
                          c.num_attention_heads, (side, side))
 
+    def slot_depth(self, model: nn.Module, slot: str) -> int:
+        """``attn``: the 19 double-stream blocks, then the 38 single-stream blocks (FLUX.1); ``mlp``: the
+        double-stream blocks only."""
+        model = unwrap(model)
+        double = len(model.transformer_blocks)
+        return double + len(model.single_transformer_blocks) if slot == "attn" else double
+
+    def single_stream(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """``single_transformer_blocks[layer - double-stream blocks]`` for an attention layer past the
+        double-stream blocks, else None."""
+        model = unwrap(model)
+        double = len(model.transformer_blocks)
+        return model.single_transformer_blocks[layer - double] if layer >= double else None
+
+    def check(self, model: nn.Module, layer: int, slot: str) -> None:
+        double, depth = len(unwrap(model).transformer_blocks), self.slot_depth(model, "attn")
+        if slot == "mlp" and isinstance(layer, int) and double <= layer < depth:
+            raise ValueError(f"layer={layer} for slot='mlp' is a single-stream block, whose MLP runs in parallel "
+                             f"with the attention into one proj_out and is not a slot; mlp layers are "
+                             f"0..{double - 1} (the double-stream blocks)")
+        super().check(model, layer, slot)
+
+    def slot_parent(self, model: nn.Module, layer: int) -> nn.Module:
+        single = self.single_stream(model, layer)
+        return single if single is not None else super().slot_parent(model, layer)
+
+    def joint_attention(self, model: nn.Module, layer: int) -> nn.Module:
+        single = self.single_stream(model, layer)
+        if single is None:
+            return super().joint_attention(model, layer)
+        return single.attn.joint if isinstance(single.attn, SingleStreamSplitAttention) else single.attn
+
+    def split_attention(self, model: nn.Module, layer: int, op: nn.Module) -> SlotAdapter:
+        if self.single_stream(model, layer) is None:
+            return super().split_attention(model, layer, op)
+        return SingleStreamSplitAttention(op, self.dims(model).grid, self.joint_attention(model, layer))
+
+    def hook_split_slot(self, model: nn.Module, layer: int, store: dict, key) -> list:
+        single = self.single_stream(model, layer)
+        if single is None:
+            return super().hook_split_slot(model, layer, store, key)
+        return _hook_single_stream(single, store, key)
+
+    def split_text(self, model: nn.Module, layer: int, cond) -> tuple[int, int]:
+        """(tokens, width) of the text tokens entering the attention of ``layer``: the prompt's tokens, at the
+        context embedder's width (a single-stream block's text tokens have the model's inner width)."""
+        if self.single_stream(model, layer) is None:
+            return super().split_text(model, layer, cond)
+        return cond_tuple(cond)[0].shape[1], self.joint_attention(model, layer).to_k.in_features
+
     def learn_sigma(self, model: nn.Module) -> bool:
         return False
 
@@ -101,8 +242,8 @@ class FluxFamily(SplitAttentionSlots, DiffusersFamily):
         return SlotAdapter(op, self.dims(model).grid)
 
     def teacher_operator(self, model: nn.Module, layer: int, slot: str) -> nn.Module:
-        """The image-to-image part of the joint attention as a ``rope_mha`` (RoPE split ``axes_dims_rope``), or the
-        image stream's ``ff`` as a ditgraft MLP."""
+        """The image-to-image part of the attention as a ``rope_mha`` (RoPE split ``axes_dims_rope``; in a
+        single-stream block its ``proj`` is the identity), or the image stream's ``ff`` as a ditgraft MLP."""
         module = self.get_slot(model, layer, slot)
         if type(module).__module__.startswith("ditgraft."):
             return module

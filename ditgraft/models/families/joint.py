@@ -112,7 +112,9 @@ def rope_mha_from_joint(attn: nn.Module, axes_dims=None, theta: float = 10000.0,
     """The image-to-image part of a joint attention with qk-norm (SD3.5, FLUX), or a self-attention with qk-norm
     laid out the same way (Wan's ``attn1``), as a ditgraft ``rope_mha``: ``qkv`` = [to_q; to_k; to_v], ``proj`` =
     to_out.0, ``norm_q`` / ``norm_k`` the teacher's (``qk_norm``: per head, or "rms_norm_across_heads");
-    ``axes_dims`` the teacher's RoPE split (None: no RoPE)."""
+    ``axes_dims`` the teacher's RoPE split (None: no RoPE). An attention without an output projection
+    (``pre_only``: FLUX's single-stream blocks, whose ``proj_out`` projects the attention together with the MLP
+    branch) gets the identity as ``proj``."""
     dim, h = attn.to_q.in_features, attn.heads
     op = RopeMHA(dim, h, axes_dims=axes_dims, theta=theta, qk_norm=qk_norm, eps=attn.norm_q.eps,
                  qkv_bias=attn.to_q.bias is not None)
@@ -120,7 +122,11 @@ def rope_mha_from_joint(attn: nn.Module, axes_dims=None, theta: float = 10000.0,
         op.qkv.weight.copy_(torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
         if attn.to_q.bias is not None:
             op.qkv.bias.copy_(torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]))
-        op.proj.load_state_dict(attn.to_out[0].state_dict())
+        if getattr(attn, "to_out", None) is not None:
+            op.proj.load_state_dict(attn.to_out[0].state_dict())
+        else:
+            op.proj.weight.copy_(torch.eye(dim))
+            op.proj.bias.zero_()
         op.norm_q.weight.copy_(attn.norm_q.weight)
         op.norm_k.weight.copy_(attn.norm_k.weight)
     return op.to(attn.to_q.weight.device)
@@ -153,16 +159,24 @@ class SplitAttentionSlots:
         (None: no RoPE, as SD3)."""
         return None
 
+    def split_attention(self, model: nn.Module, layer: int, op: nn.Module) -> SlotAdapter:
+        """The split slot of ``layer`` with ``op`` as its image-to-image part, around the teacher's joint attention
+        (what ``set_slot`` puts in the model and stage 1's ``SplitSlotUnit`` trains)."""
+        return JointSplitAttention(op, self.dims(model).grid, self.joint_attention(model, layer))
+
+    def hook_split_slot(self, model: nn.Module, layer: int, store: dict, key) -> list:
+        """Forward hooks that put (image tokens, text tokens, image output) of the split slot's teacher attention
+        at ``store[key]`` on each forward (``hook_joint_attention``); returns their handles."""
+        return [hook_joint_attention(model, layer, store, key)]
+
     def set_slot(self, model: nn.Module, layer: int, slot: str, module: nn.Module) -> None:
         """``attn``: ``module`` into the image-to-image part of ``transformer_blocks[layer].attn`` (keeping the
         teacher's joint attention around it, also when the slot is grafted again)."""
         if slot != "attn":
             return super().set_slot(model, layer, slot, module)
         self.check(model, layer, "attn")
-        block = model.transformer_blocks[layer]
-        joint = block.attn.joint if isinstance(block.attn, JointSplitAttention) else block.attn
         self.adapt(model, module)  # registers the family's call-grid hook
-        block.attn = JointSplitAttention(module, self.dims(model).grid, joint)
+        self.slot_parent(model, layer).attn = self.split_attention(model, layer, module)
 
 
 def split_unit_ready(op: nn.Module | type) -> bool:
@@ -191,10 +205,13 @@ def hook_joint_attention(model: nn.Module, layer: int, store: dict, key) -> torc
 
 @contextmanager
 def capture_joint_attention(model: nn.Module, layers: list[int]):
-    """``hook_joint_attention`` for each layer; yields {layer: (hidden_states, encoder_hidden_states, image
-    output)}, filled by each forward."""
+    """The family's split-slot hooks (``hook_split_slot``) for each layer; yields {layer: (image tokens, text
+    tokens, image output) entering and leaving the teacher's attention}, filled by each forward."""
+    from ditgraft.models.families import family_of
+
     store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    handles = [hook_joint_attention(model, layer, store, layer) for layer in layers]
+    family = family_of(model)
+    handles = [h for layer in layers for h in family.hook_split_slot(model, layer, store, layer)]
     try:
         yield store
     finally:
@@ -214,7 +231,7 @@ class SplitSlotUnit(nn.Module):
         super().__init__()
         self.op = op
         self._teacher = (family, teacher)  # a tuple: not registered as a submodule
-        self._split = (JointSplitAttention(op, family.dims(teacher).grid, family.joint_attention(teacher, layer)),)
+        self._split = (family.split_attention(teacher, layer, op),)
         self._rotary: dict = {}
 
     @property
