@@ -96,7 +96,7 @@ def test_graft_stage1_stage2_reload_flux_pipeline(tmp_path):
     # (max abs diff 6e-8 on outputs of magnitude 0.22, rel. MSE 2e-14, measured); L1 steps move it a little
     from ditgraft.models.families.joint import SplitSlotUnit, capture_joint_attention
 
-    with capture_joint_attention(teacher, [1]) as seen, torch.no_grad():
+    with capture_joint_attention(family_of(teacher), teacher, [1]) as seen, torch.no_grad():
         fam.forward(teacher, latents(2, 0), torch.tensor([100.0, 700.0]), _cond(2, 1))
         hs, ehs, target = seen[1]
         diff = (SplitSlotUnit(fam.teacher_operator(teacher, 1, "attn"), fam, teacher, 1)(hs, ehs) - target).abs().max()
@@ -218,7 +218,7 @@ def test_clear_in_every_attention_stage1_stage2_reload_flux_pipeline(tmp_path):
 
     teacher = tiny_flux(single=2)
     fam = family_of(teacher)
-    with capture_joint_attention(teacher, [1, 3]) as seen, torch.no_grad():
+    with capture_joint_attention(family_of(teacher), teacher, [1, 3]) as seen, torch.no_grad():
         fam.forward(teacher, latents(2, 0), torch.tensor([100.0, 700.0]), _cond(2, 1))
         for layer in (1, 3):
             hs, ehs, target = seen[layer]

@@ -207,7 +207,7 @@ def test_split_slot_distils_from_the_captured_joint_attention(tmp_path):
     teacher = tiny_sd3()
     fam = family_of(teacher)
     inputs = noised_inputs(latents(64, 0), sd3_prompts(64, 1), seed=0, objective=fam.objective(teacher))
-    with capture_joint_attention(teacher, [0]) as seen:
+    with capture_joint_attention(family_of(teacher), teacher, [0]) as seen:
         _call(teacher, inputs.x_t, inputs.t, inputs.y)
     hs, ehs, target = seen[0]
     assert hs.shape == (64, 16, 16) and ehs.shape == (64, 6, 16) and target.shape == (64, 16, 16)
@@ -275,7 +275,7 @@ def test_stage1_distils_the_split_slot(tmp_path):
     student = graft_model(teacher, grafts)
     load_best_operators(student, grafts, str(tmp_path / "memory"))
     x, t, c = _inputs()
-    with capture_joint_attention(teacher, [1]) as seen:
+    with capture_joint_attention(family_of(teacher), teacher, [1]) as seen:
         _call(teacher, x, t, c)
     hs, ehs, target = seen[1]
     fam = family_of(teacher)

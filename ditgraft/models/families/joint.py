@@ -204,13 +204,10 @@ def hook_joint_attention(model: nn.Module, layer: int, store: dict, key) -> torc
 
 
 @contextmanager
-def capture_joint_attention(model: nn.Module, layers: list[int]):
-    """The family's split-slot hooks (``hook_split_slot``) for each layer; yields {layer: (image tokens, text
-    tokens, image output) entering and leaving the teacher's attention}, filled by each forward."""
-    from ditgraft.models.families import family_of
-
+def capture_joint_attention(family, model: nn.Module, layers: list[int]):
+    """``family``'s split-slot hooks (``hook_split_slot``) for each layer of ``model``; yields {layer: (image
+    tokens, text tokens, image output) entering and leaving the teacher's attention}, filled by each forward."""
     store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    family = family_of(model)
     handles = [h for layer in layers for h in family.hook_split_slot(model, layer, store, layer)]
     try:
         yield store
