@@ -156,7 +156,7 @@ def cmd_recipes(args) -> None:
     from ditgraft.recipe import bundled_recipes, load_recipe
 
     if args.show:
-        from ditgraft.train.memory import recipe_stage2_memory
+        from ditgraft.graft.plan import recipe_stage2_memory
 
         recipe = load_recipe(args.show)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")

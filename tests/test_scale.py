@@ -158,3 +158,31 @@ def test_fsdp_memory_splits_the_states_and_gathers_two_blocks():
     assert (fsdp.grads, fsdp.adam, fsdp.ema) == (ddp.grads // 8, ddp.adam // 8, ddp.ema // 8)
     assert fsdp.weights == ddp.weights // 8 + 2 * block * 6 and fsdp.activations == ddp.activations
     assert fsdp.total < ddp.total / 2
+
+
+def test_stage2_memory_counts_the_new_operators_and_the_distillation_teacher():
+    """The memory plan counts the student that the grafts make (Hyena-X in half the attention layers changes the
+    parameter count, measured here against a built student), the new operators as trainable beside LoRA, and the
+    frozen fp32 teacher when stage 2 distills from it."""
+    from ditgraft.graft.surgery import graft_model, graft_parameter_counts, resolve_grafts
+    from ditgraft.models.dit import build_dit
+    from ditgraft.recipe import Lora, load_recipe
+    from ditgraft.train.memory import stage2_memory
+
+    recipe = load_recipe("testbed_hyena_x_50")
+    teacher = build_dit("testbed")
+    grafts = resolve_grafts(recipe, len(teacher.blocks))
+    added, new = graft_parameter_counts(teacher, grafts)
+    student = graft_model(build_dit("testbed"), grafts, seed=0)
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    assert n_teacher + added == sum(p.numel() for p in student.parameters()) and new > 0 and added != 0
+    plain, _ = stage2_memory(teacher, recipe.stage2, 1)
+    counted, _ = stage2_memory(teacher, recipe.stage2, 1, added, new)
+    assert counted.weights - plain.weights == 4 * added and counted.teacher == 0
+    distill = recipe.stage2.model_copy(update={"distill_weight": 0.5})
+    with_teacher, _ = stage2_memory(teacher, distill, 1, added, new, n_teacher)
+    assert with_teacher.teacher == 4 * n_teacher and with_teacher.total == counted.total + 4 * n_teacher
+    lora = recipe.stage2.model_copy(update={"lora": Lora(rank=4, target_modules=["qkv"])})
+    bare, _ = stage2_memory(teacher, lora, 1)
+    with_ops, _ = stage2_memory(teacher, lora, 1, added, new)
+    assert with_ops.adam - bare.adam == 8 * new

@@ -34,7 +34,7 @@ from ditgraft.diffusion.samplers import check_sampler
 from ditgraft.eval.sampling import decoding
 from ditgraft.graft.accounting import compute_accounting
 from ditgraft.graft.data_split import check_data, eval_captions, load_split, stage1_split
-from ditgraft.graft.plan import plan_grafts
+from ditgraft.graft.plan import plan_grafts, stage2_memory_line
 from ditgraft.graft.report import build_report, write_report
 from ditgraft.layers import selector_needs
 from ditgraft.graft.restructure import BASELINES, baseline_model, depth_pruned_spec
@@ -47,7 +47,6 @@ from ditgraft.graft.surgery import ResolvedGraft, check_operators, graft_model, 
 from ditgraft.graft.teacher import load_teacher, teacher_metrics, testbed_card_metrics
 from ditgraft.models.families import family_of
 from ditgraft.recipe import Recipe
-from ditgraft.train.memory import format_stage2_memory
 from ditgraft.utils import (InputError, atomic_write_json, atomic_write_text, ensure_writable, read_json,
                             resolve_device, run_lock)
 
@@ -167,7 +166,7 @@ def _stage1_units(r: Run) -> None:
 
 def _stage2(r: Run) -> None:
     if r.recipe.stage2.enabled:
-        r.log(format_stage2_memory(r.teacher, r.recipe.stage2, rank_world()[1], r.device))
+        r.log(stage2_memory_line(r.recipe, r.teacher, r.grafts, rank_world()[1], r.device))
     stage1_dir = r.path("stage1") if _stage1_wanted(r) else None
     student = _train_student(r, r.run_dir, stage1_dir, "stage2", units=r.units_dir)
     r.save_student(r.path("student.safetensors"), student, r.grafts)

@@ -9,10 +9,11 @@ from ditgraft.analysis.locality import analyze_model, write_analysis_report
 from ditgraft.distributed import on_main
 from ditgraft.graft.data_split import eval_captions, stage1_split
 from ditgraft.graft.stage1 import run_stage1
-from ditgraft.graft.surgery import ResolvedGraft, resolve_grafts
+from ditgraft.graft.surgery import ResolvedGraft, graft_parameter_counts, resolve_grafts
 from ditgraft.layers import selector_needs
 from ditgraft.models.adapters import slot_depths
 from ditgraft.recipe import Recipe
+from ditgraft.train.memory import format_stage2_memory
 from ditgraft.utils import atomic_write_json, read_json
 
 
@@ -65,3 +66,47 @@ def plan_grafts(recipe: Recipe, teacher, run_dir: str, device, log=print) -> lis
     grafts = resolve_grafts(recipe, slot_depths(teacher), analysis=analysis, probe_losses=probes)
     on_main(lambda: atomic_write_json(path, {"grafts": [asdict(g) for g in grafts], "probe_losses": probes}))
     return grafts
+
+
+def stage2_memory_line(recipe: Recipe, teacher, grafts: list[ResolvedGraft] | None, world: int, device=None) -> str:
+    """``format_stage2_memory`` for the student that ``grafts`` make of ``teacher`` (the new operators' weights,
+    their training state and, under output distillation, the frozen teacher beside it); ``grafts`` None: the
+    teacher's parameter count (layer selectors that need the teacher's analysis are resolved by the run)."""
+    added, new = graft_parameter_counts(teacher, grafts) if grafts else (0, 0)
+    distill = sum(p.numel() for p in teacher.parameters())
+    line = format_stage2_memory(teacher, recipe.stage2, world, device, added, new, distill)
+    if grafts is None:
+        return line + " (the student counted as the teacher: its layers are chosen by the run)"
+    return line
+
+
+def recipe_stage2_memory(recipe: Recipe, gpus: int) -> str | None:
+    """The expected stage-2 memory per GPU of a recipe, as one line, from the teacher's architecture and the
+    recipe's operators (built on the meta device: no memory, no weights); a recipe whose teacher names no size gets
+    a line saying what to set; None when stage 2 is off."""
+    import torch
+
+    from ditgraft.models.checkpoints import SHIPPED_TEACHERS
+    from ditgraft.models.dit import build_dit
+    from ditgraft.models.families import DIFFUSERS_PREFIX, diffusers_architecture
+    from ditgraft.train.pretrain import build_named
+
+    t = recipe.teacher
+    if not recipe.stage2.enabled:
+        return None
+    if t.source.startswith(DIFFUSERS_PREFIX):
+        teacher = diffusers_architecture(t.source[len(DIFFUSERS_PREFIX):])
+        if teacher is None:
+            return (f"stage 2 memory: no architecture known offline for {t.source} (a local model or pipeline "
+                    "folder's config.json, or a published one in ditgraft/assets/diffusers/configs.json)")
+    elif t.source in SHIPPED_TEACHERS:
+        with torch.device("meta"):
+            teacher = build_named(t.source)
+    else:
+        if t.model is None:
+            return "stage 2 memory: set teacher.model (a size name) to see the estimate"
+        with torch.device("meta"):
+            teacher = build_dit(t.model, **({"input_size": t.image_size // 8} if t.image_size else {}))
+    grafts = None if any(selector_needs(g.layers) for g in recipe.grafts) else resolve_grafts(
+        recipe, slot_depths(teacher))
+    return stage2_memory_line(recipe, teacher, grafts, gpus)

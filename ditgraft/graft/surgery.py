@@ -101,6 +101,20 @@ def check_operators(model: nn.Module, grafts: list[ResolvedGraft]) -> None:
                              f"softmax normaliser); allowed: {', '.join(split_operators())}")
 
 
+def graft_parameter_counts(model: nn.Module, grafts: list[ResolvedGraft]) -> tuple[int, int]:
+    """(how many parameters the grafts add to ``model``, how many the new operators hold), from operators built on
+    the meta device: a split slot keeps the teacher's joint attention around its operator, any other slot loses the
+    module it replaces."""
+    family, added, new = family_of(model), 0, 0
+    for g in grafts:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_graft_operator(model, g).parameters())
+        old = 0 if family.is_split_slot(model, g.layer, g.slot) else sum(
+            p.numel() for p in family.get_slot(model, g.layer, g.slot).parameters())
+        added, new = added + n - old, new + n
+    return added, new
+
+
 def make_operators(teacher: nn.Module, grafts: list[ResolvedGraft], seed: int) -> dict[str, nn.Module]:
     """The new operator of every graft, initialised from ``seed`` (or from the teacher), on the teacher's device.
     Stage 1 and surgery both call this, so a student starts exactly where stage 1 started."""

@@ -11,7 +11,7 @@ and the CUDA context (~0.5-1 GiB) come on top.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,14 +29,15 @@ class MemoryEstimate:
     adam: int  # AdamW's two fp32 moments
     ema: int
     activations: int
+    teacher: int = 0  # the frozen fp32 teacher that output distillation runs beside the student (not sharded)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.adam + self.ema + self.activations
+        return self.weights + self.grads + self.adam + self.ema + self.activations + self.teacher
 
     def format(self, unit: str = "GPU") -> str:
-        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.1f}"
-                          for name in ("weights", "grads", "adam", "ema", "activations"))
+        names = ("weights", "grads", "adam", "ema", "activations") + (("teacher",) if self.teacher else ())
+        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.1f}" for name in names)
         return f"{self.total / GIB:.1f} GiB per {unit} ({parts})"
 
 
@@ -70,55 +71,36 @@ def lora_parameters(model, rank: int, target_modules) -> int:
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
 
-def stage2_memory(student, cfg, world: int) -> tuple[MemoryEstimate, int]:
+def stage2_memory(model, cfg, world: int, added_params: int = 0, operator_params: int = 0,
+                  distill_params: int = 0) -> tuple[MemoryEstimate, int]:
     """The estimate for a recipe's stage 2 (``cfg``) on ``world`` GPUs; also returns the micro-batch per GPU.
-    ``student`` may be the teacher (or its architecture on the meta device): the operators change the parameter
-    count by a few percent."""
-    family = family_of(student)
-    dims = family.dims(student)
-    tokens, depth = family.activation_layout(student)
+    ``model`` is the teacher (or its architecture on the meta device); the grafts change its parameter count by
+    ``added_params`` (the new operators' ``operator_params``, which always train, also beside LoRA, less the
+    modules they replace), and ``distill_params`` is the frozen teacher of output distillation (0: none)."""
+    family = family_of(model)
+    dims = family.dims(model)
+    tokens, depth = family.activation_layout(model)
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
-    params = sum(p.numel() for p in student.parameters())
-    trainable = params - sum(p.numel() for p in family.frozen_parameters(student))  # e.g. DiT's sin-cos table
-    if getattr(cfg, "lora", None) is not None:  # the adapters train (and the grafted operators, not counted here)
-        trainable = lora_parameters(student, cfg.lora.rank, cfg.lora.target_modules)
+    params = sum(p.numel() for p in model.parameters()) + added_params
+    trainable = params - sum(p.numel() for p in family.frozen_parameters(model))  # e.g. DiT's sin-cos table
+    if getattr(cfg, "lora", None) is not None:  # the adapters and the grafted operators train
+        trainable = lora_parameters(model, cfg.lora.rank, cfg.lora.target_modules) + operator_params
     shards = world if cfg.sharding == "fsdp" else 1
-    block = max(sum(p.numel() for p in b.parameters()) for b in family.blocks(student))
+    block = max(sum(p.numel() for p in b.parameters()) for b in family.blocks(model))
     est = dit_training_memory(params, trainable, tokens, dims.dim, depth, micro,
                               cfg.precision, cfg.activation_checkpointing, ema=cfg.ema_decay is not None,
                               shards=shards, block_params=block)
+    if cfg.distill_weight > 0:
+        est = replace(est, teacher=4 * distill_params)
     return est, micro
 
 
-def format_stage2_memory(student, cfg, world: int, device: torch.device | None = None) -> str:
+def format_stage2_memory(model, cfg, world: int, device: torch.device | None = None, added_params: int = 0,
+                         operator_params: int = 0, distill_params: int = 0) -> str:
     """One line for the log, per rank: "GPU" when ``device`` is CUDA or None (planning for GPUs), else "CPU
-    process" (or the device type's name)."""
+    process" (or the device type's name). The counts are ``stage2_memory``'s."""
     unit = "GPU" if device is None or device.type == "cuda" else f"{device.type.upper()} process"
-    est, micro = stage2_memory(student, cfg, world)
+    est, micro = stage2_memory(model, cfg, world, added_params, operator_params, distill_params)
     return (f"stage 2 expected memory: {est.format(unit)}; micro-batch {micro} = batch {cfg.batch_size} / {world} "
             f"{unit}(s) / grad_accum_steps {cfg.grad_accum_steps}, {cfg.precision}, activation checkpointing "
             f"{'on' if cfg.activation_checkpointing else 'off'}, {cfg.sharding}")
-
-
-def recipe_stage2_memory(recipe, gpus: int) -> str | None:
-    """The expected stage-2 memory per GPU of a recipe, as one line, from the teacher's architecture alone (built on
-    the meta device: no memory, no weights); a recipe whose teacher names no size gets a line saying what to set;
-    None when stage 2 is off."""
-    from ditgraft.models.dit import build_dit
-    from ditgraft.models.families import DIFFUSERS_PREFIX, diffusers_architecture
-
-    t = recipe.teacher
-    if not recipe.stage2.enabled:
-        return None
-    if t.source.startswith(DIFFUSERS_PREFIX):
-        teacher = diffusers_architecture(t.source[len(DIFFUSERS_PREFIX):])
-        if teacher is None:
-            return (f"stage 2 memory: no architecture known offline for {t.source} (a local model or pipeline "
-                    "folder's config.json, or a published one in ditgraft/assets/diffusers/configs.json)")
-        return format_stage2_memory(teacher, recipe.stage2, gpus)
-    name = "testbed" if t.source == "testbed" else t.model
-    if name is None:
-        return "stage 2 memory: set teacher.model (a size name) to see the estimate"
-    with torch.device("meta"):
-        teacher = build_dit(name, **({"input_size": t.image_size // 8} if t.image_size else {}))
-    return format_stage2_memory(teacher, recipe.stage2, gpus)
