@@ -29,6 +29,14 @@ def seed_int(text: str) -> int:
     return value
 
 
+def patch_grid(text: str) -> tuple[int, ...]:
+    """A patch grid written HxW (rows x columns) or FxHxW (frames x rows x columns), e.g. 64x64 or 21x30x52."""
+    parts = text.lower().split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: use HxW or FxHxW with sides >= 1, e.g. 64x64 or 21x30x52")
+    return tuple(int(p) for p in parts)
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

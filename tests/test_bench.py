@@ -291,6 +291,23 @@ def test_cli_ops_writes_json(tmp_path, capsys):
     assert "hyena_x" in capsys.readouterr().out
 
 
+def test_cli_ops_on_a_video_grid(tmp_path):
+    """--grid FxHxW times the grid operators on a video's grid with per-axis windows; FLOPs count its tokens."""
+    from ditgraft.operators import operator_flops
+
+    path = tmp_path / "ops.json"
+    run_bench(_parse(["bench", "ops", "--dim", "32", "--heads", "2", "--grid", "2x3x4", "--ops", "local2d", "clear",
+                      "hyena_x", "--repeats", "1", "--warmup", "0", "--option", "local2d.kernel_size=1,3,3",
+                      "--option", "hyena_x.direction=3d", "--option", "hyena_x.kernel_size=3", "--json", str(path)]))
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["operator"], r["tokens"], r["grid"]) for r in rows] == [(op, 24, [2, 3, 4]) for op in
+                                                                       ("mha", "local2d", "clear", "hyena_x")]
+    assert all("error" not in r for r in rows)
+    assert rows[1]["gflops"] * 1e9 == operator_flops("local2d", 32, 2, (2, 3, 4), kernel_size=[1, 3, 3])
+    with pytest.raises(SystemExit):
+        _parse(["bench", "ops", "--grid", "2x3x4x5"])
+
+
 def test_cli_model_writes_json(tmp_path, monkeypatch):
     monkeypatch.setattr(bmodel, "count_flops", _fake_count)
     path = tmp_path / "model.json"
@@ -314,6 +331,8 @@ def test_cli_stage1_writes_json(tmp_path):
 def test_parse_options():
     assert parse_options(["swa.window=8", "hyena_x.direction=2d", "swa.impl=tiled", "mamba2.chunk_size=32"]) == {
         "swa": {"window": 8, "impl": "tiled"}, "hyena_x": {"direction": "2d"}, "mamba2": {"chunk_size": 32}}
+    assert parse_options(["local2d.kernel_size=[3,9,9]", "clear.tile=2,4,4"]) == {
+        "local2d": {"kernel_size": [3, 9, 9]}, "clear": {"tile": [2, 4, 4]}}
     with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
         parse_options(["window=8"])
 

@@ -91,6 +91,33 @@ def test_grid_free_operators_take_the_attn_slot(operator):
     assert operator_flops(operator, 16, 2, grid) == operator_flops(operator, 16, 2, (1, 12)) > 0
 
 
+@pytest.mark.parametrize("operator,options", [
+    ("local2d", {"kernel_size": [1, 3, 3]}), ("local2d", {"kernel_size": 3}), ("clear", {"radius": 1.5}),
+    ("swa", {"window": 4}), ("hyena_x", {"direction": "2d", "kernel_size": 3}),
+    ("hyena_se", {"direction": "3d", "kernel_size": 3}), ("linear_attn", {"conv": 3})])
+def test_grid_operators_take_the_attn_slot_on_the_calls_video_grid(operator, options):
+    """Operators that read the grid get each call's (frames, rows, columns) grid in attn1, at two video sizes; on a
+    one-frame window local2d keeps the frames apart (a change in one frame's latents leaves the other frames of the
+    slot's output alone)."""
+    teacher = tiny_wan()
+    fam = family_of(teacher)
+    student = graft_model(teacher, [ResolvedGraft("attn", 1, operator, options)])
+    t, emb = torch.tensor([30.0, 870.5]), _prompts(2, 1)
+    for x in (_videos(2, 0), torch.randn(2, 16, 2, 6, 4, generator=torch.Generator().manual_seed(3))):
+        with torch.no_grad():
+            out, ref = fam.forward(student, x, t, emb), fam.forward(teacher, x, t, emb)
+        assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.allclose(out, ref)
+    if options.get("kernel_size") == [1, 3, 3]:
+        slot = get_slot(student, 1, "attn")
+        x = torch.randn(2, 12, 16, dtype=torch.float32, generator=torch.Generator().manual_seed(4))  # 3 x 2 x 2
+        x2 = x.clone()
+        x2[:, 5] += 1.0  # frame 1
+        with torch.no_grad():
+            slot.call_grid = (3, 2, 2)
+            changed = (slot(x2) - slot(x)).abs().amax((0, 2)) > 0
+        assert changed.tolist() == [False] * 4 + [True] * 4 + [False] * 4
+
+
 def test_graft_stage1_stage2_reload_wan_pipeline(tmp_path):
     teacher = tiny_wan()
     fam = family_of(teacher)

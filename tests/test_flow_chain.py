@@ -318,8 +318,6 @@ def test_bundled_flow_recipes_plan_their_memory():
                          ("wan21_1p3b_local3d_50", "wan"), ("wan21_1p3b_linear_50", "wan")):
         recipe = load_recipe(name)
         assert family_of(diffusers_architecture(recipe.teacher.source.split(":", 1)[1])).name == family
-        if name == "wan21_1p3b_local3d_50" and not _local2d_takes_3d_window():
-            continue  # its operators are built for the memory plan (xfail in the test below)
         line = recipe_stage2_memory(recipe, 8)
         assert line.startswith("stage 2 expected memory: ") and "GiB per GPU" in line
     # CLEAR in every attention of FLUX.1-dev: 19 double-stream + 38 single-stream split slots, operators that build
@@ -345,8 +343,6 @@ def test_bundled_wan_attention_recipes_show_and_build(name, capsys):
     from ditgraft.models.families import diffusers_architecture
     from ditgraft.recipe import load_recipe
 
-    if name == "wan21_1p3b_local3d_50" and not _local2d_takes_3d_window():
-        pytest.xfail("local2d does not take a 3-D grid and window yet")
     assert main(["recipes", "--show", name, "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert f"name: {name}" in out and "# stage 2 expected memory: " in out and "GiB per GPU" in out
@@ -357,17 +353,6 @@ def test_bundled_wan_attention_recipes_show_and_build(name, capsys):
     grafts = resolve_grafts(recipe, 30)
     assert [g.layer for g in grafts] == list(range(1, 30, 2)) and {g.slot for g in grafts} == {"attn"}
     check_operators(wan, grafts)
-
-
-def _local2d_takes_3d_window() -> bool:
-    """Whether local2d builds with a 3-D window on a (frames, rows, columns) grid."""
-    from ditgraft.operators import build_operator
-
-    try:
-        build_operator("local2d", 16, 2, (2, 3, 3), kernel_size=[1, 3, 3])
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _word_tokenizer(max_len: int):

@@ -261,8 +261,10 @@ def test_errors_name_field_value_and_allowed():
         build_operator("hyena_x", 8, 1, (2, 2), impl="cuda")
     with pytest.raises(ValueError, match="kernel_size=1"):
         build_operator("hyena_x", 8, 1, (2, 2), direction="bidirectional", kernel_size=1)
-    with pytest.raises(ValueError, match="H\\*W == N"):
+    with pytest.raises(ValueError, match="grid=\\(2, 2\\) has 4 tokens but the input has N=5"):
         build_operator("hyena_x", 8, 1, (2, 2), direction="2d")(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="direction='3d' filters a \\(frames, rows, columns\\) grid"):
+        build_operator("hyena_x", 8, 1, (2, 2), direction="3d")(torch.randn(1, 4, 8))
     with pytest.raises(ValueError, match="built for N=4"):
         build_operator("mlp_hyena_x", 8, 1, (2, 2))(torch.randn(1, 5, 8))
 

@@ -14,7 +14,7 @@ def add_bench_arguments(parser) -> None:
     ``fn=run_bench``."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
 
-    from ditgraft.argtypes import add_device, positive_int
+    from ditgraft.argtypes import add_device, patch_grid, positive_int
     from ditgraft.bench.family import FAMILIES
 
     def shared(p, repeats: int) -> None:
@@ -50,6 +50,9 @@ def add_bench_arguments(parser) -> None:
     s = sub.add_parser("ops", help="time each token mixer against MHA at one shape (interleaved runs)")
     shared(s, repeats=5)
     s.add_argument("--tokens", type=int, nargs="+", default=[4096], help="sequence length(s) N (default 4096)")
+    s.add_argument("--grid", type=patch_grid, nargs="+", default=None, metavar="HxW|FxHxW",
+                   help="patch grid(s) instead of --tokens, e.g. 64x64 or a video's 21x30x52 (frames x rows x "
+                        "columns); without it each N runs on its most square H x W grid")
     s.add_argument("--ops", nargs="+", default=None, help="operators (default: all token mixers); MHA always runs")
     s.add_argument("--backward", action="store_true", help="time forward + backward instead of forward only")
     s.add_argument("--profile", action="store_true",
@@ -133,11 +136,14 @@ def _run_bench(args) -> dict:
     elif args.bench_command == "ops":
         from ditgraft.bench.ops import bench_ops
 
+        from ditgraft.operators.common import grid_tokens
+
         rows, envs = [], []
-        for n in args.tokens:
+        shapes = [(grid_tokens(g), g) for g in args.grid] if args.grid else [(n, None) for n in args.tokens]
+        for n, grid in shapes:
             part = bench_ops(args.dim, n, args.heads, args.ops, batch=args.batch, backward=args.backward,
                              repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                             options=options, clock=args.clock, profile=args.profile)
+                             options=options, grid=grid, clock=args.clock, profile=args.profile)
             envs.append(part[0].pop("env"))
             for r in part[1:]:
                 r.pop("env", None)
@@ -193,7 +199,8 @@ def _run_bench(args) -> dict:
 
 def parse_options(items: list[str] | None) -> dict[str, dict]:
     """CLI ``--option NAME.KEY=VALUE`` (repeatable) -> {NAME: {KEY: VALUE}}; VALUE is read as int, float, bool,
-    None or a string, e.g. ``hyena_x.direction=2d``, ``swa.window=8``."""
+    None or a string, or a comma-separated list of them, e.g. ``hyena_x.direction=2d``, ``swa.window=8``,
+    ``local2d.kernel_size=3,9,9`` (or ``[3,9,9]``)."""
     out: dict[str, dict] = {}
     for item in items or []:
         head, sep, raw = item.partition("=")
@@ -205,6 +212,8 @@ def parse_options(items: list[str] | None) -> dict[str, dict]:
 
 
 def _literal(raw: str):
+    if "," in raw:
+        return [_literal(part.strip()) for part in raw.strip("[]").split(",")]
     low = raw.lower()
     if low in ("true", "false"):
         return low == "true"

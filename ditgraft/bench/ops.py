@@ -29,6 +29,7 @@ from ditgraft.bench.common import (check_counts, environment, format_table, grid
                                    profile_call, resolve_clock, resolve_device_dtype, round_robin, summarize,
                                    synchronizer)
 from ditgraft.operators import build_operator, operator_flops, operator_names
+from ditgraft.operators.common import check_grid
 
 BASELINE = "mha"
 LIMIT = "(matmul limit)"  # the round-robin name of the reference matmul; no operator name has brackets
@@ -46,7 +47,7 @@ def _resolve_ops(ops: list[str] | None) -> list[str]:
     return [BASELINE] + [n for i, n in enumerate(names) if n != BASELINE and n not in names[:i]]
 
 
-def _make_call(op: torch.nn.Module, x: torch.Tensor, grid: tuple[int, int], backward: bool, grad_out: torch.Tensor):
+def _make_call(op: torch.nn.Module, x: torch.Tensor, grid: tuple[int, ...], backward: bool, grad_out: torch.Tensor):
     """A no-argument callable running one timed step of ``op``."""
     if not backward:
         def forward():
@@ -85,12 +86,13 @@ def matmul_limit_call(rows: int, dim: int, backward: bool, device: torch.device,
 
 def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, batch: int = 1, backward: bool = False,
               repeats: int = 5, warmup: int = 1, device: str = "cpu", dtype: str = "fp32",
-              options: dict[str, dict] | None = None, *, grid: tuple[int, int] | None = None,
+              options: dict[str, dict] | None = None, *, grid: tuple[int, ...] | None = None,
               clock="wall", seed: int = 0, profile: bool = False) -> list[dict]:
     """Time MHA and ``ops`` (default: all token mixers) at one shape; one row per operator, MHA first.
 
-    ``options`` maps an operator name to its build options, e.g. ``{"swa": {"window": 8}}``. ``grid`` defaults to
-    ``grid_for_tokens(tokens)``. An operator that fails to build or run gets a row with ``error`` and no times
+    ``options`` maps an operator name to its build options, e.g. ``{"swa": {"window": 8}}``. ``grid`` ((rows,
+    columns) or a video's (frames, rows, columns)) defaults to ``grid_for_tokens(tokens)``. An operator that fails to
+    build or run gets a row with ``error`` and no times
     (the baseline failing is an error). ``clock``: "wall" (default), "cpu" (process CPU time, for loaded machines;
     see ``common.resolve_clock``) or a callable returning seconds (tests). ``profile=True`` adds to each timed row
     ``profile``: a torch.profiler table of the top aten operators by self time in one more call (with ``backward``,
@@ -106,9 +108,7 @@ def bench_ops(dim: int, tokens: int, heads: int, ops: list[str] | None = None, b
     for name in options:
         if name not in names:
             raise ValueError(f"options given for operator={name!r}, which is not benchmarked; ops: {', '.join(names)}")
-    grid = tuple(grid) if grid is not None else grid_for_tokens(tokens)
-    if grid[0] * grid[1] != tokens:
-        raise ValueError(f"grid={grid} has {grid[0] * grid[1]} cells but tokens={tokens}")
+    grid = check_grid(grid, tokens) if grid is not None else grid_for_tokens(tokens)
     sync = synchronizer(dev)
     timer = resolve_clock(clock, dev)
     env = environment(dev)

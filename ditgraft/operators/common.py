@@ -31,6 +31,32 @@ def grid_tokens(grid) -> int:
     return math.prod(int(side) for side in grid)
 
 
+def check_grid(grid, tokens: int) -> tuple[int, ...]:
+    """``grid`` as a tuple of ints, after checking that it has 2 or 3 sides and holds exactly ``tokens`` tokens."""
+    sides = tuple(int(side) for side in grid)
+    if len(sides) not in (2, 3) or min(sides) < 1:
+        raise ValueError(f"grid={tuple(grid)} is not allowed; use (rows, columns) or (frames, rows, columns), "
+                         f"each side >= 1")
+    if grid_tokens(sides) != tokens:
+        raise ValueError(f"grid={sides} has {grid_tokens(sides)} tokens but the input has N={tokens}; pass the "
+                         f"grid of the input")
+    return sides
+
+
+def raster_index(coords, grid) -> torch.Tensor:
+    """Token ids (raster order: the last axis runs fastest, frame-major for video) of per-axis coordinates."""
+    index = coords[0]
+    for c, side in zip(coords[1:], grid[1:]):
+        index = index * int(side) + c
+    return index
+
+
+def grid_coords(grid, device=None) -> tuple[torch.Tensor, ...]:
+    """Per-axis coordinates of every token in raster order, one [N] tensor per side of ``grid``."""
+    axes = torch.meshgrid(*(torch.arange(int(side), device=device) for side in grid), indexing="ij")
+    return tuple(a.flatten() for a in axes)
+
+
 def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed [B, N, 3D] q, k, v (the output of a qkv linear) -> q, k, v, each [B, heads, N, D / heads]."""
     B, N, three_d = qkv.shape

@@ -25,7 +25,10 @@ so tap ``k - 1`` multiplies the current token; the inner filter starts as the id
   one and a causal checkpoint loads with ``strict=False`` (missing keys are exactly the ``_rev`` ones).
 - ``"2d"``: depthwise ``k x k`` convs over the ``H x W`` grid (weights ``(C, 1, k, k)``, same names) with "same" padding:
   ``(k - 1) // 2`` before, the rest after (for even k the window reaches one more row/column forward). The inner filter's
-  identity tap is the centre ``[(k - 1) // 2, (k - 1) // 2]``.
+  identity tap is the centre ``[(k - 1) // 2, (k - 1) // 2]``. On a video's (frames, H, W) grid each frame is filtered
+  alone (the same ``k x k`` filter in every frame).
+- ``"3d"``: depthwise ``k x k x k`` convs over a video's (frames, H, W) grid (weights ``(C, 1, k, k, k)``), padded and
+  initialised as ``"2d"``.
 
 ``impl="fast"`` runs the token-axis convs as ``TapConvTokens`` (a multiply-add per tap with its own backward: the CPU
 depthwise conv's backward costs ~50x its forward at N = 16384, C = 3456) and the 2-D convs as one grouped ``F.conv2d``
@@ -36,17 +39,20 @@ in the release; ``kernel_path`` names the path a call takes.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditgraft.operators.common import (TapConvTokens, check_choice, from_mha, grid_tokens, projection_flops,
-                                      reference_conv_tokens)
+from ditgraft.operators.common import (TapConvTokens, check_choice, check_grid, from_mha, grid_tokens,
+                                      projection_flops, reference_conv_tokens)
 from ditgraft.operators.kernels import CAUSAL_CONV1D, causal_conv_tokens, conv_path
 from ditgraft.operators.registry import register
 
 IMPLS = ("fast", "reference")
-DIRECTIONS = ("causal", "bidirectional", "2d")
+DIRECTIONS = ("causal", "bidirectional", "2d", "3d")
+GRID_DIRECTIONS = {"2d": 2, "3d": 3}  # the grid directions and how many axes their filters span
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,28 +63,41 @@ def grid_pads(k: int) -> tuple[int, int]:
     return (k - 1) // 2, k - 1 - (k - 1) // 2
 
 
-def reference_conv_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: tuple[int, int]):
-    """Depthwise k x k conv of x [B, N = H*W, C] on the grid, as a sum over taps; weight [C, k, k], 'same' padding."""
+def _filter_view(x: torch.Tensor, weight: torch.Tensor, grid) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x [B, N, C] as [B', *sides, C] over the axes the filter spans (the last ``weight.dim() - 1`` of the grid; the
+    others, a video's frames under a k x k filter, are folded into the batch), and those sides."""
+    axes = weight.dim() - 1
+    sides = tuple(int(side) for side in grid[len(grid) - axes:])
+    return x.reshape(-1, *sides, x.shape[-1]), sides
+
+
+def reference_conv_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: tuple[int, ...]):
+    """Depthwise conv of x [B, N, C] on the grid, as a sum over taps, 'same' padding: weight [C, k, k] over rows and
+    columns (on a 3-D grid, each frame alone) or [C, k, k, k] over frames, rows and columns."""
     B, N, C = x.shape
-    H, W = grid
     k = weight.shape[-1]
+    xs, sides = _filter_view(x, weight, grid)
     before, after = grid_pads(k)
-    xpad = F.pad(x.reshape(B, H, W, C), (0, 0, before, after, before, after))
-    y = sum(weight[:, a, b] * xpad[:, a:a + H, b:b + W] for a in range(k) for b in range(k))
+    xpad = F.pad(xs, (0, 0) + (before, after) * len(sides))
+    y = sum(weight[(slice(None), *taps)] * xpad[(slice(None), *(slice(t, t + n) for t, n in zip(taps, sides)))]
+            for taps in itertools.product(range(k), repeat=len(sides)))
     y = y.reshape(B, N, C)
     return y if bias is None else y + bias
 
 
-def fast_conv_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: tuple[int, int]):
-    """Same as ``reference_conv_grid`` with one grouped conv2d on the channels-last view [B, C, H, W] of x."""
+def fast_conv_grid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: tuple[int, ...]):
+    """Same as ``reference_conv_grid`` with one grouped conv2d (conv3d) on the channels-last view of x."""
     B, N, C = x.shape
-    H, W = grid
     k = weight.shape[-1]
+    xs, sides = _filter_view(x, weight, grid)
     before, after = grid_pads(k)
     pad = max(before, after)
-    out = F.conv2d(x.reshape(B, H, W, C).permute(0, 3, 1, 2), weight.reshape(C, 1, k, k), bias, padding=pad, groups=C)
+    conv = F.conv2d if len(sides) == 2 else F.conv3d
+    channels_first = (0, len(sides) + 1, *range(1, len(sides) + 1))
+    out = conv(xs.permute(channels_first), weight.reshape(C, 1, *weight.shape[1:]), bias, padding=pad, groups=C)
     s = pad - before
-    return out[:, :, s:s + H, s:s + W].permute(0, 2, 3, 1).reshape(B, N, C)
+    out = out[(slice(None), slice(None), *(slice(s, s + n) for n in sides))]
+    return out.permute(0, *range(2, len(sides) + 2), 1).reshape(B, N, C)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,8 +142,9 @@ class _Hyena(nn.Module):
 
     def _make_conv(self, channels: int) -> nn.Module:
         k = self.kernel_size
-        if self.direction == "2d":
-            return nn.Conv2d(channels, channels, k, groups=channels, padding=grid_pads(k)[0])
+        if self.direction in GRID_DIRECTIONS:
+            conv = nn.Conv2d if self.direction == "2d" else nn.Conv3d
+            return conv(channels, channels, k, groups=channels, padding=grid_pads(k)[0])
         return nn.Conv1d(channels, channels, k, groups=channels, padding=k - 1)
 
     def _make_rev_conv(self, channels: int) -> nn.Module:
@@ -137,9 +157,9 @@ class _Hyena(nn.Module):
         """Identity init of the inner filter (release: weight zero except the current-token tap; bias zero)."""
         w = self.inner_filter.weight
         w.zero_()
-        if self.direction == "2d":
+        if self.direction in GRID_DIRECTIONS:
             c = grid_pads(self.kernel_size)[0]
-            w[:, 0, c, c] = 1.0
+            w[(slice(None), 0) + (c,) * GRID_DIRECTIONS[self.direction]] = 1.0
         else:
             w[:, 0, self.kernel_size - 1] = 1.0
         self.inner_filter.bias.zero_()
@@ -152,7 +172,7 @@ class _Hyena(nn.Module):
         filt = getattr(self, name)
         fast = self.impl == "fast"
         w, bias = filt.weight[:, 0].to(x.dtype), filt.bias.to(x.dtype)
-        if self.direction == "2d":
+        if self.direction in GRID_DIRECTIONS:
             f = fast_conv_grid if fast else reference_conv_grid
             return f(x, w, bias, grid)
         k = self.kernel_size
@@ -173,19 +193,21 @@ class _Hyena(nn.Module):
     gpu_kernels = (CAUSAL_CONV1D,)  # the GPU kernel kernel_path may choose
 
     def kernel_path(self, device, dtype, tokens: int | None = None) -> str:
-        """The path of the short convs in a call: CAUSAL_CONV1D or "taps" (causal), "conv2d" (2d), "taps"
-        (bidirectional: a centred filter), or "reference"."""
+        """The path of the short convs in a call: CAUSAL_CONV1D or "taps" (causal), "conv2d" (2d), "conv3d" (3d),
+        "taps" (bidirectional: a centred filter), or "reference"."""
         if self.impl == "reference":
             return "reference"
-        if self.direction == "2d":
-            return "conv2d"
+        if self.direction in GRID_DIRECTIONS:
+            return "conv" + self.direction
         return conv_path(self.impl, self.kernel_size, self.direction == "causal", device, dtype)
 
-    def resolve_grid(self, n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    def resolve_grid(self, n: int, grid: tuple[int, ...] | None) -> tuple[int, ...]:
         grid = self.grid if grid is None else tuple(grid)
-        if self.direction == "2d" and grid[0] * grid[1] != n:
-            raise ValueError(f"grid={grid} has {grid[0] * grid[1]} cells but the input has N={n} tokens; "
-                             f"direction='2d' needs H*W == N")
+        if self.direction in GRID_DIRECTIONS:
+            grid = check_grid(grid, n)
+            if len(grid) < GRID_DIRECTIONS[self.direction]:
+                raise ValueError(f"direction={self.direction!r} filters a (frames, rows, columns) grid; got "
+                                 f"grid={grid}: use direction='2d' on an image grid")
         return grid
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -202,7 +224,8 @@ class _Hyena(nn.Module):
     @classmethod
     def _flops(cls, dim: int, grid: tuple[int, int], kernel_size: int = 4, direction: str = "causal") -> int:
         n = grid_tokens(grid)
-        taps = {"causal": kernel_size, "bidirectional": 2 * kernel_size - 1, "2d": kernel_size ** 2}[direction]
+        taps = {"causal": kernel_size, "bidirectional": 2 * kernel_size - 1, "2d": kernel_size ** 2,
+                "3d": kernel_size ** 3}[direction]
         flops = projection_flops(n, dim)  # in_proj, out_proj
         flops += 2 * n * dim  # the two gates
         if cls.has_featurizer:

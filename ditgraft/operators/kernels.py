@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 import warnings
 
 import torch
@@ -97,24 +98,31 @@ def describe_path(op, device, dtype: torch.dtype, tokens: int) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # FlexAttention for the local patterns of local_attention.py
 # ---------------------------------------------------------------------------------------------------------------------
-def flex_mask_mod(pattern, grid: tuple[int, int]):
-    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for a local-attention pattern on ``grid``: raster token ids
-    -> grid coordinates -> ``pattern(qy, qx, ky, kx)`` (True = may attend), the same function the dense reference mask
+def flex_mask_mod(pattern, grid: tuple[int, ...]):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for a local-attention pattern on ``grid`` (2-D or 3-D): raster
+    token ids -> grid coordinates -> ``pattern(q, k)`` (True = may attend), the same function the dense reference mask
     and the tile plans evaluate."""
-    width = int(grid[1])
+    sides = tuple(int(side) for side in grid)
+
+    def coords(index):
+        out = []
+        for side in reversed(sides[1:]):
+            out.append(index % side)
+            index = index // side
+        return (index, *reversed(out))
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return pattern(q_idx // width, q_idx % width, kv_idx // width, kv_idx % width)
+        return pattern(coords(q_idx), coords(kv_idx))
 
     return mask_mod
 
 
-def flex_block_mask(pattern, grid: tuple[int, int], device, block: int = FLEX_BLOCK):
+def flex_block_mask(pattern, grid: tuple[int, ...], device, block: int = FLEX_BLOCK):
     """The BlockMask of ``pattern`` on ``grid`` (any batch and head): which ``block`` x ``block`` tiles of (query,
     key) pairs hold an allowed pair, and which are entirely allowed."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    n = int(grid[0]) * int(grid[1])
+    n = math.prod(int(side) for side in grid)
     return create_block_mask(flex_mask_mod(pattern, grid), None, None, n, n, device=device, BLOCK_SIZE=block)
 
 

@@ -9,9 +9,9 @@ The kernel part runs in at least fp32 (half-precision inputs are upcast), since 
 Precision note: gradients scale like 1/den, so queries whose relu features barely overlap any key's (den near 0)
 are ill-conditioned in fp32 whatever the evaluation order; the eps guard bounds this.
 
-Option ``conv`` in {0, 3, 5}: a depthwise k x k convolution of V over the 2-D grid (zero padding), added to the
-attention output before the output projection, as in LiT and FLatten Transformer (linear attention alone is
-low-rank; the conv restores local detail). It is named ``dwconv`` and starts at zero (weight and bias), so conv=0
+Option ``conv`` in {0, 3, 5}: a depthwise k x k convolution of V over the 2-D grid (zero padding; on a video's
+(frames, rows, columns) grid, over each frame), added to the attention output before the output projection, as in
+LiT and FLatten Transformer (linear attention alone is low-rank; the conv restores local detail). It is named ``dwconv`` and starts at zero (weight and bias), so conv=0
 and conv>0 compute the same function at initialisation and both start from MHA's weights via ``from_mha``.
 
 Parameter names ``qkv`` / ``proj`` are MHA's (same shapes), so an MHA state dict loads into it (strict when conv=0).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditgraft.operators.attention import MHA
-from ditgraft.operators.common import (check_choice, check_heads, from_mha, grid_tokens, projection_flops,
+from ditgraft.operators.common import (check_choice, check_grid, check_heads, from_mha, grid_tokens, projection_flops,
                                        split_heads)
 from ditgraft.operators.registry import register
 
@@ -83,11 +83,10 @@ class LinearAttention(nn.Module):
         attend = relu_linear_attention if self.impl == "fast" else reference_linear_attention
         out = attend(q, k, v, self.eps).transpose(1, 2).reshape(B, N, C)
         if self.conv:
-            H, W = grid or self.grid
-            if H * W != N:
-                raise ValueError(f"grid={(H, W)} has {H * W} tokens but the input has N={N}; pass grid=(H, W)")
-            v_img = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, H, W)  # channel c = head * d + j, as in v
-            out = out + self.dwconv(v_img).flatten(2).transpose(1, 2)
+            *frames, H, W = check_grid(grid or self.grid, N)
+            F_ = frames[0] if frames else 1  # a video's frames are convolved one by one
+            v_img = qkv[..., 2 * C:].reshape(B * F_, H * W, C).transpose(1, 2).reshape(B * F_, C, H, W)
+            out = out + self.dwconv(v_img).flatten(2).transpose(1, 2).reshape(B, N, C)  # channel c = head * d + j
         return self.proj(out)
 
     @classmethod

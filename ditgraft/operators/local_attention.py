@@ -4,10 +4,14 @@ Three patterns, one machinery:
 
 * ``swa``     1-D band in raster order: query i sees keys j with |i - j| <= window (flash-attn window (w, w), as in
               the grafting release). Rows of the image are simply concatenated, so there are no vertical neighbours.
-* ``local2d`` 2-D neighbourhood attention (NATTEN semantics, dilation 1): a k x k window centred on the query and
-              shifted inward at the borders, so every query sees exactly k*k keys.
-* ``clear``   CLEAR (Liu et al. 2024): a circular window, keys with (dy^2 + dx^2) < radius^2, truncated (not shifted)
-              at the borders.
+* ``local2d`` neighbourhood attention (NATTEN semantics, dilation 1): a k x k window (t x k x k on a video's
+              (frames, rows, columns) grid) centred on the query and shifted inward at the borders, so every query
+              sees the same number of keys.
+* ``clear``   CLEAR (Liu et al. 2024): a circular window, keys with (dy^2 + dx^2) < radius^2 (a ball on a video
+              grid), truncated (not shifted) at the borders.
+
+Grids are (rows, columns) or (frames, rows, columns), tokens in raster order (frame-major for video, as Wan flattens
+them); patterns, masks, tile plans and FLOP counts work on either.
 
 Each operator has two paths that give the same numbers:
 ``impl="reference"`` builds the dense [N, N] boolean mask and calls ``reference_attention``;
@@ -27,13 +31,15 @@ Parameter names: ``swa`` keeps flash-attn's MHA names (``Wqkv``, ``out_proj``) l
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 from torch import nn
 
 from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention, tiled_attention_packed
-from ditgraft.operators.common import check_choice, check_heads, from_mha, projection_flops, split_heads
+from ditgraft.operators.common import (check_choice, check_grid, check_heads, from_mha, grid_coords, grid_tokens,
+                                      projection_flops, raster_index, split_heads)
 from ditgraft.operators.kernels import FLEX, flex_attention, kernel_ready, shared_block_mask
 from ditgraft.operators.registry import register
 
@@ -52,21 +58,27 @@ def natten_window_start(index: torch.Tensor, length: int, kernel: int) -> torch.
     return (index - kernel // 2).clamp(min=0).clamp(max=length - kernel)
 
 
-def band_pattern(qy, qx, ky, kx, *, width: int, window: int):
-    """swa: |i - j| <= window on raster indices i = y * width + x."""
-    return ((qy * width + qx) - (ky * width + kx)).abs() <= window
+# A pattern is called as ``pattern(q, k)`` with q and k tuples of per-axis grid coordinates, (row, column) or
+# (frame, row, column), broadcasting against each other.
+def band_pattern(q, k, *, window: int):
+    """swa: |i - j| <= window on raster indices (the grid is viewed as one row of tokens, so q and k are (0, i))."""
+    return (q[-1] - k[-1]).abs() <= window
 
 
-def neighborhood_pattern(qy, qx, ky, kx, *, grid: tuple[int, int], kernel: tuple[int, int]):
-    """local2d: the key lies in the query's NATTEN window along both axes."""
-    (H, W), (kh, kw) = grid, kernel
-    y0, x0 = natten_window_start(qy, H, kh), natten_window_start(qx, W, kw)
-    return (ky >= y0) & (ky < y0 + kh) & (kx >= x0) & (kx < x0 + kw)
+def neighborhood_pattern(q, k, *, grid: tuple[int, ...], kernel: tuple[int, ...]):
+    """local2d: the key lies in the query's NATTEN window along every axis."""
+    allowed = None
+    for qa, ka, length, size in zip(q, k, grid, kernel):
+        start = natten_window_start(qa, length, size)
+        inside = (ka >= start) & (ka < start + size)
+        allowed = inside if allowed is None else allowed & inside
+    return allowed
 
 
-def circle_pattern(qy, qx, ky, kx, *, radius: float):
-    """clear: Euclidean distance on the grid strictly below the radius (as the CLEAR release's mask)."""
-    return (qy - ky) ** 2 + (qx - kx) ** 2 < radius ** 2
+def circle_pattern(q, k, *, radius: float):
+    """clear: Euclidean distance on the grid strictly below the radius (as the CLEAR release's mask); on a 3-D grid
+    a ball over (frame, row, column)."""
+    return sum((qa - ka) ** 2 for qa, ka in zip(q, k)) < radius ** 2
 
 
 def circle_reach(radius: float) -> int:
@@ -74,12 +86,10 @@ def circle_reach(radius: float) -> int:
     return max(math.ceil(radius) - 1, 0)
 
 
-def dense_mask(pattern, grid: tuple[int, int], device=None) -> torch.Tensor:
+def dense_mask(pattern, grid: tuple[int, ...], device=None) -> torch.Tensor:
     """Boolean [N, N] mask, True where query (row) may attend to key (column); tokens in raster order."""
-    H, W = grid
-    ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    return pattern(ys[:, None], xs[:, None], ys[None, :], xs[None, :])
+    coords = grid_coords(grid, device)
+    return pattern(tuple(c[:, None] for c in coords), tuple(c[None, :] for c in coords))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,37 +111,45 @@ def _axis_tiles(length: int, tile: int, reach: int):
     return q.clamp(max=length - 1), k, real
 
 
-def make_plan(pattern, grid: tuple[int, int], tile: tuple[int, int], reach: tuple[int, int], device=None) -> TilePlan:
-    """TilePlan for ``pattern`` on ``grid``: tiles of tile[0] x tile[1] queries, windows reaching reach[0] rows
-    and reach[1] columns from their query (or shifted inward within that reach, as NATTEN does)."""
-    (H, W), (th, tw) = grid, tile
-    qr, kr, real_r = _axis_tiles(H, th, reach[0])  # [Ty, th'], [Ty, Ly]
-    qc, kc, real_c = _axis_tiles(W, tw, reach[1])  # [Tx, tw'], [Tx, Lx]
-    Ty, Tx = qr.shape[0], qc.shape[0]
-    # query and key coordinates of every tile, shaped [Ty, Tx, rows, cols]
-    q_y = qr[:, None, :, None].expand(Ty, Tx, qr.shape[1], qc.shape[1])
-    q_x = qc[None, :, None, :].expand_as(q_y)
-    k_y = kr[:, None, :, None].expand(Ty, Tx, kr.shape[1], kc.shape[1])
-    k_x = kc[None, :, None, :].expand_as(k_y)
-    T = Ty * Tx
-    q_y, q_x = q_y.reshape(T, -1), q_x.reshape(T, -1)
-    k_y, k_x = k_y.reshape(T, -1), k_x.reshape(T, -1)
-    allowed = pattern(q_y[:, :, None], q_x[:, :, None], k_y[:, None, :], k_x[:, None, :])
-    q_idx, k_idx = q_y * W + q_x, k_y * W + k_x
-    real = (real_r[:, None, :, None] & real_c[None, :, None, :]).flatten()  # each token has exactly one real slot
+def _tile_product(per_axis: list[torch.Tensor]) -> torch.Tensor:
+    """Per-axis [T_a, S_a] tensors -> one [T_0 * T_1 * ..., S_0 * S_1 * ...] tensor per axis (returned stacked on a
+    leading axis): tiles are ordered as the grid (last axis fastest), and so are the slots within a tile."""
+    D = len(per_axis)
+    tiles = [t.shape[0] for t in per_axis]
+    slots = [t.shape[1] for t in per_axis]
+    out = []
+    for a, t in enumerate(per_axis):
+        shape = [1] * (2 * D)
+        shape[a], shape[D + a] = t.shape
+        out.append(t.view(shape).expand(*tiles, *slots).reshape(math.prod(tiles), math.prod(slots)))
+    return torch.stack(out)
+
+
+def make_plan(pattern, grid: tuple[int, ...], tile: tuple[int, ...], reach: tuple[int, ...], device=None) -> TilePlan:
+    """TilePlan for ``pattern`` on ``grid`` (2-D or 3-D): tiles of tile[0] x tile[1] (x tile[2]) queries, windows
+    reaching reach[a] cells along axis a from their query (or shifted inward within that reach, as NATTEN does)."""
+    axes = [_axis_tiles(length, t, r) for length, t, r in zip(grid, tile, reach)]
+    q = _tile_product([a[0] for a in axes])  # [D, T, Q]
+    k = _tile_product([a[1] for a in axes])  # [D, T, K]
+    real = _tile_product([a[2] for a in axes]).all(0).flatten()  # each token has exactly one real slot
+    allowed = pattern(tuple(c[:, :, None] for c in q), tuple(c[:, None, :] for c in k))
+    q_idx, k_idx = raster_index(q, grid), raster_index(k, grid)
+    n = grid_tokens(grid)
     flat = q_idx.flatten()
-    inv = torch.empty(H * W, dtype=torch.long)
+    inv = torch.empty(n, dtype=torch.long)
     inv[flat[real]] = torch.arange(flat.numel())[real]
-    raster = torch.equal(flat[: H * W], torch.arange(H * W))
+    raster = torch.equal(flat[:n], torch.arange(n))
     assert bool(allowed.any(-1).all()), "every query must see at least one key"
     return TilePlan(q_idx.to(device), k_idx.to(device), (~allowed).to(device), inv.to(device), raster)
 
 
-def _check_grid(grid, n: int) -> tuple[int, int]:
-    H, W = int(grid[0]), int(grid[1])
-    if H * W != n:
-        raise ValueError(f"grid={tuple(grid)} has {H * W} tokens but the input has N={n}; pass the right grid=(H, W)")
-    return H, W
+def _per_axis(field: str, value, dims: int) -> tuple[int, ...]:
+    """An operator size given as one int (every axis) or one per axis of a ``dims``-sided grid."""
+    sizes = (value,) * dims if isinstance(value, int) else tuple(value)
+    if len(sizes) != dims:
+        raise ValueError(f"{field}={list(value)} has {len(sizes)} sizes but the grid has {dims} axes; give one int "
+                         f"or {dims} sizes")
+    return sizes
 
 
 class _LocalAttention(nn.Module):
@@ -186,13 +204,13 @@ class _LocalAttention(nn.Module):
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
         if self.kernel_path(qkv.device, qkv.dtype, N) == "tiled":  # packed in, merged out: no re-layout
-            return tiled_attention_packed(qkv, self.heads, self.plan(_check_grid(grid or self.grid, N), qkv.device))
+            return tiled_attention_packed(qkv, self.heads, self.plan(check_grid(grid or self.grid, N), qkv.device))
         return self._attend_heads(qkv, grid).transpose(1, 2).reshape(B, N, self.dim)
 
     def _attend_heads(self, qkv: torch.Tensor, grid, return_lse: bool = False):
         """Per-head output [B, heads, N, d] (and with ``return_lse`` its log-normaliser [B, heads, N])."""
         N = qkv.shape[1]
-        grid = _check_grid(grid or self.grid, N)
+        grid = check_grid(grid or self.grid, N)
         q, k, v = split_heads(qkv, self.heads)
         impl = self.kernel_path(qkv.device, qkv.dtype, N)
         lse = {"return_lse": True} if return_lse else {}
@@ -232,12 +250,12 @@ class SWA(_LocalAttention):
         self.Wqkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    # SWA ignores the 2-D layout: the grid is viewed as one row of N tokens.
+    # SWA ignores the grid's layout (2-D or 3-D): it is viewed as one row of N tokens in raster order.
     pattern_fields = ("window",)
 
     def _pattern(self, grid):
-        n, window = grid[0] * grid[1], self.window
-        return lambda qy, qx, ky, kx: band_pattern(qy, qx, ky, kx, width=n, window=window)
+        window = self.window
+        return lambda q, k: band_pattern(q, k, window=window)
 
     def _tile(self, grid):
         return (1, self.block)
@@ -246,17 +264,14 @@ class SWA(_LocalAttention):
         return (0, self.window)
 
     def mask(self, grid=None, device=None):
-        grid = tuple(grid or self.grid)
-        n = grid[0] * grid[1]
-        return dense_mask(self._pattern(grid), (1, n), device)
+        n = grid_tokens(grid or self.grid)
+        return dense_mask(self._pattern((1, n)), (1, n), device)
 
     def plan(self, grid, device):
-        n = grid[0] * grid[1]
-        return super().plan((1, n), device)
+        return super().plan((1, grid_tokens(grid)), device)
 
     def block_mask(self, grid, device):
-        n = grid[0] * grid[1]
-        return super().block_mask((1, n), device)
+        return super().block_mask((1, grid_tokens(grid)), device)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         # Any N works for a band: without a grid, the sequence is one row.
@@ -276,28 +291,28 @@ class SWA(_LocalAttention):
         return from_mha(cls, mha, {"qkv": "Wqkv", "proj": "out_proj"}, **options)
 
     @staticmethod
-    def flops(dim: int, heads: int, grid: tuple[int, int], window: int = 4, **_) -> int:
-        n = grid[0] * grid[1]
+    def flops(dim: int, heads: int, grid: tuple[int, ...], window: int = 4, **_) -> int:
+        n = grid_tokens(grid)
         reach = min(window, n - 1)
         pairs = n + 2 * sum(n - d for d in range(1, reach + 1))  # exact number of (i, j) with |i - j| <= window
         return projection_flops(n, dim) + 2 * 2 * pairs * dim
 
 
 class _GridLocalAttention(_LocalAttention):
-    """Local attention with DiT's parameter names (qkv / proj), so an MHA state dict loads strictly."""
+    """Local attention with DiT's parameter names (qkv / proj), so an MHA state dict loads strictly.
+
+    ``tile``: the tile side of the tiled path, one int for every axis or one per axis of the grid."""
 
     def __init__(self, dim, heads, grid, impl, tile):
         super().__init__(dim, heads, grid, impl)
-        self.tile = int(tile)
-        if self.tile < 1:
-            raise ValueError(f"tile={tile} must be >= 1")
+        self.tile = _sizes_option("tile", tile, odd=False)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def _tile(self, grid):
-        return (self.tile, self.tile)
+        return _per_axis("tile", self.tile, len(grid))
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, ...] | None = None) -> torch.Tensor:
         return self.proj(self._attend(self.qkv(x), grid))
 
     @classmethod
@@ -306,46 +321,66 @@ class _GridLocalAttention(_LocalAttention):
         return from_mha(cls, mha, **options)
 
 
-@register("local2d", slot="attn", description="2-D neighbourhood attention, k x k window (NATTEN semantics)")
-class Local2D(_GridLocalAttention):
-    """Neighbourhood attention on the H x W grid: each query sees the k x k window centred on it, shifted inward at
-    the borders (NATTEN, dilation 1), so every query sees exactly k*k keys.
+def _sizes_option(field: str, value, odd: bool):
+    """A size option as given: one int >= 1 (every axis) or a list of them (one per axis), odd where ``odd``."""
+    sizes = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    ok = isinstance(sizes, (list, tuple)) and 1 <= len(sizes) <= 3 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 and (v % 2 == 1 or not odd) for v in sizes)
+    if not ok:
+        kind = "an odd integer >= 1" if odd else "an integer >= 1"
+        raise ValueError(f"{field}={value!r} is not allowed; use {kind}, or a list of them (one per grid axis)")
+    return int(value) if isinstance(value, int) else tuple(int(v) for v in value)
 
-    Options: ``kernel_size`` (odd, default 7), ``impl``, ``tile`` (tile side of the tiled path, default 8).
-    Where k exceeds a side of the grid, the window along that axis is clamped to the whole axis (NATTEN raises an
-    error instead); so k >= max(H, W) is full attention, equal to MHA.
+
+def _check_axes(field: str, value, grid) -> None:
+    """A per-axis size option must have one size per axis of a grid the operator is built for."""
+    if not isinstance(value, int) and grid_tokens(grid) > 0:
+        _per_axis(field, value, len(grid))
+
+
+@register("local2d", slot="attn", description="neighbourhood attention, k x k (or t x k x k) window (NATTEN semantics)")
+class Local2D(_GridLocalAttention):
+    """Neighbourhood attention on the H x W grid, or the (frames, H, W) grid of a video: each query sees the window
+    centred on it, shifted inward at the borders (NATTEN, dilation 1), so every query sees the same number of keys.
+
+    Options: ``kernel_size`` (odd; one int for every axis or one per axis, e.g. [3, 9, 9] on a video grid: 3 frames
+    x 9 x 9 patches; default 7), ``impl``, ``tile`` (tile side of the tiled path, default 8).
+    Where a window exceeds a side of the grid, it is clamped to the whole axis (NATTEN raises an error instead); so a
+    window at least as large as the grid is full attention, equal to MHA.
     """
 
-    def __init__(self, dim: int, heads: int, grid: tuple[int, int] = (0, 0), kernel_size: int = 7,
-                 impl: str = "auto", tile: int = 8):
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={kernel_size} must be an odd integer >= 1")
+    def __init__(self, dim: int, heads: int, grid: tuple[int, ...] = (0, 0), kernel_size: int | list = 7,
+                 impl: str = "auto", tile: int | list = 8):
+        kernel_size = _sizes_option("kernel_size", kernel_size, odd=True)
+        _check_axes("kernel_size", kernel_size, grid)
+        _check_axes("tile", tile, grid)
         super().__init__(dim, heads, grid, impl, tile)
-        self.kernel_size = int(kernel_size)
+        self.kernel_size = kernel_size
 
     pattern_fields = ("kernel_size",)
 
-    def kernel(self, grid) -> tuple[int, int]:
-        return (min(self.kernel_size, grid[0]), min(self.kernel_size, grid[1]))
+    def kernel(self, grid) -> tuple[int, ...]:
+        return tuple(min(k, side) for k, side in zip(_per_axis("kernel_size", self.kernel_size, len(grid)), grid))
 
     def _pattern(self, grid):
-        kernel = self.kernel(grid)
-        return lambda qy, qx, ky, kx: neighborhood_pattern(qy, qx, ky, kx, grid=grid, kernel=kernel)
+        grid, kernel = tuple(grid), self.kernel(grid)
+        return lambda q, k: neighborhood_pattern(q, k, grid=grid, kernel=kernel)
 
     def _reach(self, grid):
-        kh, kw = self.kernel(grid)
-        return (kh // 2, kw // 2)
+        return tuple(k // 2 for k in self.kernel(grid))
 
     @staticmethod
-    def flops(dim: int, heads: int, grid: tuple[int, int], kernel_size: int = 7, **_) -> int:
-        n = grid[0] * grid[1]
-        keys = min(kernel_size, grid[0]) * min(kernel_size, grid[1])
+    def flops(dim: int, heads: int, grid: tuple[int, ...], kernel_size: int | list = 7, **_) -> int:
+        n = grid_tokens(grid)
+        sizes = _per_axis("kernel_size", kernel_size, len(grid))
+        keys = math.prod(min(k, side) for k, side in zip(sizes, grid))
         return projection_flops(n, dim) + 2 * 2 * n * keys * dim
 
 
 @register("clear", slot="attn", description="CLEAR circular local attention, (dy^2 + dx^2) < radius^2")
 class CLEAR(_GridLocalAttention):
-    """CLEAR's conv-like local attention: each query sees the keys within a circle on the grid, truncated at borders.
+    """CLEAR's conv-like local attention: each query sees the keys within a circle on the grid, truncated at borders;
+    on a (frames, H, W) video grid, a ball (dt^2 + dy^2 + dx^2) < radius^2.
 
     The release's mask is (dy^2 + dx^2) < window_size^2 (strict); ``radius`` is that window_size. Released FLUX
     models use 8, 16 (training default) and 32 on a 64 x 64 token grid; the default here, radius=4, is the training
@@ -353,10 +388,11 @@ class CLEAR(_GridLocalAttention):
     Options: ``radius`` (> 0, default 4), ``impl``, ``tile`` (tile side of the tiled path, default 8).
     """
 
-    def __init__(self, dim: int, heads: int, grid: tuple[int, int] = (0, 0), radius: float = 4,
-                 impl: str = "auto", tile: int = 8):
+    def __init__(self, dim: int, heads: int, grid: tuple[int, ...] = (0, 0), radius: float = 4,
+                 impl: str = "auto", tile: int | list = 8):
         if not radius > 0:
             raise ValueError(f"radius={radius} must be > 0")
+        _check_axes("tile", tile, grid)
         super().__init__(dim, heads, grid, impl, tile)
         self.radius = float(radius)
 
@@ -364,20 +400,17 @@ class CLEAR(_GridLocalAttention):
 
     def _pattern(self, grid):
         radius = self.radius
-        return lambda qy, qx, ky, kx: circle_pattern(qy, qx, ky, kx, radius=radius)
+        return lambda q, k: circle_pattern(q, k, radius=radius)
 
     def _reach(self, grid):
-        reach = circle_reach(self.radius)
-        return (reach, reach)
+        return (circle_reach(self.radius),) * len(grid)
 
     @staticmethod
-    def flops(dim: int, heads: int, grid: tuple[int, int], radius: float = 4, **_) -> int:
-        H, W = grid
+    def flops(dim: int, heads: int, grid: tuple[int, ...], radius: float = 4, **_) -> int:
         reach = circle_reach(radius)
+        spans = [range(-min(reach, side - 1), min(reach, side - 1) + 1) for side in grid]
         pairs = 0  # exact number of allowed (query, key) pairs, windows truncated at the borders
-        for dy in range(-min(reach, H - 1), min(reach, H - 1) + 1):
-            for dx in range(-min(reach, W - 1), min(reach, W - 1) + 1):
-                if dy * dy + dx * dx < radius * radius:
-                    pairs += (H - abs(dy)) * (W - abs(dx))
-        n = H * W
-        return projection_flops(n, dim) + 2 * 2 * pairs * dim
+        for offsets in itertools.product(*spans):
+            if sum(o * o for o in offsets) < radius * radius:
+                pairs += math.prod(side - abs(o) for side, o in zip(grid, offsets))
+        return projection_flops(grid_tokens(grid), dim) + 2 * 2 * pairs * dim

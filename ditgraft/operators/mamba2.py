@@ -54,6 +54,9 @@ buffers against the (N/Q) x n x d_inner chunk states (measured at N = 4096 and 1
 ``conv1d_rev`` (same shape/init as ``conv1d``; applied to the reversed sequence, i.e. anti-causal in the original
 order). The two scan outputs (each with its own D skip) are summed before the gated norm. A causal checkpoint loads
 with ``strict=False``; the only missing keys are ``conv1d_rev.*``.
+
+The scan runs over the tokens in the order the model holds them: raster order on an image grid, and frame-major
+(frames, then rows, then columns) on a video's grid, as Wan flattens its patches; the grid is not needed.
 """
 from __future__ import annotations
 
