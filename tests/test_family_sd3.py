@@ -328,3 +328,51 @@ def test_local_attention_in_a_split_slot(impl, tmp_path):
                      str(tmp_path / "s1"), 0, "cpu", progress=False, log=lambda *_: None)
     losses = [r["loss/attn0"] for r in res["history"] if "loss/attn0" in r]
     assert np.isfinite(losses).all() and res["operators"]["attn0"]["val_rel_mse"] < 1.0
+
+
+def _tiny_sd35():
+    from helpers import randomize_weights
+
+    return randomize_weights(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        qk_norm="rms_norm", dual_attention_layers=(0,)), 0.1, 0).eval()
+
+
+def test_linear_attention_split_slot_is_edits_hybrid_attention(tmp_path):
+    """linear_attn in SD3.5's split slot: image queries see image keys through the relu kernel and text keys through
+    the teacher's softmax, with one normaliser over both (EDiT's hybrid attention), computed here from the teacher's
+    own projections and qk-norms; ``init: teacher`` carries the qk-norms; stage 1 distils the slot."""
+    teacher = _tiny_sd35()
+    with torch.no_grad():  # qk-norm weights away from 1, so that carrying them over is checked
+        for block in teacher.transformer_blocks:
+            block.attn.norm_q.weight.uniform_(0.5, 1.5)
+            block.attn.norm_k.weight.uniform_(0.5, 1.5)
+    graft = ResolvedGraft("attn", 0, "linear_attn", {"qk_norm": "rms_norm"}, init="teacher")
+    split = graft_model(teacher, [graft]).transformer_blocks[0].attn
+    a = teacher.transformer_blocks[0].attn
+    hs, ehs = torch.randn(2, 16, 16), torch.randn(2, 6, 16)
+    with torch.no_grad():
+        img, _ = split(hs, ehs)
+
+        def heads(lin, norm, x):
+            y = lin(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+            return norm(y) if norm is not None else y
+
+        q, k, v = heads(a.to_q, a.norm_q, hs), heads(a.to_k, a.norm_k, hs), heads(a.to_v, None, hs)
+        k_t, v_t = heads(a.add_k_proj, a.norm_added_k, ehs), heads(a.add_v_proj, None, ehs)
+        kernel = torch.relu(q) @ torch.relu(k).transpose(-2, -1)  # image keys: relu features
+        scores = torch.exp(q @ k_t.transpose(-2, -1) * 8 ** -0.5)  # text keys: the softmax's exp scores
+        eps = split.op.eps
+        mixed = (kernel @ v + scores @ v_t) / (kernel.sum(-1, keepdim=True) + eps + scores.sum(-1, keepdim=True))
+        want = a.to_out[0](mixed.transpose(1, 2).reshape(2, 16, 16))
+    diff = float((img - want).abs().max())
+    print(f"linear_attn split slot vs EDiT's hybrid attention from the teacher's weights: max abs diff {diff:.1e}")
+    assert diff < 1e-5
+    torch.testing.assert_close(split.op.norm_q.weight, a.norm_q.weight, atol=0, rtol=0)
+    torch.testing.assert_close(split.op.norm_k.weight, a.norm_k.weight, atol=0, rtol=0)
+    s1 = Stage1(samples=16, val_samples=4, steps=6, batch_size=8, eval_every=3, extract_batch_size=8, lr=3e-3)
+    res = run_stage1(teacher, [graft], s1, latents(16, 0), sd3_prompts(16, 1), latents(4, 2), sd3_prompts(4, 3),
+                     str(tmp_path / "s1"), 0, "cpu", progress=False, log=lambda *_: None)
+    losses = [r["loss/attn0"] for r in res["history"] if "loss/attn0" in r]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

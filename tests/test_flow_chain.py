@@ -300,20 +300,23 @@ def test_activation_checkpointing_of_a_grafted_diffusers_student(family, tmp_pat
 def test_bundled_flow_recipes_plan_their_memory():
     """The bundled SD3 / Flux / Wan recipes validate and ``recipes --show``'s memory line comes from the published
     architecture built on the meta device (parameter counts as published: SD3-medium 2.03B, FLUX.1-dev 11.9B, Wan
-    2.1 1.3B 1.42B, PixArt-Sigma 0.61B); a local pipeline folder's own config is read first."""
+    2.1 1.3B 1.42B, PixArt-Sigma 0.61B; SD3.5-medium 2.24B from its config); a local pipeline folder's own config is
+    read first."""
     from ditgraft.models.families import diffusers_architecture, family_of
     from ditgraft.recipe import load_recipe
     from ditgraft.graft.plan import recipe_stage2_memory
 
     counts = {"stabilityai/stable-diffusion-3-medium-diffusers": 2_028_328_000,
               "black-forest-labs/FLUX.1-dev": 11_901_408_320, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 1_418_996_800,
-              "PixArt-alpha/PixArt-Sigma-XL-2-2048-MS": 610_856_096}
+              "PixArt-alpha/PixArt-Sigma-XL-2-2048-MS": 610_856_096,
+              "stabilityai/stable-diffusion-3.5-medium": 2_243_171_520}
     for source, n in counts.items():
         model = diffusers_architecture(source)
         assert sum(p.numel() for p in model.parameters()) == n and next(model.parameters()).is_meta
     flux = diffusers_architecture("black-forest-labs/FLUX.1-dev")
     assert family_of(flux).activation_layout(flux) == (4096 + 512, 19 + 38)
-    for name, family in (("sd3_medium_local2d_50", "sd3"), ("flux_dev_mlp_r3_50", "flux"),
+    for name, family in (("sd3_medium_local2d_50", "sd3"), ("sd35_medium_linear_hybrid", "sd3"),
+                         ("flux_dev_mlp_r3_50", "flux"),
                          ("flux_dev_clear_all", "flux"), ("wan21_1p3b_mlp_r3_50", "wan"),
                          ("wan21_1p3b_local3d_50", "wan"), ("wan21_1p3b_linear_50", "wan")):
         recipe = load_recipe(name)
@@ -327,6 +330,13 @@ def test_bundled_flow_recipes_plan_their_memory():
     grafts = resolve_grafts(load_recipe("flux_dev_clear_all"), slot_depths(flux))
     assert [g.layer for g in grafts] == list(range(57)) and {g.operator for g in grafts} == {"clear"}
     check_operators(flux, grafts)
+    # EDiT's hybrid on SD3.5-medium: linear attention in all 24 split slots, with the teacher's qk-norm kind
+    sd35 = diffusers_architecture("stabilityai/stable-diffusion-3.5-medium")
+    grafts = resolve_grafts(load_recipe("sd35_medium_linear_hybrid"), slot_depths(sd35))
+    assert [g.layer for g in grafts] == list(range(24)) and {g.operator for g in grafts} == {"linear_attn"}
+    check_operators(sd35, grafts)
+    norm_q = sd35.transformer_blocks[0].attn.norm_q  # per head: the kind linear_attn's qk_norm "rms_norm" copies
+    assert type(norm_q).__name__ == "RMSNorm" and norm_q.weight.shape == (64,) and grafts[0].options["qk_norm"] == "rms_norm"
     assert diffusers_architecture("someone/unknown-model") is None
     wan = diffusers_architecture("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     assert family_of(wan).dims(wan).grid == (21, 30, 52)  # 32,760 video tokens, (frames, rows, columns)

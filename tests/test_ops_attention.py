@@ -324,3 +324,33 @@ def test_packed_tiled_attention_matches_split_and_gradcheck(grid, tile, slab_sco
     want = tiled_attention(*split_heads(qkv, 2), plan).transpose(1, 2).reshape(2, n, 8)
     torch.testing.assert_close(tiled_attention_packed(qkv, 2, plan), want)  # no gradient: tiles in slabs
     assert torch.autograd.gradcheck(lambda t: TiledAttention.apply(t, 2, plan), (qkv.requires_grad_(),))
+
+
+@pytest.mark.parametrize("qk_norm", [False, "rms_norm", "rms_norm_across_heads"])
+def test_linear_attention_normaliser_and_qk_norm(qk_norm):
+    """attend_with_lse: the per-head output and log(kernel sum + eps), fast == reference (outputs and gradients), and
+    the output projection of the per-head output is the forward; qk-norms are rope_mha's."""
+    from ditgraft.operators import build_operator
+
+    torch.manual_seed(0)
+    fast = build_operator("linear_attn", 16, 2, (3, 4), conv=3, qk_norm=qk_norm).double()
+    ref = build_operator("linear_attn", 16, 2, (3, 4), conv=3, qk_norm=qk_norm, impl="reference").double()
+    torch.nn.init.normal_(fast.dwconv.weight)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    (out_f, lse_f), (out_r, lse_r) = fast.attend_with_lse(x, (3, 4)), ref.attend_with_lse(x, (3, 4))
+    torch.testing.assert_close(out_f, out_r)
+    torch.testing.assert_close(lse_f, lse_r)
+    g_f = torch.autograd.grad((out_f.sin().sum() + lse_f.sum()), x)[0]
+    g_r = torch.autograd.grad((out_r.sin().sum() + lse_r.sum()), x)[0]
+    torch.testing.assert_close(g_f, g_r)
+    torch.testing.assert_close(fast.proj(out_f.transpose(1, 2).reshape(2, 12, 16)), fast(x, (3, 4)))
+    q, k, _ = fast.qkv(x).view(2, 12, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    if qk_norm == "rms_norm":
+        q, k = fast.norm_q(q), fast.norm_k(k)
+    elif qk_norm:
+        q = fast.norm_q(q.transpose(1, 2).reshape(2, 12, 16)).view(2, 12, 2, 8).transpose(1, 2)
+        k = fast.norm_k(k.transpose(1, 2).reshape(2, 12, 16)).view(2, 12, 2, 8).transpose(1, 2)
+    den = (torch.relu(q) @ torch.relu(k).transpose(-2, -1)).sum(-1)
+    torch.testing.assert_close(lse_f, torch.log(den + fast.eps))
+    assert (fast.norm_q is None) == (not qk_norm)

@@ -63,6 +63,33 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
     return qkv.reshape(B, N, 3, heads, three_d // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+# RMSNorm of queries and keys (``norm_q`` / ``norm_k``): per head (FLUX, SD3.5: "rms_norm", or True) or over all
+# heads of a token together (Wan: "rms_norm_across_heads"); False: none.
+QK_NORMS = (True, False, "rms_norm", "rms_norm_across_heads")
+
+
+def qk_norms(dim: int, heads: int, qk_norm, eps: float) -> tuple[str | None, nn.Module | None, nn.Module | None]:
+    """(the qk-norm's mode, norm_q, norm_k) for option ``qk_norm`` (one of ``QK_NORMS``)."""
+    check_choice("qk_norm", qk_norm, QK_NORMS)
+    mode = {True: "rms_norm", False: None}.get(qk_norm, qk_norm)
+    if mode is None:
+        return None, None, None
+    width = dim if mode == "rms_norm_across_heads" else check_heads(dim, heads)
+    return mode, nn.RMSNorm(width, eps=eps), nn.RMSNorm(width, eps=eps)
+
+
+def normed_heads(qkv: torch.Tensor, heads: int, mode: str | None, norm_q: nn.Module | None,
+                 norm_k: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``split_heads`` of the packed qkv [B, N, 3D] with the queries and keys RMS-normalised as ``mode`` says."""
+    if mode == "rms_norm_across_heads":  # over all D channels of a token, before the head split
+        q, k, v = qkv.chunk(3, dim=-1)
+        qkv = torch.cat([norm_q(q), norm_k(k), v], dim=-1)
+    q, k, v = split_heads(qkv, heads)
+    if mode == "rms_norm":
+        q, k = norm_q(q), norm_k(k)
+    return q, k, v
+
+
 def projection_flops(tokens: int, dim: int) -> int:
     """Forward FLOPs of a D -> 3D input projection and a D -> D output projection on ``tokens`` tokens."""
     return 2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim

@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditgraft.operators.common import check_choice, check_heads, grid_tokens, projection_flops, split_heads
+from ditgraft.operators.common import check_heads, grid_tokens, normed_heads, projection_flops, qk_norms
 from ditgraft.operators.registry import register
 
-QK_NORMS = (True, False, "rms_norm", "rms_norm_across_heads")
 
 
 def axial_rope(grid: tuple[int, ...], axes_dims: tuple[int, ...], theta: float, device) -> tuple[torch.Tensor, ...]:
@@ -61,8 +60,6 @@ class RopeMHA(nn.Module):
         super().__init__()
         self.dim, self.heads, self.grid = dim, heads, tuple(grid)
         self.head_dim = check_heads(dim, heads)
-        check_choice("qk_norm", qk_norm, QK_NORMS)
-        self.qk_norm = {True: "rms_norm", False: None}.get(qk_norm, qk_norm)
         if axes_dims is not None:
             axes_dims = tuple(int(a) for a in axes_dims)
             if sum(axes_dims) != self.head_dim or any(a % 2 for a in axes_dims):
@@ -71,19 +68,11 @@ class RopeMHA(nn.Module):
         self.axes_dims, self.theta = axes_dims, float(theta)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        width = dim if self.qk_norm == "rms_norm_across_heads" else self.head_dim
-        self.norm_q = nn.RMSNorm(width, eps=eps) if self.qk_norm else None
-        self.norm_k = nn.RMSNorm(width, eps=eps) if self.qk_norm else None
+        self.qk_norm, self.norm_q, self.norm_k = qk_norms(dim, heads, qk_norm, eps)
         self._rope: dict = {}
 
     def qkv_heads(self, x: torch.Tensor, grid: tuple[int, ...]):
-        qkv = self.qkv(x)
-        if self.qk_norm == "rms_norm_across_heads":  # over all D channels of a token, before the head split
-            q, k, v = qkv.chunk(3, dim=-1)
-            qkv = torch.cat([self.norm_q(q), self.norm_k(k), v], dim=-1)
-        q, k, v = split_heads(qkv, self.heads)
-        if self.qk_norm == "rms_norm":
-            q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = normed_heads(self.qkv(x), self.heads, self.qk_norm, self.norm_q, self.norm_k)
         if self.axes_dims is not None:
             key = (tuple(grid), x.device)
             if key not in self._rope:

@@ -7,8 +7,10 @@ log-normaliser lse_img) and one over text keys (A_txt, lse_txt), weighted by the
 w = sigmoid(lse_img - lse_txt), output = w A_img + (1 - w) A_txt, then the output projection. The split keeps that
 mix with the operator's A_img and lse_img, projected by the operator's own ``proj``, plus the teacher's text part
 projected by the teacher's output weight; so an operator that reproduces the teacher's image-only attention
-(``init: teacher``) reproduces the teacher. The operator reports both (``attend_with_lse(x, grid)``: ``rope_mha`` and
-the local attentions ``swa``, ``local2d``, ``clear``; or ``mha``).
+(``init: teacher``) reproduces the teacher. The operator reports both (``attend_with_lse(x, grid)``: ``rope_mha``,
+the local attentions ``swa``, ``local2d``, ``clear``, and ``linear_attn``; or ``mha``). Linear attention's
+"log-normaliser" is the log of its relu kernel sum, so the kernel sum over image keys and the exp sum over text keys
+share one normaliser: EDiT's hybrid attention for MMDiTs.
 """
 from __future__ import annotations
 
