@@ -227,7 +227,18 @@ def test_clear_in_every_attention_stage1_stage2_reload_flux_pipeline(tmp_path):
             diff = float((unit(hs, ehs) - target).abs().max())
             assert diff < 1e-6, (layer, diff)  # measured 5e-8 (double), 1.2e-7 (single) on targets up to 0.46
 
-    grafts = [ResolvedGraft("attn", i, "clear", {"radius": 2}, init="teacher") for i in range(4)]
+    # CLEAR keeps FLUX's qk-norm and RoPE: with a circle covering the 4 x 4 grid the student is the teacher
+    kept = {"qk_norm": "rms_norm", "axes_dims": [2, 2, 4]}
+    whole = graft_model(teacher, [ResolvedGraft("attn", i, "clear", {"radius": 6, **kept}, init="teacher")
+                                  for i in range(4)])
+    x, t, c = latents(2, 4), torch.tensor([5.0, 999.0]), _cond(2, 5)
+    with torch.no_grad():
+        diff = float((fam.forward(whole, x, t, c) - fam.forward(teacher, x, t, c)).abs().max())
+    print(f"flux: clear (whole grid, teacher's qk-norm and RoPE) in all 4 attentions vs teacher: {diff:.1e}")
+    assert diff < 1e-5
+    with pytest.raises(ValueError, match=r"the teacher's attention has RoPE \(axes_dims \[2, 2, 4\]\).*axes_dims: null"):
+        graft_model(teacher, [ResolvedGraft("attn", 0, "clear", {"qk_norm": "rms_norm"}, init="teacher")])
+    grafts = [ResolvedGraft("attn", i, "clear", {"radius": 2, **kept}, init="teacher") for i in range(4)]
     x0, cond = latents(16, 0), _cond(16, 1)
     s1 = Stage1(samples=16, val_samples=8, steps=4, batch_size=8, eval_every=2, extract_batch_size=8, lr=1e-3,
                 cache="stream")

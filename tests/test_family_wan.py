@@ -91,6 +91,25 @@ def test_grid_free_operators_take_the_attn_slot(operator):
     assert operator_flops(operator, 16, 2, grid) == operator_flops(operator, 16, 2, (1, 12)) > 0
 
 
+def test_local_windows_keep_wans_qk_norm_and_rope():
+    """local2d and clear with windows covering the video, started from attn1 with its qk-norm across heads and its
+    3-D RoPE kept, are the teacher (at the configured video size and another one)."""
+    teacher = tiny_wan()
+    fam = family_of(teacher)
+    kept = {"qk_norm": "rms_norm_across_heads", "axes_dims": [4, 2, 2]}
+    t, emb = torch.tensor([30.0, 870.5]), _prompts(2, 1)
+    for op, options in (("local2d", {"kernel_size": [5, 7, 9]}), ("clear", {"radius": 12.0})):
+        student = graft_model(teacher, [ResolvedGraft("attn", i, op, {**options, **kept}, init="teacher")
+                                        for i in range(2)])
+        for x in (_videos(2, 0), torch.randn(2, 16, 5, 6, 8, generator=torch.Generator().manual_seed(3))):
+            with torch.no_grad():
+                diff = float((fam.forward(student, x, t, emb) - fam.forward(teacher, x, t, emb)).abs().max())
+            print(f"wan: {op} covering the video {tuple(x.shape[2:])}, qk-norm and RoPE kept: {diff:.1e}")
+            assert diff < 1e-5, (op, diff)
+    with pytest.raises(ValueError, match="qk_norm 'rms_norm_across_heads'.*qk_norm: false"):
+        graft_model(teacher, [ResolvedGraft("attn", 0, "local2d", {"axes_dims": None}, init="teacher")])
+
+
 @pytest.mark.parametrize("operator,options", [
     ("local2d", {"kernel_size": [1, 3, 3]}), ("local2d", {"kernel_size": 3}), ("clear", {"radius": 1.5}),
     ("swa", {"window": 4}), ("hyena_x", {"direction": "2d", "kernel_size": 3}),

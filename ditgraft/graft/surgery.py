@@ -24,6 +24,7 @@ from ditgraft.models.families import DIFFUSERS_PREFIX, family_of, get_family, lo
 from ditgraft.models.families.joint import split_operators, split_unit_ready
 from ditgraft.operators import build_operator
 from ditgraft.operators.attention import MHA
+from ditgraft.operators.rope_attention import RopeMHA
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,12 @@ def resolve_grafts(recipe, depth: int | dict[str, int], analysis=None, probe_los
 def init_from_teacher(new: nn.Module, old: nn.Module, options: dict | None = None) -> nn.Module:
     """The new operator started from the teacher operator's weights.
 
-    Operators that declare ``from_mha`` (swa, local2d, clear, linear_attn) take an MHA's weights through it (they
-    know their own names, e.g. flash-attn's Wqkv); otherwise tensors are copied where names and shapes agree
+    Operators that declare ``from_mha`` (swa, local2d, clear, linear_attn, the Hyena mixers) take an MHA's or a
+    ``rope_mha``'s weights through it (they know their own names, e.g. flash-attn's Wqkv; a teacher's qk-norm and
+    RoPE are kept or dropped as their options say); otherwise tensors are copied where names and shapes agree
     (self-grafting, an MLP of the same ratio). Raises when the two share nothing.
     """
-    if isinstance(old, MHA) and hasattr(type(new), "from_mha"):
+    if isinstance(old, (MHA, RopeMHA)) and hasattr(type(new), "from_mha"):
         return type(new).from_mha(old, **(options or {}))
     target = new.state_dict()
     shared = {k: v for k, v in old.state_dict().items() if k in target and target[k].shape == v.shape}

@@ -2,6 +2,7 @@
 projections, starting from a teacher MHA's weights, and depthwise convolutions over the token axis."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -96,17 +97,40 @@ def projection_flops(tokens: int, dim: int) -> int:
 
 
 def from_mha(cls: type, mha: nn.Module, rename: dict[str, str] | None = None, **options) -> nn.Module:
-    """``cls`` built at the MHA's width, heads and grid, starting from the MHA's weights, on its device and dtype.
+    """``cls`` built at the teacher attention's width, heads and grid (an ``mha``, or a ``rope_mha``: FLUX's,
+    SD3.5's or Wan's attention), starting from its weights, on its device and dtype.
 
-    ``rename`` maps the MHA's submodules (``qkv``, ``proj``) to the operator's names for them (e.g. flash-attn's
-    ``Wqkv`` / ``out_proj``) and loads just those; without it the whole state dict loads strictly (same names)."""
+    ``rename`` maps the teacher's submodules (``qkv``, ``proj``) to the operator's names for them (e.g. flash-attn's
+    ``Wqkv`` / ``out_proj``); without it they keep their names. A teacher's qk-norm and RoPE are kept or dropped as
+    the options say, never silently: where ``cls`` has the option (``qk_norm``, ``axes_dims``) and the recipe does
+    not set it, this refuses and names both choices; a kept qk-norm starts from the teacher's norms."""
+    _check_kept(cls, mha, options)
     op = cls(mha.dim, mha.heads, mha.grid, **options).to(mha.proj.weight.device, mha.proj.weight.dtype)
-    if rename is None:
-        op.load_state_dict(mha.state_dict())
-    else:
-        for theirs, ours in rename.items():
-            getattr(op, ours).load_state_dict(getattr(mha, theirs).state_dict())
+    for theirs, ours in (rename or {"qkv": "qkv", "proj": "proj"}).items():
+        getattr(op, ours).load_state_dict(getattr(mha, theirs).state_dict())
+    if getattr(op, "norm_q", None) is not None and getattr(mha, "norm_q", None) is not None:
+        op.norm_q.load_state_dict(mha.norm_q.state_dict())
+        op.norm_k.load_state_dict(mha.norm_k.state_dict())
     return op
+
+
+def _check_kept(cls: type, mha: nn.Module, options: dict) -> None:
+    accepts = inspect.signature(cls.__init__).parameters
+    name = cls.__name__
+    theirs = getattr(mha, "qk_norm", None)
+    if theirs and "qk_norm" in accepts:
+        if "qk_norm" not in options:
+            raise ValueError(f"init: teacher: the teacher's attention normalises q and k (qk_norm {theirs!r}); "
+                             f"say whether {name} keeps it: options qk_norm: {theirs} (keep) or qk_norm: false "
+                             f"(drop)")
+        ours = {True: "rms_norm", False: None}.get(options["qk_norm"], options["qk_norm"])
+        if ours is not None and ours != theirs:
+            raise ValueError(f"qk_norm={options['qk_norm']!r} is not the teacher's qk-norm ({theirs!r}); use "
+                             f"qk_norm: {theirs} or false")
+    rope = getattr(mha, "axes_dims", None)
+    if rope and "axes_dims" in accepts and "axes_dims" not in options:
+        raise ValueError(f"init: teacher: the teacher's attention has RoPE (axes_dims {list(rope)}); say whether "
+                         f"{name} keeps it: options axes_dims: {list(rope)} (keep) or axes_dims: null (drop)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

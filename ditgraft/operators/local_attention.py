@@ -39,7 +39,8 @@ from torch import nn
 
 from ditgraft.operators.attention import MHA, TilePlan, reference_attention, tiled_attention, tiled_attention_packed
 from ditgraft.operators.common import (check_choice, check_grid, check_heads, from_mha, grid_coords, grid_tokens,
-                                      projection_flops, raster_index, split_heads)
+                                      normed_heads, projection_flops, qk_norms, raster_index)
+from ditgraft.operators.rope_attention import check_axes_dims, rope_qk
 from ditgraft.operators.kernels import FLEX, flex_attention, kernel_ready, shared_block_mask
 from ditgraft.operators.registry import register
 
@@ -153,16 +154,28 @@ def _per_axis(field: str, value, dims: int) -> tuple[int, ...]:
 
 
 class _LocalAttention(nn.Module):
-    """Shared body: heads, impl choice, cached tile plans. Subclasses define ``_pattern``, ``_tile``, ``_reach``."""
+    """Shared body: heads, impl choice, cached tile plans, the teacher's qk-norm and RoPE when asked for (options
+    ``qk_norm`` and ``axes_dims`` / ``theta``, as ``rope_mha``: a local window inside FLUX's, SD3.5's or Wan's
+    attention, CLEAR's setting). Subclasses define ``_pattern``, ``_tile``, ``_reach``."""
 
     gpu_kernels = (FLEX,)  # the GPU kernels kernel_path may choose
 
-    def __init__(self, dim: int, heads: int, grid: tuple[int, int], impl: str):
+    def __init__(self, dim: int, heads: int, grid: tuple[int, ...], impl: str, qk_norm, axes_dims, theta):
         super().__init__()
         self.dim, self.heads, self.grid = dim, heads, tuple(grid)
         self.head_dim = check_heads(dim, heads)
         self.impl = check_choice("impl", impl, LOCAL_IMPLS)
+        self.qk_norm, self.norm_q, self.norm_k = qk_norms(dim, heads, qk_norm, eps=1e-6)
+        self.axes_dims, self.theta = check_axes_dims(axes_dims, self.head_dim), float(theta)
         self._plans: dict = {}  # (grid, device) -> TilePlan; not part of the state dict
+        self._rope: dict = {}  # (grid, device) -> RoPE tables
+
+    def _heads(self, qkv: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, N, d] of the packed qkv, with the qk-norm and RoPE the operator has."""
+        q, k, v = normed_heads(qkv, self.heads, self.qk_norm, self.norm_q, self.norm_k)
+        if self.axes_dims is not None:
+            q, k = rope_qk(self._rope, q, k, grid, self.axes_dims, self.theta)
+        return q, k, v
 
     def _pattern(self, grid):
         raise NotImplementedError
@@ -203,7 +216,8 @@ class _LocalAttention(nn.Module):
     def _attend(self, qkv: torch.Tensor, grid) -> torch.Tensor:
         """[B, N, 3D] packed q, k, v (the output of the qkv linear) -> [B, N, D] attention output before out proj."""
         B, N, _ = qkv.shape
-        if self.kernel_path(qkv.device, qkv.dtype, N) == "tiled":  # packed in, merged out: no re-layout
+        plain = self.qk_norm is None and self.axes_dims is None
+        if plain and self.kernel_path(qkv.device, qkv.dtype, N) == "tiled":  # packed in, merged out: no re-layout
             return tiled_attention_packed(qkv, self.heads, self.plan(check_grid(grid or self.grid, N), qkv.device))
         return self._attend_heads(qkv, grid).transpose(1, 2).reshape(B, N, self.dim)
 
@@ -211,7 +225,7 @@ class _LocalAttention(nn.Module):
         """Per-head output [B, heads, N, d] (and with ``return_lse`` its log-normaliser [B, heads, N])."""
         N = qkv.shape[1]
         grid = check_grid(grid or self.grid, N)
-        q, k, v = split_heads(qkv, self.heads)
+        q, k, v = self._heads(qkv, grid)
         impl = self.kernel_path(qkv.device, qkv.dtype, N)
         lse = {"return_lse": True} if return_lse else {}
         if impl == FLEX and not return_lse:  # a split slot's log-normaliser comes from the PyTorch paths
@@ -238,9 +252,9 @@ class SWA(_LocalAttention):
     Parameters ``Wqkv`` (D -> 3D, bias) and ``out_proj`` (D -> D): 4D^2 + 4D = 5,313,024 at D = 1152.
     """
 
-    def __init__(self, dim: int, heads: int, grid: tuple[int, int] = (0, 0), window: int = 4, impl: str = "auto",
-                 block: int | None = None):
-        super().__init__(dim, heads, grid, impl)
+    def __init__(self, dim: int, heads: int, grid: tuple[int, ...] = (0, 0), window: int = 4, impl: str = "auto",
+                 block: int | None = None, qk_norm: bool | str = False, axes_dims=None, theta: float = 10000.0):
+        super().__init__(dim, heads, grid, impl, qk_norm, axes_dims, theta)
         if window < 0:
             raise ValueError(f"window={window} must be >= 0")
         self.window = int(window)
@@ -303,8 +317,8 @@ class _GridLocalAttention(_LocalAttention):
 
     ``tile``: the tile side of the tiled path, one int for every axis or one per axis of the grid."""
 
-    def __init__(self, dim, heads, grid, impl, tile):
-        super().__init__(dim, heads, grid, impl)
+    def __init__(self, dim, heads, grid, impl, tile, qk_norm, axes_dims, theta):
+        super().__init__(dim, heads, grid, impl, qk_norm, axes_dims, theta)
         self.tile = _sizes_option("tile", tile, odd=False)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -350,11 +364,12 @@ class Local2D(_GridLocalAttention):
     """
 
     def __init__(self, dim: int, heads: int, grid: tuple[int, ...] = (0, 0), kernel_size: int | list = 7,
-                 impl: str = "auto", tile: int | list = 8):
+                 impl: str = "auto", tile: int | list = 8, qk_norm: bool | str = False, axes_dims=None,
+                 theta: float = 10000.0):
         kernel_size = _sizes_option("kernel_size", kernel_size, odd=True)
         _check_axes("kernel_size", kernel_size, grid)
         _check_axes("tile", tile, grid)
-        super().__init__(dim, heads, grid, impl, tile)
+        super().__init__(dim, heads, grid, impl, tile, qk_norm, axes_dims, theta)
         self.kernel_size = kernel_size
 
     pattern_fields = ("kernel_size",)
@@ -389,11 +404,12 @@ class CLEAR(_GridLocalAttention):
     """
 
     def __init__(self, dim: int, heads: int, grid: tuple[int, ...] = (0, 0), radius: float = 4,
-                 impl: str = "auto", tile: int | list = 8):
+                 impl: str = "auto", tile: int | list = 8, qk_norm: bool | str = False, axes_dims=None,
+                 theta: float = 10000.0):
         if not radius > 0:
             raise ValueError(f"radius={radius} must be > 0")
         _check_axes("tile", tile, grid)
-        super().__init__(dim, heads, grid, impl, tile)
+        super().__init__(dim, heads, grid, impl, tile, qk_norm, axes_dims, theta)
         self.radius = float(radius)
 
     pattern_fields = ("radius",)

@@ -52,6 +52,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + turned.float() * sin).to(x.dtype)
 
 
+def check_axes_dims(axes_dims, head_dim: int) -> tuple[int, ...] | None:
+    """``axes_dims`` as a tuple (None: no RoPE), after checking that it splits the head dim into even parts."""
+    if axes_dims is None:
+        return None
+    axes_dims = tuple(int(a) for a in axes_dims)
+    if sum(axes_dims) != head_dim or any(a % 2 for a in axes_dims):
+        raise ValueError(f"axes_dims={axes_dims} must be even numbers summing to the head dim {head_dim}")
+    return axes_dims
+
+
+def rope_qk(cache: dict, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, ...], axes_dims, theta: float):
+    """q, k [B, heads, N, d] rotated by the axial RoPE of ``grid`` (tables kept in ``cache`` per grid and device)."""
+    key = (tuple(grid), q.device)
+    if key not in cache:
+        cache[key] = axial_rope(grid, axes_dims, theta, q.device)
+    cos, sin = cache[key]
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
 @register("rope_mha", slot="attn",
           description="softmax attention with RMS qk-norm and axial RoPE over the patch grid (Flux's and Wan's)")
 class RopeMHA(nn.Module):
@@ -60,12 +79,7 @@ class RopeMHA(nn.Module):
         super().__init__()
         self.dim, self.heads, self.grid = dim, heads, tuple(grid)
         self.head_dim = check_heads(dim, heads)
-        if axes_dims is not None:
-            axes_dims = tuple(int(a) for a in axes_dims)
-            if sum(axes_dims) != self.head_dim or any(a % 2 for a in axes_dims):
-                raise ValueError(f"axes_dims={axes_dims} must be even numbers summing to the head dim "
-                                 f"{self.head_dim}")
-        self.axes_dims, self.theta = axes_dims, float(theta)
+        self.axes_dims, self.theta = check_axes_dims(axes_dims, self.head_dim), float(theta)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.qk_norm, self.norm_q, self.norm_k = qk_norms(dim, heads, qk_norm, eps)
@@ -74,11 +88,7 @@ class RopeMHA(nn.Module):
     def qkv_heads(self, x: torch.Tensor, grid: tuple[int, ...]):
         q, k, v = normed_heads(self.qkv(x), self.heads, self.qk_norm, self.norm_q, self.norm_k)
         if self.axes_dims is not None:
-            key = (tuple(grid), x.device)
-            if key not in self._rope:
-                self._rope[key] = axial_rope(grid, self.axes_dims, self.theta, x.device)
-            cos, sin = self._rope[key]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = rope_qk(self._rope, q, k, grid, self.axes_dims, self.theta)
         return q, k, v
 
     def attend_with_lse(self, x: torch.Tensor, grid: tuple[int, ...]):
